@@ -1,0 +1,109 @@
+"""``vesalius serve | process | echo``: thin shells over the node and the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from node.config import DEFAULT_AE_TITLE, ConfigError, Destination, load_config, with_overrides
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from node.service import Node
+
+    config = with_overrides(load_config(args.config), ae_title=args.ae_title, port=args.port,
+                            http_port=args.http_port, data_dir=args.data_dir, model=args.model,
+                            destinations=args.destination)
+    if not config.destinations:
+        logging.getLogger("vesalius").warning(
+            "no destinations configured: results stay in %s/results", config.data_dir)
+    Node(config).serve_forever()
+    return 0
+
+
+def series_files(folder: Path) -> list[Path]:
+    """Every regular, non-hidden file under ``folder`` (DICOM files need no extension)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _process(args: argparse.Namespace) -> int:
+    from inference.volume import VolumeError
+    from node.pipeline import run_pipeline
+
+    folder = Path(args.series_dir)
+    if not folder.is_dir():
+        print(f"vesalius process: {folder} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        summary = run_pipeline(series_files(folder), args.out, args.model)
+    except VolumeError as err:
+        print(f"vesalius process: cannot place the series in space: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _echo(args: argparse.Namespace) -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    peer = Destination.parse(args.peer)
+    ae = AE(ae_title=args.ae_title)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        print(f"C-ECHO {args.peer}: no association", file=sys.stderr)
+        return 1
+    status = assoc.send_c_echo()
+    assoc.release()
+    ok = "Status" in status and status.Status == 0
+    print(f"C-ECHO {args.peer}: {'success' if ok else 'failed'}")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vesalius", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the DICOM node")
+    serve.add_argument("--config", help="TOML configuration file")
+    serve.add_argument("--ae-title", help=f"our AE title (default {DEFAULT_AE_TITLE})")
+    serve.add_argument("--port", type=int, help="DICOM port (default 11112)")
+    serve.add_argument("--http-port", type=int, help="HTTP port for /healthz and /metrics (default 8080)")
+    serve.add_argument("--data-dir", help="spool, database and results (default ./vesalius-data)")
+    serve.add_argument("--destination", action="append", metavar="AE@HOST:PORT",
+                       help="send results here (repeatable; adds to the config file's destinations)")
+    serve.add_argument("--model", help="model for every rule (default builtin_ct)")
+    serve.set_defaults(func=_serve)
+
+    process = sub.add_parser("process", help="process one series folder offline")
+    process.add_argument("series_dir")
+    process.add_argument("--out", required=True, help="folder for the output objects and meshes")
+    process.add_argument("--model", default="builtin_ct")
+    process.set_defaults(func=_process)
+
+    echo = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    echo.add_argument("peer", metavar="AE@HOST:PORT")
+    echo.add_argument("--ae-title", default=DEFAULT_AE_TITLE)
+    echo.set_defaults(func=_echo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"vesalius: configuration error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

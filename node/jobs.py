@@ -1,0 +1,106 @@
+"""The job runner: takes queued jobs from the store and runs the pipeline in worker processes,
+so a model that crashes or runs out of memory never takes the DICOM listener down."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from inference.volume import VolumeError
+from node.config import Config
+from node.pipeline import run_pipeline
+from node.store import Store
+
+log = logging.getLogger("vesalius.jobs")
+
+
+def _warm_up() -> None:
+    """Import the heavy libraries once per worker, before the first series arrives."""
+    import node.pipeline  # noqa: F401
+
+
+def result_dir_for(store: Store, series_uid: str, model: str) -> Path:
+    """Deterministic per (series, model): a re-run replaces the earlier results."""
+    return store.results_dir / series_uid / model
+
+
+class JobRunner:
+    """One thread per worker slot; each slot runs its jobs in a shared process pool."""
+
+    def __init__(self, store: Store, config: Config, wake: threading.Event, stop: threading.Event,
+                 on_done: Callable[[], None] = lambda: None) -> None:
+        self.store = store
+        self.on_done = on_done
+        self.config = config
+        self.wake = wake
+        self.stop = stop
+        self._pool_lock = threading.Lock()
+        self._pool = self._new_pool()
+        self.threads = [threading.Thread(target=self._loop, name=f"job-runner-{i}", daemon=True)
+                        for i in range(config.workers)]
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        pool = ProcessPoolExecutor(max_workers=self.config.workers,
+                                   mp_context=multiprocessing.get_context("spawn"))
+        for _ in range(self.config.workers):
+            pool.submit(_warm_up)
+        return pool
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self.wake.set()
+        for t in self.threads:
+            t.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            job = self.store.claim_job()
+            if job is None:
+                self.wake.wait(0.5)
+                self.wake.clear()
+                continue
+            self.run(job)
+
+    def run(self, job) -> None:
+        job_id, series_uid, model = job["id"], job["series_instance_uid"], job["model"]
+        paths = [str(p) for p in self.store.series_paths(series_uid)]
+        out = result_dir_for(self.store, series_uid, model)
+        log.info("job start job=%d series=%s model=%s instances=%d attempt=%d",
+                 job_id, series_uid, model, len(paths), job["attempts"])
+        try:
+            with self._pool_lock:
+                future = self._pool.submit(run_pipeline, paths, str(out), model)
+            summary = future.result()
+        except VolumeError as err:  # the series itself is the problem: retrying cannot help
+            log.warning("job failed job=%d series=%s: %s", job_id, series_uid, err)
+            self.store.fail_job(job_id, f"cannot place series in space: {err}", retry=False)
+            return
+        except BrokenProcessPool:
+            with self._pool_lock:
+                self._pool = self._new_pool()
+            self._failed(job, "worker process died (crash or out of memory)")
+            return
+        except Exception as err:
+            self._failed(job, f"{type(err).__name__}: {err}")
+            return
+        destinations = json.loads(job["destinations"])
+        self.store.finish_job(job_id, out, summary["stages_s"], destinations)
+        self.on_done()
+        log.info("job done job=%d series=%s stages=%s deliveries=%d",
+                 job_id, series_uid, summary["stages_s"], len(destinations))
+
+    def _failed(self, job, reason: str) -> None:
+        retry = job["attempts"] < self.config.job_attempts
+        log.warning("job failed job=%d attempt=%d retry=%s: %s", job["id"], job["attempts"], retry, reason)
+        self.store.fail_job(job["id"], reason, retry=retry)

@@ -1,0 +1,112 @@
+"""One series in, every output object out: volume -> labels -> surfaces -> measures -> DICOM files.
+
+Pure computation on files (no network, no database), shared by the worker processes of
+``vesalius serve`` and by ``vesalius process``, so both paths produce the same objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from dicom_out.identity import Algorithm
+from dicom_out.seg import build_seg
+from dicom_out.sr import build_sr
+from dicom_out.stl import write_stl
+from dicom_out.surface_segmentation import build_surface_segmentation
+from inference.measures import measure
+from inference.models import get_model
+from inference.surfaces import build_meshes
+from inference.volume import load_series
+
+OUTPUT_FILES = {"seg": "seg.dcm", "surface_segmentation": "surfaces.dcm", "sr": "sr.dcm"}
+
+
+class StageTimer:
+    """Wall-clock seconds per pipeline stage, for the job row, metrics and the benchmark."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: str,
+                 max_triangles: int = 100_000) -> dict[str, Any]:
+    """Process one series into ``out_dir`` (replaced atomically) and return the summary."""
+    timer = StageTimer()
+    out = Path(out_dir)
+    with timer.stage("volume"):
+        volume = load_series(paths)
+    model = get_model(model_name)
+    with timer.stage("model"):
+        labels = model.predict(volume)
+    with timer.stage("surfaces"):
+        meshes = build_meshes(labels, volume.affine, model.labels, max_triangles=max_triangles)
+    with timer.stage("measures"):
+        measurements = measure(volume, labels, model.labels, meshes)
+    algorithm = Algorithm(name=model.name, version=model.version)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "meshes").mkdir(parents=True)
+    with timer.stage("writers"):
+        seg = build_seg(volume, labels, model.labels, algorithm)
+        surfaces = build_surface_segmentation(volume, meshes, algorithm, seg=seg)
+        sr = build_sr(volume, seg, measurements, algorithm)
+        objects = {"seg": seg, "surface_segmentation": surfaces, "sr": sr}
+        for key, ds in objects.items():
+            ds.save_as(tmp / OUTPUT_FILES[key], enforce_file_format=True)
+        mesh_files = [write_stl(m, tmp / "meshes" / f"{m.label.name}.stl").name for m in meshes]
+    summary = {
+        "series_instance_uid": volume.series_uid,
+        "study_instance_uid": volume.study_uid,
+        "model": {"name": model.name, "version": model.version},
+        "shape": list(volume.array.shape),
+        "spacing_mm": [round(float(s), 4) for s in volume.spacing],
+        "objects": {key: {"file": OUTPUT_FILES[key], "sop_class_uid": str(ds.SOPClassUID),
+                          "sop_instance_uid": str(ds.SOPInstanceUID),
+                          "series_instance_uid": str(ds.SeriesInstanceUID)}
+                    for key, ds in objects.items()},
+        "meshes": [f"meshes/{name}" for name in mesh_files],
+        "structures": [
+            {"name": m.label.name, "voxels": m.voxel_count, "volume_ml": round(m.volume_ml, 3),
+             "surface_area_cm2": None if m.surface_area_cm2 is None else round(m.surface_area_cm2, 3),
+             "mean": round(m.mean, 2), "std": round(m.std, 2)}
+            for m in measurements
+        ],
+        "stages_s": timer.seconds,
+    }
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    _replace_dir(tmp, out)
+    return summary
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap a finished results folder into place, so readers never see a half-written one."""
+    for f in new.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def result_files(result_dir: str | Path) -> list[Path]:
+    """The DICOM objects a finished job sends, in a stable order."""
+    return [Path(result_dir) / name for name in OUTPUT_FILES.values() if (Path(result_dir) / name).exists()]

@@ -1,0 +1,87 @@
+"""The DICOM listener: C-ECHO and C-STORE for every storage SOP class and transfer syntax.
+
+Handlers only store durably, record, and answer; they never decode pixel data. Which series become
+jobs is decided later (node.series, node.jobs), once a series is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from node.config import Config
+from node.store import SeriesInfo, Store
+
+log = logging.getLogger("vesalius.receive")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+class Receiver:
+    """C-STORE handling: spool file + row before success; remembers which series each association touched."""
+
+    def __init__(self, store: Store, on_stored: Callable[[], None] = lambda: None) -> None:
+        self.store = store
+        self.on_stored = on_stored
+        self._touched: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def handle_store(self, event: evt.Event) -> int:
+        calling_ae = event.assoc.requestor.ae_title
+        try:
+            ds: Dataset = event.dataset
+            missing = [k for k in REQUIRED_UIDS if not str(ds.get(k, "") or "").strip()]
+        except Exception as err:  # an unparsable dataset must not end the association
+            log.warning("refused instance from %s: dataset cannot be parsed (%s)", calling_ae, err)
+            return CANNOT_UNDERSTAND
+        if missing:
+            log.warning("refused instance from %s: missing %s", calling_ae, ", ".join(missing))
+            return CANNOT_UNDERSTAND
+        info = SeriesInfo(
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            modality=str(ds.get("Modality", "") or ""),
+            sop_class_uid=str(event.request.AffectedSOPClassUID),
+            series_description=str(ds.get("SeriesDescription", "") or ""),
+            body_part=str(ds.get("BodyPartExamined", "") or ""),
+            manufacturer=str(ds.get("Manufacturer", "") or ""),
+        )
+        try:
+            self.store.store_instance(info, str(ds.SOPInstanceUID),
+                                      event.encoded_dataset(include_meta=True), calling_ae)
+        except OSError as err:
+            log.error("could not store instance from %s: %s", calling_ae, err)
+            return OUT_OF_RESOURCES
+        with self._lock:
+            self._touched.setdefault(id(event.assoc), set()).add(info.series_instance_uid)
+        self.on_stored()
+        return SUCCESS
+
+    def handle_close(self, event: evt.Event) -> None:
+        """The association ended (released, aborted or dropped): its series start their quiet period."""
+        with self._lock:
+            touched = self._touched.pop(id(event.assoc), set())
+        if touched:
+            log.info("association from %s ended; %d series touched",
+                     event.assoc.requestor.ae_title, len(touched))
+            self.store.mark_released(sorted(touched))
+
+
+def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list]:
+    """The application entity and its handlers, ready for ``start_server``."""
+    ae = AE(ae_title=config.ae_title)
+    ae.maximum_pdu_size = 0  # unlimited: far faster for large images (PERFORMANCE.md)
+    ae.network_timeout = 60
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    handlers = [(evt.EVT_C_STORE, receiver.handle_store), (evt.EVT_CONN_CLOSE, receiver.handle_close)]
+    return ae, handlers

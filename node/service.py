@@ -1,0 +1,81 @@
+"""The running node: wires the listener, series completion, job runner, sender and HTTP API."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from node.api import make_server, start_server
+from node.config import Config
+from node.jobs import JobRunner
+from node.receive import Receiver, build_ae
+from node.send import Sender
+from node.series import complete_due_series
+from node.store import Store
+
+log = logging.getLogger("vesalius.node")
+
+
+class Node:
+    """Start, serve, stop. All state lives in the store, so a restart resumes unfinished work."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = Store(config.data_dir)
+        self.stopping = threading.Event()
+        self.job_wake = threading.Event()
+        self.send_wake = threading.Event()
+        self.runner = JobRunner(self.store, config, self.job_wake, self.stopping,
+                                on_done=self.send_wake.set)
+        self.sender = Sender(self.store, config, self.send_wake, self.stopping)
+        self._completion = threading.Thread(target=self._complete_series, name="series", daemon=True)
+        self.dicom_server = None
+        self.http_server = None
+
+    def start(self) -> None:
+        requeued = self.store.requeue_interrupted_jobs()
+        if requeued:
+            log.info("resuming %d interrupted job(s)", requeued)
+        ae, handlers = build_ae(self.config, Receiver(self.store))
+        self.dicom_server = ae.start_server((self.config.host, self.config.port), block=False,
+                                            evt_handlers=handlers)
+        self.http_server = make_server(self.store, self.config.host, self.config.http_port)
+        start_server(self.http_server)
+        self.runner.start()
+        self.sender.thread.start()
+        self._completion.start()
+        log.info("listening ae=%s dicom=%s:%d http=%s:%d data=%s destinations=%s",
+                 self.config.ae_title, self.config.host, self.dicom_server.server_address[1],
+                 self.config.host, self.http_server.server_address[1], self.store.data_dir,
+                 ",".join(f"{d.ae_title}@{d.host}:{d.port}" for d in self.config.destinations) or "none")
+
+    def _complete_series(self) -> None:
+        while not self.stopping.wait(0.2):
+            try:
+                if complete_due_series(self.store, self.config):
+                    self.job_wake.set()
+            except Exception:  # keep serving; the next tick tries again
+                log.exception("series completion failed")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.dicom_server is not None:
+            self.dicom_server.shutdown()
+        if self.http_server is not None:
+            self.http_server.shutdown()
+        self.runner.shutdown()
+        self.sender.thread.join(timeout=5)
+        log.info("stopped")
+
+    def serve_forever(self) -> None:
+        """Run until SIGINT/SIGTERM."""
+        import signal
+
+        self.start()
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        try:
+            while not self.stopping.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        self.stop()

@@ -1,0 +1,260 @@
+"""The one owner of durable state: the SQLite database (WAL) and the spool of received files.
+
+Every hand-over in the node is a row here: an instance is a row (and a fsynced file) before it is
+acknowledged, a job is a row before it runs, a delivery is a row until the destination confirms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    series_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_instance_uid);
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    series_description TEXT NOT NULL,
+    body_part TEXT NOT NULL,
+    manufacturer TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'receiving',      -- receiving | complete
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    released_at REAL,                             -- sending association ended, none since
+    completed_at REAL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_instance_uid TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    model TEXT NOT NULL,
+    destinations TEXT NOT NULL,                   -- JSON list of destination names
+    state TEXT NOT NULL DEFAULT 'queued',         -- queued | running | done | failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    stages TEXT,                                  -- JSON {stage: seconds}
+    result_dir TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',        -- pending | done | failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try_at REAL NOT NULL,
+    error TEXT,
+    updated_at REAL NOT NULL,
+    UNIQUE (job_id, destination)
+);
+"""
+
+JOB_STATES = ("queued", "running", "done", "failed")
+DELIVERY_STATES = ("pending", "done", "failed")
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """What the receiver learns of a series from its first instance."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    sop_class_uid: str
+    series_description: str
+    body_part: str
+    manufacturer: str
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write bytes so that they survive a crash: temp file, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class Store:
+    """SQLite (WAL, synchronous=FULL) plus the spool folder; one connection per thread."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.spool_dir = self.data_dir / "spool"
+        self.results_dir = self.data_dir / "results"
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.data_dir / "vesalius.sqlite"
+        self._local = threading.local()
+        with self.transaction() as db:
+            db.executescript(SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic, durable unit of work (BEGIN IMMEDIATE ... COMMIT)."""
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return self._connection().execute(sql, params).fetchall()
+
+    # --- instances -----------------------------------------------------------------------------
+
+    def spool_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.spool_dir / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def store_instance(self, info: SeriesInfo, sop_instance_uid: str, data: bytes,
+                       calling_ae: str) -> bool:
+        """Write the file durably and record it; False when this SOP Instance UID was already stored."""
+        path = self.spool_path(info.study_instance_uid, info.series_instance_uid, sop_instance_uid)
+        write_durably(path, data)
+        now = time.time()
+        with self.transaction() as db:
+            known = db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?",
+                               (sop_instance_uid,)).fetchone()
+            db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?)",
+                (sop_instance_uid, info.series_instance_uid, info.sop_class_uid, str(path), calling_ae, now),
+            )
+            db.execute(
+                """INSERT INTO series (series_instance_uid, study_instance_uid, modality, sop_class_uid,
+                       series_description, body_part, manufacturer, calling_ae, first_received, last_received)
+                   VALUES (?,?,?,?,?,?,?,?,?,?)
+                   ON CONFLICT(series_instance_uid) DO UPDATE SET
+                       last_received=excluded.last_received, released_at=NULL,
+                       state=CASE WHEN state='complete' THEN 'receiving' ELSE state END""",
+                (info.series_instance_uid, info.study_instance_uid, info.modality, info.sop_class_uid,
+                 info.series_description, info.body_part, info.manufacturer, calling_ae, now, now),
+            )
+        return known is None
+
+    def mark_released(self, series_uids: Sequence[str]) -> None:
+        """The association that sent these series has ended: start their quiet period."""
+        if not series_uids:
+            return
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE series SET released_at=? WHERE series_instance_uid=? AND state='receiving'",
+                [(time.time(), uid) for uid in series_uids])
+
+    def series_paths(self, series_uid: str) -> list[Path]:
+        rows = self.query("SELECT path FROM instances WHERE series_instance_uid=? ORDER BY path",
+                          (series_uid,))
+        return [Path(r["path"]) for r in rows]
+
+    # --- jobs ------------------------------------------------------------------------------------
+
+    def add_job(self, db: sqlite3.Connection, series_uid: str, rule: str, model: str,
+                destinations: Sequence[str]) -> int:
+        now = time.time()
+        cur = db.execute(
+            "INSERT INTO jobs (series_instance_uid, rule, model, destinations, created_at, updated_at) "
+            "VALUES (?,?,?,?,?,?)",
+            (series_uid, rule, model, json.dumps(list(destinations)), now, now),
+        )
+        return int(cur.lastrowid)
+
+    def claim_job(self) -> sqlite3.Row | None:
+        """Take the oldest queued job and mark it running (one attempt more)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE state='queued' ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state='running', attempts=attempts+1, updated_at=? WHERE id=?",
+                       (time.time(), row["id"]))
+            return db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+
+    def finish_job(self, job_id: int, result_dir: Path, stages: dict[str, float],
+                   destinations: Sequence[str]) -> None:
+        """The job's results are files: mark it done and queue one delivery per destination."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state='done', error=NULL, result_dir=?, stages=?, updated_at=? "
+                       "WHERE id=?", (str(result_dir), json.dumps(stages), now, job_id))
+            db.executemany(
+                "INSERT OR IGNORE INTO deliveries (job_id, destination, next_try_at, updated_at) "
+                "VALUES (?,?,?,?)", [(job_id, d, now, now) for d in destinations])
+
+    def fail_job(self, job_id: int, error: str, *, retry: bool) -> None:
+        state = "queued" if retry else "failed"
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state=?, error=?, updated_at=? WHERE id=?",
+                       (state, error, time.time(), job_id))
+
+    def requeue_interrupted_jobs(self) -> int:
+        """Jobs that were running when the node stopped go back to the queue."""
+        with self.transaction() as db:
+            return db.execute("UPDATE jobs SET state='queued', updated_at=? WHERE state='running'",
+                              (time.time(),)).rowcount
+
+    def job(self, job_id: int) -> sqlite3.Row | None:
+        rows = self.query("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return rows[0] if rows else None
+
+    # --- deliveries ------------------------------------------------------------------------------
+
+    def due_deliveries(self) -> list[sqlite3.Row]:
+        return self.query(
+            "SELECT d.*, j.result_dir FROM deliveries d JOIN jobs j ON j.id=d.job_id "
+            "WHERE d.state='pending' AND d.next_try_at<=? ORDER BY d.next_try_at", (time.time(),))
+
+    def record_delivery(self, delivery_id: int, state: str, error: str | None, next_try_at: float) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE deliveries SET state=?, error=?, attempts=attempts+1, next_try_at=?, "
+                       "updated_at=? WHERE id=?", (state, error, next_try_at, time.time(), delivery_id))
+
+    # --- reporting -------------------------------------------------------------------------------
+
+    def counts(self, table: str, states: Sequence[str]) -> dict[str, int]:
+        assert table in ("jobs", "deliveries", "series")
+        found = {r["state"]: r["n"] for r in self.query(
+            f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")}
+        return {s: int(found.get(s, 0)) for s in states}
