@@ -22,7 +22,11 @@ log = logging.getLogger("vesalius.jobs")
 
 def _warm_up() -> None:
     """Import the heavy libraries once per worker, before the first series arrives."""
-    import node.pipeline  # noqa: F401
+    import dicom_out.seg  # noqa: F401
+    import dicom_out.sr  # noqa: F401
+    import dicom_out.surface_segmentation  # noqa: F401
+    import inference.models  # noqa: F401
+    import inference.surfaces  # noqa: F401
 
 
 def result_dir_for(store: Store, series_uid: str, model: str) -> Path:

@@ -15,16 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dicom_out.identity import Algorithm
-from dicom_out.seg import build_seg
-from dicom_out.sr import build_sr
-from dicom_out.stl import write_stl
-from dicom_out.surface_segmentation import build_surface_segmentation
-from inference.measures import measure
-from inference.models import get_model
-from inference.surfaces import build_meshes
-from inference.volume import load_series
-
 OUTPUT_FILES = {"seg": "seg.dcm", "surface_segmentation": "surfaces.dcm", "sr": "sr.dcm"}
 
 
@@ -46,6 +36,18 @@ class StageTimer:
 def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: str,
                  max_triangles: int = 100_000) -> dict[str, Any]:
     """Process one series into ``out_dir`` (replaced atomically) and return the summary."""
+    # Imported here, not at module level, so the listener process never loads VTK, highdicom and
+    # the models: only the worker processes (and `vesalius process`) pay for them.
+    from dicom_out.identity import Algorithm
+    from dicom_out.seg import build_seg
+    from dicom_out.sr import build_sr
+    from dicom_out.stl import write_stl
+    from dicom_out.surface_segmentation import build_surface_segmentation
+    from inference.measures import measure
+    from inference.models import get_model
+    from inference.surfaces import build_meshes
+    from inference.volume import load_series
+
     timer = StageTimer()
     out = Path(out_dir)
     with timer.stage("volume"):

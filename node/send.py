@@ -44,6 +44,9 @@ def c_store(destination: Destination, files: Sequence[Path], calling_ae: str) ->
             result = assoc.acceptor.primitive.result
             reason = assoc.acceptor.primitive.reason_str
             raise DeliveryError(f"association rejected: {reason}", permanent=result == 0x01)
+        if assoc.rejected_contexts:  # the peer accepted the association but none of our SOP classes
+            names = ", ".join(sorted({cx.abstract_syntax.name for cx in assoc.rejected_contexts}))
+            raise DeliveryError(f"destination does not accept {names}", permanent=True)
         raise DeliveryError("no association (destination unreachable or aborted)", permanent=False)
     try:
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}

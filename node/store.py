@@ -117,8 +117,7 @@ class Store:
         self.results_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.data_dir / "vesalius.sqlite"
         self._local = threading.local()
-        with self.transaction() as db:
-            db.executescript(SCHEMA)
+        self._connection().executescript(SCHEMA)  # executescript manages its own transaction
 
     def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

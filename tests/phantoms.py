@@ -66,6 +66,14 @@ class Cylinder:
     def volume_mm3(self) -> float:
         return math.pi * self.radius**2 * self.length
 
+    def distance_to_surface(self, p: np.ndarray) -> np.ndarray:
+        along, radial = self._parts(p)
+        half = self.length / 2
+        inside = (np.abs(along) <= half) & (radial <= self.radius)
+        inner = np.minimum(self.radius - radial, half - np.abs(along))
+        outer = np.hypot(np.maximum(radial - self.radius, 0), np.maximum(np.abs(along) - half, 0))
+        return np.where(inside, inner, outer)
+
     @property
     def area_mm2(self) -> float:
         return 2 * math.pi * self.radius * self.length + 2 * math.pi * self.radius**2

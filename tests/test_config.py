@@ -1,0 +1,91 @@
+"""Configuration: TOML validated at start-up with messages naming the key; flags override."""
+
+from pathlib import Path
+
+import pytest
+
+from node.config import Config, ConfigError, Destination, load_config, parse_config, with_overrides
+
+
+def test_no_file_gives_the_embedded_default() -> None:
+    config = load_config(None)
+    assert (config.ae_title, config.port, config.http_port) == ("VESALIUS", 11112, 8080)
+    assert config.data_dir == Path("./vesalius-data")
+    assert [r.model for r in config.rules] == ["builtin_ct"]
+    assert config.rules[0].modality == ("CT",)
+
+
+def test_full_file_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "v.toml"
+    path.write_text(
+        """
+ae_title = "AI_NODE"
+port = 11113
+quiet_period = 2
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "10.1.2.3"
+port = 104
+[[rules]]
+name = "chest"
+modality = ["CT"]
+series_description = "thorax|chest"
+destinations = ["pacs"]
+[retry]
+base_delay = 1
+max_attempts = 3
+"""
+    )
+    config = load_config(path)
+    assert config.ae_title == "AI_NODE" and config.port == 11113 and config.quiet_period == 2.0
+    assert config.destinations == (Destination("pacs", "PACS", "10.1.2.3", 104),)
+    assert config.rules[0].series_description == "thorax|chest"
+    assert config.retry.max_attempts == 3 and config.retry.base_delay == 1.0
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("colour = 1", "colour: unknown key"),
+        ("port = 'x'", "port: expected int"),
+        ("port = 70000", "port: port must be 0-65535"),
+        ("ae_title = 'MUCH_TOO_LONG_AE_TITLE'", "ae_title: an AE title is 1-16"),
+        ("quiet_period = -1", "quiet_period: must be > 0"),
+        ("[[destinations]]\nae_title = 'P'\nhost = 'h'", "destinations[0].port: required"),
+        ("[[rules]]\nseries_description = '(('", "rules[0].series_description: not a valid regular"),
+        ("[[rules]]\ndestinations = ['nowhere']", "rules[0].destinations: unknown destination 'nowhere'"),
+        ("[[rules]]\nmodel = 3", "rules[0].model: expected str"),
+        ("[retry]\nmax_attempts = true", "retry.max_attempts: expected a number"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(path)
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    (tmp_path / "broken.toml").write_text("port = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "broken.toml")
+
+
+def test_flags_override_the_file() -> None:
+    config = parse_config({"port": 2000, "rules": [{"name": "a"}, {"name": "b", "model": "other"}]})
+    updated = with_overrides(config, port=3000, ae_title=None, model="builtin_ct",
+                             destinations=["PACS@127.0.0.1:4242"])
+    assert updated.port == 3000
+    assert {r.model for r in updated.rules} == {"builtin_ct"}
+    assert updated.destinations == (Destination("PACS", "PACS", "127.0.0.1", 4242),)
+    assert updated.destination_names(updated.rules[0]) == ("PACS",)
+    assert with_overrides(Config(), port=None).port == 11112
+
+
+@pytest.mark.parametrize("text", ["PACS", "PACS@host", "@h:1", "PACS@h:port", "TOO_LONG_AE_TITLE_X@h:1"])
+def test_bad_destination_flag(text: str) -> None:
+    with pytest.raises(ConfigError, match="expected AE@HOST:PORT"):
+        Destination.parse(text)

@@ -1,0 +1,130 @@
+"""The listener with real senders: DCMTK storescu and a pynetdicom SCU against `vesalius serve`."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import JPEGLosslessSV1, RLELossless
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from tests.peers import DCMTK_ENV, NodeProcess, storescu, vesalius_node, wait_for
+from tests.phantoms import Sphere, write_phantom_series
+
+# The receive tests do not need jobs: route nothing, so only the listener is exercised.
+NO_JOBS = '[[rules]]\nname = "none"\nmodality = ["NO_SUCH_MODALITY"]\n'
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    tmp = tmp_path_factory.mktemp("receive")
+    with vesalius_node(tmp, config="stability_timeout = 3\n" + NO_JOBS) as running_node:
+        yield running_node
+
+
+def series_row(node: NodeProcess, uid: str) -> dict | None:
+    return next((s for s in node.get("/series") if s["series_instance_uid"] == uid), None)
+
+
+def small_series(folder: Path, n: int = 6, **kwargs) -> object:
+    return write_phantom_series(folder, shape=(n, 32, 32), spacing=(2, 2, 2),
+                                objects=[Sphere((0, 0, 0), 10, 300)], **kwargs)
+
+
+def test_series_stored_durably_then_complete(node: NodeProcess, tmp_path: Path) -> None:
+    phantom = small_series(tmp_path / "s", n=8)
+    result = storescu(phantom.paths, node.port)
+    assert "Status" not in result.stderr or "Success" in result.stderr
+    row = wait_for(lambda: (r := series_row(node, phantom.series_uid)) and r["state"] == "complete" and r,
+                   15, "the series to complete")
+    assert row["instances"] == 8 and row["calling_ae"] == "SCANNER" and row["modality"] == "CT"
+    spooled = sorted((node.data_dir / "spool" / phantom.study_uid / phantom.series_uid).glob("*.dcm"))
+    assert len(spooled) == 8
+    sent = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p).PixelData for p in phantom.paths}
+    for path in spooled:  # the spool holds the bytes we were sent, as valid Part 10 files
+        ds = pydicom.dcmread(path)
+        assert ds.PixelData == sent[ds.SOPInstanceUID]
+    metrics = node.get("/metrics")
+    assert "vesalius_instances_received_total" in metrics
+    assert not list(node.data_dir.rglob("*.tmp"))
+
+
+def test_duplicate_instance_is_stored_once(node: NodeProcess, tmp_path: Path) -> None:
+    phantom = small_series(tmp_path / "d", n=3)
+    storescu([*phantom.paths, phantom.paths[0]], node.port)
+    storescu([phantom.paths[1]], node.port)
+    row = wait_for(lambda: (r := series_row(node, phantom.series_uid)) and r["state"] == "complete" and r,
+                   15, "the series to complete")
+    assert row["instances"] == 3
+
+
+@pytest.mark.parametrize(("encoder", "syntax", "flag"), [
+    ("dcmcjpeg", JPEGLosslessSV1, "-xs"),
+    ("dcmcrle", RLELossless, "-xr"),
+])
+def test_compressed_series_accepted_as_sent(node: NodeProcess, tmp_path: Path, encoder: str,
+                                            syntax: str, flag: str) -> None:
+    phantom = small_series(tmp_path / "raw", n=3)
+    compressed = []
+    for path in phantom.paths:
+        out = tmp_path / f"c-{path.name}"
+        subprocess.run([encoder, str(path), str(out)], check=True, env=DCMTK_ENV)
+        compressed.append(out)
+    storescu(compressed, node.port, extra=[flag])
+    folder = node.data_dir / "spool" / phantom.study_uid / phantom.series_uid
+    stored = wait_for(lambda: len(files := sorted(folder.glob("*.dcm"))) == 3 and files, 10, "3 files")
+    assert {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in stored} == {syntax}
+
+
+def test_missing_uid_refused_and_association_goes_on(node: NodeProcess, tmp_path: Path) -> None:
+    phantom = small_series(tmp_path / "m", n=2)
+    good = pydicom.dcmread(phantom.paths[0])
+    bad = pydicom.dcmread(phantom.paths[1])
+    del bad.SeriesInstanceUID
+    ae = AE(ae_title="BADSENDER")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="VESALIUS")
+    assert assoc.is_established
+    try:
+        refused = assoc.send_c_store(bad)
+        accepted = assoc.send_c_store(good)
+        echo = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    assert refused.Status == 0xC000
+    assert accepted.Status == 0x0000 and echo.Status == 0x0000
+    wait_for(lambda: "refused instance from BADSENDER: missing SeriesInstanceUID" in node.log(), 5,
+             "the refusal log line")
+
+
+def test_series_open_across_associations_completes_after_stability_timeout(
+        node: NodeProcess, tmp_path: Path) -> None:
+    phantom = small_series(tmp_path / "o", n=2)
+    ae = AE(ae_title="SLOWSENDER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="VESALIUS")
+    try:
+        for path in phantom.paths:
+            assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
+        # the association stays open: only the stability timeout (3 s here) can complete the series
+        row = wait_for(lambda: (r := series_row(node, phantom.series_uid)) and r["state"] == "complete" and r,
+                       15, "completion by stability timeout")
+        assert row["completed_at"] - row["last_received"] >= 3
+    finally:
+        assoc.release()
+
+
+def test_echo_command(node: NodeProcess) -> None:
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "node.cli", "echo", f"VESALIUS@127.0.0.1:{node.port}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "success" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "node.cli", "echo", "VESALIUS@127.0.0.1:1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1

@@ -1,0 +1,129 @@
+"""Deliveries against real peers: DCMTK storescp as the PACS, a pynetdicom SCP that refuses us."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE, AllStoragePresentationContexts
+
+from node.config import Config, Destination, Retry
+from node.pipeline import OUTPUT_FILES
+from node.send import DeliveryError, Sender, c_store, next_delay
+from node.store import Store
+from tests.conftest import free_port
+from tests.peers import storescp, wait_for
+from tests.phantoms import Sphere, write_phantom_series
+
+
+@pytest.fixture
+def result_dir(tmp_path: Path) -> Path:
+    """A results folder holding three real DICOM objects under the names a job writes."""
+    phantom = write_phantom_series(tmp_path / "src", shape=(3, 16, 16), spacing=(1, 1, 1),
+                                   objects=[Sphere((0, 0, 0), 4, 100)])
+    out = tmp_path / "results"
+    out.mkdir()
+    for path, name in zip(phantom.paths, OUTPUT_FILES.values(), strict=True):
+        (out / name).write_bytes(path.read_bytes())
+    return out
+
+
+def queued_delivery(store: Store, result_dir: Path, destination: str) -> int:
+    with store.transaction() as db:
+        job = store.add_job(db, "1.2.3", "rule", "builtin_ct", [destination])
+    store.finish_job(job, result_dir, {"model": 0.1}, [destination])
+    return store.query("SELECT id FROM deliveries WHERE job_id=?", (job,))[0]["id"]
+
+
+@contextmanager
+def sender_for(store: Store, config: Config) -> Iterator[Sender]:
+    wake, stop = threading.Event(), threading.Event()
+    sender = Sender(store, config, wake, stop)
+    sender.thread.start()
+    try:
+        yield sender
+    finally:
+        stop.set()
+        wake.set()
+        sender.thread.join(10)
+
+
+def delivery(store: Store, delivery_id: int) -> dict:
+    return dict(store.query("SELECT * FROM deliveries WHERE id=?", (delivery_id,))[0])
+
+
+def test_backoff_is_exponential_and_capped() -> None:
+    retry = Retry(base_delay=2, max_delay=30, max_attempts=10)
+    assert [next_delay(retry, n) for n in range(1, 7)] == [2, 4, 8, 16, 30, 30]
+
+
+def test_destination_down_then_back(tmp_path: Path, result_dir: Path) -> None:
+    port = free_port()
+    config = Config(destinations=(Destination("pacs", "PACS", "127.0.0.1", port),),
+                    retry=Retry(base_delay=1, max_delay=2, max_attempts=50))
+    store = Store(tmp_path / "data")
+    delivery_id = queued_delivery(store, result_dir, "pacs")
+    with sender_for(store, config):
+        wait_for(lambda: delivery(store, delivery_id)["attempts"] >= 2, 20, "two failed tries")
+        row = delivery(store, delivery_id)
+        assert row["state"] == "pending" and "unreachable" in row["error"]
+        with storescp(tmp_path / "pacs", port=port) as pacs:
+            wait_for(lambda: delivery(store, delivery_id)["state"] == "done", 20, "the delivery")
+            received = {pydicom.dcmread(p).SOPInstanceUID for p in pacs.files()}
+    sent = {pydicom.dcmread(p).SOPInstanceUID for p in result_dir.iterdir()}
+    assert received == sent
+
+
+def test_delivery_survives_a_restart(tmp_path: Path, result_dir: Path) -> None:
+    config = Config(destinations=(Destination("pacs", "PACS", "127.0.0.1", free_port()),),
+                    retry=Retry(base_delay=0.2, max_delay=0.2))
+    store = Store(tmp_path / "data")
+    delivery_id = queued_delivery(store, result_dir, "pacs")
+    assert delivery(Store(tmp_path / "data"), delivery_id)["state"] == "pending"  # a new process sees it
+    with storescp(tmp_path / "pacs", port=config.destinations[0].port) as pacs:
+        with sender_for(Store(tmp_path / "data"), config):
+            wait_for(lambda: delivery(store, delivery_id)["state"] == "done", 20, "the delivery")
+        assert len(pacs.files()) == 3
+
+
+@contextmanager
+def refusing_scp(port: int) -> Iterator[None]:
+    """A real pynetdicom SCP that only talks to calling AE 'SOMEONE_ELSE'."""
+    ae = AE(ae_title="PICKY")
+    ae.require_calling_aet = ["SOMEONE_ELSE"]
+    ae.supported_contexts = AllStoragePresentationContexts
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        yield
+    finally:
+        server.shutdown()
+
+
+def test_permanent_refusal_ends_failed_without_looping(tmp_path: Path, result_dir: Path) -> None:
+    port = free_port()
+    config = Config(destinations=(Destination("picky", "PICKY", "127.0.0.1", port),),
+                    retry=Retry(base_delay=0.2, max_delay=0.2, max_attempts=100))
+    store = Store(tmp_path / "data")
+    delivery_id = queued_delivery(store, result_dir, "picky")
+    with refusing_scp(port), sender_for(store, config):
+        wait_for(lambda: delivery(store, delivery_id)["state"] == "failed", 20, "the failed state")
+    assert not store.due_deliveries()  # nothing left for the sender to try again
+    row = delivery(store, delivery_id)
+    assert row["attempts"] == 1 and "Calling AE title not recognised" in row["error"]
+
+
+def test_c_store_reports_unaccepted_sop_class_as_permanent(tmp_path: Path, result_dir: Path) -> None:
+    port = free_port()
+    ae = AE(ae_title="CTONLY")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.4")  # MR only: our CT files are not accepted
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        with pytest.raises(DeliveryError) as err:
+            c_store(Destination("x", "CTONLY", "127.0.0.1", port), sorted(result_dir.iterdir()), "VESALIUS")
+    finally:
+        server.shutdown()
+    assert err.value.permanent and "does not accept" in str(err.value)
