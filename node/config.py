@@ -72,6 +72,8 @@ class Config:
     port: int = DEFAULT_PORT
     http_port: int = DEFAULT_HTTP_PORT
     data_dir: Path = Path(DEFAULT_DATA_DIR)
+    allowed_calling_aes: tuple[str, ...] = ()  # empty: any calling AE may send
+    min_free_disk_mb: int = 500  # below this free space in data_dir, instances are refused (A700)
     quiet_period: float = 1.0
     stability_timeout: float = 10.0
     workers: int = 1
@@ -181,6 +183,14 @@ def parse_config(data: dict[str, Any]) -> Config:
             values[key] = _port(key, data[key])
     if "data_dir" in data:
         values["data_dir"] = Path(_check_type("data_dir", data["data_dir"], str))
+    if "allowed_calling_aes" in data:
+        aes = _strings("allowed_calling_aes", data["allowed_calling_aes"])
+        values["allowed_calling_aes"] = tuple(_ae_title(f"allowed_calling_aes[{i}]", a)
+                                              for i, a in enumerate(aes))
+    if "min_free_disk_mb" in data:
+        values["min_free_disk_mb"] = _check_type("min_free_disk_mb", data["min_free_disk_mb"], int)
+        if values["min_free_disk_mb"] < 0:
+            raise ConfigError(f"min_free_disk_mb: must be >= 0, got {values['min_free_disk_mb']}")
     for key in ("quiet_period", "stability_timeout"):
         if key in data:
             values[key] = _positive(key, data[key])

@@ -7,10 +7,12 @@ jobs is decided later (node.series, node.jobs), once a series is complete.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Callable
 
 from pydicom.dataset import Dataset
+from pydicom.pixels.utils import get_expected_length
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
@@ -21,6 +23,7 @@ log = logging.getLogger("vesalius.receive")
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
@@ -28,23 +31,30 @@ REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 class Receiver:
     """C-STORE handling: spool file + row before success; remembers which series each association touched."""
 
-    def __init__(self, store: Store, on_stored: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, store: Store, min_free_bytes: int = 0,
+                 on_stored: Callable[[], None] = lambda: None) -> None:
         self.store = store
+        self.min_free_bytes = min_free_bytes
         self.on_stored = on_stored
         self._touched: dict[int, set[str]] = {}
         self._lock = threading.Lock()
 
     def handle_store(self, event: evt.Event) -> int:
         calling_ae = event.assoc.requestor.ae_title
+        free = shutil.disk_usage(self.store.spool_dir).free
+        if free < self.min_free_bytes:
+            log.error("refused instance from %s: only %d MB free in %s", calling_ae, free // 2**20,
+                      self.store.spool_dir)
+            return OUT_OF_RESOURCES
         try:
             ds: Dataset = event.dataset
-            missing = [k for k in REQUIRED_UIDS if not str(ds.get(k, "") or "").strip()]
+            problem, status = self._problem(ds, event)
         except Exception as err:  # an unparsable dataset must not end the association
             log.warning("refused instance from %s: dataset cannot be parsed (%s)", calling_ae, err)
             return CANNOT_UNDERSTAND
-        if missing:
-            log.warning("refused instance from %s: missing %s", calling_ae, ", ".join(missing))
-            return CANNOT_UNDERSTAND
+        if problem:
+            log.warning("refused instance from %s: %s", calling_ae, problem)
+            return status
         info = SeriesInfo(
             series_instance_uid=str(ds.SeriesInstanceUID),
             study_instance_uid=str(ds.StudyInstanceUID),
@@ -65,6 +75,27 @@ class Receiver:
         self.on_stored()
         return SUCCESS
 
+    @staticmethod
+    def _problem(ds: Dataset, event: evt.Event) -> tuple[str, int]:
+        """Why an instance cannot be accepted, without decoding its pixels ("" when it can)."""
+        missing = [k for k in REQUIRED_UIDS if not str(ds.get(k, "") or "").strip()]
+        if missing:
+            return f"missing {', '.join(missing)}", CANNOT_UNDERSTAND
+        command_class = str(event.request.AffectedSOPClassUID)
+        if str(ds.get("SOPClassUID", "")) != command_class:
+            return (f"SOP Class UID {ds.get('SOPClassUID', '(none)')} in the data set differs from "
+                    f"{command_class} in the command", DOES_NOT_MATCH_SOP_CLASS)
+        if "PixelData" in ds and not event.context.transfer_syntax.is_encapsulated:
+            expected = get_expected_length(ds, unit="bytes")
+            if len(ds.PixelData) not in (expected, expected + 1):  # +1: even-length padding
+                return (f"pixel data holds {len(ds.PixelData)} bytes, Rows x Columns x "
+                        f"BitsAllocated needs {expected}", CANNOT_UNDERSTAND)
+        return "", SUCCESS
+
+    def handle_rejected(self, event: evt.Event) -> None:
+        log.warning("association from %s at %s rejected: calling AE not in allowed_calling_aes",
+                    event.assoc.requestor.ae_title, event.assoc.requestor.address)
+
     def handle_close(self, event: evt.Event) -> None:
         """The association ended (released, aborted or dropped): its series start their quiet period."""
         with self._lock:
@@ -80,8 +111,10 @@ def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list]:
     ae = AE(ae_title=config.ae_title)
     ae.maximum_pdu_size = 0  # unlimited: far faster for large images (PERFORMANCE.md)
     ae.network_timeout = 60
+    ae.require_calling_aet = list(config.allowed_calling_aes)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-    handlers = [(evt.EVT_C_STORE, receiver.handle_store), (evt.EVT_CONN_CLOSE, receiver.handle_close)]
+    handlers = [(evt.EVT_C_STORE, receiver.handle_store), (evt.EVT_CONN_CLOSE, receiver.handle_close),
+                (evt.EVT_REJECTED, receiver.handle_rejected)]
     return ae, handlers

@@ -36,7 +36,8 @@ class Node:
         requeued = self.store.requeue_interrupted_jobs()
         if requeued:
             log.info("resuming %d interrupted job(s)", requeued)
-        ae, handlers = build_ae(self.config, Receiver(self.store))
+        receiver = Receiver(self.store, min_free_bytes=self.config.min_free_disk_mb * 2**20)
+        ae, handlers = build_ae(self.config, receiver)
         self.dicom_server = ae.start_server((self.config.host, self.config.port), block=False,
                                             evt_handlers=handlers)
         self.http_server = make_server(self.store, self.config.host, self.config.http_port)

@@ -89,3 +89,11 @@ def test_flags_override_the_file() -> None:
 def test_bad_destination_flag(text: str) -> None:
     with pytest.raises(ConfigError, match="expected AE@HOST:PORT"):
         Destination.parse(text)
+
+
+def test_documented_example_is_valid() -> None:
+    from tests.conftest import ROOT
+
+    config = load_config(ROOT / "docs" / "vesalius.example.toml")
+    assert config == with_overrides(Config(destinations=config.destinations), ae_title=None)
+    assert config.destinations[0].ae_title == "PACS"

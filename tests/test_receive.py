@@ -7,8 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
+import pynetdicom._config
 import pytest
-from pydicom.uid import JPEGLosslessSV1, RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, RLELossless
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
@@ -128,3 +129,46 @@ def test_echo_command(node: NodeProcess) -> None:
     result = subprocess.run([sys.executable, "-m", "node.cli", "echo", "VESALIUS@127.0.0.1:1"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
+
+
+def send_one(port: int, ds: pydicom.Dataset | Path, calling: str = "FUZZY",
+             sop_class: str = CTImageStorage) -> int:
+    """C-STORE one dataset (or file, sent as its raw bytes) from a pynetdicom SCU; returns the
+    status, or -1 when no association could be made."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="VESALIUS")
+    if not assoc.is_established:
+        return -1
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def test_inconsistent_instances_refused_with_reason(node: NodeProcess, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    phantom = small_series(tmp_path / "i", n=3)
+    # the file meta (hence the command) says CT; the data set's own SOP Class UID says MR.
+    # pynetdicom sends such a file's bytes as they are when STORE_SEND_CHUNKED_DATASET is on.
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+    raw = phantom.paths[0].read_bytes()
+    at = raw.rindex(CTImageStorage.encode())
+    (tmp_path / "wrong.dcm").write_bytes(raw[:at] + b"1.2.840.10008.5.1.4.1.1.4" + raw[at + 25:])
+    short_pixels = pydicom.dcmread(phantom.paths[1])
+    short_pixels.PixelData = short_pixels.PixelData[:-64]
+    assert send_one(node.port, tmp_path / "wrong.dcm") == 0xA900
+    assert send_one(node.port, short_pixels) == 0xC000
+    assert send_one(node.port, pydicom.dcmread(phantom.paths[2])) == 0x0000
+    log = wait_for(lambda: "pixel data holds" in node.log() and node.log(), 5, "the log lines")
+    assert "refused instance from FUZZY: SOP Class UID 1.2.840.10008.5.1.4.1.1.4" in log
+
+
+def test_allow_list_and_low_disk(tmp_path: Path) -> None:
+    phantom = small_series(tmp_path / "a", n=1)
+    config = 'allowed_calling_aes = ["CT1"]\nmin_free_disk_mb = 100000000\n' + NO_JOBS
+    with vesalius_node(tmp_path, config=config) as picky:
+        assert send_one(picky.port, pydicom.dcmread(phantom.paths[0]), calling="STRANGER") == -1
+        assert send_one(picky.port, pydicom.dcmread(phantom.paths[0]), calling="CT1") == 0xA700
+        wait_for(lambda: "from STRANGER" in picky.log() and "MB free" in picky.log(), 5, "log lines")
+        assert picky.get("/series") == []
