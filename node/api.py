@@ -17,7 +17,7 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 
-from node.store import DELIVERY_STATES, JOB_STATES, Store
+from node.store import DELIVERY_STATES, JOB_STATES, LISTINGS, Store
 
 log = logging.getLogger("vesalius.api")
 
@@ -53,18 +53,6 @@ class StoreCollector:
         yield stages
 
 
-LISTINGS = {
-    "/series": "SELECT series_instance_uid, study_instance_uid, modality, series_description, calling_ae, "
-               "state, (SELECT COUNT(*) FROM instances i WHERE i.series_instance_uid=s.series_instance_uid) "
-               "AS instances, last_received, completed_at FROM series s "
-               "ORDER BY last_received DESC LIMIT 500",
-    "/jobs": "SELECT id, series_instance_uid, rule, model, destinations, state, attempts, error, stages, "
-             "created_at, updated_at FROM jobs ORDER BY id DESC LIMIT 500",
-    "/deliveries": "SELECT id, job_id, destination, state, attempts, error, next_try_at, updated_at "
-                   "FROM deliveries ORDER BY id DESC LIMIT 500",
-}
-
-
 def make_server(store: Store, host: str, port: int) -> ThreadingHTTPServer:
     """An HTTP server (not yet started) over the node's store."""
     registry = CollectorRegistry()
@@ -78,8 +66,8 @@ def make_server(store: Store, host: str, port: int) -> ThreadingHTTPServer:
                 self._send(200, b'{"status": "ok"}\n', "application/json")
             elif path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-            elif path in LISTINGS:
-                rows = [dict(r) for r in store.query(LISTINGS[path])]
+            elif path.lstrip("/") in LISTINGS:
+                rows = store.listing(path.lstrip("/"))
                 self._send(200, json.dumps(rows, indent=1).encode(), "application/json")
             else:
                 self._send(404, b'{"error": "not found"}\n', "application/json")

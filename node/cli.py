@@ -64,6 +64,50 @@ def _echo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _store(args: argparse.Namespace):
+    from node.store import Store
+
+    data_dir = Path(args.data_dir or load_config(args.config).data_dir)
+    if not (data_dir / "vesalius.sqlite").exists():
+        raise ConfigError(f"--data-dir: no Vesalius database in {data_dir}")
+    return Store(data_dir)
+
+
+def _status(args: argparse.Namespace) -> int:
+    store = _store(args)
+    report = {what: store.listing(what, args.limit) for what in ("series", "jobs", "deliveries")}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    columns = {
+        "series": ("series_instance_uid", "modality", "instances", "state", "calling_ae"),
+        "jobs": ("id", "series_instance_uid", "model", "state", "attempts", "error"),
+        "deliveries": ("id", "job_id", "destination", "state", "attempts", "error"),
+    }
+    for what, rows in report.items():
+        print(f"{what} ({len(rows)})")
+        for row in rows:
+            print("  " + "  ".join(str(row[c]) if row[c] is not None else "-" for c in columns[what]))
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    if not _store(args).retry_job(args.job):
+        print(f"vesalius retry: job {args.job} does not exist or is still queued/running", file=sys.stderr)
+        return 1
+    print(f"job {args.job} queued again")
+    return 0
+
+
+def _resend(args: argparse.Namespace) -> int:
+    count = _store(args).resend_job(args.job)
+    if not count:
+        print(f"vesalius resend: job {args.job} has no deliveries (not finished yet?)", file=sys.stderr)
+        return 1
+    print(f"job {args.job}: {count} deliveries queued again")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vesalius", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -90,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("peer", metavar="AE@HOST:PORT")
     echo.add_argument("--ae-title", default=DEFAULT_AE_TITLE)
     echo.set_defaults(func=_echo)
+
+    for name, func, text in (("status", _status, "list series, jobs and deliveries with their states"),
+                             ("retry", _retry, "run a failed or finished job again"),
+                             ("resend", _resend, "send a finished job's results to its destinations again")):
+        command = sub.add_parser(name, help=text)
+        if name == "status":
+            command.add_argument("--json", action="store_true", help="machine-readable output")
+            command.add_argument("--limit", type=int, default=50)
+        else:
+            command.add_argument("job", type=int, help="job id (see `vesalius status`)")
+        command.add_argument("--config", help="TOML configuration file (for its data_dir)")
+        command.add_argument("--data-dir", help="the node's data folder (default ./vesalius-data)")
+        command.set_defaults(func=func)
     return parser
 
 

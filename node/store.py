@@ -69,6 +69,15 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 """
 
+LISTINGS = {
+    "series": "SELECT series_instance_uid, study_instance_uid, modality, series_description, calling_ae, "
+              "state, (SELECT COUNT(*) FROM instances i WHERE i.series_instance_uid=s.series_instance_uid) "
+              "AS instances, last_received, completed_at FROM series s ORDER BY last_received DESC LIMIT ?",
+    "jobs": "SELECT id, series_instance_uid, rule, model, destinations, state, attempts, error, stages, "
+            "created_at, updated_at FROM jobs ORDER BY id DESC LIMIT ?",
+    "deliveries": "SELECT id, job_id, destination, state, attempts, error, next_try_at, updated_at "
+                  "FROM deliveries ORDER BY id DESC LIMIT ?",
+}
 JOB_STATES = ("queued", "running", "done", "failed")
 DELIVERY_STATES = ("pending", "done", "failed")
 
@@ -218,9 +227,11 @@ class Store:
         with self.transaction() as db:
             db.execute("UPDATE jobs SET state='done', error=NULL, result_dir=?, stages=?, updated_at=? "
                        "WHERE id=?", (str(result_dir), json.dumps(stages), now, job_id))
-            db.executemany(
-                "INSERT OR IGNORE INTO deliveries (job_id, destination, next_try_at, updated_at) "
-                "VALUES (?,?,?,?)", [(job_id, d, now, now) for d in destinations])
+            db.executemany(  # a re-run job delivers its (replacing) results again
+                "INSERT INTO deliveries (job_id, destination, next_try_at, updated_at) VALUES (?,?,?,?) "
+                "ON CONFLICT(job_id, destination) DO UPDATE SET state='pending', attempts=0, error=NULL, "
+                "next_try_at=excluded.next_try_at, updated_at=excluded.updated_at",
+                [(job_id, d, now, now) for d in destinations])
 
     def fail_job(self, job_id: int, error: str, *, retry: bool) -> None:
         state = "queued" if retry else "failed"
@@ -250,7 +261,26 @@ class Store:
             db.execute("UPDATE deliveries SET state=?, error=?, attempts=attempts+1, next_try_at=?, "
                        "updated_at=? WHERE id=?", (state, error, next_try_at, time.time(), delivery_id))
 
+    # --- operator actions ------------------------------------------------------------------------
+
+    def retry_job(self, job_id: int) -> bool:
+        """Queue a failed (or finished) job again with fresh attempts; False if no such job."""
+        with self.transaction() as db:
+            changed = db.execute("UPDATE jobs SET state='queued', attempts=0, error=NULL, updated_at=? "
+                                 "WHERE id=? AND state IN ('failed', 'done')", (time.time(), job_id))
+            return changed.rowcount == 1
+
+    def resend_job(self, job_id: int) -> int:
+        """Send a finished job's results to its destinations again; returns the deliveries reset."""
+        with self.transaction() as db:
+            return db.execute("UPDATE deliveries SET state='pending', attempts=0, error=NULL, next_try_at=?, "
+                              "updated_at=? WHERE job_id=?", (time.time(), time.time(), job_id)).rowcount
+
     # --- reporting -------------------------------------------------------------------------------
+
+    def listing(self, what: str, limit: int = 500) -> list[dict[str, Any]]:
+        """The newest rows of 'series', 'jobs' or 'deliveries', for the API and `vesalius status`."""
+        return [dict(r) for r in self.query(LISTINGS[what], (limit,))]
 
     def counts(self, table: str, states: Sequence[str]) -> dict[str, int]:
         assert table in ("jobs", "deliveries", "series")

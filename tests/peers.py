@@ -72,7 +72,7 @@ def storescp(folder: Path, ae_title: str = "PACS", port: int | None = None) -> I
     port = port or free_port()
     cmd = ["storescp", "-aet", ae_title, "-od", str(folder), "+xa", "-pm", str(port)]
     with running(cmd, folder.parent / f"storescp-{port}.log", DCMTK_ENV):
-        wait_for(lambda: _port_open(port), 10, "storescp to listen")
+        wait_for(lambda: port_open(port), 10, "storescp to listen")
         yield StoreSCP(ae_title, port, folder)
 
 
@@ -85,7 +85,7 @@ def storescu(files: Sequence[Path], port: int, ae_title: str = "VESALIUS", calli
     return result
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
     import socket
 
     with socket.socket() as s:

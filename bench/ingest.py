@@ -1,0 +1,90 @@
+"""Ingest throughput: the node against a minimal pynetdicom SCP and DCMTK storescp, in one run.
+
+    .venv/bin/python bench/ingest.py [--slices 300] [--runs 3]
+
+DCMTK storescu sends one uncompressed 512x512 CT series (128 KiB PDUs, TCP_NODELAY=1) to
+(a) `vesalius serve` (fsync of file and database row before each acknowledgement),
+(b) a minimal pynetdicom SCP that only writes the received bytes (the practical floor for Python),
+(c) DCMTK storescp. Prints the median wall time of each and the ratios; goal: (a) <= 1.25 x (b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import free_port  # noqa: E402
+from tests.peers import port_open, running, storescp, storescu, vesalius_node, wait_for  # noqa: E402
+from tests.phantoms import Cylinder, write_phantom_series  # noqa: E402
+
+PDU = ["-pdu", "131072"]
+MINIMAL_SCP = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    out = Path(sys.argv[2])
+    def store(event):
+        (out / event.request.AffectedSOPInstanceUID).write_bytes(event.encoded_dataset())
+        return 0
+    ae = AE("MINIMAL")
+    ae.maximum_pdu_size = 131072
+    ae.supported_contexts = AllStoragePresentationContexts
+    ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, store)])
+""")
+
+
+def timed_send(files: list[Path], port: int, ae_title: str) -> float:
+    start = time.perf_counter()
+    storescu(files, port, ae_title=ae_title, extra=PDU)
+    return time.perf_counter() - start
+
+
+def minimal_scp_time(files: list[Path], out: Path) -> float:
+    port = free_port()
+    out.mkdir()
+    script = out / "minimal_scp.py"
+    script.write_text(MINIMAL_SCP)
+    with running([sys.executable, str(script), str(port), str(out)], out / "minimal.log"):
+        wait_for(lambda: port_open(port), 30, "the minimal SCP")
+        return timed_send(files, port, "MINIMAL")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        phantom = write_phantom_series(tmp / "ct", shape=(args.slices, 512, 512), spacing=(1, 0.7, 0.7),
+                                       objects=[Cylinder((0, 0, 0), (0, 0, 1), 150, 1000, 40)])
+        megabytes = sum(p.stat().st_size for p in phantom.paths) / 1e6
+        times: dict[str, list[float]] = {"node": [], "pynetdicom minimal": [], "storescp": []}
+        no_jobs = '[[rules]]\nname = "none"\nmodality = ["NONE"]\n'
+        for run in range(args.runs):
+            (tmp / f"node{run}").mkdir()
+            with vesalius_node(tmp / f"node{run}", config=no_jobs) as node:
+                times["node"].append(timed_send(phantom.paths, node.port, "VESALIUS"))
+            times["pynetdicom minimal"].append(minimal_scp_time(phantom.paths, tmp / f"minimal{run}"))
+            with storescp(tmp / f"storescp{run}") as scp:
+                times["storescp"].append(timed_send(phantom.paths, scp.port, scp.ae_title))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    print(f"{args.slices} slices, {megabytes:.0f} MB, median of {args.runs} runs:")
+    for name, seconds in medians.items():
+        print(f"  {name:>20}: {seconds:6.2f} s  {megabytes / seconds:6.0f} MB/s")
+    ratio = medians["node"] / medians["pynetdicom minimal"]
+    print(f"node / minimal pynetdicom SCP: {ratio:.2f}x (goal <= 1.25x)")
+    print(f"node / DCMTK storescp:         {medians['node'] / medians['storescp']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
