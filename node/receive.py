@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sqlite3
 import threading
 from collections.abc import Callable
 
@@ -67,7 +68,7 @@ class Receiver:
         try:
             self.store.store_instance(info, str(ds.SOPInstanceUID),
                                       event.encoded_dataset(include_meta=True), calling_ae)
-        except OSError as err:
+        except (OSError, sqlite3.OperationalError) as err:  # disk full, I/O error, database locked
             log.error("could not store instance from %s: %s", calling_ae, err)
             return OUT_OF_RESOURCES
         with self._lock:

@@ -125,13 +125,14 @@ def write_config(path: Path, text: str) -> Path:
 @contextmanager
 def vesalius_node(tmp: Path, *, destinations: Sequence[str] = (), config: str = "",
                   data_dir: Path | None = None, port: int | None = None,
-                  http_port: int | None = None) -> Iterator[NodeProcess]:
-    """``vesalius serve`` as a real child process, ready when /healthz answers."""
+                  http_port: int | None = None, wrap: Sequence[str] = ()) -> Iterator[NodeProcess]:
+    """``vesalius serve`` as a real child process, ready when /healthz answers; ``wrap`` is a
+    command prefix (e.g. ``unshare``) that ends by exec-ing the node, so its pid is the node's."""
     port, http_port = port or free_port(), http_port or free_port()
     data_dir = data_dir or tmp / "node-data"
     config_path = write_config(tmp / f"node-{port}.toml", 'host = "127.0.0.1"\nquiet_period = 0.5\n' + config)
-    cmd = [sys.executable, "-m", "node.cli", "serve", "--config", str(config_path), "--port", str(port),
-           "--http-port", str(http_port), "--data-dir", str(data_dir)]
+    cmd = [*wrap, sys.executable, "-m", "node.cli", "serve", "--config", str(config_path),
+           "--port", str(port), "--http-port", str(http_port), "--data-dir", str(data_dir)]
     for d in destinations:
         cmd += ["--destination", d]
     log_path = tmp / f"node-{port}.log"

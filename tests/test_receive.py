@@ -172,3 +172,40 @@ def test_allow_list_and_low_disk(tmp_path: Path) -> None:
         assert send_one(picky.port, pydicom.dcmread(phantom.paths[0]), calling="CT1") == 0xA700
         wait_for(lambda: "from STRANGER" in picky.log() and "MB free" in picky.log(), 5, "log lines")
         assert picky.get("/series") == []
+
+
+def test_full_disk_refuses_then_recovers_and_database_stays_sound(tmp_path: Path) -> None:
+    """The node's data folder on a small tmpfs of its own (a private mount namespace)."""
+    import shutil
+    import sqlite3
+
+    phantom = small_series(tmp_path / "f", n=4)
+    for threshold_mb in (8, 0):  # the configured threshold, then the disk really full (ENOSPC)
+        data = tmp_path / f"data{threshold_mb}"
+        data.mkdir()
+        mount = f'mount -t tmpfs -o size=48m tmpfs "{data}" && exec "$@"'
+        config = f"min_free_disk_mb = {threshold_mb}\n" + NO_JOBS
+        with vesalius_node(tmp_path, data_dir=data, config=config,
+                           wrap=["unshare", "-rm", "sh", "-c", mount, "sh"]) as node:
+            inside = Path(f"/proc/{node.proc.pid}/root") / data.relative_to("/")
+            assert shutil.disk_usage(inside).total <= 48 * 2**20
+            assert send_one(node.port, pydicom.dcmread(phantom.paths[0])) == 0x0000
+            ballast = inside / "ballast"
+            with open(ballast, "wb", buffering=0) as f:  # fill the disk below the threshold, or completely
+                try:
+                    while shutil.disk_usage(inside).free > max(threshold_mb - 1, 0) * 2**20:
+                        f.write(b"\0" * 2**18)
+                except OSError:  # ENOSPC: completely full
+                    pass
+            assert send_one(node.port, pydicom.dcmread(phantom.paths[1])) == 0xA700
+            ballast.unlink()  # space returns
+            assert send_one(node.port, pydicom.dcmread(phantom.paths[2])) == 0x0000
+            copy = tmp_path / f"copy{threshold_mb}"  # SQLite would resolve /proc/PID/root away
+            copy.mkdir()
+            for name in ("vesalius.sqlite", "vesalius.sqlite-wal"):
+                shutil.copy(inside / name, copy / name)
+            db = sqlite3.connect(copy / "vesalius.sqlite")
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            stored = {r[0] for r in db.execute("SELECT sop_instance_uid FROM instances")}
+            db.close()
+            assert len(stored) == 2 and not list(inside.rglob("*.tmp"))

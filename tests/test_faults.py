@@ -1,0 +1,127 @@
+"""Faults injected for real: kill -9 of the node and of its worker, a model that fails.
+
+After every fault, every acknowledged instance must still be there, the listener must keep
+serving, and each result object must reach the PACS under one SOP Instance UID only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pydicom
+
+from tests.peers import DCMTK_ENV, storescp, storescu, vesalius_node, wait_for
+from tests.phantoms import Cylinder, write_phantom_series
+
+CHEST = [Cylinder((0, 0, 0), (0, 0, 1), 70, 80, 40), Cylinder((0, 40, 0), (0, 0, 1), 10, 60, 700)]
+
+
+def phantom(folder: Path, slices: int = 30):
+    return write_phantom_series(folder, shape=(slices, 96, 96), spacing=(3, 1.8, 1.8), objects=CHEST)
+
+
+def pacs_uids(pacs, study_uid: str) -> list[str]:
+    uids = []
+    for path in pacs.files():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if ds.StudyInstanceUID == study_uid:
+            uids.append(str(ds.SOPInstanceUID))
+    return uids
+
+
+def kill_node(node) -> None:
+    os.killpg(node.proc.pid, signal.SIGKILL)  # the node and its worker processes, no goodbye
+    node.proc.wait(10)
+
+
+def test_kill_mid_association_keeps_every_acknowledged_instance(tmp_path: Path) -> None:
+    series = phantom(tmp_path / "ct", slices=60)
+    data = tmp_path / "data"
+    with vesalius_node(tmp_path, data_dir=data) as node:
+        sender = subprocess.Popen(["storescu", "-v", "-aec", "VESALIUS", "127.0.0.1", str(node.port),
+                                   *map(str, series.paths)], env={**DCMTK_ENV, "TCP_NODELAY": "1"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        spool = data / "spool" / series.study_uid / series.series_uid
+        wait_for(lambda: spool.exists() and len(list(spool.glob("*.dcm"))) >= 10, 30, "10 instances")
+        kill_node(node)
+        output = sender.communicate(timeout=30)[0]
+    acknowledged = len(re.findall(r"Received Store Response \(Success\)", output))
+    assert 10 <= acknowledged < 60
+    stored = list(spool.glob("*.dcm"))
+    assert len(stored) >= acknowledged  # nothing acknowledged is lost
+    for path in stored:  # and nothing half-written pretends to be an instance
+        assert pydicom.dcmread(path).PixelData
+    with storescp(tmp_path / "pacs") as pacs, \
+            vesalius_node(tmp_path, data_dir=data, destinations=[pacs.address]) as node:
+        rows = node.get("/series")
+        assert rows[0]["instances"] == len(stored)
+        storescu(series.paths, node.port)  # the scanner sends the series again
+        wait_for(lambda: len(pacs_uids(pacs, series.study_uid)) >= 3, 180, "the results")
+        wait_for(lambda: node.deliveries() and all(d["state"] == "done" for d in node.deliveries()), 60,
+                 "deliveries done")
+        assert len(set(pacs_uids(pacs, series.study_uid))) == 3
+
+
+def test_kill_during_the_job_then_restart_delivers_once(tmp_path: Path) -> None:
+    series = phantom(tmp_path / "ct")
+    data = tmp_path / "data"
+    with storescp(tmp_path / "pacs") as pacs:
+        with vesalius_node(tmp_path, data_dir=data, destinations=[pacs.address]) as node:
+            storescu(series.paths, node.port)
+            wait_for(lambda: "job start" in node.log(), 60, "the job to start")
+            kill_node(node)
+        with vesalius_node(tmp_path, data_dir=data, destinations=[pacs.address]) as node:
+            wait_for(lambda: len(pacs_uids(pacs, series.study_uid)) >= 3, 180, "the results")
+            wait_for(lambda: all(d["state"] == "done" for d in node.deliveries()), 60, "deliveries done")
+            assert "resuming 1 interrupted job" in node.log()
+            jobs = node.jobs()
+        assert len(jobs) == 1 and jobs[0]["state"] == "done"
+        assert len(set(pacs_uids(pacs, series.study_uid))) == 3
+
+
+def test_worker_killed_job_retried_listener_keeps_serving(tmp_path: Path) -> None:
+    series = phantom(tmp_path / "ct")
+    with storescp(tmp_path / "pacs") as pacs, \
+            vesalius_node(tmp_path, destinations=[pacs.address]) as node:
+        storescu(series.paths, node.port)
+        wait_for(lambda: "job start" in node.log(), 60, "the job to start")
+        workers = _children(node.proc.pid)
+        assert workers, "the node runs no worker process"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["echoscu", "-aec", "VESALIUS", "127.0.0.1", str(node.port)], check=True,
+                       env=DCMTK_ENV, timeout=30)
+        wait_for(lambda: len(pacs_uids(pacs, series.study_uid)) >= 3, 180, "the results after a retry")
+        job = node.jobs()[0]
+        assert job["state"] == "done" and job["attempts"] == 2
+        assert "worker process died" in node.log()
+
+
+def test_failing_model_ends_failed_with_reason(tmp_path: Path) -> None:
+    series = phantom(tmp_path / "ct", slices=5)
+    with vesalius_node(tmp_path, config='[[rules]]\nname = "ct"\nmodel = "no_such_model"\n') as node:
+        storescu(series.paths, node.port)
+        job = wait_for(lambda: (jobs := node.jobs()) and jobs[0]["state"] == "failed" and jobs[0], 60,
+                       "the job to fail")
+        assert job["attempts"] == 2 and "no_such_model" in job["error"]
+        subprocess.run(["echoscu", "-aec", "VESALIUS", "127.0.0.1", str(node.port)], check=True,
+                       env=DCMTK_ENV, timeout=30)
+
+
+def _children(pid: int) -> list[int]:
+    """The node's multiprocessing worker processes (not its resource tracker)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid and b"spawn_main" in cmdline:
+            found.append(int(proc.name))
+    return found
