@@ -1,0 +1,73 @@
+"""Who wrote an output object, and the deterministic UIDs that make re-runs replace, not duplicate.
+
+Every object the node writes names us (manufacturer, model, software version) and the algorithm that
+produced its content; its UIDs are a pure function of the source series, the algorithm and the
+object's role, so processing the same series with the same model again yields the same Series and
+SOP Instance UIDs and the PACS overwrites the earlier result instead of piling up copies.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import uuid
+from dataclasses import dataclass, field
+
+import highdicom as hd
+from pydicom.sr.coding import Code
+
+MANUFACTURER = "Vesalius"
+MODEL_NAME = "Vesalius node"
+ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")  # CID 7162
+MORPHOLOGICAL_OPERATIONS = Code("123104", "DCM", "Morphological Operations")  # CID 7162
+
+DEVICE_SERIAL_NUMBER = "0"  # software device: no hardware serial; Type 1 in Enhanced General Equipment
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:vesalius:dicom-output")
+# Device Observer UID of the SR observation context: the same for every report we write.
+DEVICE_UID = f"2.25.{uuid.uuid5(_UID_NAMESPACE, 'device/' + MODEL_NAME).int}"
+
+try:
+    SOFTWARE_VERSION = importlib.metadata.version("vesalius")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    SOFTWARE_VERSION = "0+unknown"
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """The model whose output an object carries (Algorithm Identification: name and version).
+
+    ``family`` is the CID 7162 Algorithm Family; it describes the algorithm and takes no part in
+    the derived UIDs (a model is identified by its name and version).
+    """
+
+    name: str
+    version: str
+    family: Code = field(default=ARTIFICIAL_INTELLIGENCE, compare=False)
+
+
+def derived_uid(source_series_uid: str, algorithm: Algorithm, role: str) -> str:
+    """A 2.25 UID derived from (source series, algorithm name and version, role).
+
+    ``role`` names the UID's purpose, e.g. ``"seg/series"`` or ``"seg/instance"``, so one run's
+    objects never share UIDs; the same inputs always give the same UID. The UID is the integer
+    form of a name-based (SHA-1, version 5) UUID, as PS3.5 B.2 allows under the 2.25 root.
+    (pydicom's ``generate_uid(prefix=None, entropy_srcs=...)`` ignores the entropy and returns a
+    random UUID, so it cannot be used for this.)
+    """
+    if not source_series_uid or not role:
+        raise ValueError("derived_uid needs a source series UID and a role")
+    name = "\x1f".join(("vesalius", source_series_uid, algorithm.name, algorithm.version, role))
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+
+
+# Series numbers of our output series, distinct per object kind so a viewer lists them apart.
+SERIES_NUMBER = {"seg": 9001, "surface": 9002, "sr": 9003}
+
+
+def algorithm_identification(algorithm: Algorithm) -> hd.AlgorithmIdentificationSequence:
+    """The Algorithm Identification Sequence (name, CID 7162 family, version, source = us)."""
+    return hd.AlgorithmIdentificationSequence(
+        name=algorithm.name,
+        family=algorithm.family,
+        version=algorithm.version,
+        source=MANUFACTURER,
+    )

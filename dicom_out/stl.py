@@ -1,0 +1,47 @@
+"""A mesh -> a binary STL file for 3D printing, in patient LPS millimetres (VTK's STL writer).
+
+STL carries no coordinate system or units; by convention printers read millimetres, and keeping
+the patient (LPS) coordinates lets a printed part be registered back to the images. Facet normals
+are computed by the writer from the triangles' winding, which the mesh keeps outward-facing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import vtk
+from vtk.util.numpy_support import numpy_to_vtk, numpy_to_vtkIdTypeArray
+
+from inference.surfaces import Mesh
+
+
+def mesh_to_polydata(mesh: Mesh) -> vtk.vtkPolyData:
+    """The mesh as vtkPolyData: points and triangles (counter-clockwise seen from outside)."""
+    points = vtk.vtkPoints()
+    points.SetData(numpy_to_vtk(np.ascontiguousarray(mesh.points, dtype=np.float32), deep=True))
+    triangles = np.ascontiguousarray(mesh.triangles, dtype=np.int64)
+    offsets = np.arange(0, 3 * len(triangles) + 1, 3, dtype=np.int64)
+    cells = vtk.vtkCellArray()
+    cells.SetData(numpy_to_vtkIdTypeArray(offsets, deep=True),
+                  numpy_to_vtkIdTypeArray(triangles.ravel(), deep=True))
+    polydata = vtk.vtkPolyData()
+    polydata.SetPoints(points)
+    polydata.SetPolys(cells)
+    return polydata
+
+
+def write_stl(mesh: Mesh, path: Path) -> Path:
+    """Write ``mesh`` as a binary STL at ``path`` (parent folders created); returns the path."""
+    if len(mesh.triangles) == 0:
+        raise ValueError(f"{mesh.label.name}: an empty mesh cannot be written as STL")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = vtk.vtkSTLWriter()
+    writer.SetInputData(mesh_to_polydata(mesh))
+    writer.SetFileTypeToBinary()
+    writer.SetHeader(f"Vesalius {mesh.label.name} LPS mm"[:80])
+    writer.SetFileName(str(path))
+    if writer.Write() != 1:
+        raise OSError(f"VTK could not write {path}")
+    return path

@@ -1,0 +1,244 @@
+"""Triangle meshes -> a DICOM Surface Segmentation (PS3.3 A.57), written on pydicom.
+
+No library writes this object, so it is assembled module by module following the IOD: Patient,
+General Study, General Series + Segmentation Series, Frame of Reference, General and Enhanced General
+Equipment, Surface Segmentation (C.8.23.1), Surface Mesh (C.27.1), Common Instance Reference and
+SOP Common. Each mesh becomes one surface of one segment: float32 points in patient LPS mm, unit
+vertex normals, and triangles as 1-based indices in a Long Triangle Point Index List (OL), so
+meshes with more than 65535 points need no workaround.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_out.codes import Term, term_for
+from dicom_out.identity import (
+    DEVICE_SERIAL_NUMBER,
+    MANUFACTURER,
+    MODEL_NAME,
+    SERIES_NUMBER,
+    SOFTWARE_VERSION,
+    Algorithm,
+    algorithm_identification,
+    derived_uid,
+)
+from dicom_out.seg import segment_tracking_uid
+from dicom_out.sources import tidy
+from inference.surfaces import Mesh
+from inference.volume import Volume
+
+SURFACE_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.5"
+
+# Copied from the source so the object files under the same patient and study.
+_PATIENT_STUDY_KEYWORDS = (
+    "SpecificCharacterSet",
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "OtherPatientIDsSequence", "PatientAge", "PatientSize", "PatientWeight",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+    "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyDescription",
+)
+
+
+def _code_item(code: Code) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
+    return item
+
+
+def _image_reference(ds: pydicom.Dataset) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    return item
+
+
+def _yes_no(flag: bool) -> str:
+    return "YES" if flag else "NO"
+
+
+def _check_mesh(mesh: Mesh) -> None:
+    """Refuse what the Surface Mesh module cannot carry or would carry wrongly."""
+    points, normals, triangles = mesh.points, mesh.normals, mesh.triangles
+    if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
+        raise ValueError(f"{mesh.label.name}: points must be a non-empty (N, 3) array")
+    if normals.shape != points.shape:
+        raise ValueError(f"{mesh.label.name}: one normal per point is required")
+    if triangles.ndim != 2 or triangles.shape[1] != 3 or len(triangles) == 0:
+        raise ValueError(f"{mesh.label.name}: triangles must be a non-empty (M, 3) array")
+    if not (np.isfinite(points).all() and np.isfinite(normals).all()):
+        raise ValueError(f"{mesh.label.name}: points and normals must be finite")
+    if triangles.min() < 0 or triangles.max() >= len(points):
+        raise ValueError(f"{mesh.label.name}: triangle index out of range 0..{len(points) - 1}")
+    if len(points) >= 2**32:
+        raise ValueError(f"{mesh.label.name}: too many points for 32-bit indices")
+
+
+def _surface_item(number: int, mesh: Mesh, term: Term) -> pydicom.Dataset:
+    """One Surface Sequence item (C.27.1): presentation, topology flags, points, normals, mesh."""
+    points = np.ascontiguousarray(mesh.points, dtype="<f4")
+    normals = np.ascontiguousarray(mesh.normals, dtype="<f4")
+    indices = np.ascontiguousarray(mesh.triangles, dtype=np.int64) + 1  # DICOM counts from 1
+
+    surface = pydicom.Dataset()
+    surface.SurfaceNumber = number
+    surface.SurfaceComments = term.label
+    surface.SurfaceProcessing = "NO"
+    surface.RecommendedDisplayGrayscaleValue = term.grayscale
+    surface.RecommendedDisplayCIELabValue = list(term.cielab)
+    surface.RecommendedPresentationOpacity = float(term.opacity)
+    surface.RecommendedPresentationType = "SURFACE"
+    surface.FiniteVolume = _yes_no(mesh.closed)
+    surface.Manifold = _yes_no(mesh.manifold)
+
+    surface_points = pydicom.Dataset()
+    surface_points.NumberOfSurfacePoints = len(points)
+    surface_points.PointCoordinatesData = points.tobytes()
+    low, high = points.min(axis=0), points.max(axis=0)
+    surface_points.PointsBoundingBoxCoordinates = [float(v) for v in (*low, *high)]
+    surface.SurfacePointsSequence = [surface_points]
+
+    surface_normals = pydicom.Dataset()
+    surface_normals.NumberOfVectors = len(normals)
+    surface_normals.VectorDimensionality = 3
+    surface_normals.VectorCoordinateData = normals.tobytes()
+    surface.SurfacePointsNormalsSequence = [surface_normals]
+
+    primitives = pydicom.Dataset()
+    primitives.LongVertexPointIndexList = b""
+    primitives.LongEdgePointIndexList = b""
+    primitives.LongTrianglePointIndexList = indices.astype("<u4").tobytes()
+    primitives.TriangleStripSequence = DicomSequence()
+    primitives.TriangleFanSequence = DicomSequence()
+    primitives.LineSequence = DicomSequence()
+    primitives.FacetSequence = DicomSequence()
+    surface.SurfaceMeshPrimitivesSequence = [primitives]
+    return surface
+
+
+def _segment_item(number: int, mesh: Mesh, term: Term, volume: Volume, algorithm: Algorithm,
+                  sources: Sequence[pydicom.Dataset]) -> pydicom.Dataset:
+    """One Segment Sequence item (C.8.23.1): what the surface is, and how it was made."""
+    segment = pydicom.Dataset()
+    segment.SegmentNumber = number
+    segment.SegmentLabel = term.label
+    segment.SegmentAlgorithmType = "AUTOMATIC"
+    category = _code_item(term.category)
+    segment.SegmentedPropertyCategoryCodeSequence = [category]
+    kind = _code_item(term.type)
+    if term.modifier is not None:
+        kind.SegmentedPropertyTypeModifierCodeSequence = [_code_item(term.modifier)]
+    segment.SegmentedPropertyTypeCodeSequence = [kind]
+    # The same structure carries the same Tracking UID in the SEG, the surfaces and the SR.
+    segment.TrackingID = term.label
+    segment.TrackingUID = segment_tracking_uid(volume, algorithm, mesh.label)
+    segment.SurfaceCount = 1
+
+    reference = pydicom.Dataset()
+    reference.ReferencedSurfaceNumber = number
+    # (0066,002D), which dciodvfy (and C.8.23.1) require here; (0062,0007) is not in this module.
+    reference.SegmentSurfaceGenerationAlgorithmIdentificationSequence = algorithm_identification(
+        algorithm
+    )
+    reference.SegmentSurfaceSourceInstanceSequence = [_image_reference(ds) for ds in sources]
+    segment.ReferencedSurfaceSequence = [reference]
+    return segment
+
+
+def _referenced_series(datasets: Sequence[pydicom.Dataset]) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.SeriesInstanceUID = datasets[0].SeriesInstanceUID
+    item.ReferencedInstanceSequence = [_image_reference(ds) for ds in datasets]
+    return item
+
+
+def build_surface_segmentation(volume: Volume, meshes: Sequence[Mesh], algorithm: Algorithm,
+                               seg: pydicom.Dataset | None = None) -> pydicom.Dataset:
+    """A Surface Segmentation with one surface per mesh, in the source study and frame of reference.
+
+    When ``seg`` (the SEG written from the same labels) is given, it is referenced as a source of
+    every surface next to the CT slices.
+    """
+    if not meshes:
+        raise ValueError("no mesh to write as a surface segmentation")
+    for mesh in meshes:
+        _check_mesh(mesh)
+    source = tidy(volume.sources[0])
+    if seg is not None and seg.StudyInstanceUID != volume.study_uid:
+        raise ValueError("the SEG belongs to another study than the source series")
+    derived_from = [*volume.sources, *([seg] if seg is not None else [])]
+
+    series_uid = derived_uid(volume.series_uid, algorithm, "surface/series")
+    sop_uid = derived_uid(volume.series_uid, algorithm, "surface/instance")
+    now = datetime.datetime.now()
+
+    ds = pydicom.Dataset()
+    # Patient, General Study, Patient Study: those of the source
+    for keyword in _PATIENT_STUDY_KEYWORDS:
+        if keyword in source:
+            ds[keyword] = source[keyword]
+    # SOP Common
+    ds.SOPClassUID = SURFACE_SEGMENTATION_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    # Patient and General Study: type 2 attributes must be present, if only empty
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                    "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    # General Series + Segmentation Series
+    ds.Modality = "SEG"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = SERIES_NUMBER["surface"]
+    ds.SeriesDescription = f"Vesalius {algorithm.name} surfaces"[:64]
+    ds.SeriesDate = ds.InstanceCreationDate
+    ds.SeriesTime = ds.InstanceCreationTime
+    # Frame of Reference: the surfaces are in the source's patient coordinates
+    ds.FrameOfReferenceUID = volume.frame_of_reference_uid
+    ds.PositionReferenceIndicator = source.get("PositionReferenceIndicator", "")
+    # General Equipment + Enhanced General Equipment
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = MODEL_NAME
+    ds.DeviceSerialNumber = DEVICE_SERIAL_NUMBER
+    ds.SoftwareVersions = SOFTWARE_VERSION
+    # Surface Segmentation: Content Identification, content date/time, segments
+    ds.InstanceNumber = 1
+    ds.ContentLabel = "SURFACES"
+    ds.ContentDescription = f"{algorithm.name} {algorithm.version}"[:64]
+    ds.ContentCreatorName = "Vesalius^Node"
+    ds.ContentDate = ds.InstanceCreationDate
+    ds.ContentTime = ds.InstanceCreationTime
+    terms = [term_for(mesh.label.name) for mesh in meshes]
+    ds.SegmentSequence = [
+        _segment_item(number, mesh, term, volume, algorithm, derived_from)
+        for number, (mesh, term) in enumerate(zip(meshes, terms, strict=True), start=1)
+    ]
+    # Surface Mesh
+    ds.NumberOfSurfaces = len(meshes)
+    ds.SurfaceSequence = [
+        _surface_item(number, mesh, term)
+        for number, (mesh, term) in enumerate(zip(meshes, terms, strict=True), start=1)
+    ]
+    # Common Instance Reference: the source series, and the SEG series when given
+    references = [_referenced_series(volume.sources)]
+    if seg is not None:
+        references.append(_referenced_series([seg]))
+    ds.ReferencedSeriesSequence = references
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds
