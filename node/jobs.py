@@ -98,7 +98,8 @@ class JobRunner:
         except Exception as err:
             self._failed(job, f"{type(err).__name__}: {err}")
             return
-        destinations = json.loads(job["destinations"])
+        # a series where the model found nothing has no objects to deliver
+        destinations = json.loads(job["destinations"]) if summary["objects"] else []
         self.store.finish_job(job_id, out, summary["stages_s"], destinations)
         self.on_done()
         log.info("job done job=%d series=%s stages=%s deliveries=%d",

@@ -38,7 +38,7 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     """Process one series into ``out_dir`` (replaced atomically) and return the summary."""
     # Imported here, not at module level, so the listener process never loads VTK, highdicom and
     # the models: only the worker processes (and `vesalius process`) pay for them.
-    from dicom_out.identity import Algorithm
+    from dicom_out.identity import ARTIFICIAL_INTELLIGENCE, MORPHOLOGICAL_OPERATIONS, Algorithm
     from dicom_out.seg import build_seg
     from dicom_out.sr import build_sr
     from dicom_out.stl import write_stl
@@ -59,15 +59,20 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
         meshes = build_meshes(labels, volume.affine, model.labels, max_triangles=max_triangles)
     with timer.stage("measures"):
         measurements = measure(volume, labels, model.labels, meshes)
-    algorithm = Algorithm(name=model.name, version=model.version)
+    family = MORPHOLOGICAL_OPERATIONS if model.family == "morphology" else ARTIFICIAL_INTELLIGENCE
+    algorithm = Algorithm(name=model.name, version=model.version, family=family)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "meshes").mkdir(parents=True)
-    with timer.stage("writers"):
-        seg = build_seg(volume, labels, model.labels, algorithm)
-        surfaces = build_surface_segmentation(volume, meshes, algorithm, seg=seg)
-        sr = build_sr(volume, seg, measurements, algorithm)
-        objects = {"seg": seg, "surface_segmentation": surfaces, "sr": sr}
+    objects = {}
+    with timer.stage("writers"):  # nothing found: no objects, the summary says so
+        if measurements:
+            objects["seg"] = build_seg(volume, labels, model.labels, algorithm)
+        if meshes:
+            objects["surface_segmentation"] = build_surface_segmentation(volume, meshes, algorithm,
+                                                                         seg=objects["seg"])
+        if measurements:
+            objects["sr"] = build_sr(volume, objects["seg"], measurements, algorithm)
         for key, ds in objects.items():
             ds.save_as(tmp / OUTPUT_FILES[key], enforce_file_format=True)
         mesh_files = [write_stl(m, tmp / "meshes" / f"{m.label.name}.stl").name for m in meshes]
