@@ -1,0 +1,52 @@
+"""Segmentation models behind one interface: the labels they produce and ``predict``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from inference.volume import Volume
+
+
+@dataclass(frozen=True)
+class Label:
+    """One structure a model produces.
+
+    ``name`` is the key into ``dicom_out.codes``; ``includes`` lists other label values that
+    belong to this structure too (the body contains the lungs), so segments may overlap.
+    """
+
+    value: int
+    name: str
+    includes: tuple[int, ...] = ()
+
+    def mask(self, labels: np.ndarray) -> np.ndarray:
+        """Boolean mask of this structure in a label array."""
+        if not self.includes:
+            return labels == self.value
+        return np.isin(labels, (self.value, *self.includes))
+
+
+MODEL_NAMES = ("builtin_ct",)
+
+
+class Model(Protocol):
+    name: str
+    version: str
+    family: str  # "ai" (trained network) or "morphology" (thresholds, morphology): DICOM Algorithm Family
+    labels: tuple[Label, ...]
+
+    def predict(self, volume: Volume) -> np.ndarray:
+        """uint8 label array with the volume's shape; 0 is background."""
+        ...
+
+
+def get_model(name: str) -> Model:
+    """The model registered under ``name``; ValueError naming the known models otherwise."""
+    if name == "builtin_ct":
+        from inference.models.builtin_ct import BuiltinCT
+
+        return BuiltinCT()
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")

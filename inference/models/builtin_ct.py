@@ -1,0 +1,334 @@
+"""A weight-free CT model: body, lungs, airways and bone from Hounsfield units and morphology.
+
+Fast enough for any CPU (soft structures are found on a grid pooled to about 2 mm, bone at full
+resolution) and independent of array orientation: anatomical directions (superior, patient left)
+come from the affine, never from array indices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from inference.grid import pool
+from inference.models import Label
+from inference.volume import Volume
+
+BODY, LUNG_LEFT, LUNG_RIGHT, AIRWAYS, BONE = 1, 2, 3, 4, 5
+
+BODY_HU = -500.0  # patient (soft tissue, fat) vs. air, foam and most of the table mattress
+AIR_HU = -400.0  # lung parenchyma and gas inside the body
+AIRWAY_HU = (-950.0, -975.0, -990.0)  # pure air, tried from loosest until it stops leaking
+BONE_LOW_HU = 150.0  # hysteresis: bone grows into this ...
+BONE_CORE_HU = 300.0  # ... from voxels this dense
+TRABECULAR_HU = 100.0  # enclosed marrow/trabecular bone denser than this belongs to bone
+BONE_CLOSING_MM = 3.0  # closes gaps in thin cortex before finding what it encloses
+POOL_MM = 3.0  # segmentation runs on a grid pooled to about this voxel size
+LUNG_MEDIAN_HU = (-945.0, -600.0)  # lung parenchyma; gas (bowel, stomach) below, fat rims above
+MIN_LUNG_ML = 5.0
+MAX_AIRWAYS_ML = 250.0  # trachea + main bronchi; more means the growth leaked into the lungs
+MAX_TRACHEA_CM2 = 8.0  # cross-section of the trachea (with margin) where it leaves the top slice
+MAX_TRACHEA_OFF_MIDLINE_MM = 30.0
+BONE_GROW_HU = 100.0  # next to bone, trabecular bone and partial-volume cortex ...
+BONE_GROW_VOXELS = 1.5  # ... within this many (largest) voxel sizes, at least 3 mm, belong to it
+VESSEL_P99_HU = 550.0  # thick components never this dense are contrast vessels / organs
+VESSEL_MIN_THICKNESS_MM = 5.0
+MIN_VESSEL_ML = 1.0  # smaller dense components are kept without the vessel test
+
+
+class BuiltinCT:
+    """Threshold-and-morphology CT segmentation with no weights."""
+
+    name = "builtin_ct"
+    version = "1"
+    family = "morphology"
+    labels = (
+        Label(BODY, "body", (LUNG_LEFT, LUNG_RIGHT, AIRWAYS, BONE)),
+        Label(LUNG_LEFT, "lung_left"),
+        Label(LUNG_RIGHT, "lung_right"),
+        Label(AIRWAYS, "airways"),
+        Label(BONE, "bone"),
+    )
+
+    def predict(self, volume: Volume) -> np.ndarray:
+        """uint8 labels with the volume's shape (values as in ``labels``)."""
+        if volume.modality != "CT":  # its thresholds are Hounsfield units
+            raise ValueError(f"builtin_ct segments CT only, this series is {volume.modality or 'unknown'}")
+        hu = volume.array
+        affine = volume.affine
+        factors = _pool_factors(volume.spacing)
+        coarse = pool(hu, factors, "mean")
+        peak = pool(hu, factors, "max")  # thin dense bone survives max pooling
+        scale = np.asarray(factors, float)
+        coarse_affine = affine.copy()
+        coarse_affine[:3, :3] = affine[:3, :3] * scale
+        coarse_affine[:3, 3] = affine[:3, :3] @ ((scale - 1) / 2) + affine[:3, 3]
+        coarse_spacing = volume.spacing * scale
+        sup_axis = int(np.argmax(np.abs(affine[2, :3]) / volume.spacing))
+        planar = _planar_structure(sup_axis)
+
+        body = _body(coarse, planar)
+        air = body & (coarse < AIR_HU)
+        voxel_ml = abs(np.linalg.det(coarse_affine[:3, :3])) / 1000.0
+        airways = _airways(coarse, air, body, coarse_affine, sup_axis, voxel_ml)
+        left, right = _lungs(coarse, air & ~airways, body, coarse_affine, planar, voxel_ml)
+        bone = _bone(coarse, peak, body, coarse_spacing, planar)
+
+        labels = np.zeros(coarse.shape, np.uint8)
+        labels[body] = BODY
+        labels[left] = LUNG_LEFT
+        labels[right] = LUNG_RIGHT
+        labels[airways] = AIRWAYS
+        labels[bone] = BONE
+        if factors == (1, 1, 1):
+            return labels
+        return _refine_edges(labels, hu, body, left, right, bone, factors)
+
+
+def _refine_edges(
+    labels: np.ndarray,
+    hu: np.ndarray,
+    body: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray,
+    bone: np.ndarray,
+    factors: tuple[int, int, int],
+) -> np.ndarray:
+    """Redraw the edges of body, lungs and bone at full resolution.
+
+    ``labels`` is the coarse label grid. Only the full-resolution blocks of coarse voxels on an
+    edge are decided by their own HU, so the blocky edges of the pooled grid become smooth
+    without redoing the morphology (and without touching the other ~95% of the voxels).
+    """
+    full = _unpool(labels, factors, None)
+    pad = [(0, n - m) for n, m in zip(full.shape, hu.shape, strict=True)]
+    values = np.pad(hu, pad, mode="edge") if any(p[1] for p in pad) else hu
+    block_shape = []
+    for n, f in zip(labels.shape, factors, strict=True):
+        block_shape += [n, f]
+    full6 = full.reshape(block_shape)
+    values6 = values.reshape(block_shape)
+
+    def edge(mask: np.ndarray) -> np.ndarray:
+        return ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask, border_value=1)
+
+    def refine(where: np.ndarray, rule) -> None:
+        s, r, c = np.nonzero(where)
+        blocks = full6[s, :, r, :, c, :]
+        rule(blocks, values6[s, :, r, :, c, :], (s, r, c))
+        full6[s, :, r, :, c, :] = blocks
+
+    def skin(blocks: np.ndarray, h: np.ndarray, _) -> None:
+        blocks[(blocks == BODY) & (h <= BODY_HU)] = 0
+        blocks[(blocks == 0) & (h > BODY_HU)] = BODY
+
+    refine(edge(body), skin)
+    near_left = ndimage.binary_dilation(left)
+
+    def pleura(blocks: np.ndarray, h: np.ndarray, index) -> None:
+        lung = (blocks == LUNG_LEFT) | (blocks == LUNG_RIGHT)
+        blocks[lung & (h >= AIR_HU)] = BODY
+        side = np.where(near_left[index], LUNG_LEFT, LUNG_RIGHT).astype(np.uint8)
+        grow = (blocks == BODY) & (h < AIR_HU)
+        blocks[grow] = np.broadcast_to(side[:, None, None, None], blocks.shape)[grow]
+
+    if left.any() or right.any():
+        refine(edge(left | right), pleura)
+
+    def cortex(blocks: np.ndarray, h: np.ndarray, _) -> None:
+        blocks[(blocks == BONE) & (h <= BONE_GROW_HU)] = BODY
+
+    refine(bone, cortex)
+    return np.ascontiguousarray(full[: hu.shape[0], : hu.shape[1], : hu.shape[2]])
+
+
+def _pool_factors(spacing: np.ndarray) -> tuple[int, int, int]:
+    return tuple(max(1, int(POOL_MM / s + 1e-6)) for s in spacing)  # type: ignore[return-value]
+
+
+def _unpool(
+    labels: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...] | None
+) -> np.ndarray:
+    """Each coarse voxel repeated over its block; cropped to ``shape`` unless None."""
+    for axis, f in enumerate(factors):
+        if f > 1:
+            labels = np.repeat(labels, f, axis=axis)
+    if shape is None:
+        return labels
+    return np.ascontiguousarray(labels[: shape[0], : shape[1], : shape[2]])
+
+
+def _planar_structure(axis: int) -> np.ndarray:
+    """4-connectivity within the planes perpendicular to ``axis`` (per-slice operations)."""
+    structure = ndimage.generate_binary_structure(3, 1)
+    index = [slice(None)] * 3
+    for end in (0, 2):
+        index[axis] = end
+        structure[tuple(index)] = False
+    return structure
+
+
+def _morphology(operation, mask: np.ndarray, iterations: int) -> np.ndarray:
+    """Opening/closing with the volume edge replicated, so structures cut by it are kept."""
+    padded = np.pad(mask, iterations, mode="edge")
+    inner = (slice(iterations, -iterations),) * 3
+    return operation(padded, iterations=iterations)[inner]
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    components, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == int(np.argmax(sizes))
+
+
+def _body(coarse: np.ndarray, planar: np.ndarray) -> np.ndarray:
+    """The patient: the largest dense component (an opening cuts thin links to the table)."""
+    dense = coarse > BODY_HU
+    core = _largest_component(_morphology(ndimage.binary_opening, dense, 2))
+    body = ndimage.binary_dilation(core, iterations=2) & dense
+    body = _largest_component(body)
+    body = ndimage.binary_fill_holes(body, structure=planar)
+    return ndimage.binary_fill_holes(body)
+
+
+def _airways(
+    coarse: np.ndarray,
+    air: np.ndarray,
+    body: np.ndarray,
+    affine: np.ndarray,
+    sup_axis: int,
+    voxel_ml: float,
+) -> np.ndarray:
+    """Trachea and main bronchi: pure air grown down from the top of the volume inside the body."""
+    top = [slice(None)] * 3
+    top[sup_axis] = -1 if affine[2, sup_axis] > 0 else 0
+    top_air = air[tuple(top)]
+    pixel_cm2 = voxel_ml * 10.0 / float(np.linalg.norm(affine[:3, sup_axis]))
+    # the trachea crosses the top slice as a small island of air; lungs there are large
+    islands, count = ndimage.label(top_air)
+    areas = np.bincount(islands.ravel(), minlength=count + 1) * pixel_cm2
+    x = _x_coordinate(affine, coarse.shape)[tuple(top)]
+    x = np.broadcast_to(x, top_air.shape)
+    midline = float(np.mean(x[body[tuple(top)]])) if body[tuple(top)].any() else 0.0
+    index = np.arange(1, count + 1)
+    centres = np.asarray(ndimage.mean(x, islands, index)) if count else np.zeros(0)
+    small = index[
+        (areas[1:] >= 0.3)
+        & (areas[1:] <= MAX_TRACHEA_CM2)
+        & (np.abs(centres - midline) <= MAX_TRACHEA_OFF_MIDLINE_MM)
+    ]
+    trachea = np.isin(islands, small)
+    empty = np.zeros(coarse.shape, bool)
+    if not trachea.any():
+        return empty
+    for threshold in AIRWAY_HU:
+        candidate = air & (coarse < threshold)
+        components, count = ndimage.label(candidate)
+        seeds = np.unique(components[tuple(top)][trachea])
+        seeds = seeds[seeds > 0]
+        if seeds.size == 0:
+            continue
+        tree = np.isin(components, seeds)
+        if tree.sum() * voxel_ml <= MAX_AIRWAYS_ML:
+            return tree
+    return empty
+
+
+def _lungs(
+    coarse: np.ndarray,
+    air: np.ndarray,
+    body: np.ndarray,
+    affine: np.ndarray,
+    planar: np.ndarray,
+    voxel_ml: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left and right lung: large air components of parenchymal density, split at the midline."""
+    components, count = ndimage.label(air)
+    left = np.zeros(coarse.shape, bool)
+    right = np.zeros(coarse.shape, bool)
+    if count == 0:
+        return left, right
+    sizes = np.bincount(components.ravel(), minlength=count + 1) * voxel_ml
+    objects = ndimage.find_objects(components)
+    keep = []
+    for value in np.flatnonzero(sizes >= MIN_LUNG_ML):
+        if value == 0:
+            continue
+        box = objects[value - 1]
+        median = float(np.median(coarse[box][components[box] == value]))
+        if LUNG_MEDIAN_HU[0] < median < LUNG_MEDIAN_HU[1]:
+            keep.append(value)
+    if not keep:
+        return left, right
+    lungs = np.isin(components, keep)
+    # vessels and nodules inside the lungs belong to them
+    lungs = _morphology(ndimage.binary_closing, lungs, 2) & body
+    lungs = ndimage.binary_fill_holes(lungs, structure=planar)
+    # patient left is +x in LPS: split at the body's mid-sagittal plane
+    x = _x_coordinate(affine, coarse.shape)
+    midline = float(np.mean(x[body])) if body.any() else 0.0
+    components, count = ndimage.label(lungs)
+    for value in range(1, count + 1):
+        part = components == value
+        share_left = float(np.mean(x[part] > midline))
+        if share_left > 0.8:
+            left |= part
+        elif share_left < 0.2:
+            right |= part
+        else:  # one component across the midline (joined lungs): cut it there
+            left |= part & (x > midline)
+            right |= part & (x <= midline)
+    return left, right
+
+
+def _x_coordinate(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """LPS x (towards patient left) of every voxel centre, broadcast over the grid."""
+    grids = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    return affine[0, 3] + sum(affine[0, axis] * grids[axis] for axis in range(3))
+
+
+def _bone(
+    coarse: np.ndarray, peak: np.ndarray, body: np.ndarray, spacing: np.ndarray, planar: np.ndarray
+) -> np.ndarray:
+    """Dense components grown from cortical cores, minus thick homogeneous (vessel) blobs.
+
+    ``coarse`` is the mean and ``peak`` the maximum HU of each pooled voxel.
+    """
+    low = (peak > BONE_LOW_HU) & body
+    components, count = ndimage.label(low)
+    cored = np.unique(components[(peak > BONE_CORE_HU) & low])
+    cored = cored[cored > 0]
+    if cored.size == 0:
+        return np.zeros(coarse.shape, bool)
+    sizes = np.bincount(components.ravel(), minlength=count + 1)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    objects = ndimage.find_objects(components)
+    keep = [value for value in cored if not (
+        sizes[value] * voxel_ml >= MIN_VESSEL_ML
+        and _looks_like_vessel(components[objects[value - 1]] == value,
+                               peak[objects[value - 1]], spacing)
+    )]
+    bone = np.isin(components, keep)
+    # marrow and trabecular bone enclosed by cortex, but not the spinal canal
+    closing = max(1, round(BONE_CLOSING_MM / float(spacing.min())))
+    closed = _morphology(ndimage.binary_closing, bone, closing)
+    enclosed = ndimage.binary_fill_holes(closed, structure=planar) & ~bone
+    bone |= enclosed & (coarse > TRABECULAR_HU)
+    reach = max(3.0, BONE_GROW_VOXELS * float(spacing.max()))
+    near = ndimage.distance_transform_edt(~bone, sampling=spacing) <= reach
+    return bone | (near & (coarse > BONE_GROW_HU) & body)
+
+
+def _looks_like_vessel(mask: np.ndarray, peak: np.ndarray, spacing: np.ndarray) -> bool:
+    """Thick and never as dense as cortex: contrast-filled vessels, enhancing kidneys."""
+    if np.percentile(peak[mask], 99) >= VESSEL_P99_HU:
+        return False
+    return _max_inscribed_radius_mm(mask, spacing) >= VESSEL_MIN_THICKNESS_MM
+
+
+def _max_inscribed_radius_mm(mask: np.ndarray, spacing: np.ndarray) -> float:
+    """Largest distance from inside a mask to its edge (thin rib vs. thick vessel)."""
+    return float(ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing).max())
