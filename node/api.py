@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -60,14 +61,16 @@ def make_server(store: Store, host: str, port: int) -> ThreadingHTTPServer:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
+            params = urllib.parse.parse_qs(query)
             if path == "/healthz":
                 store.query("SELECT 1")
                 self._send(200, b'{"status": "ok"}\n', "application/json")
             elif path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path.lstrip("/") in LISTINGS:
-                rows = store.listing(path.lstrip("/"))
+                study = params.get("study", [None])[-1]  # ?study=UID: one study's rows
+                rows = store.listing(path.lstrip("/"), study=study)
                 self._send(200, json.dumps(rows, indent=1).encode(), "application/json")
             else:
                 self._send(404, b'{"error": "not found"}\n', "application/json")

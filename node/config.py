@@ -21,9 +21,13 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and what is wrong."""
 
 
+DESTINATION_KINDS = ("dicom", "dicomweb")
+
+
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer that receives our results by C-STORE."""
+    """A peer that receives our results: by C-STORE (kind "dicom": ae_title, host, port) or by
+    DICOMweb STOW-RS (kind "dicomweb": url, the DICOMweb root such as http://pacs/dicom-web)."""
 
     name: str
     ae_title: str
@@ -31,6 +35,8 @@ class Destination:
     port: int
     max_pdu: int = 0
     timeout: float = 30.0
+    kind: str = "dicom"
+    url: str = ""
 
     @classmethod
     def parse(cls, text: str) -> Destination:
@@ -135,6 +141,26 @@ def _destination(i: int, table: Any) -> Destination:
     key = f"destinations[{i}]"
     _check_type(key, table, dict)
     _known(key, table, {f.name for f in fields(Destination)})
+    kind = _check_type(f"{key}.kind", table.get("kind", "dicom"), str)
+    if kind not in DESTINATION_KINDS:
+        raise ConfigError(f"{key}.kind: expected one of {', '.join(DESTINATION_KINDS)}, got {kind!r}")
+    timeout = _positive(f"{key}.timeout", table.get("timeout", 30.0))
+    if kind == "dicomweb":
+        for dicom_only in ("ae_title", "host", "port", "max_pdu"):
+            if dicom_only in table:
+                raise ConfigError(f"{key}.{dicom_only}: only for kind = \"dicom\" "
+                                  "(a dicomweb destination has url)")
+        for required in ("name", "url"):
+            if required not in table:
+                raise ConfigError(f"{key}.{required}: required for kind = \"dicomweb\"")
+        url = _check_type(f"{key}.url", table["url"], str)
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+            raise ConfigError(f"{key}.url: expected the DICOMweb root as http(s)://host[:port]/path, "
+                              f"got {url!r}")
+        return Destination(name=_check_type(f"{key}.name", table["name"], str), ae_title="", host="", port=0,
+                           timeout=timeout, kind=kind, url=url.rstrip("/"))
+    if "url" in table:
+        raise ConfigError(f"{key}.url: only for kind = \"dicomweb\"")
     for required in ("ae_title", "host", "port"):
         if required not in table:
             raise ConfigError(f"{key}.{required}: required")
@@ -145,7 +171,7 @@ def _destination(i: int, table: Any) -> Destination:
         host=_check_type(f"{key}.host", table["host"], str),
         port=_port(f"{key}.port", table["port"]),
         max_pdu=int(_check_type(f"{key}.max_pdu", table.get("max_pdu", 0), int)),
-        timeout=_positive(f"{key}.timeout", table.get("timeout", 30.0)),
+        timeout=timeout,
     )
 
 

@@ -100,7 +100,12 @@ class Sender:
         try:
             if destination is None:
                 raise DeliveryError(f"destination {name!r} is no longer configured", permanent=True)
-            c_store(destination, files, self.config.ae_title)
+            if destination.kind == "dicomweb":
+                from node.stow import stow_rs  # node.stow imports this module
+
+                stow_rs(destination, files)
+            else:
+                c_store(destination, files, self.config.ae_title)
         except DeliveryError as err:
             self._failed(delivery, attempt, str(err), err.permanent)
             return

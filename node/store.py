@@ -78,6 +78,12 @@ LISTINGS = {
     "deliveries": "SELECT id, job_id, destination, state, attempts, error, next_try_at, updated_at "
                   "FROM deliveries ORDER BY id DESC LIMIT ?",
 }
+STUDY_FILTERS = {  # LISTINGS restricted to one study (the listings have no WHERE of their own)
+    "series": "s.study_instance_uid=?",
+    "jobs": "series_instance_uid IN (SELECT series_instance_uid FROM series WHERE study_instance_uid=?)",
+    "deliveries": "job_id IN (SELECT j.id FROM jobs j JOIN series s ON s.series_instance_uid="
+                  "j.series_instance_uid WHERE s.study_instance_uid=?)",
+}
 JOB_STATES = ("queued", "running", "done", "failed")
 DELIVERY_STATES = ("pending", "done", "failed")
 
@@ -282,9 +288,13 @@ class Store:
 
     # --- reporting -------------------------------------------------------------------------------
 
-    def listing(self, what: str, limit: int = 500) -> list[dict[str, Any]]:
-        """The newest rows of 'series', 'jobs' or 'deliveries', for the API and `vesalius status`."""
-        return [dict(r) for r in self.query(LISTINGS[what], (limit,))]
+    def listing(self, what: str, limit: int = 500, study: str | None = None) -> list[dict[str, Any]]:
+        """The newest rows of 'series', 'jobs' or 'deliveries', for the API and `vesalius status`;
+        ``study`` keeps only the rows of that Study Instance UID."""
+        if study is None:
+            return [dict(r) for r in self.query(LISTINGS[what], (limit,))]
+        sql = LISTINGS[what].replace(" ORDER BY", f" WHERE {STUDY_FILTERS[what]} ORDER BY", 1)
+        return [dict(r) for r in self.query(sql, (study, limit))]
 
     def counts(self, table: str, states: Sequence[str]) -> dict[str, int]:
         assert table in ("jobs", "deliveries", "series")

@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
-# Set up Vesalius in ./.venv: Debian's DCMTK (peers for tests and operators) and the Python package.
+# Set up Vesalius in ./.venv: Debian's DCMTK and Orthanc (real peers for the tests and operators)
+# and the Python package.
 # Usage: scripts/setup.sh [extras]   e.g. scripts/setup.sh test,ai
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
-if ! command -v storescu >/dev/null 2>&1; then
+packages="dcmtk python3-venv"
+# the tests also need a real PACS: Orthanc with its Python and DICOMweb plugins
+[[ ",$extras," == *",test,"* ]] && packages="$packages orthanc orthanc-python orthanc-dicomweb"
+if ! dpkg -s $packages >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends dcmtk python3-venv >/dev/null
+    # installing Orthanc must not start a system Orthanc on the standard ports
+    own_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+        $SUDO chmod +x /usr/sbin/policy-rc.d
+        own_policy=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $packages >/dev/null
+    [ -z "$own_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip

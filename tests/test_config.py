@@ -97,3 +97,39 @@ def test_documented_example_is_valid() -> None:
     config = load_config(ROOT / "docs" / "vesalius.example.toml")
     assert config == with_overrides(Config(destinations=config.destinations), ae_title=None)
     assert config.destinations[0].ae_title == "PACS"
+
+
+def test_destination_kinds() -> None:
+    config = parse_config({"destinations": [
+        {"ae_title": "PACS", "host": "10.0.0.5", "port": 104},
+        {"name": "web", "kind": "dicomweb", "url": "https://pacs.example.org/dicom-web/", "timeout": 60},
+        {"name": "pacs2", "kind": "dicom", "ae_title": "PACS2", "host": "h", "port": 11112},
+    ]})
+    dimse, web, dimse2 = config.destinations
+    assert (dimse.kind, dimse.url) == ("dicom", "") and dimse2.kind == "dicom"
+    assert web == Destination("web", "", "", 0, timeout=60.0, kind="dicomweb",
+                              url="https://pacs.example.org/dicom-web")
+    assert Destination.parse("PACS@h:104").kind == "dicom"
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"name": "w", "kind": "stow", "url": "http://h/x"},
+         "destinations[0].kind: expected one of dicom, dicomweb"),
+        ({"name": "w", "kind": "dicomweb"}, 'destinations[0].url: required for kind = "dicomweb"'),
+        ({"kind": "dicomweb", "url": "http://h/x"}, 'destinations[0].name: required for kind = "dicomweb"'),
+        ({"name": "w", "kind": "dicomweb", "url": "ftp://h/x"},
+         "destinations[0].url: expected the DICOMweb root"),
+        ({"name": "w", "kind": "dicomweb", "url": 5}, "destinations[0].url: expected str"),
+        ({"name": "w", "kind": "dicomweb", "url": "http://h/x", "port": 104},
+         'destinations[0].port: only for kind = "dicom"'),
+        ({"ae_title": "P", "host": "h", "port": 1, "url": "http://h/x"},
+         'destinations[0].url: only for kind = "dicomweb"'),
+        ({"kind": "dicom", "host": "h", "port": 1}, "destinations[0].ae_title: required"),
+    ],
+)
+def test_destination_kind_errors_name_the_key(table: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"destinations": [table]})
+    assert message in str(err.value)
