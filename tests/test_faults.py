@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import MRImageStorage
 
 from tests.peers import DCMTK_ENV, storescp, storescu, vesalius_node, wait_for
 from tests.phantoms import Cylinder, write_phantom_series
@@ -102,14 +103,33 @@ def test_worker_killed_job_retried_listener_keeps_serving(tmp_path: Path) -> Non
 
 
 def test_failing_model_ends_failed_with_reason(tmp_path: Path) -> None:
-    series = phantom(tmp_path / "ct", slices=5)
-    with vesalius_node(tmp_path, config='[[rules]]\nname = "ct"\nmodel = "no_such_model"\n') as node:
+    """builtin_ct raises on MR; a rule sends it MR anyway: the job fails after its retries."""
+    series = phantom(tmp_path / "mr", slices=5)
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        ds.Modality, ds.SOPClassUID = "MR", MRImageStorage
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.save_as(path)
+    rule = '[[rules]]\nname = "mr"\nmodality = ["MR"]\nsop_class = []\nmodel = "builtin_ct"\n'
+    with vesalius_node(tmp_path, config=rule) as node:
         storescu(series.paths, node.port)
         job = wait_for(lambda: (jobs := node.jobs()) and jobs[0]["state"] == "failed" and jobs[0], 60,
                        "the job to fail")
-        assert job["attempts"] == 2 and "no_such_model" in job["error"]
+        assert job["attempts"] == 2 and "CT only" in job["error"]
         subprocess.run(["echoscu", "-aec", "VESALIUS", "127.0.0.1", str(node.port)], check=True,
                        env=DCMTK_ENV, timeout=30)
+
+
+def test_series_that_cannot_be_placed_fails_at_once_with_reason(tmp_path: Path) -> None:
+    series = phantom(tmp_path / "gap", slices=12)
+    by_position = sorted(series.paths, key=lambda p: float(pydicom.dcmread(p).SliceLocation))
+    with vesalius_node(tmp_path) as node:
+        storescu([p for p in by_position if p != by_position[5]], node.port)  # one slice lost
+        job = wait_for(lambda: (jobs := node.jobs()) and jobs[0]["state"] == "failed" and jobs[0], 60,
+                       "the job to fail")
+        assert job["attempts"] == 1 and "cannot place series in space" in job["error"]
+        assert "missing" in job["error"]
+        assert node.deliveries() == []
 
 
 def _children(pid: int) -> list[int]:
