@@ -6,6 +6,7 @@ CID 7151 Segmentation Property Types, CID 244 Laterality) with scheme "SCT"; the
 SNOMED CT id of SNOMED-RT T-D000A); some tools write 123037004, which is SNOMED's "Body structure"
 hierarchy root, not a member of CID 7150. Colours follow 3D Slicer's generic anatomy colours so a
 structure looks the same as in the viewers radiologists already use. A new label is one new row.
+TotalSegmentator's classes live in their own table (``codes_totalseg``); ``term_for`` reads both.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydicom.sr.coding import Code
 
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")  # CID 7150
 TISSUE = Code("85756007", "SCT", "Tissue")  # CID 7150
+MORPHOLOGICALLY_ABNORMAL = Code("49755003", "SCT", "Morphologically Abnormal Structure")  # CID 7150
 
 LEFT = Code("7771000", "SCT", "Left")  # CID 244
 RIGHT = Code("24028007", "SCT", "Right")  # CID 244
@@ -33,6 +35,10 @@ class Term:
     modifier: Code | None
     rgb: tuple[int, int, int]
     opacity: float = 1.0  # Recommended Presentation Opacity of its surface; enclosing ones see-through
+    # Anatomic Region (and its laterality) for findings that are not anatomy themselves, e.g. a
+    # cyst (type) of the left (region modifier) kidney (region).
+    region: Code | None = None
+    region_modifier: Code | None = None
 
     @property
     def cielab(self) -> tuple[int, int, int]:
@@ -66,9 +72,18 @@ _TERMS: tuple[Term, ...] = (
 TERMS: dict[str, Term] = {term.name: term for term in _TERMS}
 
 
+def all_terms() -> dict[str, Term]:
+    """Every known label: this table and TotalSegmentator's (``codes_totalseg``), ours first."""
+    from dicom_out.codes_totalseg import TOTALSEG_TERMS  # imports this module: import lazily
+
+    return {**TOTALSEG_TERMS, **TERMS}
+
+
 def term_for(name: str) -> Term:
-    """The coded description of a label; KeyError naming the label and the known ones."""
+    """The coded description of a label; KeyError naming the label."""
+    terms = all_terms()
     try:
-        return TERMS[name]
+        return terms[name]
     except KeyError:
-        raise KeyError(f"no DICOM code for label {name!r}; known labels: {sorted(TERMS)}") from None
+        raise KeyError(f"no DICOM code for label {name!r} ({len(terms)} labels are known; "
+                       f"add a row to dicom_out/codes.py)") from None

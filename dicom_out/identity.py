@@ -59,8 +59,10 @@ def derived_uid(source_series_uid: str, algorithm: Algorithm, role: str) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
-# Series numbers of our output series, distinct per object kind so a viewer lists them apart.
-SERIES_NUMBER = {"seg": 9001, "surface": 9002, "sr": 9003}
+# Series numbers of our output series, distinct per object kind so a viewer lists them apart;
+# "labelmap-*" are the Label Map SEG and the surfaces that reference it instead of the BINARY one.
+SERIES_NUMBER = {"seg": 9001, "surface": 9002, "sr": 9003, "stl": 9004,
+                 "labelmap-seg": 9011, "labelmap-surface": 9012}
 
 
 def algorithm_identification(algorithm: Algorithm) -> hd.AlgorithmIdentificationSequence:

@@ -1,8 +1,18 @@
-"""A label volume -> one BINARY DICOM Segmentation (highdicom), one segment per structure.
+"""A label volume -> one DICOM Segmentation (highdicom), one segment per structure.
 
-BINARY rather than LABELMAP because it is what most viewers and PACS read today, and because our
-structures overlap (the body contains the lungs), which one labelmap frame cannot express.
-Frames are aligned to the source slices, so each frame references the CT slice it was derived from.
+BINARY (Segmentation Storage, ...66.4) by default: it is what most viewers and PACS read today, and
+it lets structures overlap (the body contains the lungs). LABELMAP (Label Map Segmentation Storage,
+...66.7, RLE compressed) is the compact option for destinations that read it: one frame per slice
+for all structures, so 100+ TotalSegmentator classes cost no more than one. A labelmap voxel holds
+one segment, so a structure that contains others (``Label.includes``) keeps only its own voxels
+there; its Segment Description says which segments complete it.
+
+Both types number segments the same way (non-empty labels in model order, from 1) and use the same
+Tracking UIDs, so the SR and the surfaces name the same structure by the same number in either.
+The SR references the BINARY SEG (Referenced Segment Number is defined for Segmentation Storage
+only), so a LABELMAP SEG is sent in addition to the BINARY one, never instead of it.
+Frames are aligned to the source slices: frame i of a segment is derived from, and references,
+source slice i. Empty frames are kept (see ``KEEP_EMPTY_FRAMES_UP_TO``).
 """
 
 from __future__ import annotations
@@ -28,6 +38,26 @@ from dicom_out.sources import source_headers
 from inference.models import Label
 from inference.volume import Volume
 
+BINARY, LABELMAP = "BINARY", "LABELMAP"
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+# OHIF/cornerstone (OHIF#2833, highdicom#214, monai-deploy-app-sdk#397) have drawn SEGs whose empty
+# frames were omitted shifted by the number of missing slices; keeping every frame avoids that in
+# every viewer. A BINARY frame costs rows*cols/8 bytes, so beyond this many frames (segments x
+# slices, ~330 MB at 512x512) the empty ones are left out and the file stays sendable.
+KEEP_EMPTY_FRAMES_UP_TO = 10_000
+
+
+def role_prefix(seg: pydicom.Dataset | None) -> str:
+    """UID role prefix of the objects derived from ``seg``: "" for BINARY, "labelmap-" otherwise.
+
+    The surfaces reference one SEG by SOP Instance UID; those made for the LABELMAP SEG are
+    distinct objects with their own UIDs. (The SR always references the BINARY SEG.)
+    """
+    if seg is not None and seg.SOPClassUID == LABEL_MAP_SEGMENTATION_STORAGE:
+        return "labelmap-"
+    return ""
+
 
 def segment_tracking_uid(volume: Volume, algorithm: Algorithm, label: Label) -> str:
     """The Tracking UID of a structure's segment; the SR names the same UID for its measurements."""
@@ -36,13 +66,15 @@ def segment_tracking_uid(volume: Volume, algorithm: Algorithm, label: Label) -> 
 
 def segment_numbers(seg: pydicom.Dataset) -> dict[str, int]:
     """Tracking UID -> Segment Number of a SEG written by :func:`build_seg`."""
-    return {str(item.TrackingUID): int(item.SegmentNumber) for item in seg.SegmentSequence}
+    return {str(item.TrackingUID): int(item.SegmentNumber) for item in seg.SegmentSequence
+            if "TrackingUID" in item}  # a LABELMAP's segment 0 is highdicom's "Background"
 
 
 def segment_description(number: int, label: Label, volume: Volume,
                         algorithm: Algorithm) -> hd.seg.SegmentDescription:
     """The coded description of one structure's segment (category, type, laterality, colour)."""
     term = term_for(label.name)
+    regions = [term.region] if term.region is not None else None
     description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=term.label,
@@ -53,7 +85,12 @@ def segment_description(number: int, label: Label, volume: Volume,
         tracking_uid=segment_tracking_uid(volume, algorithm, label),
         tracking_id=term.label,
         display_color=hd.color.CIELabColor.from_rgb(*term.rgb),
+        anatomic_regions=regions,
     )
+    if term.region_modifier is not None:
+        description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [
+            hd.sr.CodedConcept.from_code(term.region_modifier)
+        ]
     if term.modifier is not None:
         # highdicom's constructor has no parameter for the laterality modifier (CID 244).
         description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
@@ -63,30 +100,43 @@ def segment_description(number: int, label: Label, volume: Volume,
 
 
 def build_seg(volume: Volume, labels: np.ndarray, label_defs: Sequence[Label],
-              algorithm: Algorithm) -> pydicom.Dataset:
-    """A BINARY Segmentation of every non-empty label, in the source study, with derived UIDs."""
+              algorithm: Algorithm, *, segmentation_type: str = BINARY) -> pydicom.Dataset:
+    """A Segmentation of every non-empty label, in the source study, with derived UIDs.
+
+    ``segmentation_type`` is ``"BINARY"`` (Segmentation Storage, the default: every viewer reads
+    it) or ``"LABELMAP"`` (Label Map Segmentation Storage, RLE Lossless; for destinations that
+    accept that SOP class; its UIDs differ from the BINARY one's). Both pass dciodvfy.
+    """
+    if segmentation_type not in (BINARY, LABELMAP):
+        raise ValueError(f"segmentation_type must be {BINARY!r} or {LABELMAP!r}, "
+                         f"not {segmentation_type!r}")
     if labels.shape != volume.array.shape:
         raise ValueError(f"label array shape {labels.shape} differs from the volume's "
                          f"{volume.array.shape}")
-    masks: list[np.ndarray] = []
-    descriptions: list[hd.seg.SegmentDescription] = []
-    for label in label_defs:
-        mask = label.mask(labels)
-        if not mask.any():
-            continue
-        masks.append(mask)
-        descriptions.append(segment_description(len(masks), label, volume, algorithm))
-    if not masks:
+    present = [label for label in label_defs if label.mask(labels).any()]
+    if not present:
         raise ValueError("no label has any voxel: there is nothing to write as a segmentation")
+    descriptions = [segment_description(number, label, volume, algorithm)
+                    for number, label in enumerate(present, start=1)]
+    uid_kind = "seg" if segmentation_type == BINARY else "labelmap-seg"
+    if segmentation_type == BINARY:
+        pixels = np.stack([label.mask(labels) for label in present], axis=-1)
+        keep_empty = pixels.shape[0] * pixels.shape[-1] <= KEEP_EMPTY_FRAMES_UP_TO
+        transfer_syntax = pydicom.uid.ExplicitVRLittleEndian
+    else:
+        pixels = _labelmap(labels, present)
+        _describe_partial_segments(descriptions, present)
+        keep_empty = True  # one RLE frame per slice: empty ones cost a few bytes
+        transfer_syntax = pydicom.uid.RLELossless
 
     seg = hd.seg.Segmentation(
         source_images=source_headers(volume),
-        pixel_array=np.stack(masks, axis=-1),  # (frames = source slices, rows, cols, segments)
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        pixel_array=pixels,  # (frames = source slices, rows, cols[, segments])
+        segmentation_type=segmentation_type,
         segment_descriptions=descriptions,
-        series_instance_uid=derived_uid(volume.series_uid, algorithm, "seg/series"),
-        series_number=SERIES_NUMBER["seg"],
-        sop_instance_uid=derived_uid(volume.series_uid, algorithm, "seg/instance"),
+        series_instance_uid=derived_uid(volume.series_uid, algorithm, f"{uid_kind}/series"),
+        series_number=SERIES_NUMBER[uid_kind],
+        sop_instance_uid=derived_uid(volume.series_uid, algorithm, f"{uid_kind}/instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME,
@@ -95,6 +145,28 @@ def build_seg(volume: Volume, labels: np.ndarray, label_defs: Sequence[Label],
         content_label="SEGMENTATION",
         content_description=f"{algorithm.name} {algorithm.version}"[:64],
         content_creator_name="Vesalius^Node",
+        transfer_syntax_uid=transfer_syntax,
+        omit_empty_frames=not keep_empty,
     )
-    seg.SeriesDescription = f"Vesalius {algorithm.name} segmentation"[:64]
+    kind = "segmentation" if segmentation_type == BINARY else "label map segmentation"
+    seg.SeriesDescription = f"Vesalius {algorithm.name} {kind}"[:64]
     return seg
+
+
+def _labelmap(labels: np.ndarray, present: Sequence[Label]) -> np.ndarray:
+    """Segment numbers per voxel: each voxel gets the segment of its own label value."""
+    by_value = np.zeros(256, np.uint16)
+    for number, label in enumerate(present, start=1):
+        by_value[label.value] = number
+    return by_value[labels.astype(np.uint8)]
+
+
+def _describe_partial_segments(descriptions: Sequence[hd.seg.SegmentDescription],
+                               present: Sequence[Label]) -> None:
+    """Say, in a labelmap, which segments complete a structure that contains others."""
+    numbers = {label.value: number for number, label in enumerate(present, start=1)}
+    for description, label in zip(descriptions, present, strict=True):
+        parts = [numbers[value] for value in label.includes if value in numbers]
+        if parts:
+            description.SegmentDescription = (
+                f"with segments {', '.join(map(str, parts))} forms the whole structure")[:64]

@@ -25,7 +25,7 @@ from dicom_out.identity import (
     Algorithm,
     derived_uid,
 )
-from dicom_out.seg import segment_numbers, segment_tracking_uid
+from dicom_out.seg import SEGMENTATION_STORAGE, segment_numbers, segment_tracking_uid
 from dicom_out.sources import source_headers
 from inference.measures import Measurement
 from inference.volume import Volume
@@ -77,7 +77,16 @@ def _measurements(measurement: Measurement, modality: str,
 
 def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measurement],
              algorithm: Algorithm) -> pydicom.Dataset:
-    """A Comprehensive 3D SR measurement report on the SEG's segments, with derived UIDs."""
+    """A Comprehensive 3D SR measurement report on the SEG's segments, with derived UIDs.
+
+    ``seg`` must be the BINARY SEG of the same run: Referenced Segment Number (TID 1411) is
+    defined for Segmentation Storage, and dciodvfy rejects it on a Label Map Segmentation; so the
+    report always travels with the BINARY SEG, and a Label Map SEG is an addition, never a
+    replacement.
+    """
+    if seg.SOPClassUID != SEGMENTATION_STORAGE:
+        raise ValueError("the SR references the BINARY SEG (Segmentation Storage); "
+                         f"got SOP class {seg.SOPClassUID}")
     if not measurements:
         raise ValueError("no measurement to report")
     if seg.StudyInstanceUID != volume.study_uid:

@@ -7,6 +7,7 @@ are computed by the writer from the triangles' winding, which the mesh keeps out
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +32,29 @@ def mesh_to_polydata(mesh: Mesh) -> vtk.vtkPolyData:
     return polydata
 
 
-def write_stl(mesh: Mesh, path: Path) -> Path:
-    """Write ``mesh`` as a binary STL at ``path`` (parent folders created); returns the path."""
+def stl_bytes(mesh: Mesh) -> bytes:
+    """The mesh as binary STL bytes (80-byte header naming the structure and "LPS mm")."""
     if len(mesh.triangles) == 0:
         raise ValueError(f"{mesh.label.name}: an empty mesh cannot be written as STL")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     writer = vtk.vtkSTLWriter()
     writer.SetInputData(mesh_to_polydata(mesh))
     writer.SetFileTypeToBinary()
     writer.SetHeader(f"Vesalius {mesh.label.name} LPS mm"[:80])
-    writer.SetFileName(str(path))
-    if writer.Write() != 1:
-        raise OSError(f"VTK could not write {path}")
+    with tempfile.TemporaryDirectory() as tmp:  # the STL writer writes files only
+        path = Path(tmp) / "mesh.stl"
+        writer.SetFileName(str(path))
+        if writer.Write() != 1:
+            raise OSError(f"VTK could not write the STL of {mesh.label.name}")
+        data = path.read_bytes()
+    if len(data) != 84 + 50 * len(mesh.triangles):
+        raise OSError(f"VTK wrote {len(data)} bytes for {len(mesh.triangles)} STL facets")
+    return data
+
+
+def write_stl(mesh: Mesh, path: Path) -> Path:
+    """Write ``mesh`` as a binary STL at ``path`` (parent folders created); returns the path."""
+    data = stl_bytes(mesh)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
     return path

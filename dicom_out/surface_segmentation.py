@@ -17,10 +17,15 @@ import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_out.codes import Term, term_for
+from dicom_out.common import (
+    PATIENT_STUDY_KEYWORDS,
+    code_item,
+    image_reference,
+    referenced_series,
+)
 from dicom_out.identity import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
@@ -31,37 +36,12 @@ from dicom_out.identity import (
     algorithm_identification,
     derived_uid,
 )
-from dicom_out.seg import segment_tracking_uid
+from dicom_out.seg import role_prefix, segment_tracking_uid
 from dicom_out.sources import tidy
 from inference.surfaces import Mesh
 from inference.volume import Volume
 
 SURFACE_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.5"
-
-# Copied from the source so the object files under the same patient and study.
-_PATIENT_STUDY_KEYWORDS = (
-    "SpecificCharacterSet",
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-    "OtherPatientIDsSequence", "PatientAge", "PatientSize", "PatientWeight",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
-    "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyDescription",
-)
-
-
-def _code_item(code: Code) -> pydicom.Dataset:
-    item = pydicom.Dataset()
-    item.CodeValue = code.value
-    item.CodingSchemeDesignator = code.scheme_designator
-    item.CodeMeaning = code.meaning
-    return item
-
-
-def _image_reference(ds: pydicom.Dataset) -> pydicom.Dataset:
-    item = pydicom.Dataset()
-    item.ReferencedSOPClassUID = ds.SOPClassUID
-    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-    return item
-
 
 def _yes_no(flag: bool) -> str:
     return "YES" if flag else "NO"
@@ -133,12 +113,17 @@ def _segment_item(number: int, mesh: Mesh, term: Term, volume: Volume, algorithm
     segment.SegmentNumber = number
     segment.SegmentLabel = term.label
     segment.SegmentAlgorithmType = "AUTOMATIC"
-    category = _code_item(term.category)
+    category = code_item(term.category)
     segment.SegmentedPropertyCategoryCodeSequence = [category]
-    kind = _code_item(term.type)
+    kind = code_item(term.type)
     if term.modifier is not None:
-        kind.SegmentedPropertyTypeModifierCodeSequence = [_code_item(term.modifier)]
+        kind.SegmentedPropertyTypeModifierCodeSequence = [code_item(term.modifier)]
     segment.SegmentedPropertyTypeCodeSequence = [kind]
+    if term.region is not None:
+        region = code_item(term.region)
+        if term.region_modifier is not None:
+            region.AnatomicRegionModifierSequence = [code_item(term.region_modifier)]
+        segment.AnatomicRegionSequence = [region]
     # The same structure carries the same Tracking UID in the SEG, the surfaces and the SR.
     segment.TrackingID = term.label
     segment.TrackingUID = segment_tracking_uid(volume, algorithm, mesh.label)
@@ -150,24 +135,18 @@ def _segment_item(number: int, mesh: Mesh, term: Term, volume: Volume, algorithm
     reference.SegmentSurfaceGenerationAlgorithmIdentificationSequence = algorithm_identification(
         algorithm
     )
-    reference.SegmentSurfaceSourceInstanceSequence = [_image_reference(ds) for ds in sources]
+    reference.SegmentSurfaceSourceInstanceSequence = [image_reference(ds) for ds in sources]
     segment.ReferencedSurfaceSequence = [reference]
     return segment
-
-
-def _referenced_series(datasets: Sequence[pydicom.Dataset]) -> pydicom.Dataset:
-    item = pydicom.Dataset()
-    item.SeriesInstanceUID = datasets[0].SeriesInstanceUID
-    item.ReferencedInstanceSequence = [_image_reference(ds) for ds in datasets]
-    return item
 
 
 def build_surface_segmentation(volume: Volume, meshes: Sequence[Mesh], algorithm: Algorithm,
                                seg: pydicom.Dataset | None = None) -> pydicom.Dataset:
     """A Surface Segmentation with one surface per mesh, in the source study and frame of reference.
 
-    When ``seg`` (the SEG written from the same labels) is given, it is referenced as a source of
-    every surface next to the CT slices.
+    When ``seg`` (the SEG written from the same labels, BINARY or LABELMAP) is given, it is
+    referenced as a source of every surface next to the CT slices; the object made with the
+    LABELMAP SEG has UIDs of its own, so send each with the SEG it references.
     """
     if not meshes:
         raise ValueError("no mesh to write as a surface segmentation")
@@ -178,13 +157,14 @@ def build_surface_segmentation(volume: Volume, meshes: Sequence[Mesh], algorithm
         raise ValueError("the SEG belongs to another study than the source series")
     derived_from = [*volume.sources, *([seg] if seg is not None else [])]
 
-    series_uid = derived_uid(volume.series_uid, algorithm, "surface/series")
-    sop_uid = derived_uid(volume.series_uid, algorithm, "surface/instance")
+    kind = f"{role_prefix(seg)}surface"  # those referencing the Label Map SEG are other objects
+    series_uid = derived_uid(volume.series_uid, algorithm, f"{kind}/series")
+    sop_uid = derived_uid(volume.series_uid, algorithm, f"{kind}/instance")
     now = datetime.datetime.now()
 
     ds = pydicom.Dataset()
     # Patient, General Study, Patient Study: those of the source
-    for keyword in _PATIENT_STUDY_KEYWORDS:
+    for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in source:
             ds[keyword] = source[keyword]
     # SOP Common
@@ -200,7 +180,7 @@ def build_surface_segmentation(volume: Volume, meshes: Sequence[Mesh], algorithm
     # General Series + Segmentation Series
     ds.Modality = "SEG"
     ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = SERIES_NUMBER["surface"]
+    ds.SeriesNumber = SERIES_NUMBER[kind]
     ds.SeriesDescription = f"Vesalius {algorithm.name} surfaces"[:64]
     ds.SeriesDate = ds.InstanceCreationDate
     ds.SeriesTime = ds.InstanceCreationTime
@@ -231,9 +211,9 @@ def build_surface_segmentation(volume: Volume, meshes: Sequence[Mesh], algorithm
         for number, (mesh, term) in enumerate(zip(meshes, terms, strict=True), start=1)
     ]
     # Common Instance Reference: the source series, and the SEG series when given
-    references = [_referenced_series(volume.sources)]
+    references = [referenced_series(volume.sources)]
     if seg is not None:
-        references.append(_referenced_series([seg]))
+        references.append(referenced_series([seg]))
     ds.ReferencedSeriesSequence = references
 
     meta = FileMetaDataset()

@@ -185,8 +185,8 @@ def test_refuses_nothing_to_segment_and_mismatched_shapes(
         build_seg(volume, np.zeros_like(labels), LABELS, ALGORITHM)
     with pytest.raises(ValueError, match="shape"):
         build_seg(volume, labels[:-1], LABELS, ALGORITHM)
-    with pytest.raises(KeyError, match="spleen"):
-        build_seg(volume, labels, (Label(1, "spleen"),), ALGORITHM)
+    with pytest.raises(KeyError, match="unicorn_gland"):
+        build_seg(volume, labels, (Label(1, "unicorn_gland"),), ALGORITHM)
 
 
 @pytest.mark.filterwarnings("ignore:The string .* unlikely to represent:UserWarning")
@@ -215,3 +215,38 @@ def test_real_ct_liver_matches_the_dcmqi_reference_seg(shared_data: Path, tmp_pa
     assert theirs.any()
     np.testing.assert_array_equal(ours.astype(bool), theirs.astype(bool))
     np.testing.assert_array_equal(ours[..., 0].astype(bool), labels == 1)
+
+
+def test_labelmap_is_its_own_object_with_the_same_segments(
+        oblique: tuple[Volume, np.ndarray]) -> None:
+    volume, labels = oblique
+    binary = build_seg(volume, labels, LABELS, ALGORITHM)
+    labelmap = build_seg(volume, labels, LABELS, ALGORITHM, segmentation_type="LABELMAP")
+    assert labelmap.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    assert labelmap.SegmentationType == "LABELMAP"
+    assert labelmap.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    assert labelmap.SOPInstanceUID != binary.SOPInstanceUID
+    assert labelmap.SeriesInstanceUID != binary.SeriesInstanceUID
+    assert labelmap.SOPInstanceUID == derived_uid(volume.series_uid, ALGORITHM,
+                                                  "labelmap-seg/instance")
+    assert segment_numbers(labelmap) == segment_numbers(binary)  # same numbers, tracking UIDs
+    assert labelmap.NumberOfFrames == len(volume.sources)  # one frame per slice, none omitted
+    body = next(i for i in labelmap.SegmentSequence if i.get("SegmentLabel") == "Body")
+    assert "with segments 2, 3, 4" in body.SegmentDescription  # the lungs and bone complete it
+    with pytest.raises(ValueError, match="segmentation_type"):
+        build_seg(volume, labels, LABELS, ALGORITHM, segmentation_type="FRACTIONAL")
+
+
+def test_binary_seg_keeps_empty_frames_aligned_to_every_slice(
+        oblique: tuple[Volume, np.ndarray], oblique_seg: Path) -> None:
+    volume, labels = oblique
+    ds = pydicom.dcmread(oblique_seg)
+    present, _ = expected_masks(labels)
+    assert ds.NumberOfFrames == len(volume.sources) * len(present)
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        [source] = [s for d in frame.DerivationImageSequence for s in d.SourceImageSequence]
+        slice_index = [s.SOPInstanceUID for s in volume.sources].index(
+            source.ReferencedSOPInstanceUID)
+        np.testing.assert_allclose(frame.PlanePositionSequence[0].ImagePositionPatient,
+                                   volume.affine[:3, :3] @ [slice_index, 0, 0]
+                                   + volume.affine[:3, 3], atol=1e-4)

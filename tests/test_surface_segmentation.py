@@ -223,3 +223,17 @@ def test_meshes_from_inference_round_trip(tmp_path: Path) -> None:
         np.testing.assert_array_equal(indices.astype(np.int64) - 1, mesh.triangles)
         assert surface.FiniteVolume == ("YES" if mesh.closed else "NO")
         assert surface.Manifold == ("YES" if mesh.manifold else "NO")
+
+
+def test_surfaces_on_the_labelmap_seg_are_their_own_object(inputs, tmp_path: Path) -> None:
+    volume, seg, meshes = inputs
+    labelmap = build_seg(volume, phantom_volume(tmp_path / "again")[1], LABELS, ALGORITHM,
+                         segmentation_type="LABELMAP")
+    on_binary = build_surface_segmentation(volume, meshes, ALGORITHM, seg)
+    on_labelmap = build_surface_segmentation(volume, meshes, ALGORITHM, labelmap)
+    assert on_labelmap.SOPInstanceUID == derived_uid(volume.series_uid, ALGORITHM,
+                                                     "labelmap-surface/instance")
+    assert on_labelmap.SOPInstanceUID != on_binary.SOPInstanceUID
+    assert labelmap.SeriesInstanceUID in {s.SeriesInstanceUID
+                                          for s in on_labelmap.ReferencedSeriesSequence}
+    assert_dciodvfy_clean(on_labelmap)
