@@ -34,9 +34,9 @@ from dicom_out.identity import (
     algorithm_identification,
     derived_uid,
 )
-from dicom_out.sources import source_headers
+from dicom_out.sources import source_headers, tidy
 from inference.models import Label
-from inference.volume import Volume
+from inference.volume import Volume, multiframe_source
 
 BINARY, LABELMAP = "BINARY", "LABELMAP"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -129,9 +129,14 @@ def build_seg(volume: Volume, labels: np.ndarray, label_defs: Sequence[Label],
         keep_empty = True  # one RLE frame per slice: empty ones cost a few bytes
         transfer_syntax = pydicom.uid.RLELossless
 
+    source_images = source_headers(volume)
+    multiframe = multiframe_source(volume)
+    if multiframe is not None:  # an Enhanced CT/MR: one source, frames in its own frame order
+        header, order = multiframe
+        source_images, pixels = [tidy(header)], pixels[order]
     seg = hd.seg.Segmentation(
-        source_images=source_headers(volume),
-        pixel_array=pixels,  # (frames = source slices, rows, cols[, segments])
+        source_images=source_images,
+        pixel_array=pixels,  # (frames = source slices/frames, rows, cols[, segments])
         segmentation_type=segmentation_type,
         segment_descriptions=descriptions,
         series_instance_uid=derived_uid(volume.series_uid, algorithm, f"{uid_kind}/series"),

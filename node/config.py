@@ -8,8 +8,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pydicom.uid import CTImageStorage
-
 DEFAULT_AE_TITLE = "VESALIUS"
 DEFAULT_PORT = 11112
 DEFAULT_HTTP_PORT = 8080
@@ -37,6 +35,11 @@ class Destination:
     timeout: float = 30.0
     kind: str = "dicom"
     url: str = ""
+    # which result objects it receives (the BINARY SEG always): see docs/outputs.md
+    labelmap: bool = False  # also the Label Map SEG (skipped if the peer does not accept it)
+    encapsulated_stl: bool | tuple[str, ...] = False  # True: every structure; or these names
+    surfaces: bool = True
+    sr: bool = True
 
     @classmethod
     def parse(cls, text: str) -> Destination:
@@ -54,7 +57,7 @@ class Rule:
 
     name: str
     modality: tuple[str, ...] = ("CT",)
-    sop_class: tuple[str, ...] = (CTImageStorage,)
+    sop_class: tuple[str, ...] = ()  # empty: any image class a model reads (CT, Enhanced CT, ...)
     series_description: str = ""  # regular expression, searched case-insensitively
     body_part: tuple[str, ...] = ()
     calling_ae: tuple[str, ...] = ()
@@ -145,6 +148,7 @@ def _destination(i: int, table: Any) -> Destination:
     if kind not in DESTINATION_KINDS:
         raise ConfigError(f"{key}.kind: expected one of {', '.join(DESTINATION_KINDS)}, got {kind!r}")
     timeout = _positive(f"{key}.timeout", table.get("timeout", 30.0))
+    outputs = _outputs(key, table)
     if kind == "dicomweb":
         for dicom_only in ("ae_title", "host", "port", "max_pdu"):
             if dicom_only in table:
@@ -158,7 +162,7 @@ def _destination(i: int, table: Any) -> Destination:
             raise ConfigError(f"{key}.url: expected the DICOMweb root as http(s)://host[:port]/path, "
                               f"got {url!r}")
         return Destination(name=_check_type(f"{key}.name", table["name"], str), ae_title="", host="", port=0,
-                           timeout=timeout, kind=kind, url=url.rstrip("/"))
+                           timeout=timeout, kind=kind, url=url.rstrip("/"), **outputs)
     if "url" in table:
         raise ConfigError(f"{key}.url: only for kind = \"dicomweb\"")
     for required in ("ae_title", "host", "port"):
@@ -172,7 +176,21 @@ def _destination(i: int, table: Any) -> Destination:
         port=_port(f"{key}.port", table["port"]),
         max_pdu=int(_check_type(f"{key}.max_pdu", table.get("max_pdu", 0), int)),
         timeout=timeout,
+        **outputs,
     )
+
+
+def _outputs(key: str, table: dict[str, Any]) -> dict[str, Any]:
+    """The per-destination output switches."""
+    values: dict[str, Any] = {}
+    for name in ("labelmap", "surfaces", "sr"):
+        if name in table:
+            values[name] = _check_type(f"{key}.{name}", table[name], bool)
+    if "encapsulated_stl" in table:
+        value = table["encapsulated_stl"]
+        values["encapsulated_stl"] = value if isinstance(value, bool) else _strings(
+            f"{key}.encapsulated_stl", value)
+    return values
 
 
 def _rule(i: int, table: Any) -> Rule:

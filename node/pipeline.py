@@ -15,7 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-OUTPUT_FILES = {"seg": "seg.dcm", "surface_segmentation": "surfaces.dcm", "sr": "sr.dcm"}
+# The DICOM objects of a job, by role; Encapsulated STL instances go to STL_DIR/<structure>.dcm.
+OUTPUT_FILES = {"seg": "seg.dcm", "seg_labelmap": "seg_labelmap.dcm",
+                "surface_segmentation": "surfaces.dcm", "sr": "sr.dcm"}
+STL_DIR = "stl"
+GLB_FILE = "meshes/structures.glb"
 
 
 class StageTimer:
@@ -38,8 +42,10 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     """Process one series into ``out_dir`` (replaced atomically) and return the summary."""
     # Imported here, not at module level, so the listener process never loads VTK, highdicom and
     # the models: only the worker processes (and `vesalius process`) pay for them.
+    from dicom_out.encapsulated_stl import build_encapsulated_stls
+    from dicom_out.gltf import write_glb
     from dicom_out.identity import ARTIFICIAL_INTELLIGENCE, MORPHOLOGICAL_OPERATIONS, Algorithm
-    from dicom_out.seg import build_seg
+    from dicom_out.seg import LABELMAP, build_seg
     from dicom_out.sr import build_sr
     from dicom_out.stl import write_stl
     from dicom_out.surface_segmentation import build_surface_segmentation
@@ -68,14 +74,22 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     with timer.stage("writers"):  # nothing found: no objects, the summary says so
         if measurements:
             objects["seg"] = build_seg(volume, labels, model.labels, algorithm)
+            objects["seg_labelmap"] = build_seg(volume, labels, model.labels, algorithm,
+                                                segmentation_type=LABELMAP)
         if meshes:
             objects["surface_segmentation"] = build_surface_segmentation(volume, meshes, algorithm,
                                                                          seg=objects["seg"])
-        if measurements:
+        if measurements:  # the SR references the BINARY SEG: the one every destination receives
             objects["sr"] = build_sr(volume, objects["seg"], measurements, algorithm)
         for key, ds in objects.items():
             ds.save_as(tmp / OUTPUT_FILES[key], enforce_file_format=True)
+        stls = build_encapsulated_stls(volume, meshes, algorithm, seg=objects["seg"]) if meshes else []
+        (tmp / STL_DIR).mkdir()
+        for mesh, ds in zip(meshes, stls, strict=True):
+            ds.save_as(tmp / STL_DIR / f"{mesh.label.name}.dcm", enforce_file_format=True)
         mesh_files = [write_stl(m, tmp / "meshes" / f"{m.label.name}.stl").name for m in meshes]
+        if meshes:
+            write_glb(meshes, tmp / GLB_FILE)
     summary = {
         "series_instance_uid": volume.series_uid,
         "study_instance_uid": volume.study_uid,
@@ -86,7 +100,8 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
                           "sop_instance_uid": str(ds.SOPInstanceUID),
                           "series_instance_uid": str(ds.SeriesInstanceUID)}
                     for key, ds in objects.items()},
-        "meshes": [f"meshes/{name}" for name in mesh_files],
+        "encapsulated_stl": [f"{STL_DIR}/{m.label.name}.dcm" for m in meshes],
+        "meshes": [f"meshes/{name}" for name in mesh_files] + ([GLB_FILE] if meshes else []),
         "structures": [
             {"name": m.label.name, "voxels": m.voxel_count, "volume_ml": round(m.volume_ml, 3),
              "surface_area_cm2": None if m.surface_area_cm2 is None else round(m.surface_area_cm2, 3),
@@ -112,8 +127,3 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def result_files(result_dir: str | Path) -> list[Path]:
-    """The DICOM objects a finished job sends, in a stable order."""
-    return [Path(result_dir) / name for name in OUTPUT_FILES.values() if (Path(result_dir) / name).exists()]

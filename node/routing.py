@@ -10,6 +10,8 @@ from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
     EnhancedMRImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
 )
 
@@ -19,7 +21,8 @@ from node.config import Config, Rule
 # Image SOP classes a model can read as a volume; everything else (SEG, SR, Surface, RT, STL, our
 # own outputs...) is stored but never processed, so no loop can form between the node and a PACS.
 PROCESSABLE_SOP_CLASSES = frozenset(
-    {CTImageStorage, MRImageStorage, EnhancedCTImageStorage, EnhancedMRImageStorage}
+    {CTImageStorage, MRImageStorage, EnhancedCTImageStorage, EnhancedMRImageStorage,
+     LegacyConvertedEnhancedCTImageStorage, LegacyConvertedEnhancedMRImageStorage}
 )
 
 

@@ -11,14 +11,30 @@ from pathlib import Path
 
 import pydicom
 from pynetdicom import AE
+from pynetdicom.sop_class import EncapsulatedSTLStorage, LabelMapSegmentationStorage
 
 from node.config import Config, Destination, Retry
-from node.pipeline import result_files
+from node.pipeline import OUTPUT_FILES, STL_DIR
 from node.store import Store
 
 log = logging.getLogger("vesalius.send")
 
 WARNING_STATUSES = {0xB000, 0xB006, 0xB007}  # stored, with coercion or elements discarded
+# Extras a destination may lack: when it does not accept them, they are skipped, not a failure
+# (the BINARY SEG and the Surface Segmentation carry the same content).
+OPTIONAL_SOP_CLASSES = frozenset({LabelMapSegmentationStorage, EncapsulatedSTLStorage})
+
+
+def files_for(destination: Destination, result_dir: str | Path) -> list[Path]:
+    """The result objects this destination receives, in a stable order."""
+    folder = Path(result_dir)
+    wanted = {"seg": True, "seg_labelmap": destination.labelmap,
+              "surface_segmentation": destination.surfaces, "sr": destination.sr}
+    files = [folder / OUTPUT_FILES[key] for key, on in wanted.items() if on]
+    stls = destination.encapsulated_stl
+    if stls:
+        files += [p for p in sorted((folder / STL_DIR).glob("*.dcm")) if stls is True or p.stem in stls]
+    return [f for f in files if f.exists()]
 
 
 class DeliveryError(Exception):
@@ -52,6 +68,10 @@ def c_store(destination: Destination, files: Sequence[Path], calling_ae: str) ->
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
         for ds in datasets:
             if str(ds.SOPClassUID) not in accepted:
+                if ds.SOPClassUID in OPTIONAL_SOP_CLASSES:
+                    log.info("destination %s does not accept %s: skipped (the BINARY SEG and surfaces "
+                             "carry the same content)", destination.name, ds.SOPClassUID.name)
+                    continue
                 raise DeliveryError(f"destination does not accept SOP class {ds.SOPClassUID.name}",
                                     permanent=True)
             status = assoc.send_c_store(ds)
@@ -96,10 +116,11 @@ class Sender:
         destinations = {d.name: d for d in self.config.destinations}
         name, attempt = delivery["destination"], delivery["attempts"] + 1
         destination = destinations.get(name)
-        files = result_files(delivery["result_dir"])
+        files: list[Path] = []
         try:
             if destination is None:
                 raise DeliveryError(f"destination {name!r} is no longer configured", permanent=True)
+            files = files_for(destination, delivery["result_dir"])
             if destination.kind == "dicomweb":
                 from node.stow import stow_rs  # node.stow imports this module
 

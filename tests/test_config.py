@@ -133,3 +133,17 @@ def test_destination_kind_errors_name_the_key(table: dict, message: str) -> None
     with pytest.raises(ConfigError) as err:
         parse_config({"destinations": [table]})
     assert message in str(err.value)
+
+
+def test_output_switches_per_destination() -> None:
+    config = parse_config({"destinations": [
+        {"ae_title": "PACS", "host": "h", "port": 104, "labelmap": True, "encapsulated_stl": ["bone"]},
+        {"ae_title": "LAB", "host": "h", "port": 105, "encapsulated_stl": True, "sr": False},
+    ]})
+    pacs, lab = config.destinations
+    assert (pacs.labelmap, pacs.encapsulated_stl, pacs.surfaces, pacs.sr) == (True, ("bone",), True, True)
+    assert (lab.labelmap, lab.encapsulated_stl, lab.sr) == (False, True, False)
+    with pytest.raises(ConfigError, match=r"destinations\[0\].labelmap: expected bool"):
+        parse_config({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "labelmap": "yes"}]})
+    with pytest.raises(ConfigError, match=r"destinations\[0\].encapsulated_stl\[0\]: expected str"):
+        parse_config({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "encapsulated_stl": [1]}]})

@@ -31,6 +31,8 @@ from tests.realdata import write_nifti_as_dicom_series
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SURFACE = "1.2.840.10008.5.1.4.1.1.66.5"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+LABELMAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
+ENCAPSULATED_STL = "1.2.840.10008.5.1.4.1.1.104.3"
 
 BODY = Cylinder((0, 0, 0), (0, 0, 1), 90, 120, 40)
 LEFT_LUNG = Cylinder((45, -5, 5), (0, 0, 1), 30, 80, -850)   # patient left is +x in LPS
@@ -180,8 +182,9 @@ def test_process_command_gives_the_same_objects(round_trip: RoundTrip, tmp_path:
         for keyword in ("PixelData", "SegmentSequence", "SurfaceSequence", "ContentSequence"):
             if keyword in online:
                 assert offline[keyword] == online[keyword], keyword
-    assert sorted(p.name for p in (out / "meshes").iterdir()) == sorted(
-        f"{s['name']}.stl" for s in summary["structures"] if s["surface_area_cm2"] is not None)
+    meshes = sorted(p.relative_to(out).as_posix() for p in (out / "meshes").iterdir())
+    assert meshes == sorted(summary["meshes"])
+    assert "meshes/structures.glb" in meshes and len(meshes) == len(summary["encapsulated_stl"]) + 1
 
 
 def test_real_ct_round_trip(tmp_path: Path, shared_data: Path) -> None:
@@ -190,15 +193,21 @@ def test_real_ct_round_trip(tmp_path: Path, shared_data: Path) -> None:
     chest = write_nifti_as_dicom_series(shared_data / "totalseg-examples" / "example_ct_sm.nii.gz",
                                         tmp_path / "chest")
     studies = {str(pydicom.dcmread(files[0]).StudyInstanceUID): files for files in (ge, chest)}
-    with storescp(tmp_path / "pacs") as pacs, vesalius_node(tmp_path, destinations=[pacs.address]) as node:
-        for files in studies.values():
-            storescu(files, node.port)
-        wait_for(lambda: all(len(objects_for(pacs, s)) == 3 for s in studies), 300,
-                 "results of both real CTs at the PACS")
+    with storescp(tmp_path / "pacs") as pacs:
+        # this PACS also takes the Label Map SEG and Encapsulated STL (3D printing) objects
+        everything = (f'[[destinations]]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs.port}\n'
+                      "labelmap = true\nencapsulated_stl = true\n")
+        with vesalius_node(tmp_path, config=everything) as node:
+            for files in studies.values():
+                storescu(files, node.port)
+            wait_for(lambda: all(d["state"] == "done" for d in node.deliveries())
+                     and len(node.deliveries()) == 2, 300, "results of both real CTs at the PACS")
     for study, files in studies.items():
         objects = objects_for(pacs, study)
-        for ds in objects.values():
-            assert_dciodvfy_clean(ds.filename)
+        assert set(objects) == {SEG, LABELMAP_SEG, SURFACE, COMPREHENSIVE_3D_SR, ENCAPSULATED_STL}
+        for path in pacs.files():
+            if pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID == study:
+                assert_dciodvfy_clean(path)
         masks = segment_masks(objects[SEG], files)
         assert masks["Body"].any()
         references = {str(item.ReferencedSOPInstanceUID)

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pynetdicom import AE, AllStoragePresentationContexts
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import CTImageStorage, LabelMapSegmentationStorage
 
 from node.config import Config, Destination, Retry
-from node.pipeline import OUTPUT_FILES
-from node.send import DeliveryError, Sender, c_store, next_delay
+from node.pipeline import OUTPUT_FILES, STL_DIR
+from node.send import DeliveryError, Sender, c_store, files_for, next_delay
 from node.store import Store
 from tests.conftest import free_port
 from tests.peers import storescp, wait_for
@@ -22,13 +23,18 @@ from tests.phantoms import Sphere, write_phantom_series
 
 @pytest.fixture
 def result_dir(tmp_path: Path) -> Path:
-    """A results folder holding three real DICOM objects under the names a job writes."""
-    phantom = write_phantom_series(tmp_path / "src", shape=(3, 16, 16), spacing=(1, 1, 1),
+    """A results folder holding real DICOM objects under the names a job writes (CT slices
+    stand in for the objects; the one playing the Label Map SEG carries that SOP class)."""
+    phantom = write_phantom_series(tmp_path / "src", shape=(6, 16, 16), spacing=(1, 1, 1),
                                    objects=[Sphere((0, 0, 0), 4, 100)])
     out = tmp_path / "results"
-    out.mkdir()
-    for path, name in zip(phantom.paths, OUTPUT_FILES.values(), strict=True):
+    (out / STL_DIR).mkdir(parents=True)
+    names = [*OUTPUT_FILES.values(), f"{STL_DIR}/body.dcm", f"{STL_DIR}/bone.dcm"]
+    for path, name in zip(phantom.paths, names, strict=True):
         (out / name).write_bytes(path.read_bytes())
+    labelmap = pydicom.dcmread(out / OUTPUT_FILES["seg_labelmap"])
+    labelmap.SOPClassUID = labelmap.file_meta.MediaStorageSOPClassUID = LabelMapSegmentationStorage
+    labelmap.save_as(out / OUTPUT_FILES["seg_labelmap"])
     return out
 
 
@@ -74,8 +80,8 @@ def test_destination_down_then_back(tmp_path: Path, result_dir: Path) -> None:
         with storescp(tmp_path / "pacs", port=port) as pacs:
             wait_for(lambda: delivery(store, delivery_id)["state"] == "done", 20, "the delivery")
             received = {pydicom.dcmread(p).SOPInstanceUID for p in pacs.files()}
-    sent = {pydicom.dcmread(p).SOPInstanceUID for p in result_dir.iterdir()}
-    assert received == sent
+    sent = {pydicom.dcmread(p).SOPInstanceUID for p in files_for(config.destinations[0], result_dir)}
+    assert received == sent and len(sent) == 3  # BINARY SEG, surfaces, SR by default
 
 
 def test_delivery_survives_a_restart(tmp_path: Path, result_dir: Path) -> None:
@@ -123,7 +129,36 @@ def test_c_store_reports_unaccepted_sop_class_as_permanent(tmp_path: Path, resul
     server = ae.start_server(("127.0.0.1", port), block=False)
     try:
         with pytest.raises(DeliveryError) as err:
-            c_store(Destination("x", "CTONLY", "127.0.0.1", port), sorted(result_dir.iterdir()), "VESALIUS")
+            c_store(Destination("x", "CTONLY", "127.0.0.1", port), sorted(result_dir.glob("*.dcm")),
+                    "VESALIUS")
     finally:
         server.shutdown()
     assert err.value.permanent and "does not accept" in str(err.value)
+
+
+def test_outputs_chosen_per_destination(result_dir: Path) -> None:
+    plain = Destination("a", "A", "h", 1)
+    names = lambda d: [p.relative_to(result_dir).as_posix() for p in files_for(d, result_dir)]  # noqa: E731
+    assert names(plain) == ["seg.dcm", "surfaces.dcm", "sr.dcm"]
+    everything = Destination("b", "B", "h", 1, labelmap=True, encapsulated_stl=True)
+    assert names(everything) == ["seg.dcm", "seg_labelmap.dcm", "surfaces.dcm", "sr.dcm",
+                                 "stl/body.dcm", "stl/bone.dcm"]
+    lean = Destination("c", "C", "h", 1, surfaces=False, sr=False, encapsulated_stl=("bone",))
+    assert names(lean) == ["seg.dcm", "stl/bone.dcm"]
+
+
+def test_label_map_skipped_when_not_accepted(tmp_path: Path, result_dir: Path) -> None:
+    """A PACS without Label Map SEG support still gets everything else; no failure."""
+    port, received = free_port(), []
+    ae = AE(ae_title="OLDPACS")
+    ae.add_supported_context(CTImageStorage)  # our stand-in objects are CT; no Label Map SEG
+    handlers = [(evt.EVT_C_STORE, lambda event: received.append(event.dataset.SOPClassUID) or 0)]
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        destination = Destination("old", "OLDPACS", "127.0.0.1", port, labelmap=True)
+        files = files_for(destination, result_dir)
+        assert OUTPUT_FILES["seg_labelmap"] in [f.name for f in files]
+        c_store(destination, files, "VESALIUS")
+    finally:
+        server.shutdown()
+    assert received == [CTImageStorage] * 3
