@@ -9,9 +9,24 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
+from pydicom.uid import (
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    MRImageStorage,
+    RLELossless,
+    generate_uid,
+)
 
-from inference.volume import Volume, VolumeError, load_series
+from inference.volume import (
+    Volume,
+    VolumeError,
+    frame_number,
+    load_series,
+    multiframe_header,
+    multiframe_source,
+)
 from tests.phantoms import Cylinder, Sphere, write_phantom_series
 from tests.realdata import lps_affine, write_nifti_as_dicom_series
 
@@ -292,3 +307,243 @@ def test_volume_is_frozen(tmp_path: Path) -> None:
     assert isinstance(volume, Volume)
     with pytest.raises(AttributeError):
         volume.affine = np.eye(4)  # type: ignore[misc]
+
+
+# --- enhanced (multi-frame) input ----------------------------------------------------------------
+
+_PER_SLICE = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+              "SliceLocation", "RescaleIntercept", "RescaleSlope", "RescaleType", "InstanceNumber",
+              "SOPInstanceUID", "PixelData", "WindowCenter", "WindowWidth", "EchoTime", "ImageType")
+
+
+def _item(**attributes) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def write_enhanced(paths: list[Path], out: Path, *, seed: int = 1, per_frame_rescale: bool = False,
+                   frame_type: str = "AXIAL") -> Path:
+    """The single-frame slices ``paths`` as one Enhanced CT or MR instance, frames shuffled.
+
+    Shared functional groups: plane orientation, pixel measures, pixel value transformation (CT),
+    frame type; per frame: plane position, frame content (and MR echo). Written with pydicom.
+    """
+    slices = [pydicom.dcmread(p) for p in paths]
+    np.random.default_rng(seed).shuffle(slices)
+    first = slices[0]
+    mr = first.Modality == "MR"
+    sop_class = EnhancedMRImageStorage if mr else EnhancedCTImageStorage
+    ds = pydicom.Dataset()
+    for element in first:
+        if element.keyword not in _PER_SLICE:
+            ds.add(element)
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.InstanceNumber = 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", frame_type, "NONE"]
+    ds.NumberOfFrames = len(slices)
+    shared = _item(
+        PlaneOrientationSequence=[_item(ImageOrientationPatient=first.ImageOrientationPatient)],
+        PixelMeasuresSequence=[_item(PixelSpacing=first.PixelSpacing,
+                                     SliceThickness=first.SliceThickness)],
+    )
+    frame_type_macro = "MRImageFrameTypeSequence" if mr else "CTImageFrameTypeSequence"
+    setattr(shared, frame_type_macro, [_item(FrameType=ds.ImageType)])
+    rescale = "RescaleIntercept" in first
+    if rescale and not per_frame_rescale:
+        shared.PixelValueTransformationSequence = [_item(
+            RescaleIntercept=first.RescaleIntercept, RescaleSlope=first.RescaleSlope,
+            RescaleType=first.get("RescaleType", "US"))]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames, pixels = [], []
+    for n, sl in enumerate(slices):
+        item = _item(PlanePositionSequence=[_item(ImagePositionPatient=sl.ImagePositionPatient)],
+                     FrameContentSequence=[_item(InStackPositionNumber=n + 1)])
+        stored = sl.pixel_array
+        if rescale and per_frame_rescale:  # a different stored offset per frame, same values
+            shift = 10 * n
+            stored = (stored.astype(np.int32) - shift).astype(stored.dtype)
+            item.PixelValueTransformationSequence = [_item(
+                RescaleIntercept=str(float(sl.RescaleIntercept) + shift),
+                RescaleSlope=sl.RescaleSlope, RescaleType="HU")]
+        if mr:
+            item.MREchoSequence = [_item(EffectiveEchoTime=float(sl.get("EchoTime", 10)))]
+        frames.append(item)
+        pixels.append(stored)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = np.stack(pixels).tobytes()
+    path = out / "enhanced.dcm"
+    out.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _assert_same_volume(multi: Volume, single: Volume) -> None:
+    np.testing.assert_array_equal(multi.array, single.array)
+    np.testing.assert_allclose(multi.affine, single.affine, atol=1e-6)
+    positions = [[float(v) for v in ds.ImagePositionPatient] for ds in multi.sources]
+    expected = [[float(v) for v in ds.ImagePositionPatient] for ds in single.sources]
+    np.testing.assert_allclose(positions, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[1], GEOMETRIES[4]])
+def test_enhanced_ct_is_the_same_volume_as_the_single_frame_series(
+        tmp_path: Path, geometry: pytest.param) -> None:
+    phantom = _phantom(tmp_path, shape=(12, 24, 20), **geometry)
+    single = load_series(phantom.paths)
+    path = write_enhanced(phantom.paths, tmp_path / "enhanced")
+    multi = load_series([path])
+    _assert_same_volume(multi, single)
+    # one header per slice: the instance's, with this frame's geometry and its frame number
+    assert {str(ds.SOPInstanceUID) for ds in multi.sources} == {str(pydicom.dcmread(path).SOPInstanceUID)}
+    numbers = [frame_number(ds) for ds in multi.sources]
+    assert sorted(numbers) == list(range(1, 13)) and numbers != sorted(numbers)  # frames shuffled
+    assert all("PixelData" not in ds for ds in multi.sources)
+    assert multi.sources[0].SOPClassUID == EnhancedCTImageStorage
+    header = multiframe_header(multi.sources[0])
+    assert "ImagePositionPatient" not in header and int(header.NumberOfFrames) == 12
+    assert all(frame_number(ds) is None for ds in single.sources)
+    source, order = multiframe_source(multi)
+    assert source.SOPInstanceUID == header.SOPInstanceUID and "ReferencedFrameNumber" not in source
+    assert [frame_number(multi.sources[i]) for i in order] == list(range(1, 13))
+    assert multiframe_source(single) is None
+
+
+def test_enhanced_ct_with_per_frame_rescale(tmp_path: Path) -> None:
+    phantom = _phantom(tmp_path, shape=(8, 16, 16))
+    path = write_enhanced(phantom.paths, tmp_path / "enhanced", per_frame_rescale=True)
+    _assert_same_volume(load_series([path]), load_series(phantom.paths))
+
+
+def test_enhanced_mr_from_real_mr_is_the_same_volume(tmp_path: Path, shared_data: Path) -> None:
+    paths = write_nifti_as_dicom_series(shared_data / "totalseg-examples" / "example_mr_sm.nii.gz",
+                                        tmp_path / "mr", modality="MR")
+    single = load_series(paths)
+    multi = load_series([write_enhanced(paths, tmp_path / "enhanced", seed=3)])
+    _assert_same_volume(multi, single)
+    assert multi.modality == "MR" and multi.sources[0].SOPClassUID == EnhancedMRImageStorage
+
+
+def test_legacy_converted_enhanced_ct_written_by_highdicom(tmp_path: Path,
+                                                          shared_data: Path) -> None:
+    import highdicom as hd
+
+    paths = sorted((shared_data / "ct-3slice-ge").glob("*.dcm"))
+    legacy = [pydicom.dcmread(p) for p in paths]
+    for ds in legacy:  # GE writes an empty Specific Character Set, which highdicom refuses
+        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+            del ds.SpecificCharacterSet
+    converted = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy[::-1], series_instance_uid=legacy[0].SeriesInstanceUID, series_number=1,
+        sop_instance_uid=generate_uid(), instance_number=1)
+    converted.save_as(tmp_path / "legacy.dcm")
+    _assert_same_volume(load_series([tmp_path / "legacy.dcm"]), load_series(paths))
+
+
+def test_refuses_multiframe_without_functional_groups(tmp_path: Path) -> None:
+    phantom = _phantom(tmp_path, shape=(2, 16, 16))
+
+    def two_frames(ds: pydicom.Dataset) -> None:
+        ds.NumberOfFrames = 2
+        ds.PixelData = ds.PixelData * 2
+
+    _edit(phantom.paths[0], two_frames)
+    assert "no per-frame geometry" in _refusal(phantom.paths)
+
+
+# --- what real series carry besides one clean stack ----------------------------------------------
+
+def _localizer(phantom, folder: Path) -> Path:
+    """A coronal scout in the phantom's series, as scanners put it first in the series."""
+    ds = pydicom.dcmread(phantom.paths[0])
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.InstanceNumber = 0
+    path = folder / "scout.dcm"
+    ds.save_as(path)
+    return path
+
+
+def test_localizer_in_the_series_is_left_out(tmp_path: Path) -> None:
+    phantom = _phantom(tmp_path, shape=(6, 16, 16))
+    scout = _localizer(phantom, tmp_path)
+    volume = load_series([scout, *phantom.paths])
+    np.testing.assert_array_equal(volume.array, np.round(phantom.hu))
+    assert pydicom.dcmread(scout).SOPInstanceUID not in {ds.SOPInstanceUID for ds in volume.sources}
+    assert "only localizer" in _refusal([scout])
+
+
+def test_without_localizer_type_another_plane_is_refused(tmp_path: Path) -> None:
+    phantom = _phantom(tmp_path, shape=(6, 16, 16))
+    other = _localizer(phantom, tmp_path)
+    _edit(other, lambda ds: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY", "OTHER"]))
+    reason = _refusal([other, *phantom.paths])
+    assert "mixed orientations" in reason and "2 image planes with 1, 6 slices" in reason
+
+
+def test_same_instance_twice_is_read_once(tmp_path: Path) -> None:
+    phantom = _phantom(tmp_path, shape=(6, 16, 16))
+    copy = tmp_path / "copy.dcm"
+    shutil.copy(phantom.paths[2], copy)
+    volume = load_series([*phantom.paths, copy])
+    assert volume.array.shape == (6, 16, 16)
+
+
+def _echoes(phantom, folder: Path, echoes: int = 2) -> list[Path]:
+    """The phantom as a multi-echo MR series: each slice once per echo, in one series."""
+    paths = []
+    for path in phantom.paths:
+        for echo in range(1, echoes + 1):
+            ds = pydicom.dcmread(path)
+            ds.Modality = "MR"
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.EchoNumbers = echo
+            ds.EchoTime = 5.0 * echo
+            paths.append(folder / f"{path.stem}-e{echo}.dcm")
+            ds.save_as(paths[-1])
+    return paths
+
+
+def test_multi_echo_mr_is_refused_naming_the_echoes(tmp_path: Path) -> None:
+    phantom = _phantom(tmp_path, shape=(6, 16, 16))
+    reason = _refusal(_echoes(phantom, tmp_path))
+    assert "several echoes" in reason and "EchoNumbers 1, 2" in reason
+
+
+def test_enhanced_mr_with_two_echoes_is_refused(tmp_path: Path) -> None:
+    phantom = _phantom(tmp_path, shape=(4, 16, 16))
+    paths = _echoes(phantom, tmp_path)
+    for path in paths:
+        _edit(path, lambda ds: delattr(ds, "RescaleIntercept") or delattr(ds, "RescaleSlope"))
+    reason = _refusal([write_enhanced(paths, tmp_path / "enhanced")])
+    assert "several echoes" in reason and "EchoTime 10.0, 5.0" in reason
+
+
+def test_localizer_frames_of_an_enhanced_instance_are_left_out(tmp_path: Path) -> None:
+    phantom = _phantom(tmp_path, shape=(4, 16, 16))
+    scout = write_enhanced([phantom.paths[0]], tmp_path / "scout", frame_type="LOCALIZER")
+    volume = load_series([*phantom.paths, scout])
+    assert volume.array.shape == (4, 16, 16)
+
+
+def test_irregular_spacing_beyond_tolerance_is_refused(tmp_path: Path) -> None:
+    """A gap 15 % off the median is not a missing slice, and not a regular grid either."""
+    phantom = _phantom(tmp_path, shape=(10, 16, 16), spacing=(2.0, 1.0, 1.0))
+    paths = _sorted_paths(phantom)
+    for path in paths[5:]:
+        _edit(path, lambda ds: ds.ImagePositionPatient.__setitem__(
+            2, float(ds.ImagePositionPatient[2]) + 0.3))
+    reason = _refusal(paths)
+    assert "irregular slice spacing" in reason and "tolerance 10%" in reason
+
+
+def test_missing_slices_are_counted(tmp_path: Path) -> None:
+    phantom = _phantom(tmp_path, shape=(10, 16, 16))
+    paths = _sorted_paths(phantom)
+    assert "missing slice: 2 slice(s) missing" in _refusal(paths[:4] + paths[6:])
