@@ -15,7 +15,9 @@ _DROP_WHEN_EMPTY = ("SpecificCharacterSet",)
 
 
 def tidy(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """A shallow copy of ``ds`` without empty attributes that must not be empty."""
+    """``ds`` itself, or a shallow copy without the empty attributes that must not be empty."""
+    if not any(keyword in ds and ds[keyword].is_empty for keyword in _DROP_WHEN_EMPTY):
+        return ds  # nothing to drop: the writers only read their sources
     copy = pydicom.Dataset()  # Dataset(ds) and copy.copy(ds) share ds's element dict
     for element in ds:
         if not (element.keyword in _DROP_WHEN_EMPTY and element.is_empty):

@@ -26,7 +26,9 @@ class Label:
         """Boolean mask of this structure in a label array."""
         if not self.includes:
             return labels == self.value
-        return np.isin(labels, (self.value, *self.includes))
+        member = np.zeros(256, bool)  # a lookup table: one gather, far faster than np.isin
+        member[[self.value, *self.includes]] = True
+        return member[labels]
 
 
 MODEL_NAMES = ("builtin_ct",)
