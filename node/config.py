@@ -40,6 +40,7 @@ class Destination:
     encapsulated_stl: bool | tuple[str, ...] = False  # True: every structure; or these names
     surfaces: bool = True
     sr: bool = True
+    max_attempts: int = 0  # delivery tries before "failed"; 0: [retry] max_attempts
 
     @classmethod
     def parse(cls, text: str) -> Destination:
@@ -181,8 +182,11 @@ def _destination(i: int, table: Any) -> Destination:
 
 
 def _outputs(key: str, table: dict[str, Any]) -> dict[str, Any]:
-    """The per-destination output switches."""
+    """The per-destination output switches (and its own number of delivery tries)."""
     values: dict[str, Any] = {}
+    if "max_attempts" in table:
+        attempts = _check_type(f"{key}.max_attempts", table["max_attempts"], int)
+        values["max_attempts"] = int(_positive(f"{key}.max_attempts", attempts))
     for name in ("labelmap", "surfaces", "sr"):
         if name in table:
             values[name] = _check_type(f"{key}.{name}", table[name], bool)

@@ -101,10 +101,9 @@ class Receiver:
         """The association ended (released, aborted or dropped): its series start their quiet period."""
         with self._lock:
             touched = self._touched.pop(id(event.assoc), set())
-        if touched:
-            log.info("association from %s ended; %d series touched",
-                     event.assoc.requestor.ae_title, len(touched))
-            self.store.mark_released(sorted(touched))
+        log.info("association from %s at %s ended; %d series touched", event.assoc.requestor.ae_title,
+                 event.assoc.requestor.address, len(touched))
+        self.store.mark_released(sorted(touched))
 
 
 def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list]:

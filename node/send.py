@@ -128,17 +128,19 @@ class Sender:
             else:
                 c_store(destination, files, self.config.ae_title)
         except DeliveryError as err:
-            self._failed(delivery, attempt, str(err), err.permanent)
+            self._failed(delivery, destination, attempt, str(err), err.permanent)
             return
         except Exception as err:  # network errors and the like: worth another try
-            self._failed(delivery, attempt, f"{type(err).__name__}: {err}", False)
+            self._failed(delivery, destination, attempt, f"{type(err).__name__}: {err}", False)
             return
         self.store.record_delivery(delivery["id"], "done", None, time.time())
         log.info("delivery done delivery=%d job=%d destination=%s attempt=%d objects=%d",
                  delivery["id"], delivery["job_id"], name, attempt, len(files))
 
-    def _failed(self, delivery, attempt: int, reason: str, permanent: bool) -> None:
-        give_up = permanent or attempt >= self.config.retry.max_attempts
+    def _failed(self, delivery, destination: Destination | None, attempt: int, reason: str,
+                permanent: bool) -> None:
+        max_attempts = (destination and destination.max_attempts) or self.config.retry.max_attempts
+        give_up = permanent or attempt >= max_attempts
         delay = next_delay(self.config.retry, attempt)
         state = "failed" if give_up else "pending"
         self.store.record_delivery(delivery["id"], state, reason, time.time() + delay)

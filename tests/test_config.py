@@ -147,3 +147,10 @@ def test_output_switches_per_destination() -> None:
         parse_config({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "labelmap": "yes"}]})
     with pytest.raises(ConfigError, match=r"destinations\[0\].encapsulated_stl\[0\]: expected str"):
         parse_config({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "encapsulated_stl": [1]}]})
+
+
+def test_destination_max_attempts() -> None:
+    config = parse_config({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "max_attempts": 3}]})
+    assert config.destinations[0].max_attempts == 3
+    with pytest.raises(ConfigError, match=r"destinations\[0\].max_attempts: must be > 0"):
+        parse_config({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "max_attempts": 0}]})

@@ -10,11 +10,14 @@ import os
 import re
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pydicom
 from pydicom.uid import MRImageStorage
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+from tests.conftest import free_port
 from tests.peers import DCMTK_ENV, storescp, storescu, vesalius_node, wait_for
 from tests.phantoms import Cylinder, write_phantom_series
 
@@ -82,6 +85,38 @@ def test_kill_during_the_job_then_restart_delivers_once(tmp_path: Path) -> None:
             jobs = node.jobs()
         assert len(jobs) == 1 and jobs[0]["state"] == "done"
         assert len(set(pacs_uids(pacs, series.study_uid))) == 3
+
+
+def test_kill_during_sending_then_restart_resends_the_same_uids(tmp_path: Path) -> None:
+    """The PACS holds the first C-STORE until the node is dead; after a restart the node sends
+    again: the PACS may see a SOP Instance UID twice, never two UIDs for one result."""
+    series = phantom(tmp_path / "ct")
+    data, port = tmp_path / "data", free_port()
+    received: list[str] = []
+    first_arrived, node_dead = threading.Event(), threading.Event()
+
+    def store(event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        if len(received) == 1:
+            first_arrived.set()
+            node_dead.wait(30)
+        return 0
+
+    ae = AE(ae_title="SLOWPACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        pacs = f"SLOWPACS@127.0.0.1:{port}"
+        with vesalius_node(tmp_path, data_dir=data, destinations=[pacs]) as node:
+            storescu(series.paths, node.port)
+            assert first_arrived.wait(120), "no delivery started"
+            kill_node(node)
+        node_dead.set()
+        with vesalius_node(tmp_path, data_dir=data, destinations=[pacs]) as node:
+            wait_for(lambda: (d := node.deliveries()) and d[0]["state"] == "done", 120, "the resend")
+    finally:
+        server.shutdown()
+    assert len(set(received)) == 3 and len(received) > 3
 
 
 def test_worker_killed_job_retried_listener_keeps_serving(tmp_path: Path) -> None:

@@ -162,3 +162,14 @@ def test_label_map_skipped_when_not_accepted(tmp_path: Path, result_dir: Path) -
     finally:
         server.shutdown()
     assert received == [CTImageStorage] * 3
+
+
+def test_per_destination_attempts_override_the_default(tmp_path: Path, result_dir: Path) -> None:
+    closed = free_port()
+    config = Config(destinations=(Destination("flaky", "PACS", "127.0.0.1", closed, max_attempts=2),),
+                    retry=Retry(base_delay=0.1, max_delay=0.1, max_attempts=100))
+    store = Store(tmp_path / "data")
+    delivery_id = queued_delivery(store, result_dir, "flaky")
+    with sender_for(store, config):
+        wait_for(lambda: delivery(store, delivery_id)["state"] == "failed", 20, "the failed state")
+    assert delivery(store, delivery_id)["attempts"] == 2
