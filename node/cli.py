@@ -20,8 +20,47 @@ def _serve(args: argparse.Namespace) -> int:
     if not config.destinations:
         logging.getLogger("vesalius").warning(
             "no destinations configured: results stay in %s/results", config.data_dir)
+    check_models(config)
     Node(config).serve_forever()
     return 0
+
+
+def check_models(config) -> None:
+    """Every model a rule names must resolve and have its weights: a ConfigError at start-up,
+    not a failed first job."""
+    from inference.models.registry import ModelSpecError, check
+
+    specs = config.models
+    for i, rule in enumerate(config.rules):
+        try:
+            check(rule.model, specs)
+        except ModelSpecError as err:
+            raise ConfigError(f"rules[{i}].model: {err}") from err
+
+
+def _models(args: argparse.Namespace) -> int:
+    from inference.models.registry import ModelSpecError, describe, specs_for
+
+    config = load_config(args.config)
+    specs = config.models
+    references = args.model or list(dict.fromkeys(["builtin_ct", *specs, *(r.model for r in config.rules)]))
+    try:
+        rows = [describe(spec) for spec in specs_for(references, specs)]
+    except ModelSpecError as err:
+        print(f"vesalius models: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for row in rows:
+            state = "weights present" if row["weights_present"] else "WEIGHTS MISSING"
+            where = f" {row['path']}" if row["path"] else ""
+            print(f"{row['name']}  [{row['kind']}{where}]  device={row['device']}  {state}")
+            if row["labels"]:
+                print(f"    labels: {', '.join(row['labels'])}")
+            for problem in row["problems"]:
+                print(f"    problem: {problem}")
+    return 0 if all(row["weights_present"] for row in rows) else 1
 
 
 def series_files(folder: Path) -> list[Path]:
@@ -30,6 +69,7 @@ def series_files(folder: Path) -> list[Path]:
 
 
 def _process(args: argparse.Namespace) -> int:
+    from inference.models.registry import ModelSpecError, configure
     from inference.volume import VolumeError
     from node.pipeline import run_pipeline
 
@@ -37,11 +77,16 @@ def _process(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         print(f"vesalius process: {folder} is not a folder", file=sys.stderr)
         return 2
+    config = load_config(args.config)
+    configure(config.models, config.gpu_jobs_per_device)
     try:
         summary = run_pipeline(series_files(folder), args.out, args.model)
     except VolumeError as err:
         print(f"vesalius process: cannot place the series in space: {err}", file=sys.stderr)
         return 1
+    except ModelSpecError as err:
+        print(f"vesalius process: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -121,14 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="spool, database and results (default ./vesalius-data)")
     serve.add_argument("--destination", action="append", metavar="AE@HOST:PORT",
                        help="send results here (repeatable; adds to the config file's destinations)")
-    serve.add_argument("--model", help="model for every rule (default builtin_ct)")
+    serve.add_argument("--model", help="model for every rule (default builtin_ct): a configured name, "
+                       "bundle:PATH, torchscript:PATH, onnx:PATH, nnunet:PATH, or several joined by +")
     serve.set_defaults(func=_serve)
 
     process = sub.add_parser("process", help="process one series folder offline")
     process.add_argument("series_dir")
     process.add_argument("--out", required=True, help="folder for the output objects and meshes")
-    process.add_argument("--model", default="builtin_ct")
+    process.add_argument("--model", default="builtin_ct",
+                         help="a configured name, bundle:PATH, torchscript:PATH, onnx:PATH, "
+                              "nnunet:PATH, or several joined by + (default builtin_ct)")
+    process.add_argument("--config", help="TOML configuration file (for its [[models]])")
     process.set_defaults(func=_process)
+
+    models = sub.add_parser("models", help="list the models with their labels, device and weights")
+    models.add_argument("--config", help="TOML configuration file (for its [[models]] and rules)")
+    models.add_argument("--model", action="append", metavar="NAME_OR_PATH_FORM",
+                        help="describe only this model (repeatable)")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+    models.set_defaults(func=_models)
 
     echo = sub.add_parser("echo", help="C-ECHO a DICOM peer")
     echo.add_argument("peer", metavar="AE@HOST:PORT")

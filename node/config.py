@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from inference.models.registry import ModelSpec, ModelSpecError, expand, parse_model_specs
+
 DEFAULT_AE_TITLE = "VESALIUS"
 DEFAULT_PORT = 11112
 DEFAULT_HTTP_PORT = 8080
@@ -89,6 +91,8 @@ class Config:
     workers: int = 1
     job_attempts: int = 2
     model: str = DEFAULT_MODEL
+    models: dict[str, ModelSpec] = field(default_factory=dict)  # [[models]] by name (docs/models.md)
+    gpu_jobs_per_device: int = 1  # jobs sharing one GPU at a time
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = (Rule(name="ct"),)
     retry: Retry = field(default_factory=Retry)
@@ -217,8 +221,9 @@ def _rule(i: int, table: Any) -> Rule:
     return Rule(**values)
 
 
-def parse_config(data: dict[str, Any]) -> Config:
-    """A Config from a parsed TOML table; raises ConfigError naming the offending key."""
+def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
+    """A Config from a parsed TOML table; raises ConfigError naming the offending key.
+    Relative model paths are taken from ``base`` (the config file's folder)."""
     top = {f.name for f in fields(Config)}
     _known("", data, top)
     values: dict[str, Any] = {}
@@ -247,6 +252,14 @@ def parse_config(data: dict[str, Any]) -> Config:
             values[key] = int(_positive(key, _check_type(key, data[key], int)))
     if "model" in data:
         values["model"] = _check_type("model", data["model"], str)
+    if "models" in data:
+        try:
+            values["models"] = parse_model_specs(_check_type("models", data["models"], list), base=base)
+        except ModelSpecError as err:
+            raise ConfigError(str(err)) from None
+    if "gpu_jobs_per_device" in data:
+        count = _check_type("gpu_jobs_per_device", data["gpu_jobs_per_device"], int)
+        values["gpu_jobs_per_device"] = int(_positive("gpu_jobs_per_device", count))
     if "destinations" in data:
         dests = tuple(_destination(i, t) for i, t in enumerate(_check_type("destinations",
                                                                             data["destinations"], list)))
@@ -256,6 +269,8 @@ def parse_config(data: dict[str, Any]) -> Config:
         values["destinations"] = dests
     if "rules" in data:
         values["rules"] = tuple(_rule(i, t) for i, t in enumerate(_check_type("rules", data["rules"], list)))
+    elif "model" in values:  # the default rule runs the configured model
+        values["rules"] = (Rule(name="ct", model=values["model"]),)
     if "retry" in data:
         table = _check_type("retry", data["retry"], dict)
         _known("retry", table, {f.name for f in fields(Retry)})
@@ -275,6 +290,10 @@ def parse_config(data: dict[str, Any]) -> Config:
 def _check_references(config: Config) -> None:
     known = {d.name for d in config.destinations}
     for i, rule in enumerate(config.rules):
+        try:
+            expand(rule.model, config.models)
+        except ModelSpecError as err:
+            raise ConfigError(f"rules[{i}].model: {err}") from None
         for name in rule.destinations:
             if name not in known:
                 raise ConfigError(f"rules[{i}].destinations: unknown destination {name!r} "
@@ -292,7 +311,7 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(f"config file {path}: not found") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path}: not valid TOML: {err}") from err
-    return parse_config(data)
+    return parse_config(data, base=Path(path).parent)
 
 
 def with_overrides(config: Config, **flags: Any) -> Config:

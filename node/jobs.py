@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -20,18 +21,34 @@ from node.store import Store
 log = logging.getLogger("vesalius.jobs")
 
 
-def _warm_up() -> None:
-    """Import the heavy libraries once per worker, before the first series arrives."""
+def _init_worker(model_specs: dict, gpu_slots: int) -> None:
+    """Give a new worker process the configured models (loaded lazily, then kept)."""
+    from inference.models.registry import configure
+
+    configure(model_specs, gpu_slots)
+
+
+def _warm_up(models: tuple[str, ...] = ()) -> None:
+    """Import the heavy libraries and load the routed models once per worker, before the first
+    series arrives; a model that fails here fails its first job with the reason."""
     import dicom_out.seg  # noqa: F401
     import dicom_out.sr  # noqa: F401
     import dicom_out.surface_segmentation  # noqa: F401
     import inference.models  # noqa: F401
     import inference.surfaces  # noqa: F401
+    from inference.models.registry import resolve
+
+    for model in models:
+        try:
+            resolve(model)
+        except Exception as err:  # reported by the job that uses it
+            log.warning("worker could not preload model %s: %s", model, err)
 
 
 def result_dir_for(store: Store, series_uid: str, model: str) -> Path:
-    """Deterministic per (series, model): a re-run replaces the earlier results."""
-    return store.results_dir / series_uid / model
+    """Deterministic per (series, model): a re-run replaces the earlier results. A path-form
+    model (``bundle:/models/x``) becomes one safe folder name."""
+    return store.results_dir / series_uid / re.sub(r"[^A-Za-z0-9._+-]", "_", model)
 
 
 class JobRunner:
@@ -50,10 +67,15 @@ class JobRunner:
                         for i in range(config.workers)]
 
     def _new_pool(self) -> ProcessPoolExecutor:
+        # Each worker loads a model once and keeps it across jobs (inference.models.registry).
+        specs = self.config.models
+        gpu_slots = self.config.gpu_jobs_per_device
         pool = ProcessPoolExecutor(max_workers=self.config.workers,
-                                   mp_context=multiprocessing.get_context("spawn"))
+                                   mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(specs, gpu_slots))
+        models = tuple(dict.fromkeys(rule.model for rule in self.config.rules))
         for _ in range(self.config.workers):
-            pool.submit(_warm_up)
+            pool.submit(_warm_up, models)
         return pool
 
     def start(self) -> None:

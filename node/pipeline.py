@@ -50,7 +50,7 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     from dicom_out.stl import write_stl
     from dicom_out.surface_segmentation import build_surface_segmentation
     from inference.measures import measure
-    from inference.models import get_model
+    from inference.models.registry import resolve
     from inference.surfaces import build_meshes
     from inference.volume import load_series
 
@@ -58,7 +58,7 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     out = Path(out_dir)
     with timer.stage("volume"):
         volume = load_series(paths)
-    model = get_model(model_name)
+    model = resolve(model_name)  # loaded once per process, reused by every later job
     with timer.stage("model"):
         labels = model.predict(volume)
     with timer.stage("surfaces"):

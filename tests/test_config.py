@@ -75,7 +75,7 @@ def test_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_flags_override_the_file() -> None:
-    config = parse_config({"port": 2000, "rules": [{"name": "a"}, {"name": "b", "model": "other"}]})
+    config = parse_config({"port": 2000, "rules": [{"name": "a"}, {"name": "b", "model": "onnx:/m.onnx"}]})
     updated = with_overrides(config, port=3000, ae_title=None, model="builtin_ct",
                              destinations=["PACS@127.0.0.1:4242"])
     assert updated.port == 3000
@@ -154,3 +154,18 @@ def test_destination_max_attempts() -> None:
     assert config.destinations[0].max_attempts == 3
     with pytest.raises(ConfigError, match=r"destinations\[0\].max_attempts: must be > 0"):
         parse_config({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "max_attempts": 0}]})
+
+
+def test_models_section_and_default_rule_model(tmp_path: Path) -> None:
+    weights = tmp_path / "net.onnx"
+    weights.write_bytes(b"not really a network")
+    (tmp_path / "v.toml").write_text(
+        'model = "lungs"\ngpu_jobs_per_device = 2\n'
+        '[[models]]\nname = "lungs"\nkind = "onnx"\npath = "net.onnx"\n'
+        'labels = {1 = "lung_left", 2 = "lung_right"}\n')
+    config = load_config(tmp_path / "v.toml")
+    assert config.rules[0].model == "lungs" and config.gpu_jobs_per_device == 2
+    assert Path(config.models["lungs"].path) == weights  # relative to the config file
+    (tmp_path / "bad.toml").write_text('[[rules]]\nmodel = "nowhere"\n')
+    with pytest.raises(ConfigError, match=r"rules\[0\].model: .*nowhere"):
+        load_config(tmp_path / "bad.toml")

@@ -66,7 +66,7 @@ def objects_for(pacs: StoreSCP, study_uid: str) -> dict[str, pydicom.Dataset]:
             ds = pydicom.dcmread(path)
         except (pydicom.errors.InvalidDicomError, EOFError, OSError):
             continue  # storescp is still writing it
-        if ds.StudyInstanceUID == study_uid and ds.SOPClassUID != CTImageStorage:
+        if ds.get("StudyInstanceUID") == study_uid and ds.SOPClassUID != CTImageStorage:
             ds.filename = str(path)
             found[str(ds.SOPClassUID)] = ds
     return found
@@ -85,8 +85,10 @@ def round_trip(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoundTrip]:
     with storescp(tmp / "pacs") as pacs, vesalius_node(tmp, destinations=[pacs.address]) as node:
         for phantom in phantoms.values():
             storescu(phantom.paths, node.port)
-        wait_for(lambda: all(len(objects_for(pacs, p.study_uid)) == 3 for p in phantoms.values()),
-                 300, "SEG, Surface Segmentation and SR of every series at the PACS")
+        # a delivery is done when the PACS acknowledged every object, so its files are complete
+        wait_for(lambda: len(d := node.deliveries()) == len(phantoms)
+                 and all(x["state"] == "done" for x in d), 300,
+                 "SEG, Surface Segmentation and SR of every series at the PACS")
         yield RoundTrip(phantoms, pacs, node.log(), node.jobs(), node.deliveries())
 
 

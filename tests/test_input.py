@@ -89,9 +89,10 @@ def sent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sent]:
         storescu(tilted.paths, node.port)
         storescu([enhanced_file], node.port)
         sent = Sent(first, second, scouted, scout_uid, tilted, enhanced, enhanced_uid, pacs, node)
-        wait_for(lambda: all(_seg_for(pacs, p) is not None for p in (first, second, scouted, enhanced))
+        # a delivery is done when the PACS acknowledged every object, so its files are complete
+        wait_for(lambda: len(d := node.deliveries()) == 4 and all(x["state"] == "done" for x in d)
                  and _job_for(node, tilted) and _job_for(node, tilted)["state"] == "failed", 180,
-                 "a SEG for each good series and the tilted series' job to fail")
+                 "the results of each good series and the tilted series' job to fail")
         yield sent
 
 
@@ -102,7 +103,7 @@ def _seg_for(pacs: StoreSCP, phantom: PhantomSeries) -> pydicom.Dataset | None:
             ds = pydicom.dcmread(path)
         except (pydicom.errors.InvalidDicomError, EOFError, OSError):
             continue  # storescp is still writing it
-        if (ds.SOPClassUID == SEGMENTATION
+        if (ds.get("SOPClassUID") == SEGMENTATION and "ReferencedSeriesSequence" in ds
                 and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == phantom.series_uid):
             return ds
     return None

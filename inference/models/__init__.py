@@ -46,9 +46,9 @@ class Model(Protocol):
 
 
 def get_model(name: str) -> Model:
-    """The model registered under ``name``; ValueError naming the known models otherwise."""
-    if name == "builtin_ct":
-        from inference.models.builtin_ct import BuiltinCT
+    """The model ``name`` refers to: ``builtin_ct``, a configured model, a path form
+    (``bundle:PATH``, ``onnx:PATH``...) or several joined by ``+``; loaded once per process
+    (``inference.models.registry``). ValueError naming the known models otherwise."""
+    from inference.models.registry import resolve
 
-        return BuiltinCT()
-    raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    return resolve(name)

@@ -1,0 +1,42 @@
+"""A TorchScript file with its settings (labels, spacing, intensity, ROI) from the model config.
+
+``torchscript:model.ts`` reads the settings from ``model.json`` beside the file (the same keys as
+a ``[[models]]`` table), since a TorchScript file carries weights but no pre-processing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inference.models.registry import ModelSpec, ModelSpecError, label_defs
+
+DEFAULT_OVERLAP = 0.25
+
+
+def network_settings(spec: ModelSpec) -> tuple[Any, Any]:
+    """Pre-processing Compose and Window from a spec's plain keys (TorchScript and ONNX)."""
+    from inference.models.network import Window, preprocessing_from_settings
+
+    if not spec.roi_size:
+        raise ModelSpecError(f"model {spec.name!r}: roi_size is required for a {spec.kind} model "
+                             "(the patch size it was trained on)")
+    preprocessing = preprocessing_from_settings(spec.spacing, spec.orientation, spec.intensity)
+    window = Window(roi_size=spec.roi_size,
+                    overlap=DEFAULT_OVERLAP if spec.overlap is None else spec.overlap,
+                    sw_batch_size=spec.sw_batch_size or 1)
+    return preprocessing, window
+
+
+def load_torchscript(spec: ModelSpec) -> Any:
+    import torch
+
+    from inference.device import select_device
+    from inference.models.network import NetworkModel
+
+    device = select_device(spec.device)
+    labels, channels = label_defs(spec.labels, spec.label_map, spec.name)
+    preprocessing, window = network_settings(spec)
+    network = torch.jit.load(str(spec.path), map_location=device.torch_name).eval()
+    return NetworkModel(name=spec.name, version=spec.version or "1", labels=labels,
+                        channels=channels, preprocessing=preprocessing, window=window,
+                        runner=network, device=device, precision=spec.precision)
