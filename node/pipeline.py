@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -71,25 +72,31 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "meshes").mkdir(parents=True)
     objects = {}
-    with timer.stage("writers"):  # nothing found: no objects, the summary says so
-        if measurements:
-            objects["seg"] = build_seg(volume, labels, model.labels, algorithm)
-            objects["seg_labelmap"] = build_seg(volume, labels, model.labels, algorithm,
-                                                segmentation_type=LABELMAP)
+
+    def write(key: str, ds: Any) -> Any:
+        ds.save_as(tmp / OUTPUT_FILES[key], enforce_file_format=True)
+        objects[key] = ds
+        return ds
+
+    with timer.stage("writers"), ThreadPoolExecutor(2) as pool:  # nothing found: no objects
+        if measurements:  # the two SEGs in parallel: numpy and highdicom release the GIL often
+            labelmap = pool.submit(lambda: write("seg_labelmap", build_seg(
+                volume, labels, model.labels, algorithm, segmentation_type=LABELMAP)))
+            seg = write("seg", build_seg(volume, labels, model.labels, algorithm))
+            # the SR references the BINARY SEG: the one every destination receives
+            write("sr", build_sr(volume, seg, measurements, algorithm))
         if meshes:
-            objects["surface_segmentation"] = build_surface_segmentation(volume, meshes, algorithm,
-                                                                         seg=objects["seg"])
-        if measurements:  # the SR references the BINARY SEG: the one every destination receives
-            objects["sr"] = build_sr(volume, objects["seg"], measurements, algorithm)
-        for key, ds in objects.items():
-            ds.save_as(tmp / OUTPUT_FILES[key], enforce_file_format=True)
-        stls = build_encapsulated_stls(volume, meshes, algorithm, seg=objects["seg"]) if meshes else []
+            write("surface_segmentation", build_surface_segmentation(volume, meshes, algorithm, seg=seg))
+        stls = build_encapsulated_stls(volume, meshes, algorithm, seg=seg) if meshes else []
         (tmp / STL_DIR).mkdir()
         for mesh, ds in zip(meshes, stls, strict=True):
             ds.save_as(tmp / STL_DIR / f"{mesh.label.name}.dcm", enforce_file_format=True)
         mesh_files = [write_stl(m, tmp / "meshes" / f"{m.label.name}.stl").name for m in meshes]
         if meshes:
             write_glb(meshes, tmp / GLB_FILE)
+        if measurements:
+            labelmap.result()
+    objects = {key: objects[key] for key in OUTPUT_FILES if key in objects}  # a stable order
     summary = {
         "series_instance_uid": volume.series_uid,
         "study_instance_uid": volume.study_uid,
