@@ -116,6 +116,11 @@ class NodeProcess:
     def deliveries(self) -> list[dict]:
         return self.get("/deliveries")
 
+    def delivered(self, count: int | None = None) -> bool:
+        """Every delivery done (and ``count`` of them, when given), read in one request."""
+        rows = self.deliveries()
+        return bool(rows) and all(r["state"] == "done" for r in rows) and count in (None, len(rows))
+
 
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)

@@ -86,8 +86,7 @@ def round_trip(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoundTrip]:
         for phantom in phantoms.values():
             storescu(phantom.paths, node.port)
         # a delivery is done when the PACS acknowledged every object, so its files are complete
-        wait_for(lambda: len(d := node.deliveries()) == len(phantoms)
-                 and all(x["state"] == "done" for x in d), 300,
+        wait_for(lambda: node.delivered(len(phantoms)), 300,
                  "SEG, Surface Segmentation and SR of every series at the PACS")
         yield RoundTrip(phantoms, pacs, node.log(), node.jobs(), node.deliveries())
 
@@ -202,8 +201,7 @@ def test_real_ct_round_trip(tmp_path: Path, shared_data: Path) -> None:
         with vesalius_node(tmp_path, config=everything) as node:
             for files in studies.values():
                 storescu(files, node.port)
-            wait_for(lambda: all(d["state"] == "done" for d in node.deliveries())
-                     and len(node.deliveries()) == 2, 300, "results of both real CTs at the PACS")
+            wait_for(lambda: node.delivered(2), 300, "results of both real CTs at the PACS")
     for study, files in studies.items():
         objects = objects_for(pacs, study)
         assert set(objects) == {SEG, LABELMAP_SEG, SURFACE, COMPREHENSIVE_3D_SR, ENCAPSULATED_STL}

@@ -65,8 +65,7 @@ def test_kill_mid_association_keeps_every_acknowledged_instance(tmp_path: Path) 
         assert rows[0]["instances"] == len(stored)
         storescu(series.paths, node.port)  # the scanner sends the series again
         wait_for(lambda: len(pacs_uids(pacs, series.study_uid)) >= 3, 180, "the results")
-        wait_for(lambda: node.deliveries() and all(d["state"] == "done" for d in node.deliveries()), 60,
-                 "deliveries done")
+        wait_for(node.delivered, 60, "deliveries done")
         assert len(set(pacs_uids(pacs, series.study_uid))) == 3
 
 
@@ -80,7 +79,7 @@ def test_kill_during_the_job_then_restart_delivers_once(tmp_path: Path) -> None:
             kill_node(node)
         with vesalius_node(tmp_path, data_dir=data, destinations=[pacs.address]) as node:
             wait_for(lambda: len(pacs_uids(pacs, series.study_uid)) >= 3, 180, "the results")
-            wait_for(lambda: all(d["state"] == "done" for d in node.deliveries()), 60, "deliveries done")
+            wait_for(lambda: node.delivered(1), 60, "deliveries done")
             assert "resuming 1 interrupted job" in node.log()
             jobs = node.jobs()
         assert len(jobs) == 1 and jobs[0]["state"] == "done"
@@ -113,7 +112,7 @@ def test_kill_during_sending_then_restart_resends_the_same_uids(tmp_path: Path) 
             kill_node(node)
         node_dead.set()
         with vesalius_node(tmp_path, data_dir=data, destinations=[pacs]) as node:
-            wait_for(lambda: (d := node.deliveries()) and d[0]["state"] == "done", 120, "the resend")
+            wait_for(lambda: node.delivered(1), 120, "the resend")
     finally:
         server.shutdown()
     assert len(set(received)) == 3 and len(received) > 3

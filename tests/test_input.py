@@ -90,8 +90,8 @@ def sent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sent]:
         storescu([enhanced_file], node.port)
         sent = Sent(first, second, scouted, scout_uid, tilted, enhanced, enhanced_uid, pacs, node)
         # a delivery is done when the PACS acknowledged every object, so its files are complete
-        wait_for(lambda: len(d := node.deliveries()) == 4 and all(x["state"] == "done" for x in d)
-                 and _job_for(node, tilted) and _job_for(node, tilted)["state"] == "failed", 180,
+        wait_for(lambda: node.delivered(4) and (job := _job_for(node, tilted))
+                 and job["state"] == "failed", 180,
                  "the results of each good series and the tilted series' job to fail")
         yield sent
 

@@ -33,8 +33,7 @@ def test_eight_concurrent_series_while_jobs_run(tmp_path: Path) -> None:
         rows = wait_for(lambda: (rows := node.get("/series")) and len(rows) == SENDERS
                         and all(r["state"] == "complete" for r in rows) and rows, 120, "all series complete")
         assert sorted(r["instances"] for r in rows) == [SLICES] * SENDERS
-        wait_for(lambda: (d := node.deliveries()) and len(d) == SENDERS
-                 and all(x["state"] == "done" for x in d), 600, "every series processed and delivered")
+        wait_for(lambda: node.delivered(SENDERS), 600, "every series processed and delivered")
         assert {j["state"] for j in node.jobs()} == {"done"}
     assert len(pacs.files()) == 3 * SENDERS
 

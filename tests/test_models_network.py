@@ -89,14 +89,10 @@ def test_bundle_through_the_node_dicom_in_seg_out(tmp_path: Path, bundle: Path,
             vesalius_node(tmp_path, destinations=[pacs.address], config=config) as node:
         storescu(unseen.paths, node.port)
 
-        def seg_at_pacs() -> pydicom.Dataset | None:
-            for path in pacs.files():
-                ds = pydicom.dcmread(path)
-                if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4":
-                    return ds
-            return None
-
-        seg = wait_for(seg_at_pacs, 180, "the bundle's SEG at the PACS")
+        # a delivery is done when the PACS acknowledged every object, so its files are complete
+        wait_for(lambda: node.delivered(1), 180, "the bundle's results at the PACS")
+        seg = next(ds for path in pacs.files()
+                   if (ds := pydicom.dcmread(path)).SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4")
         jobs = node.jobs()
     assert [(job["model"], job["state"]) for job in jobs] == [(f"bundle:{bundle}", "done")]
     assert str(seg.StudyInstanceUID) == unseen.study_uid
