@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from scipy.special import ellipeinc, ellipkinc
 
 ORIENTATIONS = ("axial", "coronal", "sagittal", "oblique")
 
@@ -101,7 +102,51 @@ class Box:
         return 2 * (x * y + y * z + x * z)
 
 
-Shape = Sphere | Cylinder | Box
+@dataclass(frozen=True)
+class Ellipsoid:
+    """An axis-aligned (LPS) ellipsoid with semi-axes ``radii`` (mm)."""
+
+    center: tuple[float, float, float]
+    radii: tuple[float, float, float]
+    hu: float
+
+    def inside(self, p: np.ndarray) -> np.ndarray:
+        q = (p - np.asarray(self.center)) / np.asarray(self.radii)
+        return np.sum(q**2, axis=-1) <= 1.0
+
+    @property
+    def volume_mm3(self) -> float:
+        a, b, c = self.radii
+        return 4.0 / 3.0 * math.pi * a * b * c
+
+    @property
+    def area_mm2(self) -> float:
+        """Exact area (Legendre's form with incomplete elliptic integrals), a > b > c."""
+        a, b, c = sorted(self.radii, reverse=True)
+        phi = math.acos(c / a)
+        m = (a**2 * (b**2 - c**2)) / (b**2 * (a**2 - c**2))
+        e, f = ellipeinc(phi, m), ellipkinc(phi, m)
+        return 2 * math.pi * c**2 + 2 * math.pi * a * b / math.sin(phi) * (
+            e * math.sin(phi) ** 2 + f * math.cos(phi) ** 2)
+
+    def distance_to_surface(self, p: np.ndarray) -> np.ndarray:
+        """Euclidean distance to the surface: bisection on the nearest-point Lagrange parameter."""
+        r = np.asarray(self.radii, float)
+        y = np.abs(p - np.asarray(self.center)) + 1e-12
+        lo = np.full(len(y), -r.min() ** 2 + 1e-12)
+        hi = np.full(len(y), np.linalg.norm(y * r, axis=1) + 1.0)
+        for _ in range(200):
+            t = (lo + hi) / 2
+            g = np.sum((r * y / (r**2 + t[:, None])) ** 2, axis=1) - 1.0
+            lo, hi = np.where(g > 0, t, lo), np.where(g > 0, hi, t)
+        x = r**2 * y / (r**2 + ((lo + hi) / 2)[:, None])
+        return np.linalg.norm(x - y, axis=1)
+
+    def outward(self, p: np.ndarray) -> np.ndarray:
+        return (p - np.asarray(self.center)) / np.asarray(self.radii) ** 2
+
+
+Shape = Sphere | Cylinder | Box | Ellipsoid
 
 
 def orientation_axes(orientation: str, feet_first: bool = False) -> tuple[np.ndarray, np.ndarray]:
