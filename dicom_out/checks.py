@@ -14,9 +14,9 @@ import numpy as np
 import pydicom
 from pydicom.multival import MultiValue
 
-from dicom_out.encapsulated_stl import ENCAPSULATED_STL_STORAGE
-from dicom_out.seg import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE
-from dicom_out.surface_segmentation import SURFACE_SEGMENTATION_STORAGE
+from vesalius.dicom_out.encapsulated_stl import ENCAPSULATED_STL_STORAGE
+from vesalius.dicom_out.seg import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE
+from vesalius.dicom_out.surface_segmentation import SURFACE_SEGMENTATION_STORAGE
 
 
 def _consecutive(numbers: Sequence[int], what: str) -> list[str]:

@@ -74,7 +74,7 @@ TERMS: dict[str, Term] = {term.name: term for term in _TERMS}
 
 def all_terms() -> dict[str, Term]:
     """Every known label: this table and TotalSegmentator's (``codes_totalseg``), ours first."""
-    from dicom_out.codes_totalseg import TOTALSEG_TERMS  # imports this module: import lazily
+    from vesalius.dicom_out.codes_totalseg import TOTALSEG_TERMS  # imports this module: import lazily
 
     return {**TOTALSEG_TERMS, **TERMS}
 

@@ -28,7 +28,7 @@ import colorsys
 
 from pydicom.sr.coding import Code
 
-from dicom_out.codes import (
+from vesalius.dicom_out.codes import (
     ANATOMICAL_STRUCTURE,
     LEFT,
     MORPHOLOGICALLY_ABNORMAL,

@@ -14,7 +14,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_out.identity import DEVICE_SERIAL_NUMBER, MANUFACTURER, MODEL_NAME, SOFTWARE_VERSION
+from vesalius.dicom_out.identity import DEVICE_SERIAL_NUMBER, MANUFACTURER, MODEL_NAME, SOFTWARE_VERSION
 
 # Copied from the source so the object files under the same patient and study.
 PATIENT_STUDY_KEYWORDS = (

@@ -14,14 +14,14 @@ from collections.abc import Sequence
 import pydicom
 from pydicom.sr.coding import Code
 
-from dicom_out.codes import term_for
-from dicom_out.common import code_item, image_reference, new_derived_dataset, referenced_series
-from dicom_out.identity import SERIES_NUMBER, Algorithm, derived_uid
-from dicom_out.seg import segment_tracking_uid
-from dicom_out.sources import tidy
-from dicom_out.stl import stl_bytes
-from inference.surfaces import Mesh
-from inference.volume import Volume
+from vesalius.dicom_out.codes import term_for
+from vesalius.dicom_out.common import code_item, image_reference, new_derived_dataset, referenced_series
+from vesalius.dicom_out.identity import SERIES_NUMBER, Algorithm, derived_uid
+from vesalius.dicom_out.seg import segment_tracking_uid
+from vesalius.dicom_out.sources import tidy
+from vesalius.dicom_out.stl import stl_bytes
+from vesalius.inference.surfaces import Mesh
+from vesalius.inference.volume import Volume
 
 ENCAPSULATED_STL_STORAGE = "1.2.840.10008.5.1.4.1.1.104.3"
 MILLIMETRE = Code("mm", "UCUM", "mm")

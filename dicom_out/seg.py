@@ -23,8 +23,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 
-from dicom_out.codes import term_for
-from dicom_out.identity import (
+from vesalius.dicom_out.codes import term_for
+from vesalius.dicom_out.identity import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
     MODEL_NAME,
@@ -34,9 +34,9 @@ from dicom_out.identity import (
     algorithm_identification,
     derived_uid,
 )
-from dicom_out.sources import source_headers, tidy
-from inference.models import Label
-from inference.volume import Volume, multiframe_source
+from vesalius.dicom_out.sources import source_headers, tidy
+from vesalius.inference.models import Label
+from vesalius.inference.volume import Volume, multiframe_source
 
 BINARY, LABELMAP = "BINARY", "LABELMAP"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pydicom
 
-from inference.volume import Volume
+from vesalius.inference.volume import Volume
 
 # Type 1C attributes that, when present, must have a value; an empty one means "not given".
 _DROP_WHEN_EMPTY = ("SpecificCharacterSet",)

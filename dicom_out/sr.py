@@ -14,8 +14,8 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dicom_out.codes import term_for
-from dicom_out.identity import (
+from vesalius.dicom_out.codes import term_for
+from vesalius.dicom_out.identity import (
     DEVICE_SERIAL_NUMBER,
     DEVICE_UID,
     MANUFACTURER,
@@ -25,10 +25,10 @@ from dicom_out.identity import (
     Algorithm,
     derived_uid,
 )
-from dicom_out.seg import SEGMENTATION_STORAGE, segment_numbers, segment_tracking_uid
-from dicom_out.sources import source_headers
-from inference.measures import Measurement
-from inference.volume import Volume
+from vesalius.dicom_out.seg import SEGMENTATION_STORAGE, segment_numbers, segment_tracking_uid
+from vesalius.dicom_out.sources import source_headers
+from vesalius.inference.measures import Measurement
+from vesalius.inference.volume import Volume
 
 VOLUME = codes.SCT.Volume  # SCT 118565006
 AREA = codes.SCT.Area  # SCT 42798000: the structure's surface area, from its mesh

@@ -14,7 +14,7 @@ import numpy as np
 import vtk
 from vtk.util.numpy_support import numpy_to_vtk, numpy_to_vtkIdTypeArray
 
-from inference.surfaces import Mesh
+from vesalius.inference.surfaces import Mesh
 
 
 def mesh_to_polydata(mesh: Mesh) -> vtk.vtkPolyData:

@@ -19,14 +19,14 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_out.codes import Term, term_for
-from dicom_out.common import (
+from vesalius.dicom_out.codes import Term, term_for
+from vesalius.dicom_out.common import (
     PATIENT_STUDY_KEYWORDS,
     code_item,
     image_reference,
     referenced_series,
 )
-from dicom_out.identity import (
+from vesalius.dicom_out.identity import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
     MODEL_NAME,
@@ -36,10 +36,10 @@ from dicom_out.identity import (
     algorithm_identification,
     derived_uid,
 )
-from dicom_out.seg import role_prefix, segment_tracking_uid
-from dicom_out.sources import tidy
-from inference.surfaces import Mesh
-from inference.volume import Volume
+from vesalius.dicom_out.seg import role_prefix, segment_tracking_uid
+from vesalius.dicom_out.sources import tidy
+from vesalius.inference.surfaces import Mesh
+from vesalius.inference.volume import Volume
 
 SURFACE_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.5"
 

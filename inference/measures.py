@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inference.models import Label
-from inference.surfaces import Mesh
-from inference.volume import Volume
+from vesalius.inference.models import Label
+from vesalius.inference.surfaces import Mesh
+from vesalius.inference.volume import Volume
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from vtkmodules.vtkFiltersCore import (
     vtkWindowedSincPolyDataFilter,
 )
 
-from inference.grid import pool
-from inference.models import Label
+from vesalius.inference.grid import pool
+from vesalius.inference.models import Label
 
 vtkSMPTools.SetBackend("STDThread")  # the PyPI wheel is sequential otherwise
 PASS_BAND = 0.01  # windowed-sinc pass band: removes the voxel staircase, keeps the shape

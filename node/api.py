@@ -18,7 +18,7 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 
-from node.store import DELIVERY_STATES, JOB_STATES, LISTINGS, Store
+from vesalius.node.store import DELIVERY_STATES, JOB_STATES, LISTINGS, Store
 
 log = logging.getLogger("vesalius.api")
 

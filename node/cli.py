@@ -8,11 +8,11 @@ import logging
 import sys
 from pathlib import Path
 
-from node.config import DEFAULT_AE_TITLE, ConfigError, Destination, load_config, with_overrides
+from vesalius.node.config import DEFAULT_AE_TITLE, ConfigError, Destination, load_config, with_overrides
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from node.service import Node
+    from vesalius.node.service import Node
 
     config = with_overrides(load_config(args.config), ae_title=args.ae_title, port=args.port,
                             http_port=args.http_port, data_dir=args.data_dir, model=args.model,
@@ -28,7 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
 def check_models(config) -> None:
     """Every model a rule names must resolve and have its weights: a ConfigError at start-up,
     not a failed first job."""
-    from inference.models.registry import ModelSpecError, check
+    from vesalius.inference.models.registry import ModelSpecError, check
 
     specs = config.models
     for i, rule in enumerate(config.rules):
@@ -39,7 +39,7 @@ def check_models(config) -> None:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from inference.models.registry import ModelSpecError, describe, specs_for
+    from vesalius.inference.models.registry import ModelSpecError, describe, specs_for
 
     config = load_config(args.config)
     specs = config.models
@@ -69,9 +69,9 @@ def series_files(folder: Path) -> list[Path]:
 
 
 def _process(args: argparse.Namespace) -> int:
-    from inference.models.registry import ModelSpecError, configure
-    from inference.volume import VolumeError
-    from node.pipeline import run_pipeline
+    from vesalius.inference.models.registry import ModelSpecError, configure
+    from vesalius.inference.volume import VolumeError
+    from vesalius.node.pipeline import run_pipeline
 
     folder = Path(args.series_dir)
     if not folder.is_dir():
@@ -110,7 +110,7 @@ def _echo(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace):
-    from node.store import Store
+    from vesalius.node.store import Store
 
     data_dir = Path(args.data_dir or load_config(args.config).data_dir)
     if not (data_dir / "vesalius.sqlite").exists():

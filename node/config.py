@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from inference.models.registry import ModelSpec, ModelSpecError, expand, parse_model_specs
+from vesalius.inference.models.registry import ModelSpec, ModelSpecError, expand, parse_model_specs
 
 DEFAULT_AE_TITLE = "VESALIUS"
 DEFAULT_PORT = 11112

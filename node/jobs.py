@@ -13,17 +13,17 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from inference.volume import VolumeError
-from node.config import Config
-from node.pipeline import run_pipeline
-from node.store import Store
+from vesalius.inference.volume import VolumeError
+from vesalius.node.config import Config
+from vesalius.node.pipeline import run_pipeline
+from vesalius.node.store import Store
 
 log = logging.getLogger("vesalius.jobs")
 
 
 def _init_worker(model_specs: dict, gpu_slots: int) -> None:
     """Give a new worker process the configured models (loaded lazily, then kept)."""
-    from inference.models.registry import configure
+    from vesalius.inference.models.registry import configure
 
     configure(model_specs, gpu_slots)
 
@@ -31,12 +31,12 @@ def _init_worker(model_specs: dict, gpu_slots: int) -> None:
 def _warm_up(models: tuple[str, ...] = ()) -> None:
     """Import the heavy libraries and load the routed models once per worker, before the first
     series arrives; a model that fails here fails its first job with the reason."""
-    import dicom_out.seg  # noqa: F401
-    import dicom_out.sr  # noqa: F401
-    import dicom_out.surface_segmentation  # noqa: F401
-    import inference.models  # noqa: F401
-    import inference.surfaces  # noqa: F401
-    from inference.models.registry import resolve
+    import vesalius.dicom_out.seg  # noqa: F401
+    import vesalius.dicom_out.sr  # noqa: F401
+    import vesalius.dicom_out.surface_segmentation  # noqa: F401
+    import vesalius.inference.models  # noqa: F401
+    import vesalius.inference.surfaces  # noqa: F401
+    from vesalius.inference.models.registry import resolve
 
     for model in models:
         try:

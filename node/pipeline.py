@@ -43,17 +43,17 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     """Process one series into ``out_dir`` (replaced atomically) and return the summary."""
     # Imported here, not at module level, so the listener process never loads VTK, highdicom and
     # the models: only the worker processes (and `vesalius process`) pay for them.
-    from dicom_out.encapsulated_stl import build_encapsulated_stls
-    from dicom_out.gltf import write_glb
-    from dicom_out.identity import ARTIFICIAL_INTELLIGENCE, MORPHOLOGICAL_OPERATIONS, Algorithm
-    from dicom_out.seg import LABELMAP, build_seg
-    from dicom_out.sr import build_sr
-    from dicom_out.stl import write_stl
-    from dicom_out.surface_segmentation import build_surface_segmentation
-    from inference.measures import measure
-    from inference.models.registry import resolve
-    from inference.surfaces import build_meshes
-    from inference.volume import load_series
+    from vesalius.dicom_out.encapsulated_stl import build_encapsulated_stls
+    from vesalius.dicom_out.gltf import write_glb
+    from vesalius.dicom_out.identity import ARTIFICIAL_INTELLIGENCE, MORPHOLOGICAL_OPERATIONS, Algorithm
+    from vesalius.dicom_out.seg import LABELMAP, build_seg
+    from vesalius.dicom_out.sr import build_sr
+    from vesalius.dicom_out.stl import write_stl
+    from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
+    from vesalius.inference.measures import measure
+    from vesalius.inference.models.registry import resolve
+    from vesalius.inference.surfaces import build_meshes
+    from vesalius.inference.volume import load_series
 
     timer = StageTimer()
     out = Path(out_dir)

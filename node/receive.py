@@ -17,8 +17,8 @@ from pydicom.pixels.utils import get_expected_length
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from node.config import Config
-from node.store import SeriesInfo, Store
+from vesalius.node.config import Config
+from vesalius.node.store import SeriesInfo, Store
 
 log = logging.getLogger("vesalius.receive")
 

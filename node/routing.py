@@ -15,8 +15,8 @@ from pynetdicom.sop_class import (
     MRImageStorage,
 )
 
-from dicom_out.identity import MANUFACTURER
-from node.config import Config, Rule
+from vesalius.dicom_out.identity import MANUFACTURER
+from vesalius.node.config import Config, Rule
 
 # Image SOP classes a model can read as a volume; everything else (SEG, SR, Surface, RT, STL, our
 # own outputs...) is stored but never processed, so no loop can form between the node and a PACS.

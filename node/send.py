@@ -13,9 +13,9 @@ import pydicom
 from pynetdicom import AE
 from pynetdicom.sop_class import EncapsulatedSTLStorage, LabelMapSegmentationStorage
 
-from node.config import Config, Destination, Retry
-from node.pipeline import OUTPUT_FILES, STL_DIR
-from node.store import Store
+from vesalius.node.config import Config, Destination, Retry
+from vesalius.node.pipeline import OUTPUT_FILES, STL_DIR
+from vesalius.node.store import Store
 
 log = logging.getLogger("vesalius.send")
 
@@ -122,7 +122,7 @@ class Sender:
                 raise DeliveryError(f"destination {name!r} is no longer configured", permanent=True)
             files = files_for(destination, delivery["result_dir"])
             if destination.kind == "dicomweb":
-                from node.stow import stow_rs  # node.stow imports this module
+                from vesalius.node.stow import stow_rs  # node.stow imports this module
 
                 stow_rs(destination, files)
             else:

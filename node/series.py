@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 import time
 
-from node.config import Config
-from node.routing import routes_for
-from node.store import Store
+from vesalius.node.config import Config
+from vesalius.node.routing import routes_for
+from vesalius.node.store import Store
 
 log = logging.getLogger("vesalius.series")
 

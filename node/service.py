@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 
-from node.api import make_server, start_server
-from node.config import Config
-from node.jobs import JobRunner
-from node.receive import Receiver, build_ae
-from node.send import Sender
-from node.series import complete_due_series
-from node.store import Store
+from vesalius.node.api import make_server, start_server
+from vesalius.node.config import Config
+from vesalius.node.jobs import JobRunner
+from vesalius.node.receive import Receiver, build_ae
+from vesalius.node.send import Sender
+from vesalius.node.series import complete_due_series
+from vesalius.node.store import Store
 
 log = logging.getLogger("vesalius.node")
 

@@ -18,8 +18,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from node.config import Destination
-from node.send import DeliveryError
+from vesalius.node.config import Destination
+from vesalius.node.send import DeliveryError
 
 TRANSIENT_HTTP = {408, 429}
 FAILED_SOP_SEQUENCE = "00081198"

@@ -136,7 +136,7 @@ def vesalius_node(tmp: Path, *, destinations: Sequence[str] = (), config: str = 
     port, http_port = port or free_port(), http_port or free_port()
     data_dir = data_dir or tmp / "node-data"
     config_path = write_config(tmp / f"node-{port}.toml", 'host = "127.0.0.1"\nquiet_period = 0.5\n' + config)
-    cmd = [*wrap, sys.executable, "-m", "node.cli", "serve", "--config", str(config_path),
+    cmd = [*wrap, sys.executable, "-m", "vesalius.node.cli", "serve", "--config", str(config_path),
            "--port", str(port), "--http-port", str(http_port), "--data-dir", str(data_dir)]
     for d in destinations:
         cmd += ["--destination", d]

@@ -17,7 +17,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from scipy import ndimage
 
-from inference.volume import Volume
+from vesalius.inference.volume import Volume
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _CT_INTERCEPT = -1024.0
@@ -185,8 +185,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def builtin_ct_dice(data_dir: str | Path, work_dir: str | Path) -> dict[str, float]:
     """Dice of builtin_ct against TotalSegmentator on the example CT, per comparable structure."""
-    from inference.models import get_model
-    from inference.volume import load_series
+    from vesalius.inference.models import get_model
+    from vesalius.inference.volume import load_series
 
     data_dir = Path(data_dir)
     volume = load_series(write_nifti_as_dicom_series(data_dir / "example_ct_sm.nii.gz", work_dir))

@@ -8,9 +8,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from inference.models import Label, get_model
-from inference.models.builtin_ct import AIRWAYS, BODY, BONE, LUNG_LEFT, LUNG_RIGHT, BuiltinCT
-from inference.volume import Volume, load_series
+from vesalius.inference.models import Label, get_model
+from vesalius.inference.models.builtin_ct import AIRWAYS, BODY, BONE, LUNG_LEFT, LUNG_RIGHT, BuiltinCT
+from vesalius.inference.volume import Volume, load_series
 from tests.phantoms import Box, Cylinder, write_phantom_series
 from tests.realdata import (
     BONE_CLASSES,

@@ -9,9 +9,9 @@ import highdicom as hd
 import pytest
 from pydicom.sr.codedict import codes
 
-from dicom_out.codes import TERMS, all_terms, term_for
-from dicom_out.codes_totalseg import TOTAL_CLASSES, TOTALSEG_TERMS
-from inference.models import get_model
+from vesalius.dicom_out.codes import TERMS, all_terms, term_for
+from vesalius.dicom_out.codes_totalseg import TOTAL_CLASSES, TOTALSEG_TERMS
+from vesalius.inference.models import get_model
 
 BUILTIN_LABELS = ("body", "lung_left", "lung_right", "airways", "bone")
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from node.config import Config, ConfigError, Destination, load_config, parse_config, with_overrides
+from vesalius.node.config import Config, ConfigError, Destination, load_config, parse_config, with_overrides
 
 
 def test_no_file_gives_the_embedded_default() -> None:

@@ -16,22 +16,22 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_out.checks import (
+from vesalius.dicom_out.checks import (
     encapsulated_stl_problems,
     seg_problems,
     sr_problems,
     surface_segmentation_problems,
 )
-from dicom_out.codes_totalseg import TOTAL_CLASSES
-from dicom_out.encapsulated_stl import build_encapsulated_stls
-from dicom_out.identity import Algorithm
-from dicom_out.seg import BINARY, LABELMAP, build_seg
-from dicom_out.sr import build_sr
-from dicom_out.surface_segmentation import build_surface_segmentation
-from inference.measures import measure
-from inference.models import Label, get_model
-from inference.surfaces import build_meshes
-from inference.volume import load_series
+from vesalius.dicom_out.codes_totalseg import TOTAL_CLASSES
+from vesalius.dicom_out.encapsulated_stl import build_encapsulated_stls
+from vesalius.dicom_out.identity import Algorithm
+from vesalius.dicom_out.seg import BINARY, LABELMAP, build_seg
+from vesalius.dicom_out.sr import build_sr
+from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
+from vesalius.inference.measures import measure
+from vesalius.inference.models import Label, get_model
+from vesalius.inference.surfaces import build_meshes
+from vesalius.inference.volume import load_series
 from tests.dicom_checks import dciodvfy_errors
 from tests.realdata import nifti_labels_in_volume_space, write_nifti_as_dicom_series
 
@@ -123,7 +123,7 @@ def test_our_checks_find_nothing(written, model: str, segmentation_type: str) ->
 
 def test_the_sr_references_the_binary_seg_only(written) -> None:
     """dciodvfy rejects Referenced Segment Number on a Label Map SEG: the SR never does that."""
-    from dicom_out.sr import build_sr as build
+    from vesalius.dicom_out.sr import build_sr as build
 
     objects = written["builtin_ct"]
     with pytest.raises(ValueError, match="BINARY"):

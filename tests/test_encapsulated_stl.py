@@ -11,18 +11,18 @@ import pydicom
 import pytest
 from stl import mesh as numpy_stl
 
-from dicom_out.checks import encapsulated_stl_problems
-from dicom_out.codes import term_for
-from dicom_out.encapsulated_stl import (
+from vesalius.dicom_out.checks import encapsulated_stl_problems
+from vesalius.dicom_out.codes import term_for
+from vesalius.dicom_out.encapsulated_stl import (
     ENCAPSULATED_STL_STORAGE,
     build_encapsulated_stl,
     build_encapsulated_stls,
 )
-from dicom_out.identity import MANUFACTURER, Algorithm, derived_uid
-from dicom_out.seg import build_seg
-from dicom_out.stl import write_stl
-from dicom_out.surface_segmentation import build_surface_segmentation
-from inference.surfaces import build_meshes
+from vesalius.dicom_out.identity import MANUFACTURER, Algorithm, derived_uid
+from vesalius.dicom_out.seg import build_seg
+from vesalius.dicom_out.stl import write_stl
+from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
+from vesalius.inference.surfaces import build_meshes
 from tests.dicom_checks import assert_dciodvfy_clean
 from tests.dicom_out_inputs import LABELS, phantom_volume
 

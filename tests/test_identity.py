@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dicom_out.identity import (
+from vesalius.dicom_out.identity import (
     MORPHOLOGICAL_OPERATIONS,
     SOFTWARE_VERSION,
     Algorithm,

@@ -12,25 +12,25 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from dicom_out.codes import term_for
-from inference.models.nnunet import (
+from vesalius.dicom_out.codes import term_for
+from vesalius.inference.models.nnunet import (
     dataset_classes,
     folder_problems,
     load_nnunet,
     nnunet_input,
     nnunet_labels,
 )
-from inference.models.nnunet import to_label_map as nnunet_to_labels
-from inference.models.registry import ModelSpecError, check, spec_from_path_form
-from inference.models.totalsegmentator import (
+from vesalius.inference.models.nnunet import to_label_map as nnunet_to_labels
+from vesalius.inference.models.registry import ModelSpecError, check, spec_from_path_form
+from vesalius.inference.models.totalsegmentator import (
     class_map,
     offline_config,
     totalseg_input,
     totalseg_labels,
     weights_problems,
 )
-from inference.models.totalsegmentator import to_label_map as totalseg_to_labels
-from inference.volume import load_series
+from vesalius.inference.models.totalsegmentator import to_label_map as totalseg_to_labels
+from vesalius.inference.volume import load_series
 from tests.phantoms import Box, Sphere, write_phantom_series
 from tests.realdata import nifti_labels_in_volume_space, write_nifti_as_dicom_series
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.device import Device, DeviceError, cpu_threads, device_slot, select_device, set_gpu_slots
-from inference.models import Label
-from inference.models.builtin_ct import BuiltinCT
-from inference.models.registry import (
+from vesalius.inference.device import Device, DeviceError, cpu_threads, device_slot, select_device, set_gpu_slots
+from vesalius.inference.models import Label
+from vesalius.inference.models.builtin_ct import BuiltinCT
+from vesalius.inference.models.registry import (
     MergedModel,
     ModelSpecError,
     check,
@@ -21,7 +21,7 @@ from inference.models.registry import (
     resolve,
     spec_from_path_form,
 )
-from inference.volume import Volume
+from vesalius.inference.volume import Volume
 
 
 @pytest.fixture(autouse=True)
@@ -120,8 +120,8 @@ def test_missing_weights_are_found_without_loading(tmp_path: Path) -> None:
 
 
 def test_bundle_labels_map_to_coded_names(tmp_path: Path) -> None:
-    from inference.models.monai_bundle import bundle_labels
-    from inference.models.registry import describe
+    from vesalius.inference.models.monai_bundle import bundle_labels
+    from vesalius.inference.models.registry import describe
 
     folder = write_bundle_skeleton(tmp_path / "b")
     labels, channels = bundle_labels(spec_from_path_form(f"bundle:{folder}"))
@@ -227,10 +227,10 @@ def test_nothing_needs_torch_until_a_network_runs(tmp_path: Path) -> None:
     import sys
 
     code = ("import sys; sys.modules.update(torch=None, monai=None, onnxruntime=None)\n"
-            "import node.cli, node.jobs, node.pipeline\n"
-            "import inference.models.monai_bundle, inference.models.onnx_model, "
-            "inference.models.nnunet, inference.models.totalsegmentator\n"
-            "from inference.models.registry import resolve, describe, spec_from_path_form\n"
+            "import vesalius.node.cli, vesalius.node.jobs, vesalius.node.pipeline\n"
+            "import vesalius.inference.models.monai_bundle, vesalius.inference.models.onnx_model, "
+            "vesalius.inference.models.nnunet, vesalius.inference.models.totalsegmentator\n"
+            "from vesalius.inference.models.registry import resolve, describe, spec_from_path_form\n"
             "print(resolve('builtin_ct').name, describe(spec_from_path_form('onnx:/x.onnx'))['device'])\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -7,11 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from node.store import Store
+from vesalius.node.store import Store
 
 
 def vesalius(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vesalius.node.cli", *args], capture_output=True, text=True,
                           timeout=60)
 
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.config import Destination
-from node.send import DeliveryError
-from node.store import SeriesInfo, Store
-from node.stow import multipart_related, stow_rs
+from vesalius.node.config import Destination
+from vesalius.node.send import DeliveryError
+from vesalius.node.store import SeriesInfo, Store
+from vesalius.node.stow import multipart_related, stow_rs
 from tests.conftest import ROOT, free_port
 from tests.orthanc_peer import HttpError, OrthancProcess, orthanc_server, read_commented_json
 from tests.peers import NodeProcess, vesalius_node, wait_for

@@ -8,12 +8,12 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from dicom_out.codes import term_for
-from dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
-from dicom_out.seg import build_seg, segment_numbers
-from dicom_out.sr import build_sr
-from inference.measures import Measurement
-from inference.models import Label
+from vesalius.dicom_out.codes import term_for
+from vesalius.dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
+from vesalius.dicom_out.seg import build_seg, segment_numbers
+from vesalius.dicom_out.sr import build_sr
+from vesalius.inference.measures import Measurement
+from vesalius.inference.models import Label
 from tests.dicom_checks import assert_dciodvfy_clean
 from tests.dicom_out_inputs import BODY, BONE, LABELS, LUNG_LEFT, LUNG_RIGHT, phantom_volume
 
@@ -145,8 +145,8 @@ def test_refuses_measurements_without_a_segment(inputs) -> None:
 
 def test_measurements_from_inference_are_reported(tmp_path: Path) -> None:
     """The pipeline's own measurements (inference.measures) of an oblique phantom."""
-    from inference.measures import measure
-    from inference.surfaces import build_meshes
+    from vesalius.inference.measures import measure
+    from vesalius.inference.surfaces import build_meshes
 
     volume, labels = phantom_volume(tmp_path / "phantom", orientation="oblique")
     measurements = measure(volume, labels, LABELS, build_meshes(labels, volume.affine, LABELS))

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_out.stl import write_stl
-from inference.surfaces import Mesh
+from vesalius.dicom_out.stl import write_stl
+from vesalius.inference.surfaces import Mesh
 from tests.dicom_out_inputs import LUNG_LEFT, sphere_mesh
 
 FACET = np.dtype([("normal", "<f4", 3), ("vertices", "<f4", (3, 3)), ("attribute", "<u2")])
@@ -53,7 +53,7 @@ def test_empty_mesh_is_refused(tmp_path: Path) -> None:
 
 def test_stl_of_a_pipeline_mesh_encloses_its_volume_outward(tmp_path: Path) -> None:
     """A pipeline mesh (inference.surfaces): the facets enclose the voxels' volume, outward."""
-    from inference.surfaces import build_meshes
+    from vesalius.inference.surfaces import build_meshes
     from tests.dicom_out_inputs import LABELS, phantom_volume
 
     volume, labels = phantom_volume(tmp_path / "phantom", orientation="oblique")

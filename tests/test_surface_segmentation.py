@@ -8,15 +8,15 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_out.codes import term_for
-from dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
-from dicom_out.seg import build_seg
-from dicom_out.surface_segmentation import (
+from vesalius.dicom_out.codes import term_for
+from vesalius.dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
+from vesalius.dicom_out.seg import build_seg
+from vesalius.dicom_out.surface_segmentation import (
     SURFACE_SEGMENTATION_STORAGE,
     build_surface_segmentation,
 )
-from inference.surfaces import Mesh
-from inference.volume import Volume
+from vesalius.inference.surfaces import Mesh
+from vesalius.inference.volume import Volume
 from tests.dicom_checks import assert_dciodvfy_clean
 from tests.dicom_out_inputs import (
     BONE,
@@ -194,7 +194,7 @@ def test_refuses_what_it_cannot_write(inputs) -> None:
 
 def test_surfaces_from_a_real_series_pass_dciodvfy(shared_data: Path, tmp_path: Path) -> None:
     """The GE series has an empty Specific Character Set and single-component names."""
-    from inference.volume import load_series
+    from vesalius.inference.volume import load_series
 
     volume: Volume = load_series(sorted((shared_data / "ct-3slice-ge").glob("0*.dcm")))
     centre = volume.affine @ np.array([1, 256, 256, 1])
@@ -207,7 +207,7 @@ def test_surfaces_from_a_real_series_pass_dciodvfy(shared_data: Path, tmp_path: 
 
 def test_meshes_from_inference_round_trip(tmp_path: Path) -> None:
     """The pipeline's own meshes (inference.surfaces) on an oblique phantom."""
-    from inference.surfaces import build_meshes
+    from vesalius.inference.surfaces import build_meshes
 
     volume, labels = phantom_volume(tmp_path / "phantom", orientation="oblique")
     meshes = build_meshes(labels, volume.affine, LABELS)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.models import Label
-from inference.surfaces import Mesh, build_meshes
+from vesalius.inference.models import Label
+from vesalius.inference.surfaces import Mesh, build_meshes
 from tests.phantoms import Cylinder, Sphere, phantom_affine, voxel_centres
 
 SPHERE = Sphere(center=(6.0, -5.0, 3.0), radius=14.0, hu=1.0)
@@ -156,7 +156,7 @@ def test_volume_sign_follows_winding() -> None:
 def test_open_mesh_is_reported_open() -> None:
     affine, shape = _grid()
     (mesh,) = build_meshes(_render(affine, shape, SPHERE).astype(np.uint8), affine, [LABEL])
-    from inference.surfaces import _topology
+    from vesalius.inference.surfaces import _topology
 
     assert _topology(mesh.triangles) == (True, True)
     assert _topology(mesh.triangles[1:]) == (False, False)

@@ -30,7 +30,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from inference.volume import Volume, load_series
+from vesalius.inference.volume import Volume, load_series
 from tests.peers import DCMTK_ENV
 
 

@@ -19,7 +19,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from inference.volume import (
+from vesalius.inference.volume import (
     Volume,
     VolumeError,
     frame_number,

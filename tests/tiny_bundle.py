@@ -136,7 +136,7 @@ def training_set(folder: Path, count: int, seed: int) -> tuple[np.ndarray, np.nd
     from monai.bundle import ConfigParser
     from monai.data import MetaTensor
 
-    from inference.models.network import LPS_TO_RAS, without_loader
+    from vesalius.inference.models.network import LPS_TO_RAS, without_loader
 
     parser = ConfigParser()
     parser.read_config(str(folder / "configs" / "inference.json"))

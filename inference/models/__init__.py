@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from inference.volume import Volume
+from vesalius.inference.volume import Volume
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,6 @@ def get_model(name: str) -> Model:
     """The model ``name`` refers to: ``builtin_ct``, a configured model, a path form
     (``bundle:PATH``, ``onnx:PATH``...) or several joined by ``+``; loaded once per process
     (``inference.models.registry``). ValueError naming the known models otherwise."""
-    from inference.models.registry import resolve
+    from vesalius.inference.models.registry import resolve
 
     return resolve(name)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from inference.grid import pool
-from inference.models import Label
-from inference.volume import Volume
+from vesalius.inference.grid import pool
+from vesalius.inference.models import Label
+from vesalius.inference.volume import Volume
 
 BODY, LUNG_LEFT, LUNG_RIGHT, AIRWAYS, BONE = 1, 2, 3, 4, 5
 

@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from inference.models import Label
-from inference.models.registry import ModelSpec, ModelSpecError, label_defs
+from vesalius.inference.models import Label
+from vesalius.inference.models.registry import ModelSpec, ModelSpecError, label_defs
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 WEIGHT_NAMES = ("model.ts", "model.pt")
@@ -66,8 +66,8 @@ def load_bundle(spec: ModelSpec) -> Any:
     """The bundle as a NetworkModel on this worker's device."""
     from monai.bundle import ConfigParser
 
-    from inference.device import select_device
-    from inference.models.network import NetworkModel, without_loader
+    from vesalius.inference.device import select_device
+    from vesalius.inference.models.network import NetworkModel, without_loader
 
     folder = Path(spec.path)
     device = select_device(spec.device)
@@ -95,7 +95,7 @@ def _safe_name(name: str) -> str:
 
 
 def _window(parser: Any, spec: ModelSpec) -> Any:
-    from inference.models.network import Window
+    from vesalius.inference.models.network import Window
 
     inferer = parser.get_parsed_content("inferer") if "inferer" in parser else None
     roi = spec.roi_size or tuple(int(v) for v in getattr(inferer, "roi_size", ()) or ())

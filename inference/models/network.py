@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from inference.device import Device, device_slot
-from inference.models import Label
-from inference.volume import Volume
+from vesalius.inference.device import Device, device_slot
+from vesalius.inference.models import Label
+from vesalius.inference.volume import Volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Above this many output channels, labels are inverted (nearest) instead of probabilities: 100+

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from inference.models import Label
-from inference.models.registry import ModelSpec, ModelSpecError, label_defs
-from inference.volume import Volume
+from vesalius.inference.models import Label
+from vesalius.inference.models.registry import ModelSpec, ModelSpecError, label_defs
+from vesalius.inference.volume import Volume
 
 
 def available_folds(folder: Path) -> tuple[int, ...]:
@@ -97,7 +97,7 @@ class NnUNetModel:
     def predict(self, volume: Volume) -> np.ndarray:
         import torch
 
-        from inference.device import device_slot
+        from vesalius.inference.device import device_slot
 
         image, properties = nnunet_input(volume)
         with device_slot(self.device), torch.inference_mode():
@@ -112,7 +112,7 @@ def load_nnunet(spec: ModelSpec) -> NnUNetModel:
     except ImportError as err:
         raise ModelSpecError(f"model {spec.name!r}: nnU-Net is not installed "
                              "(pip install 'vesalius[nnunet]')") from err
-    from inference.device import select_device
+    from vesalius.inference.device import select_device
 
     device = select_device(spec.device)
     folder = Path(spec.path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from inference.models.registry import ModelSpec, label_defs
+from vesalius.inference.models.registry import ModelSpec, label_defs
 
 
 class OnnxRunner:
@@ -34,9 +34,9 @@ class OnnxRunner:
 
 
 def load_onnx(spec: ModelSpec) -> Any:
-    from inference.device import select_device
-    from inference.models.network import NetworkModel
-    from inference.models.torchscript import network_settings
+    from vesalius.inference.device import select_device
+    from vesalius.inference.models.network import NetworkModel
+    from vesalius.inference.models.torchscript import network_settings
 
     device = select_device(spec.device)
     labels, channels = label_defs(spec.labels, spec.label_map, spec.name)

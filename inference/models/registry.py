@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from inference.models import Label, Model
-from inference.volume import Volume
+from vesalius.inference.models import Label, Model
+from vesalius.inference.volume import Volume
 
 BUILTIN = "builtin_ct"
 KINDS = ("builtin", "bundle", "torchscript", "onnx", "nnunet", "totalsegmentator", "merge")
@@ -301,7 +301,7 @@ _LOCK = threading.Lock()
 
 def configure(specs: Mapping[str, ModelSpec] | None = None, gpu_slots: int = 1) -> None:
     """Set the configured models (and GPU slots) of this process; forgets loaded models."""
-    from inference import device
+    from vesalius.inference import device
 
     device.set_gpu_slots(gpu_slots)
     with _LOCK:
@@ -337,27 +337,27 @@ def load(spec: ModelSpec) -> Model:
     if problems:
         raise ModelSpecError(f"model {spec.name!r}: " + "; ".join(problems))
     if spec.kind == "builtin":
-        from inference.models.builtin_ct import BuiltinCT
+        from vesalius.inference.models.builtin_ct import BuiltinCT
 
         return BuiltinCT()
     if spec.kind == "bundle":
-        from inference.models.monai_bundle import load_bundle
+        from vesalius.inference.models.monai_bundle import load_bundle
 
         return load_bundle(spec)
     if spec.kind == "torchscript":
-        from inference.models.torchscript import load_torchscript
+        from vesalius.inference.models.torchscript import load_torchscript
 
         return load_torchscript(spec)
     if spec.kind == "onnx":
-        from inference.models.onnx_model import load_onnx
+        from vesalius.inference.models.onnx_model import load_onnx
 
         return load_onnx(spec)
     if spec.kind == "nnunet":
-        from inference.models.nnunet import load_nnunet
+        from vesalius.inference.models.nnunet import load_nnunet
 
         return load_nnunet(spec)
     if spec.kind == "totalsegmentator":
-        from inference.models.totalsegmentator import load_totalsegmentator
+        from vesalius.inference.models.totalsegmentator import load_totalsegmentator
 
         return load_totalsegmentator(spec)
     raise ModelSpecError(f"model {spec.name!r}: kind {spec.kind!r} cannot be loaded on its own")
@@ -371,17 +371,17 @@ def weight_problems(spec: ModelSpec) -> list[str]:
     if path is None:
         return [f"no path for kind {spec.kind!r}"]
     if spec.kind == "bundle":
-        from inference.models.monai_bundle import bundle_problems
+        from vesalius.inference.models.monai_bundle import bundle_problems
 
         return bundle_problems(path)
     if spec.kind in ("torchscript", "onnx"):
         return [] if path.is_file() else [f"weights file {path} does not exist"]
     if spec.kind == "nnunet":
-        from inference.models.nnunet import folder_problems
+        from vesalius.inference.models.nnunet import folder_problems
 
         return folder_problems(path, spec.folds, spec.checkpoint)
     if spec.kind == "totalsegmentator":
-        from inference.models.totalsegmentator import weights_problems
+        from vesalius.inference.models.totalsegmentator import weights_problems
 
         return weights_problems(path, spec.task, spec.fast)
     return []
@@ -403,12 +403,12 @@ def check(reference: str, specs: Mapping[str, ModelSpec] | None = None) -> list[
 
 def describe(spec: ModelSpec) -> dict[str, Any]:
     """What ``vesalius models`` shows: kind, path, labels, device, weights present (no loading)."""
-    from inference.device import cuda_available
+    from vesalius.inference.device import cuda_available
 
     problems = weight_problems(spec)
     labels: list[str] = []
     if spec.kind == "builtin":
-        from inference.models.builtin_ct import BuiltinCT
+        from vesalius.inference.models.builtin_ct import BuiltinCT
 
         labels = [label.name for label in BuiltinCT.labels]
     elif not problems:
@@ -430,17 +430,17 @@ def describe(spec: ModelSpec) -> dict[str, Any]:
 def declared_labels(spec: ModelSpec) -> tuple[Label, ...]:
     """The labels a model will produce, read from its metadata files (no weights loaded)."""
     if spec.kind == "bundle":
-        from inference.models.monai_bundle import bundle_labels
+        from vesalius.inference.models.monai_bundle import bundle_labels
 
         return bundle_labels(spec)[0]
     if spec.kind in ("torchscript", "onnx"):
         return label_defs(spec.labels, spec.label_map, spec.name)[0]
     if spec.kind == "nnunet":
-        from inference.models.nnunet import nnunet_labels
+        from vesalius.inference.models.nnunet import nnunet_labels
 
         return nnunet_labels(spec)[0]
     if spec.kind == "totalsegmentator":
-        from inference.models.totalsegmentator import totalseg_labels
+        from vesalius.inference.models.totalsegmentator import totalseg_labels
 
         return totalseg_labels(spec)[0]
     return ()
@@ -478,7 +478,7 @@ def label_defs(names: Mapping[int, str], label_map: Mapping[str, str],
 
 def has_code(name: str) -> bool:
     """True when ``name`` resolves to a coded term in ``dicom_out.codes``."""
-    from dicom_out.codes import term_for
+    from vesalius.dicom_out.codes import term_for
 
     try:
         term_for(name)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from inference.models.registry import ModelSpec, ModelSpecError, label_defs
+from vesalius.inference.models.registry import ModelSpec, ModelSpecError, label_defs
 
 DEFAULT_OVERLAP = 0.25
 
 
 def network_settings(spec: ModelSpec) -> tuple[Any, Any]:
     """Pre-processing Compose and Window from a spec's plain keys (TorchScript and ONNX)."""
-    from inference.models.network import Window, preprocessing_from_settings
+    from vesalius.inference.models.network import Window, preprocessing_from_settings
 
     if not spec.roi_size:
         raise ModelSpecError(f"model {spec.name!r}: roi_size is required for a {spec.kind} model "
@@ -30,8 +30,8 @@ def network_settings(spec: ModelSpec) -> tuple[Any, Any]:
 def load_torchscript(spec: ModelSpec) -> Any:
     import torch
 
-    from inference.device import select_device
-    from inference.models.network import NetworkModel
+    from vesalius.inference.device import select_device
+    from vesalius.inference.models.network import NetworkModel
 
     device = select_device(spec.device)
     labels, channels = label_defs(spec.labels, spec.label_map, spec.name)

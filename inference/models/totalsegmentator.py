@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from inference.models import Label
-from inference.models.registry import ModelSpec, ModelSpecError, label_defs
-from inference.volume import Volume
+from vesalius.inference.models import Label
+from vesalius.inference.models.registry import ModelSpec, ModelSpecError, label_defs
+from vesalius.inference.volume import Volume
 
 # nnU-Net dataset ids of the "total" task's weights: 5 parts at 1.5 mm, or one 3 mm model (--fast)
 TASK_DATASETS = {("total", False): (291, 292, 293, 294, 295), ("total", True): (297,)}
@@ -56,7 +56,7 @@ def class_map(task: str) -> dict[int, str]:
         if task != "total":
             raise ModelSpecError(f"TotalSegmentator task {task!r}: install vesalius[totalsegmentator] "
                                  "for its class map") from None
-        from dicom_out.codes_totalseg import TOTAL_CLASSES
+        from vesalius.dicom_out.codes_totalseg import TOTAL_CLASSES
 
         return dict(enumerate(TOTAL_CLASSES, start=1))
     return {int(k): str(v) for k, v in classes[task].items()}
@@ -76,7 +76,7 @@ def totalseg_input(volume: Volume) -> Any:
     """The volume as the NIfTI image TotalSegmentator takes: our array with its voxel -> RAS affine."""
     import nibabel as nib
 
-    from inference.models.network import LPS_TO_RAS
+    from vesalius.inference.models.network import LPS_TO_RAS
 
     return nib.Nifti1Image(np.ascontiguousarray(volume.array, dtype=np.float32),
                            LPS_TO_RAS @ volume.affine)
@@ -106,7 +106,7 @@ class TotalSegmentatorModel:
     def predict(self, volume: Volume) -> np.ndarray:
         from totalsegmentator.python_api import totalsegmentator
 
-        from inference.device import device_slot
+        from vesalius.inference.device import device_slot
 
         with device_slot(self.device):
             result = totalsegmentator(
@@ -132,7 +132,7 @@ def load_totalsegmentator(spec: ModelSpec) -> TotalSegmentatorModel:
     except ImportError as err:
         raise ModelSpecError(f"model {spec.name!r}: TotalSegmentator is not installed "
                              "(pip install 'vesalius[totalsegmentator]')") from err
-    from inference.device import select_device
+    from vesalius.inference.device import select_device
 
     path = Path(spec.path)
     results = results_dir(path)
