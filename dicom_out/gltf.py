@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pygltflib
 
-from vesalius.dicom_out.codes import term_for
 from vesalius.inference.surfaces import Mesh
+from vesalius.inference.terminology import term_for
 
 # LPS millimetres -> glTF (x left, y superior, z anterior) metres; glTF matrices are column-major
 LPS_MM_TO_GLTF = np.array([

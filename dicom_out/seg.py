@@ -23,7 +23,6 @@ import highdicom as hd
 import numpy as np
 import pydicom
 
-from vesalius.dicom_out.codes import term_for
 from vesalius.dicom_out.identity import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
@@ -36,7 +35,9 @@ from vesalius.dicom_out.identity import (
 )
 from vesalius.dicom_out.sources import source_headers, tidy
 from vesalius.inference.models import Label
-from vesalius.inference.volume import Volume, multiframe_source
+from vesalius.inference.series import multiframe_source
+from vesalius.inference.terminology import term_for
+from vesalius.inference.volume import Volume
 
 BINARY, LABELMAP = "BINARY", "LABELMAP"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"

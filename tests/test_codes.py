@@ -9,9 +9,8 @@ import highdicom as hd
 import pytest
 from pydicom.sr.codedict import codes
 
-from vesalius.dicom_out.codes import TERMS, all_terms, term_for
-from vesalius.dicom_out.codes_totalseg import TOTAL_CLASSES, TOTALSEG_TERMS
-from vesalius.inference.models import get_model
+from vesalius.inference.models.registry import resolve
+from vesalius.inference.terminology import TERMS, TOTAL_CLASSES, TOTALSEG_TERMS, all_terms, term_for
 
 BUILTIN_LABELS = ("body", "lung_left", "lung_right", "airways", "bone")
 
@@ -32,7 +31,7 @@ def test_every_builtin_label_has_a_term(name: str) -> None:
 
 
 def test_the_builtin_model_labels_are_all_in_the_table() -> None:
-    model = get_model("builtin_ct")
+    model = resolve("builtin_ct")
     assert {label.name for label in model.labels} <= set(TERMS)
 
 
@@ -85,7 +84,7 @@ def _totalseg_names(shared_data: Path) -> list[str]:
 
 def test_every_label_of_every_model_resolves_to_a_code(shared_data: Path) -> None:
     """builtin_ct's labels and all 117 TotalSegmentator ``total`` classes."""
-    names = [label.name for label in get_model("builtin_ct").labels]
+    names = [label.name for label in resolve("builtin_ct").labels]
     names += _totalseg_names(shared_data)
     assert len(names) == 5 + 117
     for name in names:
