@@ -185,12 +185,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def builtin_ct_dice(data_dir: str | Path, work_dir: str | Path) -> dict[str, float]:
     """Dice of builtin_ct against TotalSegmentator on the example CT, per comparable structure."""
-    from vesalius.inference.models import get_model
-    from vesalius.inference.volume import load_series
+    from vesalius.inference.models.registry import resolve
+    from vesalius.inference.series import load_series
 
     data_dir = Path(data_dir)
     volume = load_series(write_nifti_as_dicom_series(data_dir / "example_ct_sm.nii.gz", work_dir))
-    model = get_model("builtin_ct")
+    model = resolve("builtin_ct")
     labels = model.predict(volume)
     reference = nifti_labels_in_volume_space(data_dir / "example_seg.nii.gz", volume)
     label_map = data_dir / "label_map_total_v2.json"

@@ -8,9 +8,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from vesalius.inference.models import Label, get_model
-from vesalius.inference.models.builtin_ct import AIRWAYS, BODY, BONE, LUNG_LEFT, LUNG_RIGHT, BuiltinCT
-from vesalius.inference.volume import Volume, load_series
 from tests.phantoms import Box, Cylinder, write_phantom_series
 from tests.realdata import (
     BONE_CLASSES,
@@ -20,6 +17,11 @@ from tests.realdata import (
     totalseg_label_values,
     write_nifti_as_dicom_series,
 )
+from vesalius.inference.models import Label
+from vesalius.inference.models.builtin_ct import AIRWAYS, BODY, BONE, LUNG_LEFT, LUNG_RIGHT, BuiltinCT
+from vesalius.inference.models.registry import resolve
+from vesalius.inference.series import load_series
+from vesalius.inference.volume import Volume
 
 # A chest on a table: lungs left/right, trachea and bronchi, spine and a contrast-filled aorta.
 CHEST = dict(
@@ -35,15 +37,15 @@ CHEST = dict(
 )
 
 
-def test_get_model() -> None:
-    model = get_model("builtin_ct")
+def test_resolve() -> None:
+    model = resolve("builtin_ct")
     assert isinstance(model, BuiltinCT)
     assert (model.name, model.version) == ("builtin_ct", "1")
     assert [label.name for label in model.labels] == [
         "body", "lung_left", "lung_right", "airways", "bone"]
     assert model.labels[0] == Label(BODY, "body", (LUNG_LEFT, LUNG_RIGHT, AIRWAYS, BONE))
     with pytest.raises(ValueError, match="builtin_ct"):
-        get_model("no_such_model")
+        resolve("no_such_model")
 
 
 def _mirrored(volume: Volume, axis: int) -> Volume:
@@ -59,7 +61,7 @@ def chest(tmp_path_factory: pytest.TempPathFactory):
     series = write_phantom_series(tmp_path_factory.mktemp("chest"), shape=(60, 96, 96),
                                   spacing=(2.5, 1.5, 1.5), objects=list(CHEST.values()))
     volume = load_series(series.paths)
-    labels = get_model("builtin_ct").predict(volume)
+    labels = resolve("builtin_ct").predict(volume)
     index = np.indices(volume.array.shape).reshape(3, -1).T
     points = (index @ volume.affine[:3, :3].T + volume.affine[:3, 3]).reshape(
         (*volume.array.shape, 3))
@@ -89,14 +91,14 @@ def test_synthetic_chest_anatomy(chest) -> None:
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_labels_follow_the_patient_not_the_array(chest, axis: int) -> None:
     volume, labels, _ = chest
-    mirrored = get_model("builtin_ct").predict(_mirrored(volume, axis))
+    mirrored = resolve("builtin_ct").predict(_mirrored(volume, axis))
     assert float((np.flip(mirrored, axis) == labels).mean()) > 0.995
 
 
 def test_empty_air_volume_gives_background(chest) -> None:
     volume, _, _ = chest
     air = Volume(np.full((8, 16, 16), -1000, np.float32), volume.affine, volume.sources)
-    assert not get_model("builtin_ct").predict(air).any()
+    assert not resolve("builtin_ct").predict(air).any()
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +120,13 @@ def _truth(reference: np.ndarray, label_map: Path, name: str) -> np.ndarray:
     ("lung_left", LUNG_LEFT, 0.93), ("lung_right", LUNG_RIGHT, 0.94), ("bone", BONE, 0.76)])
 def test_dice_against_totalsegmentator(real_ct, name: str, value: int, minimum: float) -> None:
     volume, reference, label_map = real_ct
-    labels = get_model("builtin_ct").predict(volume)
+    labels = resolve("builtin_ct").predict(volume)
     assert dice(labels == value, _truth(reference, label_map, name)) >= minimum
 
 
 def test_body_holds_every_reference_structure(real_ct) -> None:
     volume, reference, _ = real_ct
-    body = get_model("builtin_ct").labels[0].mask(get_model("builtin_ct").predict(volume))
+    body = resolve("builtin_ct").labels[0].mask(resolve("builtin_ct").predict(volume))
     assert float(body[reference > 0].mean()) > 0.99
 
 
@@ -132,7 +134,7 @@ def test_left_lung_is_patient_left_in_any_storage_order(real_ct) -> None:
     volume, reference, label_map = real_ct
     left = _truth(reference, label_map, "lung_left")
     for axis in (1, 2):  # rows and columns reversed: the image looks mirrored
-        labels = np.flip(get_model("builtin_ct").predict(_mirrored(volume, axis)), axis)
+        labels = np.flip(resolve("builtin_ct").predict(_mirrored(volume, axis)), axis)
         assert dice(labels == LUNG_LEFT, left) > 0.9
 
 
@@ -144,7 +146,7 @@ def test_contrast_enhanced_vessels_and_kidneys_are_not_bone(real_ct) -> None:
     enhanced = volume.array.copy()
     for name, boost in values.items():
         enhanced[np.isin(reference, totalseg_label_values(label_map, name))] += boost
-    labels = get_model("builtin_ct").predict(Volume(enhanced, volume.affine, volume.sources))
+    labels = resolve("builtin_ct").predict(Volume(enhanced, volume.affine, volume.sources))
     for name in ("aorta", "kidney_"):
         organ = np.isin(reference, totalseg_label_values(label_map, name))
         assert organ.sum() > 500
@@ -159,7 +161,7 @@ def test_full_resolution_ge_slices_against_reference_labels(shared_data: Path) -
 
     folder = shared_data / "ct-3slice-ge"
     volume = load_series(sorted(folder.glob("*.dcm")))
-    labels = get_model("builtin_ct").predict(volume)
+    labels = resolve("builtin_ct").predict(volume)
 
     def reference(name: str) -> np.ndarray:
         return sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{name}_seg.nrrd"))) > 0
@@ -182,4 +184,4 @@ def test_refuses_non_ct() -> None:
     header.Modality = "MR"
     mr = Volume(np.zeros((2, 4, 4), np.float32), np.eye(4), (header, header))
     with pytest.raises(ValueError, match="CT only, this series is MR"):
-        get_model("builtin_ct").predict(mr)
+        resolve("builtin_ct").predict(mr)

@@ -14,7 +14,7 @@ from vesalius.inference.volume import Volume
 class Label:
     """One structure a model produces.
 
-    ``name`` is the key into ``dicom_out.codes``; ``includes`` lists other label values that
+    ``name`` is the key into ``inference.terminology``; ``includes`` lists other label values that
     belong to this structure too (the body contains the lungs), so segments may overlap.
     """
 
@@ -31,9 +31,6 @@ class Label:
         return member[labels]
 
 
-MODEL_NAMES = ("builtin_ct",)
-
-
 class Model(Protocol):
     name: str
     version: str
@@ -44,11 +41,3 @@ class Model(Protocol):
         """uint8 label array with the volume's shape; 0 is background."""
         ...
 
-
-def get_model(name: str) -> Model:
-    """The model ``name`` refers to: ``builtin_ct``, a configured model, a path form
-    (``bundle:PATH``, ``onnx:PATH``...) or several joined by ``+``; loaded once per process
-    (``inference.models.registry``). ValueError naming the known models otherwise."""
-    from vesalius.inference.models.registry import resolve
-
-    return resolve(name)

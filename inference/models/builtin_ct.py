@@ -11,7 +11,10 @@ import numpy as np
 from scipy import ndimage
 
 from vesalius.inference.grid import pool
-from vesalius.inference.models import Label
+from vesalius.inference.models import Label, Model
+from vesalius.inference.models.backend import Backend
+from vesalius.inference.models.spec import ModelSpec
+from vesalius.inference.models.structures import Structures
 from vesalius.inference.volume import Volume
 
 BODY, LUNG_LEFT, LUNG_RIGHT, AIRWAYS, BONE = 1, 2, 3, 4, 5
@@ -332,3 +335,24 @@ def _looks_like_vessel(mask: np.ndarray, peak: np.ndarray, spacing: np.ndarray) 
 def _max_inscribed_radius_mm(mask: np.ndarray, spacing: np.ndarray) -> float:
     """Largest distance from inside a mask to its edge (thin rib vs. thick vessel)."""
     return float(ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing).max())
+
+
+class BuiltinBackend(Backend):
+    """``builtin_ct``: no weights, always on the CPU."""
+
+    kind = "builtin"
+
+    def weight_problems(self, spec: ModelSpec) -> list[str]:
+        return []
+
+    def structures(self, spec: ModelSpec) -> Structures:
+        return BuiltinCT.labels, {label.value: label.value for label in BuiltinCT.labels}
+
+    def load(self, spec: ModelSpec) -> Model:
+        return BuiltinCT()
+
+    def device(self, spec: ModelSpec) -> str:
+        return "cpu"
+
+
+backend = BuiltinBackend()

@@ -20,6 +20,7 @@ import numpy as np
 
 from vesalius.inference.device import Device, device_slot
 from vesalius.inference.models import Label
+from vesalius.inference.models.output import to_label_map
 from vesalius.inference.volume import Volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -164,17 +165,4 @@ class NetworkModel:
             winner = (scores[0] > 0.5).astype(np.int64)
         else:
             winner = np.argmax(scores, axis=0)
-        lut = np.zeros(max(channels, 2), dtype=np.uint8)
-        for channel, value in self.channels.items():
-            if channel < len(lut):
-                lut[channel] = value
-        return lut[np.clip(winner, 0, len(lut) - 1)]
-
-
-def labels_from_channels(names: Mapping[int, str]) -> tuple[tuple[Label, ...], dict[int, int]]:
-    """Labels (value = output channel) from a channel -> label-name table; channel 0 is background."""
-    labels = tuple(Label(int(c), n) for c, n in sorted(names.items()) if int(c) > 0)
-    for label in labels:
-        if not 1 <= label.value <= 255:
-            raise ValueError(f"output channel {label.value} cannot be a label value (1..255)")
-    return labels, {label.value: label.value for label in labels}
+        return to_label_map(self.name, winner, self.channels, volume.array.shape)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from vesalius.inference.models.registry import ModelSpec, label_defs
+from vesalius.inference.models import Model
+from vesalius.inference.models.backend import Backend
+from vesalius.inference.models.spec import ModelSpec
 
 
 class OnnxRunner:
@@ -33,15 +35,23 @@ class OnnxRunner:
         return torch.from_numpy(self.session.run(None, {self.input: array})[0])
 
 
-def load_onnx(spec: ModelSpec) -> Any:
-    from vesalius.inference.device import select_device
-    from vesalius.inference.models.network import NetworkModel
-    from vesalius.inference.models.torchscript import network_settings
+class OnnxBackend(Backend):
+    """``onnx``: one ``.onnx`` file; labels and pre-processing from the spec."""
 
-    device = select_device(spec.device)
-    labels, channels = label_defs(spec.labels, spec.label_map, spec.name)
-    preprocessing, window = network_settings(spec)
-    return NetworkModel(name=spec.name, version=spec.version or "1", labels=labels,
-                        channels=channels, preprocessing=preprocessing, window=window,
-                        runner=OnnxRunner(str(spec.path), device), device=device,
-                        precision="fp32", runner_on_device=False)
+    kind = "onnx"
+
+    def load(self, spec: ModelSpec) -> Model:
+        from vesalius.inference.device import select_device
+        from vesalius.inference.models.network import NetworkModel
+        from vesalius.inference.models.torchscript import network_settings
+
+        device = select_device(spec.device)
+        labels, channels = self.structures(spec)
+        preprocessing, window = network_settings(spec)
+        return NetworkModel(name=spec.name, version=spec.version or "1", labels=labels,
+                            channels=channels, preprocessing=preprocessing, window=window,
+                            runner=OnnxRunner(str(self.path(spec)), device), device=device,
+                            precision="fp32", runner_on_device=False)
+
+
+backend = OnnxBackend()

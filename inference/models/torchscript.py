@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from vesalius.inference.models.registry import ModelSpec, ModelSpecError, label_defs
+from vesalius.inference.models import Model
+from vesalius.inference.models.backend import Backend
+from vesalius.inference.models.spec import ModelSpec, ModelSpecError
 
 DEFAULT_OVERLAP = 0.25
 
@@ -27,16 +29,24 @@ def network_settings(spec: ModelSpec) -> tuple[Any, Any]:
     return preprocessing, window
 
 
-def load_torchscript(spec: ModelSpec) -> Any:
-    import torch
+class TorchScriptBackend(Backend):
+    """``torchscript``: one ``.ts`` file; labels and pre-processing from the spec."""
 
-    from vesalius.inference.device import select_device
-    from vesalius.inference.models.network import NetworkModel
+    kind = "torchscript"
 
-    device = select_device(spec.device)
-    labels, channels = label_defs(spec.labels, spec.label_map, spec.name)
-    preprocessing, window = network_settings(spec)
-    network = torch.jit.load(str(spec.path), map_location=device.torch_name).eval()
-    return NetworkModel(name=spec.name, version=spec.version or "1", labels=labels,
-                        channels=channels, preprocessing=preprocessing, window=window,
-                        runner=network, device=device, precision=spec.precision)
+    def load(self, spec: ModelSpec) -> Model:
+        import torch
+
+        from vesalius.inference.device import select_device
+        from vesalius.inference.models.network import NetworkModel
+
+        device = select_device(spec.device)
+        labels, channels = self.structures(spec)
+        preprocessing, window = network_settings(spec)
+        network = torch.jit.load(str(self.path(spec)), map_location=device.torch_name).eval()
+        return NetworkModel(name=spec.name, version=spec.version or "1", labels=labels,
+                            channels=channels, preprocessing=preprocessing, window=window,
+                            runner=network, device=device, precision=spec.precision)
+
+
+backend = TorchScriptBackend()
