@@ -15,6 +15,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
 from vesalius.dicom_out.identity import DEVICE_SERIAL_NUMBER, MANUFACTURER, MODEL_NAME, SOFTWARE_VERSION
+from vesalius.inference.volume import Volume
 
 # Copied from the source so the object files under the same patient and study.
 PATIENT_STUDY_KEYWORDS = (
@@ -82,3 +83,22 @@ def new_derived_dataset(source: pydicom.Dataset, sop_class_uid: str,
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
     return ds
+
+
+def check_same_study(volume: Volume, seg: pydicom.Dataset | None) -> None:
+    """ValueError when the SEG an object references belongs to another study than the source."""
+    if seg is not None and seg.StudyInstanceUID != volume.study_uid:
+        raise ValueError("the SEG belongs to another study than the source series")
+
+
+def derived_from(volume: Volume, seg: pydicom.Dataset | None) -> list[pydicom.Dataset]:
+    """The instances an object was derived from: the source slices, and the SEG when given."""
+    return [*volume.sources, *([seg] if seg is not None else [])]
+
+
+def common_instance_references(volume: Volume, seg: pydicom.Dataset | None) -> list[pydicom.Dataset]:
+    """Referenced Series Sequence (Common Instance Reference): the source series, and the SEG's."""
+    references = [referenced_series(volume.sources)]
+    if seg is not None:
+        references.append(referenced_series([seg]))
+    return references

@@ -199,10 +199,16 @@ def _oriented(
     return points, vertex_normals, oriented
 
 
-def _topology(triangles: np.ndarray) -> tuple[bool, bool]:
-    """(closed, manifold): no boundary edges; every edge in exactly two triangles."""
+def edge_counts(triangles: np.ndarray) -> np.ndarray:
+    """How many triangles share each distinct edge of a (M, 3) index array."""
     edges = np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]])
     edges.sort(axis=1)
-    keys = edges[:, 0] * (int(triangles.max()) + 1) + edges[:, 1]  # one integer per edge
+    keys = edges[:, 0] * (int(triangles.max(initial=0)) + 1) + edges[:, 1]  # one integer per edge
     _, counts = np.unique(keys, return_counts=True)
+    return counts
+
+
+def _topology(triangles: np.ndarray) -> tuple[bool, bool]:
+    """(closed, manifold): no boundary edges; every edge in exactly two triangles."""
+    counts = edge_counts(triangles)
     return bool(np.all(counts >= 2)), bool(np.all(counts == 2))
