@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from vesalius.dicom_out.identity import DEVICE_SERIAL_NUMBER, MANUFACTURER, MODEL_NAME, SOFTWARE_VERSION
 from vesalius.inference.volume import Volume
@@ -78,8 +78,8 @@ def new_derived_dataset(source: pydicom.Dataset, sop_class_uid: str,
     ds.DeviceSerialNumber = DEVICE_SERIAL_NUMBER
     ds.SoftwareVersions = SOFTWARE_VERSION
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
     return ds

@@ -92,7 +92,7 @@ def _mesh(
             points, triangles = fast_points, fast_triangles
             break
         # decimation broke a manifold surface (thin, branching shapes): contour coarser instead
-        factors = tuple(f + 1 for f in factors)
+        factors = (factors[0] + 1, factors[1] + 1, factors[2] + 1)
     # VTK (x, y, z) = (col, row, slice) voxel indices -> (slice, row, col) -> patient LPS
     index = points[:, ::-1] + start
     lps = index @ affine[:3, :3].T + affine[:3, 3]

@@ -7,8 +7,19 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vesalius.node.config import DEFAULT_AE_TITLE, ConfigError, Destination, load_config, with_overrides
+from vesalius.node.config import (
+    DEFAULT_AE_TITLE,
+    Config,
+    ConfigError,
+    Destination,
+    load_config,
+    with_overrides,
+)
+
+if TYPE_CHECKING:
+    from vesalius.node.store import Store
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -25,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_models(config) -> None:
+def check_models(config: Config) -> None:
     """Every model a rule names must resolve and have its weights: a ConfigError at start-up,
     not a failed first job."""
     from vesalius.inference.models.registry import ModelSpecError, check
@@ -109,7 +120,7 @@ def _echo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _store(args: argparse.Namespace):
+def _store(args: argparse.Namespace) -> Store:
     from vesalius.node.store import Store
 
     data_dir = Path(args.data_dir or load_config(args.config).data_dir)
@@ -213,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("pynetdicom", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return args.func(args)
+        return int(args.func(args))
     except ConfigError as err:
         print(f"vesalius: configuration error: {err}", file=sys.stderr)
         return 2

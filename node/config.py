@@ -128,14 +128,14 @@ def _ae_title(key: str, value: Any) -> str:
     _check_type(key, value, str)
     if not 0 < len(value) <= 16 or "\\" in value or not value.isprintable():
         raise ConfigError(f"{key}: an AE title is 1-16 printable characters, got {value!r}")
-    return value
+    return str(value)
 
 
 def _port(key: str, value: Any) -> int:
     _check_type(key, value, int)
     if not 0 <= value <= 65535:
         raise ConfigError(f"{key}: port must be 0-65535, got {value}")
-    return value
+    return int(value)
 
 
 def _positive(key: str, value: Any) -> float:
@@ -277,7 +277,7 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
         retry = Retry()
         for key in ("base_delay", "max_delay"):
             if key in table:
-                retry = replace(retry, **{key: _positive(f"retry.{key}", table[key])})
+                retry = replace(retry, **{key: _positive(f"retry.{key}", table[key])})  # type: ignore[arg-type]
         if "max_attempts" in table:
             attempts = _check_type("retry.max_attempts", table["max_attempts"], int)
             retry = replace(retry, max_attempts=int(_positive("retry.max_attempts", attempts)))

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +30,7 @@ class StageTimer:
         self.seconds: dict[str, float] = {}
 
     @contextmanager
-    def stage(self, name: str):
+    def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
@@ -72,7 +72,7 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "meshes").mkdir(parents=True)
     objects = {}
-    seg = None  # the BINARY SEG the surfaces, STLs and SR reference; none when nothing was measured
+    seg: Any = None  # the BINARY SEG the surfaces, STLs and SR reference; none when nothing was measured
 
     def write(key: str, ds: Any) -> Any:
         ds.save_as(tmp / OUTPUT_FILES[key], enforce_file_format=True)

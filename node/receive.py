@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import get_expected_length
@@ -106,7 +107,7 @@ class Receiver:
         self.store.mark_released(sorted(touched))
 
 
-def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list]:
+def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list[tuple[Any, ...]]]:
     """The application entity and its handlers, ready for ``start_server``."""
     ae = AE(ae_title=config.ae_title)
     ae.maximum_pdu_size = 0  # unlimited: far faster for large images (PERFORMANCE.md)
@@ -114,7 +115,8 @@ def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list]:
     ae.require_calling_aet = list(config.allowed_calling_aes)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     handlers = [(evt.EVT_C_STORE, receiver.handle_store), (evt.EVT_CONN_CLOSE, receiver.handle_close),
                 (evt.EVT_REJECTED, receiver.handle_rejected)]
     return ae, handlers

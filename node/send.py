@@ -4,6 +4,7 @@ backoff; a permanent refusal ends in a visible failed state instead of an endles
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -33,7 +34,8 @@ def files_for(destination: Destination, result_dir: str | Path) -> list[Path]:
     files = [folder / OUTPUT_FILES[key] for key, on in wanted.items() if on]
     stls = destination.encapsulated_stl
     if stls:
-        files += [p for p in sorted((folder / STL_DIR).glob("*.dcm")) if stls is True or p.stem in stls]
+        files += [p for p in sorted((folder / STL_DIR).glob("*.dcm"))
+                  if stls is True or (isinstance(stls, tuple) and p.stem in stls)]
     return [f for f in files if f.exists()]
 
 
@@ -61,7 +63,8 @@ def c_store(destination: Destination, files: Sequence[Path], calling_ae: str) ->
             reason = assoc.acceptor.primitive.reason_str
             raise DeliveryError(f"association rejected: {reason}", permanent=result == 0x01)
         if assoc.rejected_contexts:  # the peer accepted the association but none of our SOP classes
-            names = ", ".join(sorted({cx.abstract_syntax.name for cx in assoc.rejected_contexts}))
+            rejected = {getattr(cx.abstract_syntax, "name", "?") for cx in assoc.rejected_contexts}
+            names = ", ".join(sorted(rejected))
             raise DeliveryError(f"destination does not accept {names}", permanent=True)
         raise DeliveryError("no association (destination unreachable or aborted)", permanent=False)
     try:
@@ -88,7 +91,7 @@ def c_store(destination: Destination, files: Sequence[Path], calling_ae: str) ->
 
 def next_delay(retry: Retry, attempts: int) -> float:
     """Exponential backoff after ``attempts`` failed tries, capped."""
-    return min(retry.base_delay * 2 ** max(attempts - 1, 0), retry.max_delay)
+    return float(min(retry.base_delay * 2 ** max(attempts - 1, 0), retry.max_delay))
 
 
 class Sender:
@@ -112,7 +115,7 @@ class Sender:
                 self.wake.wait(0.5)
                 self.wake.clear()
 
-    def deliver(self, delivery) -> None:
+    def deliver(self, delivery: sqlite3.Row) -> None:
         destinations = {d.name: d for d in self.config.destinations}
         name, attempt = delivery["destination"], delivery["attempts"] + 1
         destination = destinations.get(name)
@@ -137,7 +140,7 @@ class Sender:
         log.info("delivery done delivery=%d job=%d destination=%s attempt=%d objects=%d",
                  delivery["id"], delivery["job_id"], name, attempt, len(files))
 
-    def _failed(self, delivery, destination: Destination | None, attempt: int, reason: str,
+    def _failed(self, delivery: sqlite3.Row, destination: Destination | None, attempt: int, reason: str,
                 permanent: bool) -> None:
         max_attempts = (destination and destination.max_attempts) or self.config.retry.max_attempts
         give_up = permanent or attempt >= max_attempts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from vesalius.node.api import make_server, start_server
 from vesalius.node.config import Config
@@ -29,8 +30,8 @@ class Node:
                                 on_done=self.send_wake.set)
         self.sender = Sender(self.store, config, self.send_wake, self.stopping)
         self._completion = threading.Thread(target=self._complete_series, name="series", daemon=True)
-        self.dicom_server = None
-        self.http_server = None
+        self.dicom_server: Any = None  # pynetdicom's server, once started
+        self.http_server: Any = None
 
     def start(self) -> None:
         requeued = self.store.requeue_interrupted_jobs()

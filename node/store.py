@@ -218,7 +218,7 @@ class Store:
             "VALUES (?,?,?,?,?,?)",
             (series_uid, rule, model, json.dumps(list(destinations)), now, now),
         )
-        return int(cur.lastrowid)
+        return int(cur.lastrowid or 0)
 
     def claim_job(self) -> sqlite3.Row | None:
         """Take the oldest queued job and mark it running (one attempt more)."""
@@ -228,7 +228,8 @@ class Store:
                 return None
             db.execute("UPDATE jobs SET state='running', attempts=attempts+1, updated_at=? WHERE id=?",
                        (time.time(), row["id"]))
-            return db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+            claimed: sqlite3.Row | None = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+            return claimed
 
     def finish_job(self, job_id: int, result_dir: Path, stages: dict[str, float],
                    destinations: Sequence[str]) -> None:

@@ -45,7 +45,7 @@ class BuiltinCT:
     name = "builtin_ct"
     version = "1"
     family = "morphology"
-    labels = (
+    labels: tuple[Label, ...] = (
         Label(BODY, "body", (LUNG_LEFT, LUNG_RIGHT, AIRWAYS, BONE)),
         Label(LUNG_LEFT, "lung_left"),
         Label(LUNG_RIGHT, "lung_right"),
@@ -164,7 +164,7 @@ def _unpool(
 def _planar_structure(axis: int) -> np.ndarray:
     """4-connectivity within the planes perpendicular to ``axis`` (per-slice operations)."""
     structure = ndimage.generate_binary_structure(3, 1)
-    index = [slice(None)] * 3
+    index: list[slice | int] = [slice(None)] * 3
     for end in (0, 2):
         index[axis] = end
         structure[tuple(index)] = False
@@ -206,7 +206,7 @@ def _airways(
     voxel_ml: float,
 ) -> np.ndarray:
     """Trachea and main bronchi: pure air grown down from the top of the volume inside the body."""
-    top = [slice(None)] * 3
+    top: list[slice | int] = [slice(None)] * 3
     top[sup_axis] = -1 if affine[2, sup_axis] > 0 else 0
     top_air = air[tuple(top)]
     pixel_cm2 = voxel_ml * 10.0 / float(np.linalg.norm(affine[:3, sup_axis]))
@@ -274,8 +274,8 @@ def _lungs(
     x = _x_coordinate(affine, coarse.shape)
     midline = float(np.mean(x[body])) if body.any() else 0.0
     components, count = ndimage.label(lungs)
-    for value in range(1, count + 1):
-        part = components == value
+    for number in range(1, count + 1):
+        part = components == number
         share_left = float(np.mean(x[part] > midline))
         if share_left > 0.8:
             left |= part

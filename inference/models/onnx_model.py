@@ -21,7 +21,7 @@ class OnnxRunner:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = device.threads
-        providers = ["CPUExecutionProvider"]
+        providers: list[Any] = ["CPUExecutionProvider"]
         if device.kind == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index}))
         self.session = ort.InferenceSession(path, options, providers=providers)

@@ -30,6 +30,9 @@ from vesalius.inference.models.kinds import BUILTIN, MERGE, PATH_FORMS
 from vesalius.inference.models.merge import MergedModel
 from vesalius.inference.models.spec import ModelSpec, ModelSpecError, builtin_spec, parse_model_spec
 
+__all__ = ["MergedModel", "ModelSpec", "ModelSpecError", "check", "configure", "describe", "expand",
+           "load", "parse_model_spec", "parse_model_specs", "resolve", "spec_from_path_form", "specs_for"]
+
 
 def parse_model_specs(tables: Sequence[Any], base: Path | None = None) -> dict[str, ModelSpec]:
     """``[[models]]`` tables -> {name: ModelSpec}; ModelSpecError names ``models[i].key``."""

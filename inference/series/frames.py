@@ -7,6 +7,7 @@ rest of the reading treats it like a classic single-frame slice.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -76,7 +77,7 @@ def multiframe_source(volume: Volume) -> tuple[pydicom.Dataset, np.ndarray] | No
     header = multiframe_header(volume.sources[0])
     if None in numbers or len(uids) != 1 or int(header.NumberOfFrames) != len(numbers):
         return None
-    return header, np.argsort(numbers)
+    return header, np.argsort([n for n in numbers if n is not None])
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,7 +126,7 @@ def frame_slices(ds: pydicom.Dataset) -> list[Slice]:
     return out
 
 
-def _frame_value(item: pydicom.Dataset, shared: pydicom.Dataset, macro: str, keyword: str):
+def _frame_value(item: pydicom.Dataset, shared: pydicom.Dataset, macro: str, keyword: str) -> Any:
     """An attribute of a frame's functional group, per-frame first, else shared; or None."""
     for group in (item, shared):
         sequence = group.get(macro)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels.processing import apply_modality_lut
 
 from vesalius.inference.series.frames import Slice, frame_slices, instance_name, is_localizer
 from vesalius.inference.series.geometry import stack_geometry
