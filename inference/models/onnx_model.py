@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from vesalius.inference.models import Model
-from vesalius.inference.models.backend import Backend
+from vesalius.inference.device import Device
 from vesalius.inference.models.spec import ModelSpec
+from vesalius.inference.models.torchscript import NetworkFileBackend
 
 
 class OnnxRunner:
@@ -35,23 +35,17 @@ class OnnxRunner:
         return torch.from_numpy(self.session.run(None, {self.input: array})[0])
 
 
-class OnnxBackend(Backend):
-    """``onnx``: one ``.onnx`` file; labels and pre-processing from the spec."""
+class OnnxBackend(NetworkFileBackend):
+    """``onnx``: one ``.onnx`` file, run by onnxruntime (float32)."""
 
     kind = "onnx"
+    runner_on_device = False
 
-    def load(self, spec: ModelSpec) -> Model:
-        from vesalius.inference.device import select_device
-        from vesalius.inference.models.network import NetworkModel
-        from vesalius.inference.models.torchscript import network_settings
+    def runner(self, spec: ModelSpec, device: Device) -> Any:
+        return OnnxRunner(str(self.path(spec)), device)
 
-        device = select_device(spec.device)
-        labels, channels = self.structures(spec)
-        preprocessing, window = network_settings(spec)
-        return NetworkModel(name=spec.name, version=spec.version or "1", labels=labels,
-                            channels=channels, preprocessing=preprocessing, window=window,
-                            runner=OnnxRunner(str(self.path(spec)), device), device=device,
-                            precision="fp32", runner_on_device=False)
+    def precision(self, spec: ModelSpec) -> str:
+        return "fp32"
 
 
 backend = OnnxBackend()

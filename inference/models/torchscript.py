@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vesalius.inference.device import Device
 from vesalius.inference.models import Model
 from vesalius.inference.models.backend import Backend
 from vesalius.inference.models.spec import ModelSpec, ModelSpecError
@@ -29,24 +30,40 @@ def network_settings(spec: ModelSpec) -> tuple[Any, Any]:
     return preprocessing, window
 
 
-class TorchScriptBackend(Backend):
-    """``torchscript``: one ``.ts`` file; labels and pre-processing from the spec."""
+class NetworkFileBackend(Backend):
+    """A network in one weights file, its labels and pre-processing from the spec (TorchScript, ONNX)."""
 
-    kind = "torchscript"
+    runner_on_device = True  # False: the runner moves data itself
+
+    def runner(self, spec: ModelSpec, device: Device) -> Any:
+        """What maps a batch of patches to logits."""
+        raise NotImplementedError
+
+    def precision(self, spec: ModelSpec) -> str:
+        return spec.precision
 
     def load(self, spec: ModelSpec) -> Model:
-        import torch
-
         from vesalius.inference.device import select_device
         from vesalius.inference.models.network import NetworkModel
 
         device = select_device(spec.device)
         labels, channels = self.structures(spec)
         preprocessing, window = network_settings(spec)
-        network = torch.jit.load(str(self.path(spec)), map_location=device.torch_name).eval()
         return NetworkModel(name=spec.name, version=spec.version or "1", labels=labels,
                             channels=channels, preprocessing=preprocessing, window=window,
-                            runner=network, device=device, precision=spec.precision)
+                            runner=self.runner(spec, device), device=device,
+                            precision=self.precision(spec), runner_on_device=self.runner_on_device)
+
+
+class TorchScriptBackend(NetworkFileBackend):
+    """``torchscript``: one ``.ts`` file, run by torch on the spec's device."""
+
+    kind = "torchscript"
+
+    def runner(self, spec: ModelSpec, device: Device) -> Any:
+        import torch
+
+        return torch.jit.load(str(self.path(spec)), map_location=device.torch_name).eval()
 
 
 backend = TorchScriptBackend()
