@@ -48,17 +48,19 @@ def test_codes_are_current_sct_members_of_the_segmentation_context_groups(name: 
         assert _in_context_group(244, term.modifier)  # Laterality
 
 
-def test_the_chosen_codes() -> None:
-    lung_left, lung_right = term_for("lung_left"), term_for("lung_right")
-    assert lung_left.category.value == "91723000"  # Anatomical Structure, CID 7150
-    assert lung_left.type.value == lung_right.type.value == "39607008"  # Lung
-    assert lung_left.modifier.value == "7771000"  # Left
-    assert lung_right.modifier.value == "24028007"  # Right
-    assert term_for("body").type.value == "38266002"  # Entire body
-    assert term_for("body").modifier is None
-    assert term_for("airways").type.value == "89187006"  # Airway structure
-    bone = term_for("bone")
-    assert (bone.category.value, bone.type.value) == ("85756007", "3138006")  # Tissue / Bone
+def test_paired_structures_share_a_type_and_differ_only_in_laterality() -> None:
+    """A viewer groups left and right by their type; the side is a CID 244 modifier (of the
+    structure, or of the anatomic region for findings such as a kidney cyst)."""
+    terms = all_terms()
+    pairs = [(name, name.replace("_left", "_right")) for name in terms
+             if "_left" in name and name.replace("_left", "_right") in terms]
+    assert len(pairs) > 30
+    for left_name, right_name in pairs:
+        left, right = terms[left_name], terms[right_name]
+        assert (left.category, left.type, left.region) == (right.category, right.type, right.region)
+        sides = [(t.modifier or t.region_modifier) for t in (left, right)]
+        assert [s.meaning if s else None for s in sides] == ["Left", "Right"], left_name
+        assert all(_in_context_group(244, s) for s in sides if s is not None)
 
 
 def test_unknown_label_is_a_key_error_naming_it() -> None:

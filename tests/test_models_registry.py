@@ -194,7 +194,8 @@ def test_cpu_leaves_a_core_for_the_listener() -> None:
         assert torch.get_num_threads() == device.threads
         with pytest.raises(DeviceError, match="no CUDA device"):
             select_device("cuda")
-    assert cpu_threads() == max(1, len(__import__("os").sched_getaffinity(0)) - 1)
+    cores = len(__import__("os").sched_getaffinity(0))
+    assert 1 <= cpu_threads() and (cpu_threads() < cores or cores == 1)  # one core stays free
     with pytest.raises(DeviceError, match="device must be"):
         select_device("tpu")
 

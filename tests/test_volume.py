@@ -296,11 +296,12 @@ def test_refuses_unreadable_file(tmp_path: Path) -> None:
     assert "junk.dcm" in _refusal([junk])
 
 
-def test_volume_is_frozen(tmp_path: Path) -> None:
+def test_the_volume_keeps_headers_not_encoded_pixels(tmp_path: Path) -> None:
+    """A 512x512x300 CT would otherwise sit in memory twice: decoded in the array, encoded in the headers."""
     volume = load_series(_phantom(tmp_path, shape=(2, 8, 8)).paths)
-    assert isinstance(volume, Volume)
-    with pytest.raises(AttributeError):
-        volume.affine = np.eye(4)  # type: ignore[misc]
+    assert isinstance(volume, Volume) and volume.array.shape == (2, 8, 8)
+    assert all("PixelData" not in ds for ds in volume.sources)
+    assert all("ImagePositionPatient" in ds for ds in volume.sources)
 
 
 # --- enhanced (multi-frame) input ----------------------------------------------------------------
