@@ -49,17 +49,17 @@ class Mesh:
 
 
 def build_meshes(
-    labels: np.ndarray,
+    label_map: np.ndarray,
     affine: np.ndarray,
-    label_defs: Sequence[Label],
+    structures: Sequence[Label],
     *,
     max_triangles: int = 100_000,
     smoothing_iterations: int = 15,
 ) -> list[Mesh]:
     """One closed, smoothed, outward-facing LPS mesh per non-empty label."""
     meshes = []
-    for label in label_defs:
-        mask = label.mask(labels)
+    for label in structures:
+        mask = label.mask(label_map)
         if not mask.any():
             continue
         meshes.append(_mesh(label, mask, affine, max_triangles, smoothing_iterations))

@@ -63,9 +63,9 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     with timer.stage("model"):
         label_map = model.predict(volume)
     with timer.stage("surfaces"):
-        meshes = build_meshes(label_map, volume.affine, model.labels, max_triangles=max_triangles)
+        meshes = build_meshes(label_map, volume.affine, model.structures, max_triangles=max_triangles)
     with timer.stage("measures"):
-        measurements = measure(volume, label_map, model.labels, meshes)
+        measurements = measure(volume, label_map, model.structures, meshes)
     family = MORPHOLOGICAL_OPERATIONS if model.family == "morphology" else ARTIFICIAL_INTELLIGENCE
     algorithm = Algorithm(name=model.name, version=model.version, family=family)
     tmp = out.with_name(f".{out.name}.partial")
@@ -82,8 +82,8 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     with timer.stage("writers"), ThreadPoolExecutor(2) as pool:  # nothing found: no objects
         if measurements:  # the two SEGs in parallel: numpy and highdicom release the GIL often
             labelmap = pool.submit(lambda: write("seg_labelmap", build_seg(
-                volume, label_map, model.labels, algorithm, segmentation_type=LABELMAP)))
-            seg = write("seg", build_seg(volume, label_map, model.labels, algorithm))
+                volume, label_map, model.structures, algorithm, segmentation_type=LABELMAP)))
+            seg = write("seg", build_seg(volume, label_map, model.structures, algorithm))
             # the SR references the BINARY SEG: the one every destination receives
             write("sr", build_sr(volume, seg, measurements, algorithm))
         if meshes:

@@ -1,4 +1,4 @@
-"""Inputs for the dicom_out tests: a small phantom volume with known labels, and VTK meshes.
+"""Inputs for the dicom_out tests: a small phantom volume with a known label map, and VTK meshes.
 
 The phantom is a box of soft tissue (the body) holding a left and a right "lung" sphere and a bone
 cylinder, each at its own HU so the label array follows exactly from the voxel values.
@@ -45,10 +45,10 @@ def phantom_volume(out_dir: Path, orientation: str = "axial",
                                   orientation=orientation, feet_first=feet_first, objects=objects)
     volume = load_series(series.paths)
     hu = np.round(volume.array)
-    labels = np.zeros(hu.shape, np.uint8)
+    label_map = np.zeros(hu.shape, np.uint8)
     for value, level in ((1, BODY_HU), (2, LUNG_LEFT_HU), (3, LUNG_RIGHT_HU), (4, BONE_HU)):
-        labels[hu == level] = value
-    return volume, labels
+        label_map[hu == level] = value
+    return volume, label_map
 
 
 def sphere_mesh(label: Label, center: tuple[float, float, float], radius: float,

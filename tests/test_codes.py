@@ -32,7 +32,7 @@ def test_every_builtin_label_has_a_term(name: str) -> None:
 
 def test_the_builtin_model_labels_are_all_in_the_table() -> None:
     model = resolve("builtin_ct")
-    assert {label.name for label in model.labels} <= set(TERMS)
+    assert {label.name for label in model.structures} <= set(TERMS)
 
 
 @pytest.mark.parametrize("name", sorted(TERMS))
@@ -86,7 +86,7 @@ def _totalseg_names(shared_data: Path) -> list[str]:
 
 def test_every_label_of_every_model_resolves_to_a_code(shared_data: Path) -> None:
     """builtin_ct's labels and all 117 TotalSegmentator ``total`` classes."""
-    names = [label.name for label in resolve("builtin_ct").labels]
+    names = [label.name for label in resolve("builtin_ct").structures]
     names += _totalseg_names(shared_data)
     assert len(names) == 5 + 117
     for name in names:

@@ -40,12 +40,12 @@ MODELS = ("builtin_ct", "totalsegmentator_total")
 STLS_VALIDATED = 3  # dciodvfy on the first few STL instances; our checks on all of them
 
 
-def _objects(volume, labels, label_defs, algorithm, out: Path, stl_names=None) -> dict:
-    meshes = build_meshes(labels, volume.affine, label_defs, max_triangles=20_000)
-    measurements = measure(volume, labels, label_defs, meshes)
+def _objects(volume, label_map, structures, algorithm, out: Path, stl_names=None) -> dict:
+    meshes = build_meshes(label_map, volume.affine, structures, max_triangles=20_000)
+    measurements = measure(volume, label_map, structures, meshes)
     objects: dict[str, object] = {"sources": volume.sources}
     for kind in (BINARY, LABELMAP):
-        seg = build_seg(volume, labels, label_defs, algorithm, segmentation_type=kind)
+        seg = build_seg(volume, label_map, structures, algorithm, segmentation_type=kind)
         objects[("seg", kind)] = seg
         objects[("surfaces", kind)] = build_surface_segmentation(volume, meshes, algorithm, seg)
     objects[("sr", BINARY)] = build_sr(volume, objects[("seg", BINARY)], measurements, algorithm)
@@ -72,7 +72,7 @@ def written(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     work = tmp_path_factory.mktemp("conformance")
     volume = load_series(write_nifti_as_dicom_series(data / "example_ct_sm.nii.gz", work / "ct"))
     model = resolve("builtin_ct")
-    builtin = _objects(volume, model.predict(volume), model.labels,
+    builtin = _objects(volume, model.predict(volume), model.structures,
                        Algorithm(model.name, model.version), work)
     total_dir = work / "total"
     total_dir.mkdir()

@@ -119,12 +119,12 @@ def test_results_arrive_valid_and_exact(round_trip: RoundTrip, case: str) -> Non
     masks = segment_masks(objects[SEG], phantom.paths)
     volume = load_series(phantom.paths)
     model = resolve("builtin_ct")
-    labels = model.predict(volume)
+    label_map = model.predict(volume)
     voxel_mm3 = phantom.voxel_volume_mm3()
-    for label in model.labels:
+    for label in model.structures:
         if label.name in TRUTH:
             mask = masks[LABEL_OF[label.name]]
-            assert np.array_equal(mask, label.mask(labels)), label.name
+            assert np.array_equal(mask, label.mask(label_map)), label.name
             analytic = TRUTH[label.name].volume_mm3
             assert mask.sum() * voxel_mm3 == pytest.approx(analytic, rel=0.02), label.name
 

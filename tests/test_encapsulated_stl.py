@@ -31,9 +31,9 @@ ALGORITHM = Algorithm("builtin_ct", "1")
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory):
-    volume, labels = phantom_volume(tmp_path_factory.mktemp("phantom"), orientation="oblique")
-    meshes = build_meshes(labels, volume.affine, LABELS)
-    seg = build_seg(volume, labels, LABELS, ALGORITHM)
+    volume, label_map = phantom_volume(tmp_path_factory.mktemp("phantom"), orientation="oblique")
+    meshes = build_meshes(label_map, volume.affine, LABELS)
+    seg = build_seg(volume, label_map, LABELS, ALGORITHM)
     surfaces = build_surface_segmentation(volume, meshes, ALGORITHM, seg)
     return volume, meshes, seg, surfaces
 

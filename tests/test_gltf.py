@@ -24,8 +24,8 @@ ALGORITHM = Algorithm("builtin_ct", "1")
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("gltf")
-    volume, labels = phantom_volume(tmp / "phantom", feet_first=True)
-    meshes = build_meshes(labels, volume.affine, LABELS)
+    volume, label_map = phantom_volume(tmp / "phantom", feet_first=True)
+    meshes = build_meshes(label_map, volume.affine, LABELS)
     surfaces = build_surface_segmentation(volume, meshes, ALGORITHM)
     return meshes, surfaces, write_glb(meshes, tmp / "out" / "structures.glb")
 

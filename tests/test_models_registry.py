@@ -151,7 +151,7 @@ class Threshold:
     def __init__(self, name: str, hu: float, label: str) -> None:
         self.name = name
         self.hu = hu
-        self.labels = (Label(1, label),)
+        self.structures = (Label(1, label),)
 
     def predict(self, volume: Volume) -> np.ndarray:
         return (volume.array > self.hu).astype(np.uint8)
@@ -163,17 +163,17 @@ def test_merge_renumbers_paints_in_order_and_keeps_enclosures() -> None:
     merged = MergedModel([Threshold("soft", -500, "liver"), Threshold("dense", 300, "heart"),
                           Threshold("soft2", 50, "liver")])
     assert merged.name == "soft+dense+soft2" and merged.family == "morphology"
-    assert [(label.value, label.name) for label in merged.labels] == [(1, "heart"), (2, "liver")]
+    assert [(label.value, label.name) for label in merged.structures] == [(1, "heart"), (2, "liver")]
     # the later "liver" wins over the first one; it paints over the heart where they overlap
     assert merged.predict(volume).tolist() == [[[0, 0, 2, 2]]]
 
 
 def test_merge_with_builtin_extends_the_body() -> None:
     merged = MergedModel([BuiltinCT(), Threshold("organ", 30, "liver")])
-    body = next(label for label in merged.labels if label.name == "body")
-    liver = next(label for label in merged.labels if label.name == "liver")
+    body = next(label for label in merged.structures if label.name == "body")
+    liver = next(label for label in merged.structures if label.name == "liver")
     assert liver.value == 6 and liver.value in body.includes
-    assert len({label.value for label in merged.labels}) == 6
+    assert len({label.value for label in merged.structures}) == 6
 
 
 def test_models_are_loaded_once_per_process() -> None:

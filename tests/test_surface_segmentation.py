@@ -32,8 +32,8 @@ ALGORITHM = Algorithm("builtin_ct", "1")
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory):
-    volume, labels = phantom_volume(tmp_path_factory.mktemp("phantom"))
-    seg = build_seg(volume, labels, LABELS, ALGORITHM)
+    volume, label_map = phantom_volume(tmp_path_factory.mktemp("phantom"))
+    seg = build_seg(volume, label_map, LABELS, ALGORITHM)
     meshes = [
         sphere_mesh(LUNG_LEFT, (10.0, 0.0, 0.0), 7.0),
         sphere_mesh(LUNG_RIGHT, (-10.0, 0.0, 0.0), 7.0, closed=False),
@@ -209,8 +209,8 @@ def test_meshes_from_inference_round_trip(tmp_path: Path) -> None:
     """The pipeline's own meshes (inference.surfaces) on an oblique phantom."""
     from vesalius.inference.surfaces import build_meshes
 
-    volume, labels = phantom_volume(tmp_path / "phantom", orientation="oblique")
-    meshes = build_meshes(labels, volume.affine, LABELS)
+    volume, label_map = phantom_volume(tmp_path / "phantom", orientation="oblique")
+    meshes = build_meshes(label_map, volume.affine, LABELS)
     assert [m.label.name for m in meshes] == ["body", "lung_left", "lung_right", "bone"]
     path = tmp_path / "surfaces.dcm"
     build_surface_segmentation(volume, meshes, ALGORITHM).save_as(path, enforce_file_format=True)

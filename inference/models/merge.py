@@ -28,14 +28,14 @@ class MergedModel:
         self._luts: list[np.ndarray] = []
         later_names = {}
         for i, model in enumerate(models):
-            for label in model.labels:
+            for label in model.structures:
                 later_names[label.name] = i  # last model producing a name wins
         next_value = 1
         plans: list[list[tuple[Label, int]]] = []
         for i, model in enumerate(models):
             lut = np.zeros(256, dtype=np.uint8)
             plan = []
-            for label in model.labels:
+            for label in model.structures:
                 if later_names[label.name] != i:
                     continue
                 if next_value > 255:
@@ -45,15 +45,15 @@ class MergedModel:
                 next_value += 1
             self._luts.append(lut)
             plans.append(plan)
-        labels: list[Label] = []
+        structures: list[Label] = []
         for i, plan in enumerate(plans):
             later_values = tuple(v for p in plans[i + 1:] for _, v in p)
             for label, value in plan:
                 includes = tuple(int(self._luts[i][v]) for v in label.includes if self._luts[i][v])
                 if label.includes:
                     includes += later_values
-                labels.append(Label(value, label.name, includes))
-        self.labels = tuple(labels)
+                structures.append(Label(value, label.name, includes))
+        self.structures = tuple(structures)
 
     def predict(self, volume: Volume) -> np.ndarray:
         out = np.zeros(volume.array.shape, dtype=np.uint8)

@@ -88,7 +88,7 @@ def load_bundle(spec: ModelSpec) -> Model:
     labels, channels = bundle_labels(spec)
     name = spec.name if spec.name != folder.name else str(meta.get("name") or folder.name)
     return NetworkModel(name=_safe_name(name), version=spec.version or str(meta.get("version", "1")),
-                        labels=labels, channels=channels, preprocessing=preprocessing,
+                        structures=labels, channels=channels, preprocessing=preprocessing,
                         window=window, runner=network, device=device, precision=spec.precision)
 
 

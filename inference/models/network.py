@@ -109,13 +109,13 @@ class NetworkModel:
 
     family = "ai"
 
-    def __init__(self, *, name: str, version: str, labels: Sequence[Label],
+    def __init__(self, *, name: str, version: str, structures: Sequence[Label],
                  channels: Mapping[int, int], preprocessing: Any, window: Window,
                  runner: Callable[[Any], Any], device: Device, precision: str = "auto",
                  runner_on_device: bool = True) -> None:
         self.name = name
         self.version = version
-        self.labels = tuple(labels)
+        self.structures = tuple(structures)
         self.channels = dict(channels)
         self.preprocessing = preprocessing
         self.window = window
@@ -125,7 +125,7 @@ class NetworkModel:
         self.runner_on_device = runner_on_device  # False: the runner moves data itself (ONNX)
 
     def predict(self, volume: Volume) -> np.ndarray:
-        """uint8 labels on the volume's grid (values per ``labels``)."""
+        """The label map on the volume's grid (values per ``structures``)."""
         import torch
         from monai.data import MetaTensor
         from monai.inferers import SlidingWindowInferer

@@ -81,7 +81,7 @@ class NnUNetModel:
     def __init__(self, spec: ModelSpec, predictor: Any, device: Any) -> None:
         self.name = spec.name
         self.version = spec.version or "1"
-        self.labels, self.channels = nnunet_labels(spec)
+        self.structures, self.channels = nnunet_labels(spec)
         self.predictor = predictor
         self.device = device
 

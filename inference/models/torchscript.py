@@ -49,7 +49,7 @@ class NetworkFileBackend(Backend):
         device = select_device(spec.device)
         labels, channels = self.structures(spec)
         preprocessing, window = network_settings(spec)
-        return NetworkModel(name=spec.name, version=spec.version or "1", labels=labels,
+        return NetworkModel(name=spec.name, version=spec.version or "1", structures=labels,
                             channels=channels, preprocessing=preprocessing, window=window,
                             runner=self.runner(spec, device), device=device,
                             precision=self.precision(spec), runner_on_device=self.runner_on_device)

@@ -92,7 +92,7 @@ class TotalSegmentatorModel:
         self.spec = spec
         self.name = spec.name
         self.version = spec.version or _package_version()
-        self.labels, self.channels = totalseg_labels(spec)
+        self.structures, self.channels = totalseg_labels(spec)
         self.device = device
 
     def predict(self, volume: Volume) -> np.ndarray:
