@@ -243,3 +243,18 @@ def test_nothing_needs_torch_until_a_network_runs(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["builtin_ct", "cpu"]
+
+
+def test_a_spec_is_valid_however_it_is_built() -> None:
+    """The dataclass validates itself: a path form or code building a ModelSpec gets the same checks."""
+    from vesalius.inference.models.spec import ModelSpec
+
+    with pytest.raises(ModelSpecError, match=r"^overlap: expected a number in \[0, 1\)"):
+        ModelSpec(name="a", kind="onnx", path=Path("x.onnx"), overlap=1.5)
+    with pytest.raises(ModelSpecError, match="^roi_size: expected a list of integers"):
+        ModelSpec(name="a", kind="onnx", path=Path("x.onnx"), roi_size=(96.5, 96, 96))  # type: ignore[arg-type]
+    with pytest.raises(ModelSpecError, match="^sw_batch_size: expected an integer, got True"):
+        ModelSpec(name="a", kind="onnx", path=Path("x.onnx"), sw_batch_size=True)
+    spec = ModelSpec(name="a", kind="onnx", path=Path("x.onnx"), labels={"1": "liver"},  # type: ignore[dict-item]
+                     spacing=(1, 1, 2), orientation="lps")
+    assert spec.labels == {1: "liver"} and spec.spacing == (1.0, 1.0, 2.0) and spec.orientation == "LPS"
