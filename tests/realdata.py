@@ -193,13 +193,13 @@ def builtin_ct_dice(data_dir: str | Path, work_dir: str | Path) -> dict[str, flo
     model = resolve("builtin_ct")
     label_map = model.predict(volume)
     reference = nifti_labels_in_volume_space(data_dir / "example_seg.nii.gz", volume)
-    label_map = data_dir / "label_map_total_v2.json"
+    class_names = data_dir / "label_map_total_v2.json"
     scores = {}
     for label in model.structures:
         parts = REFERENCE_PARTS.get(label.name)
         if parts is None:
             continue
-        truth = np.isin(reference, totalseg_label_values(label_map, *parts))
+        truth = np.isin(reference, totalseg_label_values(class_names, *parts))
         if truth.any():
             scores[label.name] = dice(label.mask(label_map), truth)
     body = model.structures[0].mask(label_map)

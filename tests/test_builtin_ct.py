@@ -111,17 +111,17 @@ def real_ct(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
     return volume, reference, data / "label_map_total_v2.json"
 
 
-def _truth(reference: np.ndarray, label_map: Path, name: str) -> np.ndarray:
-    return np.isin(reference, totalseg_label_values(label_map, *REFERENCE_PARTS[name]))
+def _truth(reference: np.ndarray, class_names: Path, name: str) -> np.ndarray:
+    return np.isin(reference, totalseg_label_values(class_names, *REFERENCE_PARTS[name]))
 
 
 # measured: lung_left 0.959, lung_right 0.970, bone 0.793
 @pytest.mark.parametrize("name,value,minimum", [
     ("lung_left", LUNG_LEFT, 0.93), ("lung_right", LUNG_RIGHT, 0.94), ("bone", BONE, 0.76)])
 def test_dice_against_totalsegmentator(real_ct, name: str, value: int, minimum: float) -> None:
-    volume, reference, label_map = real_ct
+    volume, reference, class_names = real_ct
     label_map = resolve("builtin_ct").predict(volume)
-    assert dice(label_map == value, _truth(reference, label_map, name)) >= minimum
+    assert dice(label_map == value, _truth(reference, class_names, name)) >= minimum
 
 
 def test_body_holds_every_reference_structure(real_ct) -> None:
@@ -131,8 +131,8 @@ def test_body_holds_every_reference_structure(real_ct) -> None:
 
 
 def test_left_lung_is_patient_left_in_any_storage_order(real_ct) -> None:
-    volume, reference, label_map = real_ct
-    left = _truth(reference, label_map, "lung_left")
+    volume, reference, class_names = real_ct
+    left = _truth(reference, class_names, "lung_left")
     for axis in (1, 2):  # rows and columns reversed: the image looks mirrored
         label_map = np.flip(resolve("builtin_ct").predict(_mirrored(volume, axis)), axis)
         assert dice(label_map == LUNG_LEFT, left) > 0.9
@@ -140,23 +140,23 @@ def test_left_lung_is_patient_left_in_any_storage_order(real_ct) -> None:
 
 def test_contrast_enhanced_vessels_and_kidneys_are_not_bone(real_ct) -> None:
     """The example is unenhanced: add arterial/portal-phase enhancement to the reference organs."""
-    volume, reference, label_map = real_ct
+    volume, reference, class_names = real_ct
     values = dict(aorta=300.0, kidney_=250.0, inferior_vena_cava=150.0,
                   portal_vein_and_splenic_vein=180.0, liver=60.0, spleen=80.0)
     enhanced = volume.array.copy()
     for name, boost in values.items():
-        enhanced[np.isin(reference, totalseg_label_values(label_map, name))] += boost
+        enhanced[np.isin(reference, totalseg_label_values(class_names, name))] += boost
     label_map = resolve("builtin_ct").predict(Volume(enhanced, volume.affine, volume.sources))
     for name in ("aorta", "kidney_"):
-        organ = np.isin(reference, totalseg_label_values(label_map, name))
+        organ = np.isin(reference, totalseg_label_values(class_names, name))
         assert organ.sum() > 500
         assert float((label_map[organ] == BONE).mean()) < 0.05, name
-    bone = np.isin(reference, totalseg_label_values(label_map, *BONE_CLASSES))
+    bone = np.isin(reference, totalseg_label_values(class_names, *BONE_CLASSES))
     assert dice(label_map == BONE, bone) >= 0.74
 
 
 def test_full_resolution_ge_slices_against_reference_labels(shared_data: Path) -> None:
-    """Three 0.8 mm slices with hand-checked liver, heart and spine label_map (dcmqi test data)."""
+    """Three 0.8 mm slices with hand-checked liver, heart and spine labels (dcmqi test data)."""
     import SimpleITK as sitk
 
     folder = shared_data / "ct-3slice-ge"

@@ -1,7 +1,7 @@
 """Fidelity against independent readers and analytic truth.
 
 - SEG (BINARY and LABELMAP) decoded by dcmqi and by highdicom equals our label map, voxel for voxel
-  and in physical placement; the liver on the GE CT equals dcmqi's own SEG of the same label_map.
+  and in physical placement; the liver on the GE CT equals dcmqi's own SEG of the same labels.
 - Surfaces read back from our Surface Segmentation match analytic phantoms (sphere, cylinder,
   ellipsoid; axial, coronal, oblique, feet-first; anisotropic voxels): volume within 2 %, area
   within 3 %, every vertex within half a voxel diagonal of the true surface, outward normals,
@@ -121,7 +121,7 @@ def oblique(tmp_path_factory: pytest.TempPathFactory) -> tuple[Volume, np.ndarra
 
 
 def _labelmap_expected(label_map: np.ndarray) -> np.ndarray:
-    """Segment number per voxel as build_seg numbers them: non-empty label_map in model order."""
+    """Segment number per voxel as build_seg numbers them: non-empty structures in model order."""
     present = [label for label in LABELS if label.mask(label_map).any()]
     expected = np.zeros(label_map.shape, np.uint16)
     for number, label in enumerate(present, start=1):
