@@ -43,6 +43,8 @@ ACTIONS: dict[str, str] = {
     "PatientName": "P", "PatientID": "P", "AccessionNumber": "P",
     "PatientBirthDate": "Z", "PatientSex": "Z", "StudyID": "Z", "ReferringPhysicianName": "Z",
     "ContentCreatorName": "Z",
+    "ReferencedPerformedProcedureStepSequence": "Z",  # X/Z/D; Type 2 in the SR Document Series
+    "ContentDescription": "Z",  # not in E.1-1, but free text (highdicom puts a UID in it)
     "DeviceSerialNumber": "D", "VerifyingObserverName": "D", "VerifyingOrganization": "D", "PersonName": "D",
     **dict.fromkeys((
         "PatientBirthTime", "PatientAge", "PatientSize", "PatientWeight", "EthnicGroup",
@@ -67,7 +69,7 @@ ACTIONS: dict[str, str] = {
         "SeriesDescription", "OperatorsName", "OperatorIdentificationSequence",
         "PerformingPhysicianName", "PerformingPhysicianIdentificationSequence",
         "PerformedProcedureStepDescription", "PerformedProcedureStepID",
-        "ReferencedPerformedProcedureStepSequence", "ProtocolName", "ScheduledProcedureStepID",
+        "ProtocolName", "ScheduledProcedureStepID",
         "ScheduledProcedureStepDescription", "ImageComments", "AcquisitionComments",
         "DerivationDescription", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
         "InstitutionCodeSequence", "StationName", "TimezoneOffsetFromUTC", "TextComments", "TextString",
