@@ -238,3 +238,17 @@ def test_delivery_deidentified_to_research_originals_to_pacs(tmp_path: Path) -> 
     with deid_mapping(store) as mapping:
         assert {str(reidentify(ds, mapping).SOPInstanceUID) for ds in received} == \
             {str(ds.SOPInstanceUID) for ds in originals}
+
+
+def test_deidentify_config_is_validated() -> None:
+    from vesalius.node.config import ConfigError, parse_config
+
+    base = {"name": "r", "ae_title": "R", "host": "127.0.0.1", "port": 104}
+    config = parse_config({"destinations": [{**base, "deidentify": "basic",
+                                              "deidentify_options": ["retain_longitudinal_dates"]}]})
+    assert config.destinations[0].deidentify_options == ("retain_longitudinal_dates",)
+    for bad, words in (({"deidentify": "full"}, "deidentify: expected \"basic\""),
+                       ({"deidentify": "basic", "deidentify_options": ["keep_names"]}, "unknown option"),
+                       ({"deidentify_options": ["retain_longitudinal_dates"]}, "only with deidentify")):
+        with pytest.raises(ConfigError, match=words):
+            parse_config({"destinations": [{**base, **bad}]})

@@ -180,3 +180,20 @@ def test_node_on_a_small_disk_frees_oldest_and_keeps_receiving(tmp_path: Path) -
         wait_for(lambda: any(r["series_instance_uid"] == series[3].series_uid
                              for r in node.get("/series")), 30, "the new series")
         assert all(pydicom.dcmread(p).SOPInstanceUID for p in (inside / "spool").rglob("*.dcm"))
+
+
+def test_retention_config_is_validated() -> None:
+    from vesalius.node.config import ConfigError, parse_config
+
+    config = parse_config({"retention": {"spool_days": 3, "free_space_high_water_mb": 2000}})
+    assert config.retention == Retention(spool_days=3.0, free_space_high_water_mb=2000)
+    for bad, words in (({"spool_day": 3}, "retention.spool_day: unknown key"),
+                       ({"results_days": -1}, "retention.results_days: must be >= 0"),
+                       ({"free_space_high_water_mb": 1.5}, "expected int"),
+                       ({"interval": "often"}, "retention.interval: expected")):
+        try:
+            parse_config({"retention": bad})
+        except ConfigError as err:
+            assert words in str(err)
+        else:
+            raise AssertionError(f"{bad} was accepted")
