@@ -137,7 +137,17 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    if not _store(args).retry_job(args.job):
+    from vesalius.node.store import removal_of_spool
+
+    store = _store(args)
+    job = store.job(args.job)
+    removed = removal_of_spool(store, job["series_instance_uid"]) if job is not None else None
+    if removed is not None and not store.series_paths(job["series_instance_uid"]):
+        print(f"vesalius retry: the series of job {args.job} was removed by retention "
+              f"({removed['reason']}) at {_when(removed['removed_at'])}; send it again to process it",
+              file=sys.stderr)
+        return 1
+    if not store.retry_job(args.job):
         print(f"vesalius retry: job {args.job} does not exist or is still queued/running", file=sys.stderr)
         return 1
     print(f"job {args.job} queued again")

@@ -227,7 +227,7 @@ def _outputs(key: str, table: dict[str, Any]) -> dict[str, Any]:
             if option not in DEIDENTIFY_OPTIONS:
                 raise ConfigError(f"{key}.deidentify_options: unknown option {option!r} "
                                   f"(known: {', '.join(DEIDENTIFY_OPTIONS)})")
-        if not values.get("deidentify"):
+        if options and not values.get("deidentify"):
             raise ConfigError(f"{key}.deidentify_options: only with deidentify = \"basic\"")
         values["deidentify_options"] = options
     return values

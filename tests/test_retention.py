@@ -197,3 +197,14 @@ def test_retention_config_is_validated() -> None:
             assert words in str(err)
         else:
             raise AssertionError(f"{bad} was accepted")
+
+
+def test_retry_of_a_removed_series_says_why(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    add_series(store, "5.1")
+    job = add_job(store, "5.1", {"pacs": "done"})
+    cleanup(store, RULES, now=time.time() + 8 * DAY, free=PLENTY)
+    result = subprocess.run([sys.executable, "-m", "vesalius.node.cli", "retry", str(job), "--data-dir",
+                             str(store.data_dir)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "removed by retention" in result.stderr
+    assert store.job(job)["state"] == "done"
