@@ -218,6 +218,11 @@ def cleanup(store: Store, rules: Retention, *, dry_run: bool = False, now: float
         log.info("cleanup removed %s series=%s job=%s bytes=%d reason=%s", item.kind,
                  item.series_instance_uid, item.job_id if item.job_id is not None else "-", item.bytes,
                  item.reason)
+    left = chosen.free_bytes + sum(r.bytes for r in removed)
+    if left < chosen.high_water_bytes:  # said out loud: the disk must not fill silently
+        log.warning("free space %d MB stays below the high-water mark of %d MB: nothing more may be "
+                    "removed (series receiving, jobs queued/running, deliveries pending/failed)",
+                    left // 2**20, chosen.high_water_bytes // 2**20)
     return {"dry_run": dry_run, "free_bytes": chosen.free_bytes, "high_water_bytes": chosen.high_water_bytes,
             "removed": [asdict(r) for r in removed], "bytes_freed": sum(r.bytes for r in removed)}
 
