@@ -42,7 +42,9 @@ WHERE s.state='complete' AND s.series_instance_uid IN ({where})
   AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON j.id=d.job_id
                   WHERE j.series_instance_uid=s.series_instance_uid AND d.state IN ('pending', 'failed'))
 """
-# Jobs whose results may go: done, results not yet removed, no delivery pending/failed.
+# Jobs whose results may go: done, results not yet removed, no delivery pending/failed. A results
+# folder is per (series, model), so a series received again writes its new job's results into the
+# same folder: the folder is decided by its newest job, and only when no job using it still works.
 RESULTS_CANDIDATES = """
 SELECT j.id, j.series_instance_uid, j.result_dir,
        MAX(j.updated_at, COALESCE((SELECT MAX(d.updated_at) FROM deliveries d WHERE d.job_id=j.id), 0))
@@ -50,7 +52,10 @@ SELECT j.id, j.series_instance_uid, j.result_dir,
 FROM jobs j
 WHERE j.state='done' AND j.result_dir IS NOT NULL AND j.id IN ({where})
   AND NOT EXISTS (SELECT 1 FROM removals r WHERE r.kind='results' AND r.job_id=j.id)
-  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id=j.id AND d.state IN ('pending', 'failed'))
+  AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.result_dir=j.result_dir AND o.id>j.id)
+  AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.result_dir=j.result_dir AND o.state IN ('queued', 'running'))
+  AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs o ON o.id=d.job_id
+                  WHERE o.result_dir=j.result_dir AND d.state IN ('pending', 'failed'))
 """
 ALL_SERIES = "SELECT series_instance_uid FROM series"
 ALL_JOBS = "SELECT id FROM jobs"
@@ -191,7 +196,10 @@ def _remove_results(store: Store, item: Removal, now: float) -> bool:
     with store.transaction() as db:
         if not _still_eligible(db, RESULTS_CANDIDATES, item.job_id):
             return False
-        _record(db, item, None, now)
+        sharing = db.execute("SELECT id FROM jobs j WHERE result_dir=? AND NOT EXISTS (SELECT 1 FROM "
+                             "removals r WHERE r.kind='results' AND r.job_id=j.id)", (item.path,))
+        for (job_id,) in sharing.fetchall():  # the earlier jobs that wrote this folder lose it too
+            _record(db, replace(item, job_id=job_id), None, now)
     if Path(item.path).exists():
         shutil.rmtree(item.path)
     try:
@@ -214,6 +222,8 @@ def cleanup(store: Store, rules: Retention, *, dry_run: bool = False, now: float
     now = time.time() if now is None else now
     chosen = plan(store, rules, now, free_bytes(store) if free is None else free)
     removed = list(chosen.removals) if dry_run else apply(store, chosen, now)
+    if not dry_run:
+        _sweep_stale_copies(store)
     for item in removed if not dry_run else ():
         log.info("cleanup removed %s series=%s job=%s bytes=%d reason=%s", item.kind,
                  item.series_instance_uid, item.job_id if item.job_id is not None else "-", item.bytes,
@@ -226,3 +236,11 @@ def cleanup(store: Store, rules: Retention, *, dry_run: bool = False, now: float
     return {"dry_run": dry_run, "free_bytes": chosen.free_bytes, "high_water_bytes": chosen.high_water_bytes,
             "removed": [asdict(r) for r in removed], "bytes_freed": sum(r.bytes for r in removed)}
 
+
+
+def _sweep_stale_copies(store: Store) -> None:
+    """De-identified copies a crashed delivery left behind (node.deidentify.deidentified_files);
+    a delivery lasts minutes, so an hour-old one is no delivery's any more."""
+    for folder in store.data_dir.glob(".deid-*"):
+        if folder.is_dir() and not folder.is_symlink() and folder.stat().st_mtime < time.time() - 3600:
+            shutil.rmtree(folder, ignore_errors=True)

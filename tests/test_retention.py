@@ -42,7 +42,7 @@ def add_job(store: Store, series_uid: str, deliveries: dict[str, str]) -> int:
         job_id = store.add_job(db, series_uid, "ct", "builtin_ct", list(deliveries))
     assert store.claim_job()["id"] == job_id
     out = store.results_dir / series_uid / "builtin_ct"
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "seg.dcm").write_bytes(b"\0" * 50_000)
     store.finish_job(job_id, out, {}, list(deliveries))
     for row in store.query("SELECT id, destination FROM deliveries WHERE job_id=?", (job_id,)):
@@ -208,3 +208,36 @@ def test_retry_of_a_removed_series_says_why(tmp_path: Path) -> None:
                              str(store.data_dir)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "removed by retention" in result.stderr
     assert store.job(job)["state"] == "done"
+
+
+def test_results_folder_shared_by_a_rerun_goes_only_with_its_newest_job(tmp_path: Path) -> None:
+    """A series received again writes its new job's results into the same (series, model) folder:
+    the old job's age must not remove the new job's undelivered results."""
+    store = Store(tmp_path / "data")
+    add_series(store, "6.1")
+    old = add_job(store, "6.1", {"pacs": "done"})
+    with store.transaction() as db:  # the old delivery settled long ago
+        db.execute("UPDATE deliveries SET updated_at=updated_at-40*86400 WHERE job_id=?", (old,))
+        db.execute("UPDATE jobs SET updated_at=updated_at-40*86400 WHERE id=?", (old,))
+    new = add_job(store, "6.1", {"pacs": "pending"})
+    assert cleanup(store, RULES, now=time.time() + 1 * DAY, free=PLENTY)["removed"] == []
+    assert (store.results_dir / "6.1" / "builtin_ct" / "seg.dcm").exists()
+    store.record_delivery(store.query("SELECT id FROM deliveries WHERE job_id=?", (new,))[0]["id"],
+                          "done", None, time.time())
+    report = cleanup(store, RULES, now=time.time() + 31 * DAY, free=PLENTY)
+    assert [r["job_id"] for r in report["removed"] if r["kind"] == "results"] == [new]
+    assert removal_of_results(store, old) is not None and removal_of_results(store, new) is not None
+
+
+def test_cleanup_sweeps_stale_deidentified_copies(tmp_path: Path) -> None:
+    import os
+
+    store = Store(tmp_path / "data")
+    stale, fresh = store.data_dir / ".deid-crashed", store.data_dir / ".deid-running"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "0000.dcm").write_bytes(b"x")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert cleanup(store, RULES, dry_run=True)["removed"] == [] and stale.exists()
+    cleanup(store, RULES)
+    assert not stale.exists() and fresh.exists()
