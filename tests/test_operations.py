@@ -47,6 +47,7 @@ def test_status_retry_resend(tmp_path: Path) -> None:
     assert vesalius("resend", str(failed), "--data-dir", str(tmp_path)).returncode == 1
     unknown = vesalius("resend", "99", "--data-dir", str(tmp_path))
     assert unknown.returncode == 1 and unknown.stderr.strip() == "vesalius resend: no job 99"
+    assert vesalius("status", "--data-dir", str(tmp_path / "nowhere")).returncode == 2
 
 
 def test_version_and_help_name_every_command() -> None:
@@ -58,4 +59,3 @@ def test_version_and_help_name_every_command() -> None:
         assert command in help_text
     assert "``" not in help_text
     assert "totalsegmentator:PATH" in vesalius("process", "--help").stdout
-    assert vesalius("status", "--data-dir", str(tmp_path / "nowhere")).returncode == 2
