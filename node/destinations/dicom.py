@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pynetdicom import AE
 from pydicom.uid import UID
+from pynetdicom import AE
 
 from vesalius.node.checks import ConfigError, ae_title, check_type, existing_file, port, positive
 from vesalius.node.destinations import (
@@ -115,7 +115,8 @@ class DicomDestination(Destination):
                 reason = assoc.acceptor.primitive.reason_str
                 raise DeliveryError(f"association rejected: {reason}", permanent=result == 0x01)
             if assoc.rejected_contexts:  # the peer accepted the association but none of our SOP classes
-                names = ", ".join(sorted({UID(cx.abstract_syntax or "").name for cx in assoc.rejected_contexts}))
+                refused = {UID(cx.abstract_syntax or "").name for cx in assoc.rejected_contexts}
+                names = ", ".join(sorted(refused))
                 raise DeliveryError(f"destination does not accept {names}", permanent=True)
             how = " or the TLS handshake failed" if self.tls else ""
             raise DeliveryError(f"no association (destination unreachable or aborted{how})", permanent=False)
