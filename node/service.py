@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from pynetdicom.transport import ThreadedAssociationServer
+
 from vesalius.node.api import make_server, start_server
 from vesalius.node.config import Config
 from vesalius.node.jobs import JobRunner
@@ -31,7 +33,7 @@ class Node:
         self.sender = Sender(self.store, config, self.send_wake, self.stopping)
         self._completion = threading.Thread(target=self._complete_series, name="series", daemon=True)
         self.dicom_server = None
-        self.tls_server = None
+        self.tls_server: ThreadedAssociationServer | None = None
         self.http_server = None
 
     def start(self) -> None:
