@@ -102,6 +102,8 @@ def _echo(args: argparse.Namespace) -> int:
     ae = AE(ae_title=args.ae_title)
     ae.add_requested_context(Verification)
     tls_args = None
+    if bool(args.tls_certificate) != bool(args.tls_private_key):
+        raise ConfigError("--tls-certificate and --tls-private-key go together (mutual TLS)")
     if args.tls or args.tls_ca or args.tls_certificate:
         files = {"ca_certificates": args.tls_ca, "certificate": args.tls_certificate,
                  "private_key": args.tls_private_key}

@@ -161,6 +161,9 @@ def test_echo_command_over_tls(pki: Pki, tls_node) -> None:
     refused = subprocess.run([*base, "--tls", "--tls-ca", str(pki.ca)], capture_output=True, text=True,
                              timeout=60)
     assert refused.returncode == 1
+    half = subprocess.run([*base, "--tls-certificate", str(pki.scanner.certificate)], capture_output=True,
+                          text=True, timeout=60)
+    assert half.returncode == 2 and "go together" in half.stderr
 
 
 def result_files(tmp_path: Path) -> list[Path]:
