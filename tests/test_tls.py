@@ -3,6 +3,7 @@ certificates made here by a throwaway CA (tests/tls_pki.py)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -90,7 +91,7 @@ def echo(port: int, tls: ClientTLS | None = None, calling: str = "PROBE") -> boo
     from vesalius.node.tls import client_context
 
     ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.network_timeout = 10
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 10
     ae.add_requested_context(Verification)
     args = (client_context(tls), "localhost") if tls else None
     assoc = ae.associate("127.0.0.1", port, ae_title="VESALIUS", tls_args=args)
@@ -149,6 +150,14 @@ def test_plain_dicom_on_the_tls_port_fails_while_the_plain_port_serves(pki: Pki,
     assert echo(tls_port, ClientTLS(pki.ca, pki.scanner.certificate, pki.scanner.private_key))
     assert not echo(tls_port, ClientTLS(pki.ca))  # TLS, but no client certificate: mutual TLS refuses
     assert echo(node.port)
+
+
+def test_a_silent_client_does_not_hold_up_the_others(pki: Pki, tls_node) -> None:
+    """A connection that never starts its handshake waits in its own thread, not in the accept loop."""
+    node, tls_port = tls_node
+    scanner = ClientTLS(pki.ca, pki.scanner.certificate, pki.scanner.private_key)
+    with socket.create_connection(("127.0.0.1", tls_port)), socket.create_connection(("127.0.0.1", tls_port)):
+        assert echo(tls_port, scanner)  # upstream pynetdicom blocks here until the silent ones give up
 
 
 def test_echo_command_over_tls(pki: Pki, tls_node) -> None:
