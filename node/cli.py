@@ -1,4 +1,4 @@
-"""``vesalius serve | process | echo``: thin shells over the node and the pipeline."""
+"""``vesalius serve | process | cleanup | ...``: thin shells over the node and the pipeline."""
 
 from __future__ import annotations
 
@@ -149,7 +149,17 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    if not _store(args).retry_job(args.job):
+    from vesalius.node.store import removal_of_spool
+
+    store = _store(args)
+    job = store.job(args.job)
+    removed = removal_of_spool(store, job["series_instance_uid"]) if job is not None else None
+    if removed is not None and not store.series_paths(job["series_instance_uid"]):
+        print(f"vesalius retry: the series of job {args.job} was removed by retention "
+              f"({removed['reason']}) at {_when(removed['removed_at'])}; send it again to process it",
+              file=sys.stderr)
+        return 1
+    if not store.retry_job(args.job):
         print(f"vesalius retry: job {args.job} does not exist or is still queued/running", file=sys.stderr)
         return 1
     print(f"job {args.job} queued again")
@@ -157,11 +167,45 @@ def _retry(args: argparse.Namespace) -> int:
 
 
 def _resend(args: argparse.Namespace) -> int:
-    count = _store(args).resend_job(args.job)
+    from vesalius.node.store import removal_of_results
+
+    store = _store(args)
+    removed = removal_of_results(store, args.job)
+    if removed is not None:
+        print(f"vesalius resend: the results of job {args.job} were removed by retention "
+              f"({removed['reason']}) at {_when(removed['removed_at'])}; `vesalius retry {args.job}` "
+              "computes them again if its series is still stored", file=sys.stderr)
+        return 1
+    count = store.resend_job(args.job)
     if not count:
         print(f"vesalius resend: job {args.job} has no deliveries (not finished yet?)", file=sys.stderr)
         return 1
     print(f"job {args.job}: {count} deliveries queued again")
+    return 0
+
+
+def _when(timestamp: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    from vesalius.node.retention import cleanup
+
+    store = _store(args)
+    report = cleanup(store, load_config(args.config).retention, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for item in report["removed"]:
+        what = f"job {item['job_id']} results" if item["kind"] == "results" else "spool of series"
+        size = item["bytes"] / 2**20
+        print(f"{verb} {what} {item['series_instance_uid']}  {size:.1f} MB  ({item['reason']})")
+    print(f"{verb} {len(report['removed'])} item(s), {report['bytes_freed'] / 2**20:.1f} MB; "
+          f"free before: {report['free_bytes'] / 2**20:.0f} MB, high-water mark "
+          f"{report['high_water_bytes'] / 2**20:.0f} MB")
     return 0
 
 
@@ -221,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--config", help="TOML configuration file (for its data_dir)")
         command.add_argument("--data-dir", help="the node's data folder (default ./vesalius-data)")
         command.set_defaults(func=func)
+
+    clean = sub.add_parser("cleanup", help="remove delivered spool and results per [retention] "
+                           "(the node also does this every [retention] interval)")
+    clean.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    clean.add_argument("--json", action="store_true", help="machine-readable output")
+    clean.add_argument("--config", help="TOML configuration file (for [retention] and data_dir)")
+    clean.add_argument("--data-dir", help="the node's data folder (default ./vesalius-data)")
+    clean.set_defaults(func=_cleanup)
     return parser
 
 

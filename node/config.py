@@ -52,6 +52,18 @@ class Retry:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """What `vesalius cleanup` and the node's periodic cleanup remove (node/retention.py).
+    Days of 0 turn that age rule off; the high-water mark still applies."""
+
+    spool_days: float = 7.0  # received series, after all deliveries of all their jobs are done
+    results_days: float = 30.0  # a job's results, after all its deliveries are done
+    unrouted_days: float = 7.0  # received series that no rule routed (stored only)
+    free_space_high_water_mb: int = 1000  # below this free space, oldest eligible data goes first
+    interval: float = 300.0  # s between the node's cleanups; 0: only `vesalius cleanup`
+
+
+@dataclass(frozen=True)
 class Config:
     ae_title: str = DEFAULT_AE_TITLE
     host: str = "0.0.0.0"
@@ -72,6 +84,7 @@ class Config:
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = (Rule(name="ct"),)
     retry: Retry = field(default_factory=Retry)
+    retention: Retention = field(default_factory=Retention)
 
     def destination_names(self, rule: Rule) -> tuple[str, ...]:
         return rule.destinations or tuple(d.name for d in self.destinations)
@@ -96,6 +109,24 @@ def _tls(table: Any, base: Path | None) -> ListenerTLS:
                          if "ca_certificates" in table else None),
         require_client_certificate=require_client,
     )
+
+
+def _retention(table: Any) -> Retention:
+    _check_type("retention", table, dict)
+    _known("retention", table, {f.name for f in fields(Retention)})
+    values: dict[str, Any] = {}
+    for key in ("spool_days", "results_days", "unrouted_days", "interval"):
+        if key in table:
+            value = _check_type(f"retention.{key}", table[key], (int, float))
+            if value < 0:
+                raise ConfigError(f"retention.{key}: must be >= 0, got {value}")
+            values[key] = float(value)
+    if "free_space_high_water_mb" in table:
+        mark = _check_type("retention.free_space_high_water_mb", table["free_space_high_water_mb"], int)
+        if mark < 0:
+            raise ConfigError(f"retention.free_space_high_water_mb: must be >= 0, got {mark}")
+        values["free_space_high_water_mb"] = mark
+    return Retention(**values)
 
 
 def _rule(i: int, table: Any) -> Rule:
@@ -187,6 +218,8 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
         raise ConfigError("tls: set tls_port to start the TLS listener")
     if values.get("tls_port") and values["tls_port"] == values.get("port", DEFAULT_PORT):
         raise ConfigError(f"tls_port: must differ from port ({values['tls_port']})")
+    if "retention" in data:
+        values["retention"] = _retention(data["retention"])
     config = Config(**values)
     _check_references(config)
     return config

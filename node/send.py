@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from vesalius.node.config import Config, Retry
+from vesalius.node.deidentify import deidentified_files
 from vesalius.node.destinations import DeliveryError, Destination
 from vesalius.node.pipeline import OUTPUT_FILES, STL_DIR
 from vesalius.node.store import Store
@@ -69,7 +70,10 @@ class Sender:
         files: list[Path] = []
         try:
             files = files_for(destination, delivery["result_dir"])
-            destination.send(files, self.config.ae_title)
+            # de-identification per destination (issue 9; node/deidentify.py): de-identified copies
+            with deidentified_files(self.store, destination.deidentify, destination.deidentify_options,
+                                    files) as sent:
+                destination.send(sent, self.config.ae_title)
         except DeliveryError as err:
             self._failed(delivery, destination, attempt, str(err), err.permanent)
             return

@@ -20,6 +20,9 @@ from pydicom.dataset import Dataset
 
 from vesalius.node.checks import ConfigError, check_type, known, positive, strings
 
+DEIDENTIFY_PROFILES = ("", "basic")  # "": send the objects as written
+DEIDENTIFY_OPTIONS = ("retain_longitudinal_dates", "retain_patient_characteristics")
+
 
 class DeliveryError(Exception):
     """A delivery that did not go through; ``permanent`` means retrying cannot help."""
@@ -57,9 +60,13 @@ class Destination(ABC):
     surfaces: bool = True
     sr: bool = True
     max_attempts: int = 0  # delivery tries before "failed"; 0: [retry] max_attempts
+    # PS3.15 Basic Application Level Confidentiality Profile on what is sent (node/deidentify.py)
+    deidentify: str = ""  # "" or "basic"
+    deidentify_options: tuple[str, ...] = ()  # from DEIDENTIFY_OPTIONS
 
     COMMON_KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"name", "kind", "labelmap", "encapsulated_stl", "surfaces", "sr", "max_attempts"})
+        {"name", "kind", "labelmap", "encapsulated_stl", "surfaces", "sr", "max_attempts", "deidentify",
+         "deidentify_options"})
     KEYS: ClassVar[frozenset[str]] = frozenset()  # the kind's own table keys
 
     @property
@@ -85,8 +92,9 @@ class Destination(ABC):
         """Problems found only by loading files (certificates): ConfigError at start-up."""
 
     def transform(self, dataset: Dataset) -> Dataset:
-        """The outgoing dataset as this destination receives it: the one place outgoing objects
-        change (de-identification). Return ``dataset`` itself when unchanged, a new dataset otherwise."""
+        """The outgoing dataset as this kind sends it: return ``dataset`` itself when unchanged, a new
+        dataset otherwise. (De-identification, which needs the node's pseudonym table, is applied
+        to the files before ``send``: see node.send.)"""
         return dataset
 
     def outgoing(self, files: Sequence[Path]) -> list[Outgoing]:
@@ -141,6 +149,20 @@ def common_settings(key: str, table: dict[str, Any], cls: type[Destination]) -> 
         value = table["encapsulated_stl"]
         values["encapsulated_stl"] = value if isinstance(value, bool) else strings(
             f"{key}.encapsulated_stl", value)
+    if "deidentify" in table:
+        profile = check_type(f"{key}.deidentify", table["deidentify"], str)
+        if profile not in DEIDENTIFY_PROFILES:
+            raise ConfigError(f"{key}.deidentify: expected \"basic\" (or \"\" for none), got {profile!r}")
+        values["deidentify"] = profile
+    if "deidentify_options" in table:
+        options = strings(f"{key}.deidentify_options", table["deidentify_options"])
+        for option in options:
+            if option not in DEIDENTIFY_OPTIONS:
+                raise ConfigError(f"{key}.deidentify_options: unknown option {option!r} "
+                                  f"(known: {', '.join(DEIDENTIFY_OPTIONS)})")
+        if options and not values.get("deidentify"):
+            raise ConfigError(f"{key}.deidentify_options: only with deidentify = \"basic\"")
+        values["deidentify_options"] = options
     return values
 
 
