@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("pynetdicom", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from vesalius.node.logs import install as redact_library_logs
+
+    redact_library_logs()
     try:
         return args.func(args)
     except ConfigError as err:

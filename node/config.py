@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -84,7 +85,12 @@ class Config:
     port: int = DEFAULT_PORT
     http_port: int = DEFAULT_HTTP_PORT
     data_dir: Path = Path(DEFAULT_DATA_DIR)
-    allowed_calling_aes: tuple[str, ...] = ()  # empty: any calling AE may send
+    allowed_calling_aes: tuple[str, ...] = ()  # "AE" or "AE@IP[/prefix]"; empty: any calling AE
+    max_associations: int = 64  # concurrent associations (pynetdicom's own default is 10)
+    max_associations_per_peer: int = 16  # per calling AE title and IP address
+    idle_timeout: float = 60.0  # s without a PDU before an association is aborted
+    max_pdu: int = 4 * 2**20  # bytes: the largest PDU we advertise and accept (docs/input.md)
+    max_instance_mb: int = 2048  # a larger data set closes the association while it arrives
     min_free_disk_mb: int = 500  # below this free space in data_dir, instances are refused (A700)
     quiet_period: float = 1.0
     stability_timeout: float = 10.0
@@ -128,6 +134,23 @@ def _ae_title(key: str, value: Any) -> str:
     _check_type(key, value, str)
     if not 0 < len(value) <= 16 or "\\" in value or not value.isprintable():
         raise ConfigError(f"{key}: an AE title is 1-16 printable characters, got {value!r}")
+    return value
+
+
+MIN_PDU, MAX_PDU = 4096, 256 * 2**20
+
+
+def _allowed_ae(key: str, value: Any) -> str:
+    """``AE`` or ``AE@IP`` or ``AE@IP/PREFIX`` (the AE title bound to a host or network)."""
+    _check_type(key, value, str)
+    ae, at, host = value.rpartition("@")
+    if not at:
+        return _ae_title(key, value)
+    _ae_title(key, ae)
+    try:
+        ipaddress.ip_network(host, strict=False)
+    except ValueError as err:
+        raise ConfigError(f"{key}: expected AE or AE@IP or AE@IP/PREFIX, got {value!r} ({err})") from None
     return value
 
 
@@ -238,8 +261,18 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
         values["data_dir"] = Path(_check_type("data_dir", data["data_dir"], str))
     if "allowed_calling_aes" in data:
         aes = _strings("allowed_calling_aes", data["allowed_calling_aes"])
-        values["allowed_calling_aes"] = tuple(_ae_title(f"allowed_calling_aes[{i}]", a)
+        values["allowed_calling_aes"] = tuple(_allowed_ae(f"allowed_calling_aes[{i}]", a)
                                               for i, a in enumerate(aes))
+    for key in ("max_associations", "max_associations_per_peer", "max_instance_mb"):
+        if key in data:
+            values[key] = int(_positive(key, _check_type(key, data[key], int)))
+    if "idle_timeout" in data:
+        values["idle_timeout"] = _positive("idle_timeout", data["idle_timeout"])
+    if "max_pdu" in data:
+        values["max_pdu"] = _check_type("max_pdu", data["max_pdu"], int)
+        if not MIN_PDU <= values["max_pdu"] <= MAX_PDU:
+            raise ConfigError(f"max_pdu: must be {MIN_PDU}-{MAX_PDU} bytes (a finite maximum bounds "
+                              f"the memory one peer can use), got {values['max_pdu']}")
     if "min_free_disk_mb" in data:
         values["min_free_disk_mb"] = _check_type("min_free_disk_mb", data["min_free_disk_mb"], int)
         if values["min_free_disk_mb"] < 0:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vesalius.inference.volume import VolumeError
 from vesalius.node.config import Config
+from vesalius.node.paths import inside, uid_file_name
 from vesalius.node.pipeline import run_pipeline
 from vesalius.node.store import Store
 
@@ -24,7 +25,9 @@ log = logging.getLogger("vesalius.jobs")
 def _init_worker(model_specs: dict, gpu_slots: int) -> None:
     """Give a new worker process the configured models (loaded lazily, then kept)."""
     from vesalius.inference.models.registry import configure
+    from vesalius.node.logs import install as redact_library_logs
 
+    redact_library_logs()  # no patient name from a library warning on the node's stderr
     configure(model_specs, gpu_slots)
 
 
@@ -48,7 +51,7 @@ def _warm_up(models: tuple[str, ...] = ()) -> None:
 def result_dir_for(store: Store, series_uid: str, model: str) -> Path:
     """Deterministic per (series, model): a re-run replaces the earlier results. A path-form
     model (``bundle:/models/x``) becomes one safe folder name."""
-    return store.results_dir / series_uid / re.sub(r"[^A-Za-z0-9._+-]", "_", model)
+    return inside(store.results_dir, uid_file_name(series_uid), re.sub(r"[^A-Za-z0-9._+-]", "_", model))
 
 
 class JobRunner:

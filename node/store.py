@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vesalius.node.paths import inside, uid_file_name
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY,
@@ -125,6 +127,16 @@ def write_durably(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def move_durably(src: Path, path: Path) -> None:
+    """Move a received file into place so that it survives a crash: fsync, rename (one
+    filesystem: no copy), fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(src, path)
+    _fsync_dir(path.parent)
+
+
 class Store:
     """SQLite (WAL, synchronous=FULL) plus the spool folder; one connection per thread."""
 
@@ -167,13 +179,27 @@ class Store:
     # --- instances -----------------------------------------------------------------------------
 
     def spool_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        return self.spool_dir / study_uid / series_uid / f"{sop_uid}.dcm"
+        """Where an instance is kept: named from its UIDs through ``uid_file_name`` (a hash for
+        irregular ones) and checked to stay in the spool. Rows keep their own path, so spools
+        written by earlier versions stay readable."""
+        return inside(self.spool_dir, uid_file_name(study_uid), uid_file_name(series_uid),
+                      f"{uid_file_name(sop_uid)}.dcm")
 
-    def store_instance(self, info: SeriesInfo, sop_instance_uid: str, data: bytes,
+    @property
+    def incoming_dir(self) -> Path:
+        """Data sets being received (pynetdicom writes them here in chunks), on the spool's
+        filesystem so that storing one is a rename."""
+        return self.spool_dir / ".incoming"
+
+    def store_instance(self, info: SeriesInfo, sop_instance_uid: str, data: bytes | Path,
                        calling_ae: str) -> bool:
-        """Write the file durably and record it; False when this SOP Instance UID was already stored."""
+        """Write the file (bytes, or a received file moved into place) durably and record it;
+        False when this SOP Instance UID was already stored."""
         path = self.spool_path(info.study_instance_uid, info.series_instance_uid, sop_instance_uid)
-        write_durably(path, data)
+        if isinstance(data, Path):
+            move_durably(data, path)
+        else:
+            write_durably(path, data)
         now = time.time()
         with self.transaction() as db:
             known = db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?",
