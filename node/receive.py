@@ -8,7 +8,6 @@ bounds and refuses is in docs/input.md.
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import shutil
@@ -90,6 +89,13 @@ class Receiver:
                       self.store.spool_dir)
             return OUT_OF_RESOURCES
         received = Path(event.dataset_path)
+        spool_file = getattr(event.request, "_dataset_file", None)
+        if isinstance(spool_file, SpoolFile):
+            spool_file.close()
+            if spool_file.error is not None:
+                log.error("could not store instance from %s: %s", calling_ae, spool_file.error)
+                received.unlink(missing_ok=True)
+                return OUT_OF_RESOURCES
         try:
             ds = dcmread(received, defer_size=HEADER_DEFER_SIZE)
             problem, status = self._problem(ds, event)
@@ -166,14 +172,50 @@ def _discard_partial_data_set(assoc: object) -> None:
         Path(partial.name).unlink(missing_ok=True)
 
 
+class SpoolFile:
+    """The file pynetdicom writes a received data set into, in the spool's ``.incoming`` folder.
+    A failed write (a full disk) is remembered and the rest dropped, so the C-STORE is answered
+    A700 instead of the association dying in pynetdicom's state machine."""
+
+    def __init__(self, folder: Path) -> None:
+        self._file = tempfile.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm", dir=folder)
+        self.name = self._file.name
+        self.error: OSError | None = None
+
+    @property
+    def file(self) -> SpoolFile:  # pynetdicom flushes through ``.file``
+        return self
+
+    def write(self, data: bytes) -> int:
+        if self.error is None:
+            try:
+                self._file.write(data)
+            except OSError as err:
+                self.error = err
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._file.flush()
+            except OSError as err:
+                self.error = err
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError as err:
+            self.error = self.error or err
+
+
 def receive_data_sets_into(folder: Path) -> None:
     """Make pynetdicom write each received C-STORE data set to a file in ``folder`` as it arrives
     (``STORE_RECV_CHUNKED_DATASET``), instead of the system temp folder: storing it is then a
     rename on one filesystem. pynetdicom names no folder for that file; upstream this would be a
     ``_config`` setting next to ``STORE_RECV_CHUNKED_DATASET``."""
     pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True
-    pynetdicom.dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment]
-        tempfile.NamedTemporaryFile, dir=folder)
+    pynetdicom.dimse_messages.NamedTemporaryFile = (  # type: ignore[assignment]
+        lambda **_: SpoolFile(folder))
 
 
 def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list[tuple[Any, ...]]]:

@@ -8,6 +8,7 @@ read from /proc; bytes and time of every stream are bounded.
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import subprocess
@@ -291,3 +292,44 @@ def test_allow_list_binds_ae_titles_to_hosts(tmp_path: Path) -> None:
             assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
         assert "association from CT2 at 127.0.0.1 refused: calling AE and address not in " \
                "allowed_calling_aes" in node.log()
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"max_pdu": 0}, "max_pdu: must be 4096-268435456 bytes"),
+    ({"max_pdu": 2**40}, "max_pdu: must be"),
+    ({"max_associations": 0}, "max_associations: must be > 0"),
+    ({"max_associations_per_peer": "8"}, "max_associations_per_peer: expected int"),
+    ({"idle_timeout": -1}, "idle_timeout: must be > 0"),
+    ({"max_instance_mb": 1.5}, "max_instance_mb: expected int"),
+    ({"allowed_calling_aes": ["CT1@not-an-address"]}, "allowed_calling_aes[0]: expected AE or AE@IP"),
+    ({"allowed_calling_aes": ["@10.0.0.1"]}, "allowed_calling_aes[0]: an AE title is 1-16"),
+])
+def test_limit_keys_are_validated(data: dict, message: str) -> None:
+    from vesalius.node.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(data)
+
+
+def test_limit_keys_parse() -> None:
+    from vesalius.node.config import parse_config
+
+    config = parse_config({"max_pdu": 1048576, "max_associations": 100, "max_associations_per_peer": 4,
+                           "idle_timeout": 5, "max_instance_mb": 10,
+                           "allowed_calling_aes": ["CT1@10.0.0.0/8", "CT2@::1", "PLAIN"]})
+    assert (config.max_pdu, config.max_associations, config.max_associations_per_peer) == (1048576, 100, 4)
+    assert (config.idle_timeout, config.max_instance_mb) == (5.0, 10)
+    assert config.allowed_calling_aes == ("CT1@10.0.0.0/8", "CT2@::1", "PLAIN")
+
+
+def test_allow_rules_match_address_and_title() -> None:
+    from vesalius.node.admission import AllowRule
+
+    rule = AllowRule.parse("CT1@10.1.0.0/16")
+    assert rule.allows("CT1", "10.1.2.3") and not rule.allows("CT1", "10.2.0.1")
+    assert not rule.allows("CT2", "10.1.2.3") and not rule.allows("CT1", "not an address")
+    assert AllowRule.parse("PLAIN").allows("PLAIN", "192.0.2.1")
+    assert AllowRule.parse("V6@::1").allows("V6", "::1")
