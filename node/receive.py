@@ -214,8 +214,10 @@ def receive_data_sets_into(folder: Path) -> None:
     rename on one filesystem. pynetdicom names no folder for that file; upstream this would be a
     ``_config`` setting next to ``STORE_RECV_CHUNKED_DATASET``."""
     pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True
-    pynetdicom.dimse_messages.NamedTemporaryFile = (  # type: ignore[assignment]
-        lambda **_: SpoolFile(folder))
+    def spool_file(**_: Any) -> SpoolFile:
+        return SpoolFile(folder)
+
+    pynetdicom.dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[assignment]
 
 
 def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list[tuple[Any, ...]]]:
