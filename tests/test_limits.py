@@ -59,6 +59,7 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        print(f"node RSS peak {self.peak // MB} MB")  # shown with pytest -s
 
 
 def stream(sock: socket.socket, chunks: Iterator[bytes], cap: int = STREAM_CAP) -> int:
@@ -263,19 +264,35 @@ def test_idle_peer_cannot_lock_out_sixteen_modalities(tmp_path: Path) -> None:
                "max_associations_per_peer (16)" in node.log()
 
 
-def test_total_limit_and_idle_timeout(tmp_path: Path) -> None:
-    config = "max_associations = 3\nmax_associations_per_peer = 3\nidle_timeout = 2\n" + NO_JOBS
+def test_total_limit_refuses_with_local_limit_exceeded(tmp_path: Path) -> None:
+    config = "max_associations = 3\nmax_associations_per_peer = 3\n" + NO_JOBS
     with vesalius_node(tmp_path, config=config) as node:
         held = []
         for i in range(4):
             ae = AE(ae_title=f"PEER{i}")
             ae.add_requested_context(Verification)
             held.append(ae.associate("127.0.0.1", node.port, ae_title="VESALIUS"))
-        assert [a.is_established for a in held] == [True, True, True, False]
-        assert held[3].is_rejected
-        wait_for(lambda: not any(a.is_established for a in held), 30, "idle associations to be closed")
-        assert "refused: all max_associations (3) in use" in node.log()
-        assert echo_ok(node.port)  # idle ones gone, the node has room again
+        try:
+            assert [a.is_established for a in held] == [True, True, True, False]
+            rj = held[3].acceptor.primitive
+            assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+            assert ("association from PEER3 at 127.0.0.1 refused: all max_associations (3) in use"
+                    in node.log())
+        finally:
+            for a in held[:3]:
+                a.release()
+        assert echo_ok(node.port)  # released ones free their places
+
+
+def test_idle_associations_are_closed(tmp_path: Path) -> None:
+    with vesalius_node(tmp_path, config="idle_timeout = 2\n" + NO_JOBS) as node:
+        ae = AE(ae_title="SILENT")
+        ae.add_requested_context(Verification)
+        silent = ae.associate("127.0.0.1", node.port, ae_title="VESALIUS")
+        assert silent.is_established
+        wait_for(lambda: not silent.is_established, 60, "the idle association to be closed")
+        assert silent.is_aborted
+        assert echo_ok(node.port)
 
 
 def test_allow_list_binds_ae_titles_to_hosts(tmp_path: Path) -> None:
