@@ -111,7 +111,7 @@ def test_the_reasons_are_visible(best: Best) -> None:
     series = best.one.series
     assert reasons[series["coronal"].series_uid] == "skipped: ImageType DERIVED\\SECONDARY\\REFORMATTED"
     assert reasons[series["localizer"].series_uid] == "skipped: ImageType ORIGINAL\\PRIMARY\\LOCALIZER"
-    assert reasons[series["lung"].series_uid].endswith("ranks higher on thinnest")
+    assert reasons[series["lung"].series_uid].endswith("ranks higher on soft_kernel")
     assert reasons[series["thin"].series_uid].endswith("ranks higher on thinnest")
     assert f"ct  {best.late}  chosen: 1 mm axial" in best.status
     assert "Phantom^Test" not in best.status and "Phantom^Test" not in best.node.log()
