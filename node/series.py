@@ -38,6 +38,9 @@ DUE_STUDIES = """SELECT s.study_instance_uid FROM series s LEFT JOIN studies st 
                  HAVING SUM(s.state != 'complete') = 0
                     AND MAX(s.completed_at) > COALESCE(MAX(st.selected_at), -1)
                     AND ? - MAX(MAX(COALESCE(s.released_at, 0), s.last_received)) >= ?"""
+CHANGED_STUDIES = """WHERE s.study_instance_uid IN (SELECT c.study_instance_uid FROM series c
+                     LEFT JOIN studies cs USING (study_instance_uid)
+                     WHERE c.state='complete' AND c.completed_at > COALESCE(cs.selected_at, -1))"""
 HEADER_TAGS = ["Modality", "ImageType", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness",
                "PixelSpacing", "ConvolutionKernel", "ContrastBolusAgent", "NumberOfFrames",
                "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"]
@@ -77,7 +80,8 @@ def select_due_studies(store: Store, config: Config, now: float | None = None) -
     """Run the study-level rules on every complete study with a series new since its last
     selection; queue the chosen series' jobs and record why each series was chosen or skipped."""
     now = time.time() if now is None else now
-    due = [r[0] for r in store.query(DUE_STUDIES.format(where=""), (now, config.study_quiet_period))]
+    due = [r[0] for r in store.query(DUE_STUDIES.format(where=CHANGED_STUDIES),
+                                     (now, config.study_quiet_period))]
     selected = []
     for study in due:
         missing = store.query("SELECT s.* FROM series s LEFT JOIN series_facts f USING "

@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS series_facts (
     facts TEXT NOT NULL,                          -- JSON of routing.SeriesFacts
     read_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS series_study ON series(study_instance_uid);
 CREATE TABLE IF NOT EXISTS studies (
     study_instance_uid TEXT PRIMARY KEY,
     selected_at REAL NOT NULL                     -- the study rules last chose its series
@@ -102,7 +103,7 @@ LISTINGS = {
               "state, (SELECT COUNT(*) FROM instances i WHERE i.series_instance_uid=s.series_instance_uid) "
               "AS instances, last_received, completed_at FROM series s ORDER BY last_received DESC LIMIT ?",
     "jobs": "SELECT id, series_instance_uid, rule, model, destinations, state, attempts, error, stages, "
-            "created_at, updated_at FROM jobs ORDER BY id DESC LIMIT ?",
+            "created_at, updated_at, result_key FROM jobs ORDER BY id DESC LIMIT ?",
     "deliveries": "SELECT id, job_id, destination, state, attempts, error, next_try_at, updated_at "
                   "FROM deliveries ORDER BY id DESC LIMIT ?",
     "studies": "SELECT st.study_instance_uid, st.selected_at, "
