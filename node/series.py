@@ -121,7 +121,8 @@ def _select(store: Store, db: Any, config: Config, study: str, now: float) -> No
             job_id = store.add_job(db, uid, rule.name, rule.model, config.destination_names(rule),
                                    result_key=key)
             log.info("study complete study=%s rule=%s chose series=%s job=%d model=%s%s", study,
-                     rule.name, uid, job_id, rule.model, " (replacing earlier results)" if before else "")
+                     rule.name, uid, job_id, rule.model,
+                     " (replacing earlier results)" if before and key else "")
         if not selection.chosen:
             log.info("study complete study=%s rule=%s: no series chosen", study, rule.name)
     db.execute("INSERT INTO studies VALUES (?,?) ON CONFLICT(study_instance_uid) DO UPDATE SET "
