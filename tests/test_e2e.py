@@ -21,12 +21,12 @@ import pydicom.errors
 import pytest
 from pydicom.uid import CTImageStorage
 
-from vesalius.inference.models import get_model
-from vesalius.inference.volume import load_series
 from tests.dicom_checks import assert_dciodvfy_clean
 from tests.peers import StoreSCP, storescp, storescu, vesalius_node, wait_for
 from tests.phantoms import Cylinder, PhantomSeries, write_phantom_series
 from tests.realdata import write_nifti_as_dicom_series
+from vesalius.inference.models import get_model
+from vesalius.inference.volume import load_series
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SURFACE = "1.2.840.10008.5.1.4.1.1.66.5"
