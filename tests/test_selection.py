@@ -232,3 +232,21 @@ def test_study_results_have_one_set_of_uids_whichever_series() -> None:
         "1.2.3", Algorithm("builtin_ct", "1"), "seg/instance")
     assert derived_uid("1.2.3", per_study, "seg/instance") != derived_uid(
         "1.2.3", Algorithm("builtin_ct", "1", result_key="study/1.2/other"), "seg/instance")
+
+
+def test_select_all_processes_a_late_matching_series_only(exam, tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    config = parse_config({"quiet_period": 1, "study_quiet_period": 2,
+                           "rules": [{"name": "ct", "select": "all"}]})
+    t0 = time.time()
+    for role in ("localizer", "thin", "coronal"):
+        receive(store, exam.series[role], t0)
+    complete_due_series(store, config, now=t0 + 2)
+    assert select_due_studies(store, config, now=t0 + 3) == [exam.uid]
+    assert [(j["series_instance_uid"], j["result_key"]) for j in jobs(store)] == \
+        [(exam.series["thin"].series_uid, None)]  # results per series, as before study rules
+    receive(store, exam.series["lung"], t0 + 10)
+    complete_due_series(store, config, now=t0 + 12)
+    assert select_due_studies(store, config, now=t0 + 13) == [exam.uid]
+    assert [j["series_instance_uid"] for j in jobs(store)] == [exam.series["thin"].series_uid,
+                                                               exam.series["lung"].series_uid]
