@@ -22,6 +22,8 @@ class ConfigError(ValueError):
 
 
 DESTINATION_KINDS = ("dicom", "dicomweb")
+DEIDENTIFY_PROFILES = ("", "basic")  # "": send the objects as written
+DEIDENTIFY_OPTIONS = ("retain_longitudinal_dates", "retain_patient_characteristics")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class Destination:
     surfaces: bool = True
     sr: bool = True
     max_attempts: int = 0  # delivery tries before "failed"; 0: [retry] max_attempts
+    # PS3.15 Basic Application Level Confidentiality Profile on what is sent (node/deidentify.py)
+    deidentify: str = ""  # "" or "basic"
+    deidentify_options: tuple[str, ...] = ()  # from DEIDENTIFY_OPTIONS
 
     @classmethod
     def parse(cls, text: str) -> Destination:
@@ -111,6 +116,18 @@ class Retry:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """What `vesalius cleanup` and the node's periodic cleanup remove (node/retention.py).
+    Days of 0 turn that age rule off; the high-water mark still applies."""
+
+    spool_days: float = 7.0  # received series, after all deliveries of all their jobs are done
+    results_days: float = 30.0  # a job's results, after all its deliveries are done
+    unrouted_days: float = 7.0  # received series that no rule routed (stored only)
+    free_space_high_water_mb: int = 1000  # below this free space, oldest eligible data goes first
+    interval: float = 300.0  # s between the node's cleanups; 0: only `vesalius cleanup`
+
+
+@dataclass(frozen=True)
 class Config:
     ae_title: str = DEFAULT_AE_TITLE
     host: str = "0.0.0.0"
@@ -130,6 +147,7 @@ class Config:
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = (Rule(name="ct"),)
     retry: Retry = field(default_factory=Retry)
+    retention: Retention = field(default_factory=Retention)
 
     def destination_names(self, rule: Rule) -> tuple[str, ...]:
         return rule.destinations or tuple(d.name for d in self.destinations)
@@ -232,7 +250,39 @@ def _outputs(key: str, table: dict[str, Any]) -> dict[str, Any]:
         value = table["encapsulated_stl"]
         values["encapsulated_stl"] = value if isinstance(value, bool) else _strings(
             f"{key}.encapsulated_stl", value)
+    if "deidentify" in table:
+        profile = _check_type(f"{key}.deidentify", table["deidentify"], str)
+        if profile not in DEIDENTIFY_PROFILES:
+            raise ConfigError(f"{key}.deidentify: expected \"basic\" (or \"\" for none), got {profile!r}")
+        values["deidentify"] = profile
+    if "deidentify_options" in table:
+        options = _strings(f"{key}.deidentify_options", table["deidentify_options"])
+        for option in options:
+            if option not in DEIDENTIFY_OPTIONS:
+                raise ConfigError(f"{key}.deidentify_options: unknown option {option!r} "
+                                  f"(known: {', '.join(DEIDENTIFY_OPTIONS)})")
+        if options and not values.get("deidentify"):
+            raise ConfigError(f"{key}.deidentify_options: only with deidentify = \"basic\"")
+        values["deidentify_options"] = options
     return values
+
+
+def _retention(table: Any) -> Retention:
+    _check_type("retention", table, dict)
+    _known("retention", table, {f.name for f in fields(Retention)})
+    values: dict[str, Any] = {}
+    for key in ("spool_days", "results_days", "unrouted_days", "interval"):
+        if key in table:
+            value = _check_type(f"retention.{key}", table[key], (int, float))
+            if value < 0:
+                raise ConfigError(f"retention.{key}: must be >= 0, got {value}")
+            values[key] = float(value)
+    if "free_space_high_water_mb" in table:
+        mark = _check_type("retention.free_space_high_water_mb", table["free_space_high_water_mb"], int)
+        if mark < 0:
+            raise ConfigError(f"retention.free_space_high_water_mb: must be >= 0, got {mark}")
+        values["free_space_high_water_mb"] = mark
+    return Retention(**values)
 
 
 def _rule(i: int, table: Any) -> Rule:
@@ -367,6 +417,8 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
             attempts = _check_type("retry.max_attempts", table["max_attempts"], int)
             retry = replace(retry, max_attempts=int(_positive("retry.max_attempts", attempts)))
         values["retry"] = retry
+    if "retention" in data:
+        values["retention"] = _retention(data["retention"])
     config = Config(**values)
     _check_references(config)
     return config

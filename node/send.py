@@ -14,6 +14,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import EncapsulatedSTLStorage, LabelMapSegmentationStorage
 
 from vesalius.node.config import Config, Destination, Retry
+from vesalius.node.deidentify import deidentified_files
 from vesalius.node.pipeline import OUTPUT_FILES, STL_DIR
 from vesalius.node.store import Store
 
@@ -121,12 +122,15 @@ class Sender:
             if destination is None:
                 raise DeliveryError(f"destination {name!r} is no longer configured", permanent=True)
             files = files_for(destination, delivery["result_dir"])
-            if destination.kind == "dicomweb":
-                from vesalius.node.stow import stow_rs  # node.stow imports this module
+            # de-identification per destination (issue 9; node/deidentify.py): de-identified copies
+            with deidentified_files(self.store, destination.deidentify, destination.deidentify_options,
+                                    files) as sent:
+                if destination.kind == "dicomweb":
+                    from vesalius.node.stow import stow_rs  # node.stow imports this module
 
-                stow_rs(destination, files)
-            else:
-                c_store(destination, files, self.config.ae_title)
+                    stow_rs(destination, sent)
+                else:
+                    c_store(destination, sent, self.config.ae_title)
         except DeliveryError as err:
             self._failed(delivery, destination, attempt, str(err), err.permanent)
             return

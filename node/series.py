@@ -108,14 +108,23 @@ def _select(store: Store, db: Any, config: Config, study: str, now: float) -> No
     series = [SeriesFacts.from_mapping({**dict(row), **(store.facts(db, row["series_instance_uid"]) or {}),
                                         "completed_at": row["completed_at"]}) for row in rows]
     completed = {s.series_instance_uid: s.completed_at for s in series}
+    # series retention removed still compete (by their recorded facts): a worse late series must
+    # not replace results made from a better one; a removed series is never processed again
+    removed = [SeriesFacts.from_mapping(facts) for uid, in db.execute(
+        "SELECT DISTINCT series_instance_uid FROM selections WHERE study_instance_uid=?", (study,))
+        if uid not in completed and (facts := store.facts(db, uid)) is not None]
+    series += removed
     for rule in (r for r in config.rules if r.trigger == "study"):
         before = {r[0] for r in db.execute("SELECT series_instance_uid FROM selections WHERE "
                                            "study_instance_uid=? AND rule=? AND decision='chosen'",
                                            (study, rule.name))}
         selection = select_series(rule, series)
-        store.record_selection(db, study, rule.name, [d.row() for d in selection.decisions], now)
+        gone = {f.series_instance_uid for f in removed}
+        store.record_selection(db, study, rule.name, [
+            (uid, decision, reason + ("; its files were removed by retention" if uid in gone else ""))
+            for uid, decision, reason in (d.row() for d in selection.decisions)], now)
         for uid in selection.chosen:
-            if completed[uid] <= since and (uid in before or not before):
+            if uid not in completed or (completed[uid] <= since and (uid in before or not before)):
                 continue  # processed at an earlier selection and unchanged since
             key = result_key(study, rule.name) if rule.select == "best" else None
             job_id = store.add_job(db, uid, rule.name, rule.model, config.destination_names(rule),

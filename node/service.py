@@ -29,6 +29,7 @@ class Node:
                                 on_done=self.send_wake.set)
         self.sender = Sender(self.store, config, self.send_wake, self.stopping)
         self._completion = threading.Thread(target=self._complete_series, name="series", daemon=True)
+        self._retention = threading.Thread(target=self._clean_up, name="retention", daemon=True)
         self.dicom_server = None
         self.http_server = None
 
@@ -45,6 +46,8 @@ class Node:
         self.runner.start()
         self.sender.thread.start()
         self._completion.start()
+        if self.config.retention.interval > 0:
+            self._retention.start()
         log.info("listening ae=%s dicom=%s:%d http=%s:%d data=%s destinations=%s",
                  self.config.ae_title, self.config.host, self.dicom_server.server_address[1],
                  self.config.host, self.http_server.server_address[1], self.store.data_dir,
@@ -58,6 +61,18 @@ class Node:
                     self.job_wake.set()
             except Exception:  # keep serving; the next tick tries again
                 log.exception("series completion failed")
+
+    def _clean_up(self) -> None:
+        """Retention (node/retention.py) at start-up, then every [retention] interval."""
+        from vesalius.node.retention import cleanup
+
+        while True:
+            try:
+                cleanup(self.store, self.config.retention)
+            except Exception:  # keep serving; the next round tries again
+                log.exception("retention cleanup failed")
+            if self.stopping.wait(self.config.retention.interval):
+                return
 
     def stop(self) -> None:
         self.stopping.set()

@@ -250,3 +250,22 @@ def test_select_all_processes_a_late_matching_series_only(exam, tmp_path: Path) 
     assert select_due_studies(store, config, now=t0 + 13) == [exam.uid]
     assert [j["series_instance_uid"] for j in jobs(store)] == [exam.series["thin"].series_uid,
                                                                exam.series["lung"].series_uid]
+
+
+def test_a_series_removed_by_retention_still_outranks_a_worse_late_one(exam, tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    config = parse_config({"quiet_period": 1, "study_quiet_period": 2})
+    t0 = time.time()
+    receive(store, exam.series["thin"], t0)
+    complete_due_series(store, config, now=t0 + 2)
+    select_due_studies(store, config, now=t0 + 3)
+    with store.transaction() as db:  # what retention does once the results are delivered
+        db.execute("DELETE FROM instances WHERE series_instance_uid=?", (exam.series["thin"].series_uid,))
+        db.execute("DELETE FROM series WHERE series_instance_uid=?", (exam.series["thin"].series_uid,))
+    receive(store, exam.series["thick"], t0 + 10)
+    complete_due_series(store, config, now=t0 + 12)
+    assert select_due_studies(store, config, now=t0 + 13) == [exam.uid]
+    assert [j["series_instance_uid"] for j in jobs(store)] == [exam.series["thin"].series_uid]
+    reasons = {r["series_instance_uid"]: r["reason"] for r in store.selections(exam.uid)}
+    assert reasons[exam.series["thin"].series_uid].endswith("removed by retention")
+    assert reasons[exam.series["thick"].series_uid].endswith("ranks higher on thinnest")
