@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vesalius.node.config import DEFAULT_AE_TITLE, ConfigError, Destination, load_config, with_overrides
+from vesalius.node.config import DEFAULT_AE_TITLE, ConfigError, load_config, with_overrides
 
 MODEL_FORMS = ("a configured name, builtin_ct, bundle:PATH, torchscript:PATH, onnx:PATH, nnunet:PATH, "
                "totalsegmentator:PATH, or several joined by +")
@@ -115,10 +115,22 @@ def _echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    peer = Destination.parse(args.peer)
+    from vesalius.node.destinations.dicom import DicomDestination
+    from vesalius.node.tls import ClientTLS, client_context
+
+    peer = DicomDestination.parse(args.peer)
     ae = AE(ae_title=args.ae_title)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    tls_args = None
+    if bool(args.tls_certificate) != bool(args.tls_private_key):
+        raise ConfigError("--tls-certificate and --tls-private-key go together (mutual TLS)")
+    if args.tls or args.tls_ca or args.tls_certificate:
+        files = {"ca_certificates": args.tls_ca, "certificate": args.tls_certificate,
+                 "private_key": args.tls_private_key}
+        tls = ClientTLS(**{k: Path(v) for k, v in files.items() if v},
+                        verify_hostname=not args.no_verify_hostname)
+        tls_args = (client_context(tls, "--tls"), peer.host)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         print(f"C-ECHO {args.peer}: no association", file=sys.stderr)
         return 1
@@ -268,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("peer", metavar="AE@HOST:PORT", help="the peer's AE title, host and DICOM port")
     echo.add_argument("--ae-title", default=DEFAULT_AE_TITLE,
                       help=f"our calling AE title (default {DEFAULT_AE_TITLE})")
+    echo.add_argument("--tls", action="store_true", help="DICOM TLS (implied by the --tls-* files)")
+    echo.add_argument("--tls-ca", metavar="FILE", help="CA certificates to trust (default: the system's)")
+    echo.add_argument("--tls-certificate", metavar="FILE", help="our certificate, for mutual TLS")
+    echo.add_argument("--tls-private-key", metavar="FILE", help="its private key")
+    echo.add_argument("--no-verify-hostname", action="store_true",
+                      help="accept a certificate that does not name the host")
     echo.set_defaults(func=_echo)
 
     for name, func, text in (("status", _status, "list studies (with why each series was chosen or "

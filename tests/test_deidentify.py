@@ -18,7 +18,6 @@ from tests.conftest import free_port
 from tests.dicom_checks import assert_dciodvfy_clean
 from tests.peers import storescp, storescu, vesalius_node, wait_for
 from tests.phantoms import Cylinder, write_phantom_series
-from vesalius.node.config import Destination
 from vesalius.node.deidentify import (
     ACTIONS,
     DUMMIES,
@@ -27,6 +26,7 @@ from vesalius.node.deidentify import (
     deidentify,
     reidentify,
 )
+from vesalius.node.destinations.dicom import DicomDestination as Destination
 from vesalius.node.pipeline import run_pipeline
 from vesalius.node.send import files_for
 from vesalius.node.store import Store, deid_mapping
