@@ -76,10 +76,18 @@ def _warm_up(models: tuple[str, ...] = ()) -> None:
             log.warning("worker could not preload model %s: %s", model, err)
 
 
-def result_dir_for(store: Store, series_uid: str, model: str) -> Path:
-    """Deterministic per (series, model): a re-run replaces the earlier results. A path-form
-    model (``bundle:/models/x``) becomes one safe folder name."""
-    return inside(store.results_dir, uid_file_name(series_uid), re.sub(r"[^A-Za-z0-9._+-]", "_", model))
+def _folder(name: str) -> str:
+    """One safe folder name: a path-form model (``bundle:/models/x``) or a part of a result key."""
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", name)[:128]
+    return safe if safe.strip(".") else "_" + safe
+
+
+def result_dir_for(store: Store, series_uid: str, model: str, result_key: str | None = None) -> Path:
+    """Deterministic per (series, model), or per (study, rule, model) for a study-level rule's
+    ``result_key``: a re-run replaces the earlier results. Always inside the results folder."""
+    if result_key:
+        return inside(store.results_dir, *map(_folder, result_key.split("/")), _folder(model))
+    return inside(store.results_dir, uid_file_name(series_uid), _folder(model))
 
 
 class JobRunner:
@@ -132,12 +140,13 @@ class JobRunner:
     def run(self, job) -> None:
         job_id, series_uid, model = job["id"], job["series_instance_uid"], job["model"]
         paths = [str(p) for p in self.store.series_paths(series_uid)]
-        out = result_dir_for(self.store, series_uid, model)
+        result_key = job["result_key"] or ""
+        out = result_dir_for(self.store, series_uid, model, result_key)
         log.info("job start job=%d series=%s model=%s instances=%d attempt=%d",
                  job_id, series_uid, model, len(paths), job["attempts"])
         try:
             with self._pool_lock:
-                future = self._pool.submit(run_pipeline, paths, str(out), model)
+                future = self._pool.submit(run_pipeline, paths, str(out), model, result_key=result_key)
             summary = future.result()
         except VolumeError as err:  # the series itself is the problem: retrying cannot help
             log.warning("job failed job=%d series=%s: %s", job_id, series_uid, err)

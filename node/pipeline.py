@@ -41,8 +41,9 @@ class StageTimer:
 
 
 def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: str,
-                 max_triangles: int = 100_000) -> dict[str, Any]:
-    """Process one series into ``out_dir`` (replaced atomically) and return the summary."""
+                 max_triangles: int = 100_000, result_key: str = "") -> dict[str, Any]:
+    """Process one series into ``out_dir`` (replaced atomically) and return the summary.
+    ``result_key`` (a study-level rule's) makes the output UIDs per study and rule."""
     # Imported here, not at module level, so the listener process never loads VTK, highdicom and
     # the models: only the worker processes (and `vesalius process`) pay for them.
     from vesalius.dicom_out.encapsulated_stl import build_encapsulated_stls
@@ -69,7 +70,7 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     with timer.stage("measures"):
         measurements = measure(volume, labels, model.labels, meshes)
     family = MORPHOLOGICAL_OPERATIONS if model.family == "morphology" else ARTIFICIAL_INTELLIGENCE
-    algorithm = Algorithm(name=model.name, version=model.version, family=family)
+    algorithm = Algorithm(name=model.name, version=model.version, family=family, result_key=result_key)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "meshes").mkdir(parents=True)
