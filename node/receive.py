@@ -17,6 +17,7 @@ from pydicom.pixels.utils import get_expected_length
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from vesalius.node.audit import AssociationTally
 from vesalius.node.config import Config
 from vesalius.node.store import SeriesInfo, Store
 
@@ -106,8 +107,9 @@ class Receiver:
         self.store.mark_released(sorted(touched))
 
 
-def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list]:
-    """The application entity and its handlers, ready for ``start_server``."""
+def build_ae(config: Config, receiver: Receiver, tally: AssociationTally | None = None) -> tuple[AE, list]:
+    """The application entity and its handlers, ready for ``start_server``; ``tally`` audits
+    each association (node.audit)."""
     ae = AE(ae_title=config.ae_title)
     ae.maximum_pdu_size = 0  # unlimited: far faster for large images (PERFORMANCE.md)
     ae.network_timeout = 60
@@ -117,4 +119,7 @@ def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list]:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     handlers = [(evt.EVT_C_STORE, receiver.handle_store), (evt.EVT_CONN_CLOSE, receiver.handle_close),
                 (evt.EVT_REJECTED, receiver.handle_rejected)]
+    if tally is not None:  # its C-STORE handler counts the answers of receiver.handle_store
+        handlers = [h for h in handlers if h[0] is not evt.EVT_C_STORE]
+        handlers += tally.handlers(receiver.handle_store)
     return ae, handlers

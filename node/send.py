@@ -13,6 +13,8 @@ import pydicom
 from pynetdicom import AE
 from pynetdicom.sop_class import EncapsulatedSTLStorage, LabelMapSegmentationStorage
 
+from vesalius.node import audit
+from vesalius.node.audit import Audit
 from vesalius.node.config import Config, Destination, Retry
 from vesalius.node.pipeline import OUTPUT_FILES, STL_DIR
 from vesalius.node.store import Store
@@ -94,8 +96,10 @@ def next_delay(retry: Retry, attempts: int) -> float:
 class Sender:
     """Works through due deliveries, one at a time, until stopped."""
 
-    def __init__(self, store: Store, config: Config, wake: threading.Event, stop: threading.Event) -> None:
+    def __init__(self, store: Store, config: Config, wake: threading.Event, stop: threading.Event,
+                 trail: Audit | None = None) -> None:
         self.store = store
+        self.trail = trail
         self.config = config
         self.wake = wake
         self.stop = stop
@@ -121,6 +125,7 @@ class Sender:
             if destination is None:
                 raise DeliveryError(f"destination {name!r} is no longer configured", permanent=True)
             files = files_for(destination, delivery["result_dir"])
+            self._audit(audit.BEGIN_TRANSFERRING, delivery, audit.SUCCESS, files)
             if destination.kind == "dicomweb":
                 from vesalius.node.stow import stow_rs  # node.stow imports this module
 
@@ -129,13 +134,23 @@ class Sender:
                 c_store(destination, files, self.config.ae_title)
         except DeliveryError as err:
             self._failed(delivery, destination, attempt, str(err), err.permanent)
+            self._audit(audit.INSTANCES_TRANSFERRED, delivery, audit.SERIOUS_FAILURE, files)
             return
         except Exception as err:  # network errors and the like: worth another try
             self._failed(delivery, destination, attempt, f"{type(err).__name__}: {err}", False)
+            self._audit(audit.INSTANCES_TRANSFERRED, delivery, audit.SERIOUS_FAILURE, files)
             return
         self.store.record_delivery(delivery["id"], "done", None, time.time())
+        self._audit(audit.INSTANCES_TRANSFERRED, delivery, audit.SUCCESS, files)
         log.info("delivery done delivery=%d job=%d destination=%s attempt=%d objects=%d",
                  delivery["id"], delivery["job_id"], name, attempt, len(files))
+
+    def _audit(self, event: str, delivery, outcome: int, files: Sequence[Path]) -> None:
+        if self.trail is not None:
+            self.trail.record(event, outcome=outcome, action="R", user=self.config.ae_title,
+                              direction="sent", destination=delivery["destination"], delivery=delivery["id"],
+                              job=delivery["job_id"], attempt=delivery["attempts"] + 1,
+                              instances=audit.instance_uids(files))
 
     def _failed(self, delivery, destination: Destination | None, attempt: int, reason: str,
                 permanent: bool) -> None:

@@ -28,6 +28,7 @@ def complete_due_series(store: Store, config: Config, now: float | None = None) 
             uid = row["series_instance_uid"]
             db.execute("UPDATE series SET state='complete', completed_at=? WHERE series_instance_uid=?",
                        (now, uid))
+            store.bump(db, "series_completed")  # a late instance reopens a series; this stays counted
             count = db.execute("SELECT COUNT(*) FROM instances WHERE series_instance_uid=?",
                                (uid,)).fetchone()[0]
             routes = routes_for(config, dict(row))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from importlib.metadata import version
 
-from vesalius.node.api import make_server, start_server
-from vesalius.node.config import Config
+from vesalius.node import audit
+from vesalius.node.api import HttpServer, create_app, load_tokens
+from vesalius.node.config import Config, config_digest
 from vesalius.node.jobs import JobRunner
 from vesalius.node.receive import Receiver, build_ae
 from vesalius.node.send import Sender
@@ -22,33 +24,43 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = Store(config.data_dir)
+        self.audit = audit.Audit(self.store)
         self.stopping = threading.Event()
         self.job_wake = threading.Event()
         self.send_wake = threading.Event()
         self.runner = JobRunner(self.store, config, self.job_wake, self.stopping,
-                                on_done=self.send_wake.set)
-        self.sender = Sender(self.store, config, self.send_wake, self.stopping)
+                                on_done=self.send_wake.set, trail=self.audit)
+        self.sender = Sender(self.store, config, self.send_wake, self.stopping, trail=self.audit)
         self._completion = threading.Thread(target=self._complete_series, name="series", daemon=True)
         self.dicom_server = None
-        self.http_server = None
+        self.http_server: HttpServer | None = None
 
     def start(self) -> None:
         requeued = self.store.requeue_interrupted_jobs()
         if requeued:
             log.info("resuming %d interrupted job(s)", requeued)
+        tokens = load_tokens(self.store.data_dir, self.config.http_tokens)
         receiver = Receiver(self.store, min_free_bytes=self.config.min_free_disk_mb * 2**20)
-        ae, handlers = build_ae(self.config, receiver)
+        ae, handlers = build_ae(self.config, receiver, audit.AssociationTally(self.audit))
+        self.http_server = HttpServer(create_app(self.store, tokens, self.audit,
+                                                 metrics_public=self.config.metrics_public),
+                                      self.config.http_host, self.config.http_port)
         self.dicom_server = ae.start_server((self.config.host, self.config.port), block=False,
                                             evt_handlers=handlers)
-        self.http_server = make_server(self.store, self.config.host, self.config.http_port)
-        start_server(self.http_server)
+        self.http_server.start()
         self.runner.start()
         self.sender.thread.start()
         self._completion.start()
-        log.info("listening ae=%s dicom=%s:%d http=%s:%d data=%s destinations=%s",
+        digest = config_digest(self.config)
+        self.audit.record(audit.APPLICATION_ACTIVITY, event_type="Application Start", action="E",
+                          user=self.config.ae_title, config_sha256=digest, version=version("vesalius"),
+                          dicom_port=self.dicom_server.server_address[1],
+                          http=f"{self.config.http_host}:{self.http_server.server_address[1]}")
+        log.info("listening ae=%s dicom=%s:%d http=%s:%d data=%s destinations=%s config_sha256=%s",
                  self.config.ae_title, self.config.host, self.dicom_server.server_address[1],
-                 self.config.host, self.http_server.server_address[1], self.store.data_dir,
-                 ",".join(f"{d.ae_title}@{d.host}:{d.port}" for d in self.config.destinations) or "none")
+                 self.config.http_host, self.http_server.server_address[1], self.store.data_dir,
+                 ",".join(f"{d.ae_title}@{d.host}:{d.port}" for d in self.config.destinations) or "none",
+                 digest[:12])
 
     def _complete_series(self) -> None:
         while not self.stopping.wait(0.2):
@@ -66,6 +78,8 @@ class Node:
             self.http_server.shutdown()
         self.runner.shutdown()
         self.sender.thread.join(timeout=5)
+        self.audit.record(audit.APPLICATION_ACTIVITY, event_type="Application Stop", action="E",
+                          user=self.config.ae_title)
         log.info("stopped")
 
     def serve_forever(self) -> None:
