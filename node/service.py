@@ -25,6 +25,7 @@ class Node:
         self.config = config
         self.store = Store(config.data_dir)
         self.audit = audit.Audit(self.store)
+        self.tokens = load_tokens(self.store.data_dir, config.http_tokens)  # before any worker starts
         self.stopping = threading.Event()
         self.job_wake = threading.Event()
         self.send_wake = threading.Event()
@@ -39,10 +40,9 @@ class Node:
         requeued = self.store.requeue_interrupted_jobs()
         if requeued:
             log.info("resuming %d interrupted job(s)", requeued)
-        tokens = load_tokens(self.store.data_dir, self.config.http_tokens)
         receiver = Receiver(self.store, min_free_bytes=self.config.min_free_disk_mb * 2**20)
         ae, handlers = build_ae(self.config, receiver, audit.AssociationTally(self.audit))
-        self.http_server = HttpServer(create_app(self.store, tokens, self.audit,
+        self.http_server = HttpServer(create_app(self.store, self.tokens, self.audit,
                                                  metrics_public=self.config.metrics_public),
                                       self.config.http_host, self.config.http_port)
         self.dicom_server = ae.start_server((self.config.host, self.config.port), block=False,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, Router
 
 from vesalius.node.api.auth import TokenGuard, Tokens
@@ -21,4 +24,10 @@ def create_app(store: Store, tokens: Tokens, trail: Audit, *, metrics_public: bo
     (public if metrics_public else protected).append(metrics)
     guard = Middleware(TokenGuard, tokens=tokens, trail=trail)
     guarded = Mount("", app=Router(protected), middleware=[guard])
-    return Starlette(routes=[*public, guarded])
+    return Starlette(routes=[*public, guarded], exception_handlers={HTTPException: json_error})
+
+
+async def json_error(request: Request, exc: Exception) -> Response:
+    """404, 405 and the like as JSON, like every other answer of the API."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
