@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from vesalius.node.config import DEFAULT_AE_TITLE, ConfigError, Destination, load_config, with_overrides
+from vesalius.node.store import Store
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -112,8 +113,7 @@ def _echo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _store(args: argparse.Namespace):
-    from vesalius.node.store import Store
+def _store(args: argparse.Namespace) -> Store:
 
     data_dir = Path(args.data_dir or load_config(args.config).data_dir)
     if not (data_dir / "vesalius.sqlite").exists():
@@ -141,7 +141,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audited(store, command: str, job: int, ok: bool) -> None:
+def _audited(store: Store, command: str, job: int, ok: bool) -> None:
     """An operator command in the audit trail, under the OS user who ran it."""
     import getpass
 

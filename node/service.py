@@ -6,6 +6,8 @@ import logging
 import threading
 from importlib.metadata import version
 
+from pynetdicom.transport import ThreadedAssociationServer
+
 from vesalius.node import audit
 from vesalius.node.api import HttpServer, create_app, load_tokens
 from vesalius.node.config import Config, config_digest
@@ -33,7 +35,7 @@ class Node:
                                 on_done=self.send_wake.set, trail=self.audit)
         self.sender = Sender(self.store, config, self.send_wake, self.stopping, trail=self.audit)
         self._completion = threading.Thread(target=self._complete_series, name="series", daemon=True)
-        self.dicom_server = None
+        self.dicom_server: ThreadedAssociationServer | None = None
         self.http_server: HttpServer | None = None
 
     def start(self) -> None:
@@ -45,8 +47,9 @@ class Node:
         self.http_server = HttpServer(create_app(self.store, self.tokens, self.audit,
                                                  metrics_public=self.config.metrics_public),
                                       self.config.http_host, self.config.http_port)
-        self.dicom_server = ae.start_server((self.config.host, self.config.port), block=False,
-                                            evt_handlers=handlers)
+        dicom = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        assert dicom is not None  # non-blocking: the server is returned
+        self.dicom_server = dicom
         self.http_server.start()
         self.runner.start()
         self.sender.thread.start()
@@ -54,10 +57,10 @@ class Node:
         digest = config_digest(self.config)
         self.audit.record(audit.APPLICATION_ACTIVITY, event_type="Application Start", action="E",
                           user=self.config.ae_title, config_sha256=digest, version=version("vesalius"),
-                          dicom_port=self.dicom_server.server_address[1],
+                          dicom_port=dicom.server_address[1],
                           http=f"{self.config.http_host}:{self.http_server.server_address[1]}")
         log.info("listening ae=%s dicom=%s:%d http=%s:%d data=%s destinations=%s config_sha256=%s",
-                 self.config.ae_title, self.config.host, self.dicom_server.server_address[1],
+                 self.config.ae_title, self.config.host, dicom.server_address[1],
                  self.config.http_host, self.http_server.server_address[1], self.store.data_dir,
                  ",".join(f"{d.ae_title}@{d.host}:{d.port}" for d in self.config.destinations) or "none",
                  digest[:12])

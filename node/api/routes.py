@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -42,7 +43,7 @@ def public_routes(store: Store) -> list[Route]:
 
 def listing_routes(store: Store) -> list[Route]:
     """GET /series, /jobs, /deliveries: the newest 500 rows; ``?study=UID`` narrows to one study."""
-    def endpoint(what: str):  # type: ignore[no-untyped-def]
+    def endpoint(what: str) -> Callable[[Request], JSONResponse]:
         def rows(request: Request) -> JSONResponse:
             return JSONResponse(listing(store, what, study=request.query_params.get("study")))
         return rows
