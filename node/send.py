@@ -134,11 +134,12 @@ class Sender:
                 c_store(destination, files, self.config.ae_title)
         except DeliveryError as err:
             self._failed(delivery, destination, attempt, str(err), err.permanent)
-            self._audit(audit.INSTANCES_TRANSFERRED, delivery, audit.SERIOUS_FAILURE, files)
+            outcome = audit.SERIOUS_FAILURE if err.permanent else audit.MINOR_FAILURE
+            self._audit(audit.INSTANCES_TRANSFERRED, delivery, outcome, files)
             return
         except Exception as err:  # network errors and the like: worth another try
             self._failed(delivery, destination, attempt, f"{type(err).__name__}: {err}", False)
-            self._audit(audit.INSTANCES_TRANSFERRED, delivery, audit.SERIOUS_FAILURE, files)
+            self._audit(audit.INSTANCES_TRANSFERRED, delivery, audit.MINOR_FAILURE, files)
             return
         self.store.record_delivery(delivery["id"], "done", None, time.time())
         self._audit(audit.INSTANCES_TRANSFERRED, delivery, audit.SUCCESS, files)
