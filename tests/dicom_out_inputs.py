@@ -14,10 +14,10 @@ import numpy as np
 import vtk
 from vtk.util.numpy_support import vtk_to_numpy
 
+from tests.phantoms import Box, Cylinder, Sphere, write_phantom_series
 from vesalius.inference.models import Label
 from vesalius.inference.surfaces import Mesh
 from vesalius.inference.volume import Volume, load_series
-from tests.phantoms import Box, Cylinder, Sphere, write_phantom_series
 
 BODY_HU, LUNG_LEFT_HU, LUNG_RIGHT_HU, BONE_HU = 20.0, -810.0, -790.0, 700.0
 # builtin_ct-like label definitions; airways (5) stays empty in the phantom.

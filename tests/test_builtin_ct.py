@@ -8,9 +8,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from vesalius.inference.models import Label, get_model
-from vesalius.inference.models.builtin_ct import AIRWAYS, BODY, BONE, LUNG_LEFT, LUNG_RIGHT, BuiltinCT
-from vesalius.inference.volume import Volume, load_series
 from tests.phantoms import Box, Cylinder, write_phantom_series
 from tests.realdata import (
     BONE_CLASSES,
@@ -20,6 +17,9 @@ from tests.realdata import (
     totalseg_label_values,
     write_nifti_as_dicom_series,
 )
+from vesalius.inference.models import Label, get_model
+from vesalius.inference.models.builtin_ct import AIRWAYS, BODY, BONE, LUNG_LEFT, LUNG_RIGHT, BuiltinCT
+from vesalius.inference.volume import Volume, load_series
 
 # A chest on a table: lungs left/right, trachea and bronchi, spine and a contrast-filled aorta.
 CHEST = dict(

@@ -16,6 +16,8 @@ import numpy as np
 import pydicom
 import pytest
 
+from tests.dicom_checks import dciodvfy_errors
+from tests.realdata import nifti_labels_in_volume_space, write_nifti_as_dicom_series
 from vesalius.dicom_out.checks import (
     encapsulated_stl_problems,
     seg_problems,
@@ -32,8 +34,6 @@ from vesalius.inference.measures import measure
 from vesalius.inference.models import Label, get_model
 from vesalius.inference.surfaces import build_meshes
 from vesalius.inference.volume import load_series
-from tests.dicom_checks import dciodvfy_errors
-from tests.realdata import nifti_labels_in_volume_space, write_nifti_as_dicom_series
 
 MODELS = ("builtin_ct", "totalsegmentator_total")
 STLS_VALIDATED = 3  # dciodvfy on the first few STL instances; our checks on all of them

@@ -21,12 +21,12 @@ import pydicom.errors
 import pytest
 from pydicom.uid import CTImageStorage
 
-from vesalius.inference.models import get_model
-from vesalius.inference.volume import load_series
 from tests.dicom_checks import assert_dciodvfy_clean
 from tests.peers import StoreSCP, storescp, storescu, vesalius_node, wait_for
 from tests.phantoms import Cylinder, PhantomSeries, write_phantom_series
 from tests.realdata import write_nifti_as_dicom_series
+from vesalius.inference.models import get_model
+from vesalius.inference.volume import load_series
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SURFACE = "1.2.840.10008.5.1.4.1.1.66.5"
@@ -170,7 +170,8 @@ def test_every_result_delivered_once_and_logged(round_trip: RoundTrip) -> None:
 def test_process_command_gives_the_same_objects(round_trip: RoundTrip, tmp_path: Path) -> None:
     phantom = round_trip.phantoms["oblique"]
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "vesalius.node.cli", "process", str(phantom.paths[0].parent),
+    result = subprocess.run([sys.executable, "-m", "vesalius.node.cli",
+                             "process", str(phantom.paths[0].parent),
                              "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)

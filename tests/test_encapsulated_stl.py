@@ -11,6 +11,8 @@ import pydicom
 import pytest
 from stl import mesh as numpy_stl
 
+from tests.dicom_checks import assert_dciodvfy_clean
+from tests.dicom_out_inputs import LABELS, phantom_volume
 from vesalius.dicom_out.checks import encapsulated_stl_problems
 from vesalius.dicom_out.codes import term_for
 from vesalius.dicom_out.encapsulated_stl import (
@@ -23,8 +25,6 @@ from vesalius.dicom_out.seg import build_seg
 from vesalius.dicom_out.stl import write_stl
 from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
 from vesalius.inference.surfaces import build_meshes
-from tests.dicom_checks import assert_dciodvfy_clean
-from tests.dicom_out_inputs import LABELS, phantom_volume
 
 ALGORITHM = Algorithm("builtin_ct", "1")
 

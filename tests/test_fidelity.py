@@ -22,6 +22,9 @@ import pytest
 import SimpleITK as sitk
 import trimesh
 
+from tests.dicom_checks import tool
+from tests.dicom_out_inputs import LABELS, phantom_volume
+from tests.phantoms import Cylinder, Ellipsoid, Sphere, write_phantom_series
 from vesalius.dicom_out.identity import Algorithm
 from vesalius.dicom_out.seg import LABELMAP, build_seg
 from vesalius.dicom_out.sr import build_sr
@@ -30,9 +33,6 @@ from vesalius.inference.measures import measure
 from vesalius.inference.models import Label
 from vesalius.inference.surfaces import build_meshes
 from vesalius.inference.volume import Volume, load_series
-from tests.dicom_checks import tool
-from tests.dicom_out_inputs import LABELS, phantom_volume
-from tests.phantoms import Cylinder, Ellipsoid, Sphere, write_phantom_series
 
 ALGORITHM = Algorithm("builtin_ct", "1")
 OBJECT_HU = 300.0

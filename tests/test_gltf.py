@@ -11,12 +11,12 @@ import pygltflib
 import pytest
 import trimesh
 
+from tests.dicom_out_inputs import LABELS, phantom_volume
 from vesalius.dicom_out.codes import term_for
 from vesalius.dicom_out.gltf import LPS_MM_TO_GLTF, ROOT_NODE_NAME, glb_bytes, write_glb
 from vesalius.dicom_out.identity import Algorithm
 from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
 from vesalius.inference.surfaces import build_meshes
-from tests.dicom_out_inputs import LABELS, phantom_volume
 
 ALGORITHM = Algorithm("builtin_ct", "1")
 

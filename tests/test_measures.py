@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.phantoms import Sphere, write_phantom_series
 from vesalius.inference.measures import Measurement, measure
 from vesalius.inference.models import Label
 from vesalius.inference.surfaces import build_meshes
 from vesalius.inference.volume import load_series
-from tests.phantoms import Sphere, write_phantom_series
 
 SMALL = Sphere(center=(-14.0, 0.0, 0.0), radius=9.0, hu=100.0)
 LARGE = Sphere(center=(12.0, 2.0, 1.0), radius=13.0, hu=300.0)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from tests.phantoms import Box, Sphere, write_phantom_series
+from tests.realdata import nifti_labels_in_volume_space, write_nifti_as_dicom_series
 from vesalius.dicom_out.codes import term_for
 from vesalius.inference.models.nnunet import (
     dataset_classes,
@@ -31,8 +33,6 @@ from vesalius.inference.models.totalsegmentator import (
 )
 from vesalius.inference.models.totalsegmentator import to_label_map as totalseg_to_labels
 from vesalius.inference.volume import load_series
-from tests.phantoms import Box, Sphere, write_phantom_series
-from tests.realdata import nifti_labels_in_volume_space, write_nifti_as_dicom_series
 
 OBJECTS = [Sphere((10.0, -5.0, 4.0), 14.0, 60.0), Box((-15.0, 8.0, -4.0), (16.0, 12.0, 14.0), 500.0)]
 

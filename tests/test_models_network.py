@@ -17,15 +17,15 @@ import numpy as np
 import pydicom
 import pytest
 
-from vesalius.dicom_out.identity import Algorithm
-from vesalius.dicom_out.seg import build_seg
-from vesalius.inference.models.registry import MergedModel, configure, resolve
-from vesalius.inference.volume import Volume, load_series
 from tests import tiny_bundle
 from tests.dicom_checks import assert_dciodvfy_clean
 from tests.peers import storescp, storescu, vesalius_node, wait_for
 from tests.phantoms import Box, PhantomSeries, Sphere, write_phantom_series
 from tests.realdata import dice
+from vesalius.dicom_out.identity import Algorithm
+from vesalius.dicom_out.seg import build_seg
+from vesalius.inference.models.registry import MergedModel, configure, resolve
+from vesalius.inference.volume import Volume, load_series
 
 LIVER, HEART = "10200004", "80891009"  # SNOMED CT codes of the bundle's two labels
 SCENE = tiny_bundle.Scene(Sphere((18.0, -10.0, 8.0), 19.0, 60.0),
@@ -106,7 +106,8 @@ def test_onnx_export_through_vesalius_process(tmp_path: Path, bundle: Path, unse
     volume, labels = truth
     onnx = tiny_bundle.export_onnx(bundle, tmp_path / "onnx" / "phantoms.onnx")
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "vesalius.node.cli", "process", str(unseen.paths[0].parent),
+    result = subprocess.run([sys.executable, "-m", "vesalius.node.cli",
+                             "process", str(unseen.paths[0].parent),
                              "--out", str(out), "--model", f"onnx:{onnx}"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -175,7 +176,8 @@ def test_builtin_plus_bundle_merge_into_one_label_map(bundle: Path, truth) -> No
 
 def test_vesalius_models_lists_labels_device_and_weights(tmp_path: Path, bundle: Path) -> None:
     missing = tmp_path / "absent.onnx"
-    result = subprocess.run([sys.executable, "-m", "vesalius.node.cli", "models", "--json", "--model",
+    result = subprocess.run([sys.executable, "-m", "vesalius.node.cli",
+                             "models", "--json", "--model",
                              f"bundle:{bundle}", "--model", f"onnx:{missing}", "--model", "builtin_ct"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr  # one model's weights are missing
@@ -189,7 +191,8 @@ def test_vesalius_models_lists_labels_device_and_weights(tmp_path: Path, bundle:
 def test_serve_refuses_to_start_with_missing_weights(tmp_path: Path) -> None:
     config = tmp_path / "node.toml"
     config.write_text(f'[[rules]]\nname = "ct"\nmodel = "bundle:{tmp_path / "no-such-bundle"}"\n')
-    result = subprocess.run([sys.executable, "-m", "vesalius.node.cli", "serve", "--config", str(config),
+    result = subprocess.run([sys.executable, "-m", "vesalius.node.cli",
+                             "serve", "--config", str(config),
                              "--port", "0", "--http-port", "0", "--data-dir", str(tmp_path / "d")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

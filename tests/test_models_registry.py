@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vesalius.inference.device import Device, DeviceError, cpu_threads, device_slot, select_device, set_gpu_slots
+from vesalius.inference.device import (
+    Device,
+    DeviceError,
+    cpu_threads,
+    device_slot,
+    select_device,
+    set_gpu_slots,
+)
 from vesalius.inference.models import Label
 from vesalius.inference.models.builtin_ct import BuiltinCT
 from vesalius.inference.models.registry import (

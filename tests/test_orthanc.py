@@ -24,15 +24,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from vesalius.node.config import Destination
-from vesalius.node.send import DeliveryError
-from vesalius.node.store import SeriesInfo, Store
-from vesalius.node.stow import multipart_related, stow_rs
 from tests.conftest import ROOT, free_port
 from tests.orthanc_peer import HttpError, OrthancProcess, orthanc_server, read_commented_json
 from tests.peers import NodeProcess, vesalius_node, wait_for
 from tests.phantoms import PhantomSeries, write_phantom_series
 from tests.test_e2e import CHEST, COMPREHENSIVE_3D_SR, SEG, SURFACE
+from vesalius.node.config import Destination
+from vesalius.node.send import DeliveryError
+from vesalius.node.store import SeriesInfo, Store
+from vesalius.node.stow import multipart_related, stow_rs
 
 RESULT_CLASSES = {SEG, SURFACE, COMPREHENSIVE_3D_SR}
 RESULT_TIMEOUT = 150  # s: two small series through the pipeline on 2 shared cores

@@ -125,10 +125,12 @@ def test_series_open_across_associations_completes_after_stability_timeout(
 def test_echo_command(node: NodeProcess) -> None:
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "vesalius.node.cli", "echo", f"VESALIUS@127.0.0.1:{node.port}"],
+    result = subprocess.run([sys.executable, "-m", "vesalius.node.cli",
+                             "echo", f"VESALIUS@127.0.0.1:{node.port}"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "success" in result.stdout
-    result = subprocess.run([sys.executable, "-m", "vesalius.node.cli", "echo", "VESALIUS@127.0.0.1:1"],
+    result = subprocess.run([sys.executable, "-m", "vesalius.node.cli",
+                             "echo", "VESALIUS@127.0.0.1:1"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
 

@@ -11,13 +11,13 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from tests.dicom_checks import assert_dciodvfy_clean, tool
+from tests.dicom_out_inputs import LABELS, phantom_volume
 from vesalius.dicom_out.codes import term_for
 from vesalius.dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
 from vesalius.dicom_out.seg import build_seg, segment_numbers
 from vesalius.inference.models import Label
 from vesalius.inference.volume import Volume, load_series
-from tests.dicom_checks import assert_dciodvfy_clean, tool
-from tests.dicom_out_inputs import LABELS, phantom_volume
 
 ALGORITHM = Algorithm("builtin_ct", "1")
 

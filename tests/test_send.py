@@ -12,13 +12,13 @@ import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage, LabelMapSegmentationStorage
 
+from tests.conftest import free_port
+from tests.peers import storescp, wait_for
+from tests.phantoms import Sphere, write_phantom_series
 from vesalius.node.config import Config, Destination, Retry
 from vesalius.node.pipeline import OUTPUT_FILES, STL_DIR
 from vesalius.node.send import DeliveryError, Sender, c_store, files_for, next_delay
 from vesalius.node.store import Store
-from tests.conftest import free_port
-from tests.peers import storescp, wait_for
-from tests.phantoms import Sphere, write_phantom_series
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ import highdicom as hd
 import pydicom
 import pytest
 
+from tests.dicom_checks import assert_dciodvfy_clean
+from tests.dicom_out_inputs import BODY, BONE, LABELS, LUNG_LEFT, LUNG_RIGHT, phantom_volume
 from vesalius.dicom_out.codes import term_for
 from vesalius.dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
 from vesalius.dicom_out.seg import build_seg, segment_numbers
 from vesalius.dicom_out.sr import build_sr
 from vesalius.inference.measures import Measurement
 from vesalius.inference.models import Label
-from tests.dicom_checks import assert_dciodvfy_clean
-from tests.dicom_out_inputs import BODY, BONE, LABELS, LUNG_LEFT, LUNG_RIGHT, phantom_volume
 
 ALGORITHM = Algorithm("builtin_ct", "1")
 # deliberately not in segment order, and bone without a surface area

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.dicom_out_inputs import LUNG_LEFT, sphere_mesh
 from vesalius.dicom_out.stl import write_stl
 from vesalius.inference.surfaces import Mesh
-from tests.dicom_out_inputs import LUNG_LEFT, sphere_mesh
 
 FACET = np.dtype([("normal", "<f4", 3), ("vertices", "<f4", (3, 3)), ("attribute", "<u2")])
 
@@ -53,8 +53,8 @@ def test_empty_mesh_is_refused(tmp_path: Path) -> None:
 
 def test_stl_of_a_pipeline_mesh_encloses_its_volume_outward(tmp_path: Path) -> None:
     """A pipeline mesh (inference.surfaces): the facets enclose the voxels' volume, outward."""
-    from vesalius.inference.surfaces import build_meshes
     from tests.dicom_out_inputs import LABELS, phantom_volume
+    from vesalius.inference.surfaces import build_meshes
 
     volume, labels = phantom_volume(tmp_path / "phantom", orientation="oblique")
     body = build_meshes(labels, volume.affine, LABELS)[0]

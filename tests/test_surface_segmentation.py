@@ -8,15 +8,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from vesalius.dicom_out.codes import term_for
-from vesalius.dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
-from vesalius.dicom_out.seg import build_seg
-from vesalius.dicom_out.surface_segmentation import (
-    SURFACE_SEGMENTATION_STORAGE,
-    build_surface_segmentation,
-)
-from vesalius.inference.surfaces import Mesh
-from vesalius.inference.volume import Volume
 from tests.dicom_checks import assert_dciodvfy_clean
 from tests.dicom_out_inputs import (
     BONE,
@@ -26,6 +17,15 @@ from tests.dicom_out_inputs import (
     phantom_volume,
     sphere_mesh,
 )
+from vesalius.dicom_out.codes import term_for
+from vesalius.dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
+from vesalius.dicom_out.seg import build_seg
+from vesalius.dicom_out.surface_segmentation import (
+    SURFACE_SEGMENTATION_STORAGE,
+    build_surface_segmentation,
+)
+from vesalius.inference.surfaces import Mesh
+from vesalius.inference.volume import Volume
 
 ALGORITHM = Algorithm("builtin_ct", "1")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.phantoms import Cylinder, Sphere, phantom_affine, voxel_centres
 from vesalius.inference.models import Label
 from vesalius.inference.surfaces import Mesh, build_meshes
-from tests.phantoms import Cylinder, Sphere, phantom_affine, voxel_centres
 
 SPHERE = Sphere(center=(6.0, -5.0, 3.0), radius=14.0, hu=1.0)
 CYLINDER = Cylinder(center=(-4.0, 3.0, 1.0), axis=(0.3, -0.2, 1.0), radius=8.0, length=30.0,

@@ -30,8 +30,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from vesalius.inference.volume import Volume, load_series
 from tests.peers import DCMTK_ENV
+from vesalius.inference.volume import Volume, load_series
 
 
 def _dcmtk(*command: str) -> Callable[[Path, Path], None]:

@@ -19,6 +19,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from tests.phantoms import Cylinder, Sphere, write_phantom_series
+from tests.realdata import lps_affine, write_nifti_as_dicom_series
 from vesalius.inference.volume import (
     Volume,
     VolumeError,
@@ -27,8 +29,6 @@ from vesalius.inference.volume import (
     multiframe_header,
     multiframe_source,
 )
-from tests.phantoms import Cylinder, Sphere, write_phantom_series
-from tests.realdata import lps_affine, write_nifti_as_dicom_series
 
 SPHERE = Sphere(center=(9.0, -8.0, 4.0), radius=13.0, hu=300.0)
 CYLINDER = Cylinder(center=(-12.0, 12.0, -4.0), axis=(0.2, 0.3, 1.0), radius=7.0, length=24.0,
