@@ -220,3 +220,20 @@ def test_inline_token_secrets_stay_out_of_the_digest(tmp_path: Path) -> None:
     other = parse_config({"http_tokens": [{"name": "ops", "token": "b" * 20}]})
     assert config_digest(one) == config_digest(other)
     assert hashlib.sha256(b"a" * 20).hexdigest() != config_digest(one)
+
+
+def test_a_failed_job_is_audited_as_a_serious_failure(trail: Trail, tmp_path: Path) -> None:
+    """(Last: it adds an association and a job to the trail the tests above count.)"""
+    gapped = write_phantom_series(tmp_path / "gapped", shape=(12, 32, 32), spacing=(2.5, 2.0, 2.0),
+                                  objects=[Sphere((0, 0, 0), 10, 300)])
+    by_position = sorted(gapped.paths, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    storescu([p for p in by_position if p not in by_position[4:7]], trail.node.port)  # 3 slices missing
+    def refused() -> dict | None:
+        return next((j for j in trail.node.jobs()
+                     if j["state"] == "failed" and j["series_instance_uid"] == gapped.series_uid), None)
+
+    job = wait_for(refused, 60, "the refused job")
+    event = next(e for e in of(trail.events(), "DICOM Instances Accessed")
+                 if e["details"]["job"] == job["id"])
+    assert event["outcome"] == 8 and event["details"]["created"] == []
+    assert event["details"]["series"] == gapped.series_uid
