@@ -128,10 +128,10 @@ class AssociationTally:
         def handler(event: Any) -> int:
             status = handle_store(event)
             with self._lock:
-                tally = self._open.setdefault(id(event.assoc), {"stored": 0, "refused": 0, "studies": set()})
+                tally = self._open.setdefault(id(event.assoc), {"stored": 0, "refused": 0, "sops": []})
                 if status == SUCCESS:
                     tally["stored"] += 1
-                    tally["studies"].add(str(event.dataset.StudyInstanceUID))  # decoded already (cached)
+                    tally["sops"].append(str(event.request.AffectedSOPInstanceUID))
                 else:
                     tally["refused"] += 1
             return status
@@ -139,7 +139,7 @@ class AssociationTally:
 
     def accepted(self, event: Any) -> None:
         with self._lock:
-            self._open.setdefault(id(event.assoc), {"stored": 0, "refused": 0, "studies": set()})
+            self._open.setdefault(id(event.assoc), {"stored": 0, "refused": 0, "sops": []})
 
     def closed(self, event: Any) -> None:
         with self._lock:
@@ -151,17 +151,40 @@ class AssociationTally:
         self.audit.record(INSTANCES_TRANSFERRED, outcome=outcome, action="C", user=requestor.ae_title,
                           address=f"{requestor.address}:{requestor.port}", direction="received",
                           called_ae=event.assoc.acceptor.ae_title, instances=tally["stored"],
-                          refused=tally["refused"], studies=sorted(tally["studies"]))
+                          refused=tally["refused"], studies=self._studies(tally["sops"]))
 
-    def rejected(self, event: Any) -> None:
+    def _studies(self, sop_uids: list[str]) -> list[str]:
+        """The Study Instance UIDs of the instances stored (from the store, not the data sets)."""
+        found: set[str] = set()
+        for i in range(0, len(sop_uids), 500):
+            chunk = sop_uids[i:i + 500]
+            rows = self.audit.store.query(
+                "SELECT DISTINCT s.study_instance_uid AS uid FROM instances i JOIN series s ON "
+                "s.series_instance_uid=i.series_instance_uid WHERE i.sop_instance_uid IN "
+                f"({','.join('?' * len(chunk))})", chunk)
+            found.update(str(r["uid"]) for r in rows)
+        return sorted(found)
+
+    def rejected(self, event: Any, reason: str = "association rejected by pynetdicom") -> None:
         requestor = event.assoc.requestor
+        primitive = requestor.primitive
+        calling = str(primitive.calling_ae_title if primitive is not None else requestor.ae_title).strip()
         self.audit.record(SECURITY_ALERT, outcome=MINOR_FAILURE, event_type="Node Authentication",
-                          user=requestor.ae_title, address=f"{requestor.address}:{requestor.port}",
-                          reason="association rejected: calling AE not in allowed_calling_aes")
+                          user=calling, address=f"{requestor.address}:{requestor.port}", reason=reason)
 
-    def handlers(self, handle_store: Callable[[Any], int]) -> Sequence[tuple[Any, Callable[..., Any]]]:
+    def admitting(self, handle_requested: Callable[[Any], None]) -> Callable[[Any], None]:
+        """Wrap the admission handler (node.admission): an association it refuses is audited."""
+        def handler(event: Any) -> None:
+            handle_requested(event)
+            if not hasattr(event.assoc, "_vesalius_peer"):  # admission marks the ones it admits
+                self.rejected(event, "association refused: allowed_calling_aes or association limits")
+        return handler
+
+    def handlers(self, handle_store: Callable[[Any], int],
+                 handle_requested: Callable[[Any], None]) -> Sequence[tuple[Any, Callable[..., Any]]]:
         """The (event, handler) pairs for ``AE.start_server``."""
         from pynetdicom import evt
 
-        return [(evt.EVT_C_STORE, self.counting(handle_store)), (evt.EVT_ACCEPTED, self.accepted),
+        return [(evt.EVT_REQUESTED, self.admitting(handle_requested)),
+                (evt.EVT_C_STORE, self.counting(handle_store)), (evt.EVT_ACCEPTED, self.accepted),
                 (evt.EVT_CONN_CLOSE, self.closed), (evt.EVT_REJECTED, self.rejected)]

@@ -14,8 +14,9 @@ from vesalius.node.config import Config, config_digest
 from vesalius.node.jobs import JobRunner
 from vesalius.node.receive import Receiver, build_ae
 from vesalius.node.send import Sender
-from vesalius.node.series import complete_due_series
+from vesalius.node.series import complete_due_series, select_due_studies
 from vesalius.node.store import Store
+from vesalius.node.tls import server_context, start_tls_server
 
 log = logging.getLogger("vesalius.node")
 
@@ -35,10 +36,15 @@ class Node:
                                 on_done=self.send_wake.set, trail=self.audit)
         self.sender = Sender(self.store, config, self.send_wake, self.stopping, trail=self.audit)
         self._completion = threading.Thread(target=self._complete_series, name="series", daemon=True)
+        self._retention = threading.Thread(target=self._clean_up, name="retention", daemon=True)
         self.dicom_server: ThreadedAssociationServer | None = None
+        self.tls_server: ThreadedAssociationServer | None = None
         self.http_server: HttpServer | None = None
 
     def start(self) -> None:
+        tls_context = server_context(self.config.tls) if self.config.tls else None  # ConfigError now
+        for destination in self.config.destinations:
+            destination.check()
         requeued = self.store.requeue_interrupted_jobs()
         if requeued:
             log.info("resuming %d interrupted job(s)", requeued)
@@ -50,33 +56,53 @@ class Node:
         dicom = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
         assert dicom is not None  # non-blocking: the server is returned
         self.dicom_server = dicom
+        if tls_context is not None:
+            self.tls_server = start_tls_server(ae, (self.config.host, self.config.tls_port), tls_context,
+                                               handlers)
         self.http_server.start()
         self.runner.start()
         self.sender.thread.start()
         self._completion.start()
+        if self.config.retention.interval > 0:
+            self._retention.start()
         digest = config_digest(self.config)
         self.audit.record(audit.APPLICATION_ACTIVITY, event_type="Application Start", action="E",
                           user=self.config.ae_title, config_sha256=digest, version=version("vesalius"),
                           dicom_port=dicom.server_address[1],
                           http=f"{self.config.http_host}:{self.http_server.server_address[1]}")
-        log.info("listening ae=%s dicom=%s:%d http=%s:%d data=%s destinations=%s config_sha256=%s",
-                 self.config.ae_title, self.config.host, dicom.server_address[1],
+        tls = f" dicom_tls={self.config.host}:{self.tls_server.server_address[1]}" if self.tls_server else ""
+        log.info("listening ae=%s dicom=%s:%d%s http=%s:%d data=%s destinations=%s config_sha256=%s",
+                 self.config.ae_title, self.config.host, dicom.server_address[1], tls,
                  self.config.http_host, self.http_server.server_address[1], self.store.data_dir,
-                 ",".join(f"{d.ae_title}@{d.host}:{d.port}" for d in self.config.destinations) or "none",
-                 digest[:12])
+                 ", ".join(d.label for d in self.config.destinations) or "none", digest[:12])
 
     def _complete_series(self) -> None:
         while not self.stopping.wait(0.2):
             try:
-                if complete_due_series(self.store, self.config):
+                completed = complete_due_series(self.store, self.config)
+                if select_due_studies(self.store, self.config) or completed:
                     self.job_wake.set()
             except Exception:  # keep serving; the next tick tries again
                 log.exception("series completion failed")
+
+    def _clean_up(self) -> None:
+        """Retention (node/retention.py) at start-up, then every [retention] interval."""
+        from vesalius.node.retention import cleanup
+
+        while True:
+            try:
+                cleanup(self.store, self.config.retention)
+            except Exception:  # keep serving; the next round tries again
+                log.exception("retention cleanup failed")
+            if self.stopping.wait(self.config.retention.interval):
+                return
 
     def stop(self) -> None:
         self.stopping.set()
         if self.dicom_server is not None:
             self.dicom_server.shutdown()
+        if self.tls_server is not None:
+            self.tls_server.shutdown()
         if self.http_server is not None:
             self.http_server.shutdown()
         self.runner.shutdown()
