@@ -97,6 +97,17 @@ def result_dir_for(store: Store, series_uid: str, model: str, result_key: str | 
     return inside(store.results_dir, uid_file_name(series_uid), _folder(model))
 
 
+def kill_workers(pool: ProcessPoolExecutor) -> None:
+    """End a pool's worker processes now, whatever they run: ``ProcessPoolExecutor.kill_workers``
+    of Python 3.14, for the Pythons before it (which only offer to wait for running tasks)."""
+    kill = getattr(pool, "kill_workers", None)
+    if kill is not None:
+        kill()
+        return
+    for process in list((pool._processes or {}).values()):
+        process.kill()
+
+
 class JobRunner:
     """One thread per worker slot; each slot runs its jobs in a shared process pool."""
 
@@ -130,11 +141,16 @@ class JobRunner:
             t.start()
 
     def shutdown(self) -> None:
+        """Stop now: running jobs are interrupted (their worker processes killed) and left in the
+        store as a crash leaves them, for the node to queue again."""
         self.stop.set()
         self.wake.set()
+        with self._pool_lock:
+            pool = self._pool
+        kill_workers(pool)
         for t in self.threads:
-            t.join(timeout=5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+            t.join(timeout=2)
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:
         while not self.stop.is_set():
@@ -156,18 +172,12 @@ class JobRunner:
             with self._pool_lock:
                 future = self._pool.submit(run_pipeline, paths, str(out), model, result_key=result_key)
             summary = future.result()
-        except VolumeError as err:  # the series itself is the problem: retrying cannot help
-            log.warning("job failed job=%d series=%s: %s", job_id, series_uid, err)
-            self.store.fail_job(job_id, f"cannot place series in space: {err}", retry=False)
-            self._audit(job, audit.SERIOUS_FAILURE)
-            return
-        except BrokenProcessPool:
-            with self._pool_lock:
-                self._pool = self._new_pool()
-            self._failed(job, "worker process died (crash or out of memory)")
-            return
         except Exception as err:
-            self._failed(job, f"{type(err).__name__}: {err}")
+            if self.stop.is_set():  # the node is stopping and ended the worker: not the job's fault
+                log.info("job interrupted job=%d: the node is stopping; it runs again at the next start",
+                         job_id)
+            else:
+                self._job_failed(job, err)
             return
         # a series where the model found nothing has no objects to deliver
         destinations = json.loads(job["destinations"]) if summary["objects"] else []
@@ -176,6 +186,18 @@ class JobRunner:
         self.on_done()
         log.info("job done job=%d series=%s stages=%s deliveries=%d",
                  job_id, series_uid, summary["stages_s"], len(destinations))
+
+    def _job_failed(self, job: sqlite3.Row, err: Exception) -> None:
+        if isinstance(err, VolumeError):  # the series itself is the problem: retrying cannot help
+            log.warning("job failed job=%d series=%s: %s", job["id"], job["series_instance_uid"], err)
+            self.store.fail_job(job["id"], f"cannot place series in space: {err}", retry=False)
+            self._audit(job, audit.SERIOUS_FAILURE)
+        elif isinstance(err, BrokenProcessPool):
+            with self._pool_lock:
+                self._pool = self._new_pool()
+            self._failed(job, "worker process died (crash or out of memory)")
+        else:
+            self._failed(job, f"{type(err).__name__}: {err}")
 
     def _failed(self, job: sqlite3.Row, reason: str) -> None:
         retry = job["attempts"] < self.config.job_attempts

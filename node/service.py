@@ -98,28 +98,29 @@ class Node:
                 return
 
     def stop(self) -> None:
+        """Stop within a second or two: listeners close, running jobs are interrupted and queued
+        again (as after a crash), a delivery in flight is retried at the next start."""
         self.stopping.set()
-        if self.dicom_server is not None:
-            self.dicom_server.shutdown()
-        if self.tls_server is not None:
-            self.tls_server.shutdown()
-        if self.http_server is not None:
-            self.http_server.shutdown()
+        servers = (self.dicom_server, self.tls_server, self.http_server)
+        listeners = [threading.Thread(target=server.shutdown, daemon=True) for server in servers if server]
+        for thread in listeners:
+            thread.start()
         self.runner.shutdown()
-        self.sender.thread.join(timeout=5)
+        for thread in listeners:
+            thread.join(timeout=2)
+        self.sender.thread.join(timeout=1)
+        requeued = self.store.requeue_interrupted_jobs()
         self.audit.record(audit.APPLICATION_ACTIVITY, event_type="Application Stop", action="E",
                           user=self.config.ae_title)
-        log.info("stopped")
+        log.info("stopped%s", f"; {requeued} interrupted job(s) queued again" if requeued else "")
 
     def serve_forever(self) -> None:
-        """Run until SIGINT/SIGTERM."""
+        """Run until SIGINT (Ctrl-C) or SIGTERM (docker stop, systemd), then stop cleanly."""
         import signal
 
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: self.stopping.set())
         self.start()
-        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
-        try:
-            while not self.stopping.wait(1.0):
-                pass
-        except KeyboardInterrupt:
+        while not self.stopping.wait(0.2):
             pass
         self.stop()

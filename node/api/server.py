@@ -20,7 +20,7 @@ class HttpServer:
         self.server_address: tuple[str, int] = self.socket.getsockname()[:2]
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                                 proxy_headers=False,  # the client address is the peer's, never a header's
-                                server_header=False, timeout_graceful_shutdown=5)
+                                server_header=False, timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
                                        name="http", daemon=True)
@@ -35,5 +35,5 @@ class HttpServer:
 
     def shutdown(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=2)
         self.socket.close()
