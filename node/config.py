@@ -42,6 +42,7 @@ class Destination:
     encapsulated_stl: bool | tuple[str, ...] = False  # True: every structure; or these names
     surfaces: bool = True
     sr: bool = True
+    preview: bool = True  # the 3D preview images (Secondary Capture)
     max_attempts: int = 0  # delivery tries before "failed"; 0: [retry] max_attempts
 
     @classmethod
@@ -191,7 +192,7 @@ def _outputs(key: str, table: dict[str, Any]) -> dict[str, Any]:
     if "max_attempts" in table:
         attempts = _check_type(f"{key}.max_attempts", table["max_attempts"], int)
         values["max_attempts"] = int(_positive(f"{key}.max_attempts", attempts))
-    for name in ("labelmap", "surfaces", "sr"):
+    for name in ("labelmap", "surfaces", "sr", "preview"):
         if name in table:
             values[name] = _check_type(f"{key}.{name}", table[name], bool)
     if "encapsulated_stl" in table:

@@ -18,7 +18,7 @@ from typing import Any
 
 # The DICOM objects of a job, by role; Encapsulated STL instances go to STL_DIR/<structure>.dcm.
 OUTPUT_FILES = {"seg": "seg.dcm", "seg_labelmap": "seg_labelmap.dcm",
-                "surface_segmentation": "surfaces.dcm", "sr": "sr.dcm"}
+                "surface_segmentation": "surfaces.dcm", "sr": "sr.dcm", "preview": "preview.dcm"}
 STL_DIR = "stl"
 GLB_FILE = "meshes/structures.glb"
 
@@ -46,11 +46,12 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     from vesalius.dicom_out.encapsulated_stl import build_encapsulated_stls
     from vesalius.dicom_out.gltf import write_glb
     from vesalius.dicom_out.identity import ARTIFICIAL_INTELLIGENCE, MORPHOLOGICAL_OPERATIONS, Algorithm
+    from vesalius.dicom_out.preview import build_preview
     from vesalius.dicom_out.seg import LABELMAP, build_seg
     from vesalius.dicom_out.sr import build_sr
     from vesalius.dicom_out.stl import write_stl
     from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
-    from vesalius.inference.measures import measure
+    from vesalius.inference.measures import measure, not_found
     from vesalius.inference.models.registry import resolve
     from vesalius.inference.surfaces import build_meshes
     from vesalius.inference.volume import load_series
@@ -94,6 +95,7 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
         mesh_files = [write_stl(m, tmp / "meshes" / f"{m.label.name}.stl").name for m in meshes]
         if meshes:
             write_glb(meshes, tmp / GLB_FILE)
+            write("preview", build_preview(volume, meshes, measurements, algorithm))
         if measurements:
             labelmap.result()
     objects = {key: objects[key] for key in OUTPUT_FILES if key in objects}  # a stable order
@@ -109,12 +111,15 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
                     for key, ds in objects.items()},
         "encapsulated_stl": [f"{STL_DIR}/{m.label.name}.dcm" for m in meshes],
         "meshes": [f"meshes/{name}" for name in mesh_files] + ([GLB_FILE] if meshes else []),
+        # at reported precision; "complete": false when the scan cuts the structure
         "structures": [
-            {"name": m.label.name, "voxels": m.voxel_count, "volume_ml": round(m.volume_ml, 3),
-             "surface_area_cm2": None if m.surface_area_cm2 is None else round(m.surface_area_cm2, 3),
-             "mean": round(m.mean, 2), "std": round(m.std, 2)}
-            for m in measurements
+            {"name": m.label.name, "voxels": m.voxel_count, "volume_ml": m.volume_ml,
+             "surface_area_cm2": m.surface_area_cm2, "mean": m.mean, "std": m.std,
+             "complete": not m.incomplete}
+            for m in (measurement.rounded() for measurement in measurements)
         ],
+        # declared by the model, not found in this series: listed, never silently dropped
+        "not_found": [label.name for label in not_found(model.labels, measurements)],
         "stages_s": timer.seconds,
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,220 @@
+"""Meshes -> lit RGB views around the patient, rendered off-screen by VTK (EGL or OSMesa, no display).
+
+Every PACS viewer shows images, few render surfaces: these views carry the 3D model to every
+reading room. The camera is orthographic (sizes compare across views) and circles the patient's
+long axis, starting from the front: view 0 is anterior, the view a quarter turn later is the
+left lateral. Seen from the front the patient's left is on the image's right, as radiographs
+show it. Each view is labelled with the patient directions at its edges and carries a legend
+(structure, colour, volume). Meshes are decimated to a fixed triangle budget so that a
+TotalSegmentator result renders about as fast as one structure.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import fast_simplification
+import numpy as np
+from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+from vtkmodules.vtkCommonCore import vtkPoints
+from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkPolyData
+from vtkmodules.vtkFiltersCore import vtkPolyDataNormals
+from vtkmodules.vtkRenderingCore import (
+    vtkActor,
+    vtkPolyDataMapper,
+    vtkRenderer,
+    vtkRenderWindow,
+    vtkTextActor,
+    vtkWindowToImageFilter,
+)
+
+import vtkmodules.vtkRenderingFreeType  # noqa: F401  isort: skip  (text actors)
+import vtkmodules.vtkRenderingOpenGL2  # noqa: F401  isort: skip  (the off-screen render window)
+
+from vesalius.dicom_out.codes import term_for
+from vesalius.inference.surfaces import Mesh
+
+# No display on a node: straight to EGL, instead of VTK trying X first and warning on stderr.
+if not os.environ.get("DISPLAY"):
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+
+TRIANGLE_BUDGET = 200_000  # all structures together, after decimation
+MIN_TRIANGLES = 2_000  # per structure: small structures keep their shape
+LEGEND_LINES = 16  # the largest structures; the rest are counted in one line
+BACKGROUND = (0.0, 0.0, 0.0)
+FONT_PX = 13
+
+# Patient directions (LPS): +x left, +y posterior, +z superior.
+_LETTERS = (("L", "R"), ("P", "A"), ("S", "I"))
+
+
+@dataclass(frozen=True)
+class LegendEntry:
+    """One legend line: the structure's name as the SEG labels it, its colour and volume."""
+
+    label: str
+    rgb: tuple[int, int, int]
+    text: str  # e.g. "1.4 mL" or "1.4 mL (incomplete)"
+
+
+@dataclass(frozen=True)
+class View:
+    name: str  # e.g. "anterior", "left lateral", "rotation 30°"
+    azimuth_deg: float  # 0 anterior, 90 left lateral, 180 posterior, 270 right lateral
+
+
+def rotation_views(count: int = 12) -> list[View]:
+    """``count`` views evenly around the long axis from the front; anterior and laterals named."""
+    names = {0.0: "anterior", 90.0: "left lateral", 180.0: "posterior", 270.0: "right lateral"}
+    views = []
+    for i in range(count):
+        azimuth = 360.0 * i / count
+        views.append(View(names.get(azimuth, f"rotation {azimuth:g}°"), azimuth))
+    return views
+
+
+def direction_label(vector: np.ndarray) -> str:
+    """Patient direction letters of a unit LPS vector, strongest first (e.g. "L", "LA")."""
+    parts = sorted(((abs(float(c)), _LETTERS[axis][0 if c > 0 else 1])
+                    for axis, c in enumerate(vector) if abs(float(c)) > 0.3), reverse=True)
+    return "".join(letter for _, letter in parts)
+
+
+def camera_axes(azimuth_deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(towards the camera, image right, image up) in LPS for a view at ``azimuth_deg``."""
+    a = math.radians(azimuth_deg)
+    towards = np.array([math.sin(a), -math.cos(a), 0.0])  # 0: in front (anterior is -y)
+    up = np.array([0.0, 0.0, 1.0])  # superior at the top
+    right = np.cross(-towards, up)  # the camera looks along -towards
+    return towards, right, up
+
+
+def render_views(meshes: Sequence[Mesh], legend: Sequence[LegendEntry], views: Sequence[View],
+                 size: int = 512) -> list[np.ndarray]:
+    """One (size, size, 3) uint8 RGB image per view, top row first."""
+    if not meshes:
+        raise ValueError("nothing to render")
+    window = vtkRenderWindow()
+    window.SetOffScreenRendering(True)
+    window.SetSize(size, size)
+    window.SetMultiSamples(0)
+    renderer = vtkRenderer()
+    renderer.SetBackground(*BACKGROUND)
+    window.AddRenderer(renderer)
+    per_mesh = max(MIN_TRIANGLES, TRIANGLE_BUDGET // len(meshes))
+    for mesh in meshes:
+        renderer.AddActor(_actor(mesh, per_mesh))
+    low = np.min([m.points.min(axis=0) for m in meshes], axis=0).astype(np.float64)
+    high = np.max([m.points.max(axis=0) for m in meshes], axis=0).astype(np.float64)
+    centre = (low + high) / 2
+    radius = float(np.linalg.norm(high - low)) / 2 or 1.0
+    camera = renderer.GetActiveCamera()
+    camera.ParallelProjectionOn()
+    camera.SetParallelScale(radius * 1.08)  # the whole model in every view, room for labels
+    edges = {key: _text(renderer, FONT_PX + 3, justify) for key, justify in
+             (("left", "left"), ("right", "right"), ("top", "center"), ("bottom", "center"))}
+    title = _text(renderer, FONT_PX, "left")
+    title.SetPosition(6, size - FONT_PX - 6)
+    edges["left"].SetPosition(6, size // 2)
+    edges["right"].SetPosition(size - 6, size // 2)
+    edges["top"].SetPosition(size // 2, size - FONT_PX - 24)
+    edges["bottom"].SetPosition(size // 2, 6)
+    swatches = _legend(renderer, legend, size)
+    capture = vtkWindowToImageFilter()
+    capture.SetInput(window)
+    capture.ReadFrontBufferOff()
+    images = []
+    for view in views:
+        towards, right, up = camera_axes(view.azimuth_deg)
+        camera.SetFocalPoint(*centre)
+        camera.SetPosition(*(centre + towards * radius * 4))
+        camera.SetViewUp(*up)
+        renderer.ResetCameraClippingRange()
+        title.SetInput(view.name)
+        edges["right"].SetInput(direction_label(right))
+        edges["left"].SetInput(direction_label(-right))
+        edges["top"].SetInput(direction_label(up))
+        edges["bottom"].SetInput(direction_label(-up))
+        window.Render()
+        capture.Modified()
+        capture.Update()
+        output = capture.GetOutput()
+        pixels = vtk_to_numpy(output.GetPointData().GetScalars()).reshape(size, size, -1)[..., :3]
+        image = np.ascontiguousarray(pixels[::-1])  # VTK's first row is the bottom one
+        for (row, col), rgb in swatches:
+            image[row:row + FONT_PX - 3, col:col + FONT_PX - 3] = rgb
+        images.append(image)
+    window.Finalize()
+    return images
+
+
+def _actor(mesh: Mesh, max_triangles: int) -> vtkActor:
+    """The mesh (decimated to ``max_triangles``) in its structure's colour and opacity, lit."""
+    points, triangles = mesh.points.astype(np.float64), mesh.triangles
+    if len(triangles) > max_triangles:
+        points, triangles = fast_simplification.simplify(points, triangles.astype(np.int32),
+                                                         target_count=max_triangles)
+    polydata = vtkPolyData()
+    vtk_points = vtkPoints()
+    vtk_points.SetData(numpy_to_vtk(np.ascontiguousarray(points, np.float32), deep=True))
+    polydata.SetPoints(vtk_points)
+    cells = vtkCellArray()
+    cells.SetData(numpy_to_vtk(np.arange(0, 3 * len(triangles) + 1, 3, dtype=np.int64), deep=True),
+                  numpy_to_vtk(np.ascontiguousarray(triangles, np.int64).ravel(), deep=True))
+    polydata.SetPolys(cells)
+    normals = vtkPolyDataNormals()  # smooth shading; the triangles already face outward
+    normals.SetInputData(polydata)
+    normals.SplittingOff()
+    normals.ConsistencyOff()
+    normals.Update()
+    mapper = vtkPolyDataMapper()
+    mapper.SetInputData(normals.GetOutput())
+    mapper.ScalarVisibilityOff()
+    term = term_for(mesh.label.name)
+    actor = vtkActor()
+    actor.SetMapper(mapper)
+    surface = actor.GetProperty()
+    # the colour the SEG recommends (its CIELab value is computed from this RGB)
+    surface.SetColor(*(c / 255.0 for c in term.rgb))
+    surface.SetOpacity(term.opacity)
+    surface.SetAmbient(0.25)
+    surface.SetDiffuse(0.75)
+    surface.SetSpecular(0.1)
+    surface.SetSpecularPower(20)
+    return actor
+
+
+def _text(renderer: vtkRenderer, font_px: int, justify: str,
+          rgb: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> vtkTextActor:
+    actor = vtkTextActor()
+    style = actor.GetTextProperty()
+    style.SetFontSize(font_px)
+    style.SetColor(*rgb)
+    style.BoldOn()
+    style.SetJustification({"left": 0, "center": 1, "right": 2}[justify])
+    renderer.AddViewProp(actor)
+    return actor
+
+
+def _legend(renderer: vtkRenderer, legend: Sequence[LegendEntry],
+            size: int) -> list[tuple[tuple[int, int], tuple[int, int, int]]]:
+    """Legend text at the bottom left; returns where (row, col from the top) each swatch goes."""
+    lines = list(legend[:LEGEND_LINES])
+    extra = len(legend) - len(lines)
+    swatches = []
+    line_px = FONT_PX + 4
+    bottom = 6 + (line_px if extra else 0)
+    if extra:
+        more = _text(renderer, FONT_PX, "left")
+        more.SetInput(f"+ {extra} more structures")
+        more.SetPosition(6, 6)
+    for i, entry in enumerate(reversed(lines)):
+        y = bottom + i * line_px  # VTK display coordinates: from the bottom
+        actor = _text(renderer, FONT_PX, "left")
+        actor.SetInput(f"{entry.label}  {entry.text}")
+        actor.SetPosition(6 + FONT_PX + 2, y)
+        swatches.append(((size - y - FONT_PX + 1, 6), entry.rgb))
+    return swatches
