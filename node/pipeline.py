@@ -79,7 +79,10 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
         objects[key] = ds
         return ds
 
-    with timer.stage("writers"), ThreadPoolExecutor(2) as pool:  # nothing found: no objects
+    with timer.stage("writers"), ThreadPoolExecutor(3) as pool:  # nothing found: no objects
+        # the 3D preview renders (VTK, off-screen) while the other objects are written
+        preview = pool.submit(lambda: write("preview", build_preview(
+            volume, meshes, measurements, algorithm))) if meshes else None
         if measurements:  # the two SEGs in parallel: numpy and highdicom release the GIL often
             labelmap = pool.submit(lambda: write("seg_labelmap", build_seg(
                 volume, labels, model.labels, algorithm, segmentation_type=LABELMAP)))
@@ -95,9 +98,10 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
         mesh_files = [write_stl(m, tmp / "meshes" / f"{m.label.name}.stl").name for m in meshes]
         if meshes:
             write_glb(meshes, tmp / GLB_FILE)
-            write("preview", build_preview(volume, meshes, measurements, algorithm))
         if measurements:
             labelmap.result()
+        if preview is not None:
+            preview.result()
     objects = {key: objects[key] for key in OUTPUT_FILES if key in objects}  # a stable order
     summary = {
         "series_instance_uid": volume.series_uid,

@@ -125,3 +125,30 @@ def test_rerun_gives_the_same_uids(volume) -> None:
     assert first.PixelData == again.PixelData
     with pytest.raises(ValueError, match="nothing to render"):
         build_preview(volume, [], MEASUREMENTS, ALGORITHM)
+
+
+def test_pipeline_writes_the_preview_and_an_honest_summary(tmp_path: Path) -> None:
+    """A 3-slice-like chest slab through builtin_ct: every structure is cut by the first and last
+    slices, the airways are declared but absent, and the preview is among the objects."""
+    import json
+
+    from tests.phantoms import Cylinder, write_phantom_series
+    from vesalius.node.pipeline import OUTPUT_FILES, run_pipeline
+
+    chest = [Cylinder((0, 0, 0), (0, 0, 1), 90, 120, 40),
+             Cylinder((45, -5, 5), (0, 0, 1), 30, 80, -850),  # the patient's left lung (+x)
+             Cylinder((-45, -5, 5), (0, 0, 1), 33, 80, -850),
+             Cylinder((0, 55, 0), (0, 0, 1), 16, 100, 700)]
+    series = write_phantom_series(tmp_path / "slab", shape=(6, 96, 96), spacing=(3.0, 2.2, 2.2),
+                                  objects=chest)
+    summary = run_pipeline(series.paths, tmp_path / "out", "builtin_ct")
+    assert summary == json.loads((tmp_path / "out" / "summary.json").read_text())
+    preview = pydicom.dcmread(tmp_path / "out" / OUTPUT_FILES["preview"])
+    assert summary["objects"]["preview"]["sop_instance_uid"] == preview.SOPInstanceUID
+    assert preview.SOPClassUID == MULTIFRAME_TRUE_COLOR_SC and preview.StudyInstanceUID == series.study_uid
+    structures = {s["name"]: s for s in summary["structures"]}
+    assert {"body", "lung_left", "lung_right", "bone"} <= set(structures)
+    assert not any(s["complete"] for s in structures.values())  # the slab cuts every one
+    assert "airways" in summary["not_found"] and not set(summary["not_found"]) & set(structures)
+    for s in structures.values():
+        assert s["volume_ml"] == round(s["volume_ml"], 1) and s["mean"] == round(s["mean"])
