@@ -46,7 +46,7 @@ if not os.environ.get("DISPLAY"):
 # 512 x 512 and keep a view well under 100 ms.
 TRIANGLE_BUDGET = 60_000  # all structures together, after decimation
 MIN_TRIANGLES = 500  # per structure: small structures keep their shape
-LEGEND_LINES = 16  # the largest structures; the rest are counted in one line
+LEGEND_LINES = 8  # the largest structures; the rest are counted in one line
 BACKGROUND = (0.0, 0.0, 0.0)
 FONT_PX = 13
 
@@ -104,28 +104,40 @@ def render_views(meshes: Sequence[Mesh], legend: Sequence[LegendEntry], views: S
     window.SetOffScreenRendering(True)
     window.SetSize(size, size)
     window.SetMultiSamples(0)
-    renderer = vtkRenderer()
+    renderer = vtkRenderer()  # the model, above the legend band
     renderer.SetBackground(*BACKGROUND)
+    overlay = vtkRenderer()  # labels and legend over the whole image
+    overlay.SetLayer(1)
+    overlay.InteractiveOff()
+    window.SetNumberOfLayers(2)
     window.AddRenderer(renderer)
+    window.AddRenderer(overlay)
     per_mesh = max(MIN_TRIANGLES, TRIANGLE_BUDGET // len(meshes))
     for mesh in meshes:
         renderer.AddActor(_actor(mesh, per_mesh))
+    swatches, band = _legend(overlay, legend, size)
+    renderer.SetViewport(0.0, band / size, 1.0, 1.0)
     low = np.min([m.points.min(axis=0) for m in meshes], axis=0).astype(np.float64)
     high = np.max([m.points.max(axis=0) for m in meshes], axis=0).astype(np.float64)
     centre = (low + high) / 2
-    radius = float(np.linalg.norm(high - low)) / 2 or 1.0
+    # one scale for every view, so sizes compare frame to frame: the model's horizontal extent
+    # turns with the camera (at most the box's diagonal in the axial plane), its height does not
+    across = float(np.linalg.norm(high[:2] - low[:2])) / 2
+    height = float(high[2] - low[2]) / 2
+    aspect = size / (size - band)
     camera = renderer.GetActiveCamera()
     camera.ParallelProjectionOn()
-    camera.SetParallelScale(radius * 1.08)  # the whole model in every view, room for labels
-    edges = {key: _text(renderer, FONT_PX + 3, justify) for key, justify in
+    camera.SetParallelScale(max(height, across / aspect, 1.0) * 1.1)  # room for the edge labels
+    depth = float(np.linalg.norm(high - low)) + 1.0
+    edges = {key: _text(overlay, FONT_PX + 3, justify) for key, justify in
              (("left", "left"), ("right", "right"), ("top", "center"), ("bottom", "center"))}
-    title = _text(renderer, FONT_PX, "left")
+    title = _text(overlay, FONT_PX, "left")
     title.SetPosition(6, size - FONT_PX - 6)
-    edges["left"].SetPosition(6, size // 2)
-    edges["right"].SetPosition(size - 6, size // 2)
+    middle = (band + size) // 2
+    edges["left"].SetPosition(6, middle)
+    edges["right"].SetPosition(size - 6, middle)
     edges["top"].SetPosition(size // 2, size - FONT_PX - 24)
-    edges["bottom"].SetPosition(size // 2, 6)
-    swatches = _legend(renderer, legend, size)
+    edges["bottom"].SetPosition(size // 2, band + 4)
     capture = vtkWindowToImageFilter()
     capture.SetInput(window)
     capture.ReadFrontBufferOff()
@@ -134,7 +146,7 @@ def render_views(meshes: Sequence[Mesh], legend: Sequence[LegendEntry], views: S
     for view in views:
         towards, right, up = camera_axes(view.azimuth_deg)
         camera.SetFocalPoint(*centre)
-        camera.SetPosition(*(centre + towards * radius * 4))
+        camera.SetPosition(*(centre + towards * depth))
         camera.SetViewUp(*up)
         renderer.ResetCameraClippingRange()
         title.SetInput(view.name)
@@ -209,22 +221,23 @@ def _text(renderer: vtkRenderer, font_px: int, justify: str,
     return actor
 
 
-def _legend(renderer: vtkRenderer, legend: Sequence[LegendEntry],
-            size: int) -> list[tuple[tuple[int, int], tuple[int, int, int]]]:
-    """Legend text at the bottom left; returns where (row, col from the top) each swatch goes."""
+def _legend(overlay: vtkRenderer, legend: Sequence[LegendEntry],
+            size: int) -> tuple[list[tuple[tuple[int, int], tuple[int, int, int]]], int]:
+    """Legend text at the bottom left: where (row, col from the top) each swatch goes, and the
+    height in pixels of the band it takes."""
     lines = list(legend[:LEGEND_LINES])
     extra = len(legend) - len(lines)
     swatches = []
     line_px = FONT_PX + 4
     bottom = 6 + (line_px if extra else 0)
     if extra:
-        more = _text(renderer, FONT_PX, "left")
+        more = _text(overlay, FONT_PX, "left")
         more.SetInput(f"+ {extra} more structures")
         more.SetPosition(6, 6)
     for i, entry in enumerate(reversed(lines)):
         y = bottom + i * line_px  # VTK display coordinates: from the bottom
-        actor = _text(renderer, FONT_PX, "left")
+        actor = _text(overlay, FONT_PX, "left")
         actor.SetInput(f"{entry.label}  {entry.text}")
         actor.SetPosition(6 + FONT_PX + 2, y)
         swatches.append(((size - y - FONT_PX + 1, 6), entry.rgb))
-    return swatches
+    return swatches, bottom + len(lines) * line_px + 4

@@ -27,6 +27,7 @@ from vesalius.dicom_out.checks import (
 from vesalius.dicom_out.codes_totalseg import TOTAL_CLASSES
 from vesalius.dicom_out.encapsulated_stl import build_encapsulated_stls
 from vesalius.dicom_out.identity import Algorithm
+from vesalius.dicom_out.preview import build_preview
 from vesalius.dicom_out.seg import BINARY, LABELMAP, build_seg
 from vesalius.dicom_out.sr import build_sr
 from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
@@ -48,6 +49,7 @@ def _objects(volume, labels, label_defs, algorithm, out: Path, stl_names=None) -
         objects[("seg", kind)] = seg
         objects[("surfaces", kind)] = build_surface_segmentation(volume, meshes, algorithm, seg)
     objects[("sr", BINARY)] = build_sr(volume, objects[("seg", BINARY)], measurements, algorithm)
+    objects[("preview", BINARY)] = build_preview(volume, meshes, measurements, algorithm)
     objects["stl"] = build_encapsulated_stls(volume, meshes, algorithm, names=stl_names,
                                              seg=objects[("seg", BINARY)])
     paths = {}
@@ -84,7 +86,7 @@ def written(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 OBJECTS = [("seg", BINARY), ("seg", LABELMAP), ("surfaces", BINARY), ("surfaces", LABELMAP),
-           ("sr", BINARY)]
+           ("sr", BINARY), ("preview", BINARY)]
 
 
 @pytest.mark.parametrize("obj", OBJECTS, ids=["-".join(o) for o in OBJECTS])
