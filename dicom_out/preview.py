@@ -72,7 +72,8 @@ def build_preview(volume: Volume, meshes: Sequence[Mesh], measurements: Sequence
     ds.RecognizableVisualFeatures = "NO"
     ds.DerivationDescription = (f"Surface rendering of {len(meshes)} structures segmented by "
                                 f"{algorithm.name} {algorithm.version}; views: "
-                                + ", ".join(v.name for v in views))[:1024]
+                                # ASCII: the source's character set may not have a degree sign
+                                + ", ".join(v.name.replace("°", " degrees") for v in views))[:1024]
     # General Reference: rendered from these slices
     ds.SourceImageSequence = [image_reference(d) for d in sources]
     # Cine + Multi-frame + SC Multi-frame Image

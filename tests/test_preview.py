@@ -75,6 +75,7 @@ def test_a_multiframe_true_colour_sc_in_the_source_study(volume, written: Path) 
     assert ds.SeriesInstanceUID == derived_uid(volume.series_uid, ALGORITHM, "preview/series")
     assert ds.SOPInstanceUID == derived_uid(volume.series_uid, ALGORITHM, "preview/instance")
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.series_uid
+    assert "anterior" in ds.DerivationDescription and ds.DerivationDescription.isascii()
     assert {item.ReferencedSOPInstanceUID for item in ds.SourceImageSequence} == {
         s.SOPInstanceUID for s in volume.sources}
 
