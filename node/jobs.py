@@ -3,11 +3,15 @@ so a model that crashes or runs out of memory never takes the DICOM listener dow
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import multiprocessing
+import os
 import re
+import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -19,13 +23,37 @@ from vesalius.node.pipeline import run_pipeline
 from vesalius.node.store import Store
 
 log = logging.getLogger("vesalius.jobs")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _init_worker(model_specs: dict, gpu_slots: int) -> None:
-    """Give a new worker process the configured models (loaded lazily, then kept)."""
+def _init_worker(model_specs: dict, gpu_slots: int, node_pid: int) -> None:
+    """Give a new worker process the configured models (loaded lazily, then kept); it dies with
+    the node and leaves Ctrl-C to the node, which decides what happens to a running job."""
     from vesalius.inference.models.registry import configure
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(node_pid)
     configure(model_specs, gpu_slots)
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the node ends, even by ``kill -9``: the kernel's parent-death signal
+    (Linux), and a watcher thread for the case the kernel cannot see (the node thread that started
+    the worker ended first, or another OS)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the node died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-node", daemon=True).start()
 
 
 def _warm_up(models: tuple[str, ...] = ()) -> None:
@@ -72,7 +100,7 @@ class JobRunner:
         gpu_slots = self.config.gpu_jobs_per_device
         pool = ProcessPoolExecutor(max_workers=self.config.workers,
                                    mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(specs, gpu_slots))
+                                   initializer=_init_worker, initargs=(specs, gpu_slots, os.getpid()))
         models = tuple(dict.fromkeys(rule.model for rule in self.config.rules))
         for _ in range(self.config.workers):
             pool.submit(_warm_up, models)

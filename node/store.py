@@ -136,7 +136,7 @@ class Store:
         self.results_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.data_dir / "vesalius.sqlite"
         self._local = threading.local()
-        self._connection().executescript(SCHEMA)  # executescript manages its own transaction
+        self._connection().executescript(SCHEMA + PRIVACY_SCHEMA)  # its own transaction
 
     def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -301,3 +301,75 @@ class Store:
         found = {r["state"]: r["n"] for r in self.query(
             f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")}
         return {s: int(found.get(s, 0)) for s in states}
+
+
+# --- retention and de-identification (issue 9): their own tables ------------------------------
+
+PRIVACY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS removals (               -- what retention removed, so no row lies
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,                             -- spool | results
+    series_instance_uid TEXT NOT NULL,
+    study_instance_uid TEXT,
+    job_id INTEGER,                                 -- kind results: the job whose result_dir went
+    path TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    removed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS removals_job ON removals(job_id);
+CREATE INDEX IF NOT EXISTS removals_series ON removals(series_instance_uid);
+-- a job that runs again has fresh results: its removal mark no longer applies
+CREATE TRIGGER IF NOT EXISTS removals_cleared_by_rerun AFTER UPDATE OF result_dir ON jobs
+BEGIN DELETE FROM removals WHERE kind='results' AND job_id=NEW.id; END;
+CREATE TABLE IF NOT EXISTS deid_map (               -- original <-> pseudonym, for re-identification
+    kind TEXT NOT NULL,                 -- uid | patient_id | patient_name | accession | date_offset
+    original TEXT NOT NULL,
+    pseudonym TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (kind, original),
+    UNIQUE (kind, pseudonym)
+);
+"""
+
+
+class DeidMapping:
+    """The pseudonym table seen through one open transaction (node.deidentify.Mapping)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def pseudonym(self, kind: str, original: str, new: Any) -> str:
+        """The pseudonym of ``original``; a first sighting records ``new()``."""
+        row = self.db.execute("SELECT pseudonym FROM deid_map WHERE kind=? AND original=?",
+                              (kind, original)).fetchone()
+        if row is not None:
+            return str(row[0])
+        value = str(new())
+        self.db.execute("INSERT INTO deid_map VALUES (?,?,?,?)", (kind, original, value, time.time()))
+        return value
+
+    def original(self, kind: str, pseudonym: str) -> str | None:
+        row = self.db.execute("SELECT original FROM deid_map WHERE kind=? AND pseudonym=?",
+                              (kind, pseudonym)).fetchone()
+        return None if row is None else str(row[0])
+
+
+@contextmanager
+def deid_mapping(store: Store) -> Iterator[DeidMapping]:
+    """All the pseudonyms of one delivery in one transaction (a crash records none of them)."""
+    with store.transaction() as db:
+        yield DeidMapping(db)
+
+
+def removal_of_results(store: Store, job_id: int) -> sqlite3.Row | None:
+    """Why a job has no results any more (retention removed them), or None."""
+    rows = store.query("SELECT * FROM removals WHERE kind='results' AND job_id=? "
+                       "ORDER BY id DESC LIMIT 1", (job_id,))
+    return rows[0] if rows else None
+
+
+def removal_of_spool(store: Store, series_uid: str) -> sqlite3.Row | None:
+    rows = store.query("SELECT * FROM removals WHERE kind='spool' AND series_instance_uid=? "
+                       "ORDER BY id DESC LIMIT 1", (series_uid,))
+    return rows[0] if rows else None

@@ -22,6 +22,18 @@ if ! dpkg -s $packages >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $packages >/dev/null
     [ -z "$own_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
 fi
+# Install only on the first run, when pyproject.toml changed, or when an extra is asked for that is
+# not installed yet: a later start needs no network (air-gapped servers) and takes no time.
+stamp=".venv/.vesalius-installed"   # line 1: pyproject.toml's digest; line 2: the extras installed
+digest="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(sed -n 1p "$stamp")" = "$digest" ]; then
+    installed="$(sed -n 2p "$stamp")"
+    missing=""
+    for extra in ${extras//,/ }; do
+        [[ ",$installed," == *",$extra,"* ]] || missing=1
+    done
+    [ -n "$missing" ] || exit 0
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 if [[ ",$extras," == *",ai,"* ]]; then
@@ -33,3 +45,4 @@ if [ -n "$extras" ]; then
 else
     .venv/bin/pip install -q -e .
 fi
+printf '%s\n%s\n' "$digest" "$extras" > "$stamp"
