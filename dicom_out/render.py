@@ -106,6 +106,9 @@ def render_views(meshes: Sequence[Mesh], legend: Sequence[LegendEntry], views: S
     window.SetMultiSamples(0)
     renderer = vtkRenderer()  # the model, above the legend band
     renderer.SetBackground(*BACKGROUND)
+    # see-through structures (the body) by plain alpha blending: order-independent transparency
+    # costs several full-window passes a view on a software rasteriser
+    renderer.SetUseOIT(False)
     overlay = vtkRenderer()  # labels and legend over the whole image
     overlay.SetLayer(1)
     overlay.InteractiveOff()
