@@ -164,6 +164,9 @@ def render_views(meshes: Sequence[Mesh], legend: Sequence[LegendEntry], views: S
         scalars = numpy_support.vtk_to_numpy(output.GetPointData().GetScalars())  # type: ignore[no-untyped-call]
         pixels = np.asarray(scalars).reshape(size, size, -1)[..., :3]
         image = np.ascontiguousarray(pixels[::-1])  # VTK's first row is the bottom one
+        if not image.any():  # labels alone light some pixels: nothing drawn means no OpenGL
+            raise RuntimeError("off-screen rendering drew nothing: no working OpenGL (EGL/OSMesa); "
+                               "install Debian's libegl1 libegl-mesa0 libgl1-mesa-dri")
         for (row, col), rgb in swatches:
             image[row:row + FONT_PX - 3, col:col + FONT_PX - 3] = rgb
         images.append(image)
