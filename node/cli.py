@@ -91,8 +91,16 @@ def _process(args: argparse.Namespace) -> int:
         return 2
     config = load_config(args.config)
     configure(config.models, config.gpu_jobs_per_device)
+    files = series_files(folder)
+    key = ""
+    if args.rule and files:  # the UIDs the node writes for this study-level rule
+        import pydicom
+
+        from vesalius.node.series import result_key
+
+        key = result_key(str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), args.rule)
     try:
-        summary = run_pipeline(series_files(folder), args.out, args.model)
+        summary = run_pipeline(files, args.out, args.model, result_key=key)
     except VolumeError as err:
         print(f"vesalius process: cannot place the series in space: {err}", file=sys.stderr)
         return 1
@@ -144,10 +152,15 @@ def _store(args: argparse.Namespace):
 
 def _status(args: argparse.Namespace) -> int:
     store = _store(args)
-    report = {what: store.listing(what, args.limit) for what in ("series", "jobs", "deliveries")}
+    report = {what: store.listing(what, args.limit) for what in ("studies", "series", "jobs", "deliveries")}
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
+    print(f"studies ({len(report['studies'])})")
+    for study in report.pop("studies"):  # each with why its series were chosen or skipped
+        print(f"  {study['study_instance_uid']}  {study['series']} series")
+        for item in study["selection"]:
+            print(f"    {item['rule']}  {item['series_instance_uid']}  {item['reason']}")
     columns = {
         "series": ("series_instance_uid", "modality", "instances", "state", "calling_ae"),
         "jobs": ("id", "series_instance_uid", "model", "state", "attempts", "error"),
@@ -252,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--out", required=True, help="folder for the output objects and meshes")
     process.add_argument("--model", default="builtin_ct", help=f"{MODEL_FORMS} (default builtin_ct)")
     process.add_argument("--config", help="TOML configuration file (for its [[models]])")
+    process.add_argument("--rule", metavar="NAME", help="write the UIDs the node writes for this "
+                         "study-level rule (per study and rule; default: per series)")
     process.set_defaults(func=_process)
 
     models = sub.add_parser("models", help="list the models with their labels, device and weights")
@@ -273,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="accept a certificate that does not name the host")
     echo.set_defaults(func=_echo)
 
-    for name, func, text in (("status", _status, "list series, jobs and deliveries with their states"),
+    for name, func, text in (("status", _status, "list studies (with why each series was chosen or "
+                              "skipped), series, jobs and deliveries with their states"),
                              ("retry", _retry, "run a failed or finished job again"),
                              ("resend", _resend, "send a finished job's results to its destinations again")):
         command = sub.add_parser(name, help=text)
@@ -302,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("pynetdicom", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from vesalius.node.logs import install as redact_library_logs
+
+    redact_library_logs()
     try:
         return args.func(args)
     except ConfigError as err:

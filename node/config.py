@@ -3,6 +3,7 @@ Each destination kind parses its own ``[[destinations]]`` table (node.destinatio
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -28,9 +29,26 @@ DEFAULT_DATA_DIR = "./vesalius-data"
 DEFAULT_MODEL = "builtin_ct"
 
 
+TRIGGERS = ("study", "series")
+SELECTS = ("best", "all")
+ORIENTATIONS = ("axial", "coronal", "sagittal", "oblique")
+CONTRASTS = ("any", "with", "without")
+# Preference names a rule's ``prefer`` may list, best first (docs/routing.md).
+PREFERENCES = ("axial", "coronal", "sagittal", "original", "soft_kernel", "thinnest", "thickest",
+               "most_slices", "largest_coverage", "with_contrast", "without_contrast", "newest")
+# Soft-tissue (standard) reconstruction kernels: Siemens B/Br/Bf/I/Q/H 10-49, GE STANDARD/SOFT,
+# Philips A/B/C, Canon/Toshiba FC01-FC19. Lung and bone kernels (B70f, Bl57, LUNG, BONE, L, FC52,
+# FC86...) do not match.
+DEFAULT_SOFT_KERNEL = r"^([BIQH][a-z]{0,2}[1-4]\d[a-z]?|STANDARD|SOFT|SMOOTH|[ABC]|FC[01]\d)$"
+
+
 @dataclass(frozen=True)
 class Rule:
-    """Which completed series become jobs: every given criterion must match (empty = any)."""
+    """Which completed series become jobs: every given criterion must match (empty = any).
+
+    A study-level rule (``trigger = "study"``) waits for the whole study and then takes one series
+    by ``prefer`` (``select = "best"``) or every matching series (``"all"``); a series-level rule
+    fires as each series completes."""
 
     name: str
     modality: tuple[str, ...] = ("CT",)
@@ -40,6 +58,22 @@ class Rule:
     calling_ae: tuple[str, ...] = ()
     model: str = DEFAULT_MODEL
     destinations: tuple[str, ...] = ()  # names; empty = all destinations
+    # --- study-level selection (issue 18) ---
+    trigger: str = "study"
+    select: str = "best"
+    image_type: tuple[str, ...] = ()  # values that must all be in ImageType, e.g. ("ORIGINAL",)
+    exclude_image_type: tuple[str, ...] = ("DERIVED", "SECONDARY", "LOCALIZER")  # any one excludes
+    orientation: tuple[str, ...] = ()  # empty: any
+    min_slice_thickness: float = 0.0
+    max_slice_thickness: float = 0.0  # 0: no limit
+    max_pixel_spacing: float = 0.0  # 0: no limit
+    min_slices: int = 0
+    min_coverage_mm: float = 0.0  # extent of the slice positions along the slice normal
+    kernel: str = ""  # regular expression the ConvolutionKernel must match
+    exclude_kernel: str = ""  # regular expression that excludes a kernel
+    contrast: str = "any"  # with | without | any (ContrastBolusAgent given or not)
+    prefer: tuple[str, ...] = ("axial", "original", "soft_kernel", "thinnest", "most_slices")
+    soft_kernel: str = DEFAULT_SOFT_KERNEL  # what "soft_kernel" in prefer means
 
 
 @dataclass(frozen=True)
@@ -72,10 +106,16 @@ class Config:
     tls: ListenerTLS | None = None  # its certificate, key and client CAs ([tls])
     http_port: int = DEFAULT_HTTP_PORT
     data_dir: Path = Path(DEFAULT_DATA_DIR)
-    allowed_calling_aes: tuple[str, ...] = ()  # empty: any calling AE may send
+    allowed_calling_aes: tuple[str, ...] = ()  # "AE" or "AE@IP[/prefix]"; empty: any calling AE
+    max_associations: int = 64  # concurrent associations (pynetdicom's own default is 10)
+    max_associations_per_peer: int = 16  # per calling AE title and IP address
+    idle_timeout: float = 60.0  # s without a PDU before an association is aborted
+    max_pdu: int = 4 * 2**20  # bytes: the largest PDU we advertise and accept (docs/input.md)
+    max_instance_mb: int = 2048  # a larger data set closes the association while it arrives
     min_free_disk_mb: int = 500  # below this free space in data_dir, instances are refused (A700)
     quiet_period: float = 1.0
     stability_timeout: float = 10.0
+    study_quiet_period: float = 3.0  # s after a study's last association ended before it is complete
     workers: int = 1
     job_attempts: int = 2
     model: str = DEFAULT_MODEL
@@ -88,6 +128,23 @@ class Config:
 
     def destination_names(self, rule: Rule) -> tuple[str, ...]:
         return rule.destinations or tuple(d.name for d in self.destinations)
+
+
+MIN_PDU, MAX_PDU = 4096, 256 * 2**20
+
+
+def _allowed_ae(key: str, value: Any) -> str:
+    """``AE`` or ``AE@IP`` or ``AE@IP/PREFIX`` (the AE title bound to a host or network)."""
+    _check_type(key, value, str)
+    ae, at, host = value.rpartition("@")
+    if not at:
+        return str(_ae_title(key, value))
+    _ae_title(key, ae)
+    try:
+        ipaddress.ip_network(host, strict=False)
+    except ValueError as err:
+        raise ConfigError(f"{key}: expected AE or AE@IP or AE@IP/PREFIX, got {value!r} ({err})") from None
+    return str(value)
 
 
 def _tls(table: Any, base: Path | None) -> ListenerTLS:
@@ -146,7 +203,58 @@ def _rule(i: int, table: Any) -> Rule:
         values["series_description"] = pattern
     if "model" in table:
         values["model"] = _check_type(f"{key}.model", table["model"], str)
+    values.update(_selection(key, table))
     return Rule(**values)
+
+
+def _regex(key: str, value: Any) -> str:
+    pattern = _check_type(key, value, str)
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"{key}: not a valid regular expression: {err}") from err
+    return pattern
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    _check_type(key, value, str)
+    if value not in allowed:
+        raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _selection(key: str, table: dict[str, Any]) -> dict[str, Any]:
+    """A rule's study-level keys: trigger, select, series conditions and preferences."""
+    values: dict[str, Any] = {}
+    if "trigger" in table:
+        values["trigger"] = _one_of(f"{key}.trigger", table["trigger"], TRIGGERS)
+    if "select" in table:
+        values["select"] = _one_of(f"{key}.select", table["select"], SELECTS)
+    if values.get("trigger") == "series" and values.get("select", "best") == "best":
+        raise ConfigError(f"{key}.select: a rule with trigger = \"series\" sees one series at a time; "
+                          "set select = \"all\" (or trigger = \"study\" to choose the best series)")
+    for name in ("image_type", "exclude_image_type"):
+        if name in table:
+            values[name] = tuple(v.upper() for v in _strings(f"{key}.{name}", table[name]))
+    for name, allowed in (("orientation", ORIENTATIONS), ("prefer", PREFERENCES)):
+        if name in table:
+            values[name] = tuple(_one_of(f"{key}.{name}[{i}]", v, allowed)
+                                 for i, v in enumerate(_strings(f"{key}.{name}", table[name])))
+    for name in ("min_slice_thickness", "max_slice_thickness", "max_pixel_spacing", "min_coverage_mm"):
+        if name in table:
+            values[name] = float(_check_type(f"{key}.{name}", table[name], (int, float)))
+            if values[name] < 0:
+                raise ConfigError(f"{key}.{name}: must be >= 0, got {table[name]}")
+    if "min_slices" in table:
+        values["min_slices"] = _check_type(f"{key}.min_slices", table["min_slices"], int)
+        if values["min_slices"] < 0:
+            raise ConfigError(f"{key}.min_slices: must be >= 0, got {values['min_slices']}")
+    for name in ("kernel", "exclude_kernel", "soft_kernel"):
+        if name in table:
+            values[name] = _regex(f"{key}.{name}", table[name])
+    if "contrast" in table:
+        values["contrast"] = _one_of(f"{key}.contrast", table["contrast"], CONTRASTS)
+    return values
 
 
 def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
@@ -166,13 +274,23 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
         values["data_dir"] = Path(_check_type("data_dir", data["data_dir"], str))
     if "allowed_calling_aes" in data:
         aes = _strings("allowed_calling_aes", data["allowed_calling_aes"])
-        values["allowed_calling_aes"] = tuple(_ae_title(f"allowed_calling_aes[{i}]", a)
+        values["allowed_calling_aes"] = tuple(_allowed_ae(f"allowed_calling_aes[{i}]", a)
                                               for i, a in enumerate(aes))
+    for key in ("max_associations", "max_associations_per_peer", "max_instance_mb"):
+        if key in data:
+            values[key] = int(_positive(key, _check_type(key, data[key], int)))
+    if "idle_timeout" in data:
+        values["idle_timeout"] = _positive("idle_timeout", data["idle_timeout"])
+    if "max_pdu" in data:
+        values["max_pdu"] = _check_type("max_pdu", data["max_pdu"], int)
+        if not MIN_PDU <= values["max_pdu"] <= MAX_PDU:
+            raise ConfigError(f"max_pdu: must be {MIN_PDU}-{MAX_PDU} bytes (a finite maximum bounds "
+                              f"the memory one peer can use), got {values['max_pdu']}")
     if "min_free_disk_mb" in data:
         values["min_free_disk_mb"] = _check_type("min_free_disk_mb", data["min_free_disk_mb"], int)
         if values["min_free_disk_mb"] < 0:
             raise ConfigError(f"min_free_disk_mb: must be >= 0, got {values['min_free_disk_mb']}")
-    for key in ("quiet_period", "stability_timeout"):
+    for key in ("quiet_period", "stability_timeout", "study_quiet_period"):
         if key in data:
             values[key] = _positive(key, data[key])
     for key in ("workers", "job_attempts"):

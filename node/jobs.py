@@ -19,6 +19,7 @@ from pathlib import Path
 
 from vesalius.inference.volume import VolumeError
 from vesalius.node.config import Config
+from vesalius.node.paths import inside, uid_file_name
 from vesalius.node.pipeline import run_pipeline
 from vesalius.node.store import Store
 
@@ -30,7 +31,9 @@ def _init_worker(model_specs: dict, gpu_slots: int, node_pid: int) -> None:
     """Give a new worker process the configured models (loaded lazily, then kept); it dies with
     the node and leaves Ctrl-C to the node, which decides what happens to a running job."""
     from vesalius.inference.models.registry import configure
+    from vesalius.node.logs import install as redact_library_logs
 
+    redact_library_logs()  # no patient name from a library warning on the node's stderr
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(node_pid)
     configure(model_specs, gpu_slots)
@@ -73,10 +76,18 @@ def _warm_up(models: tuple[str, ...] = ()) -> None:
             log.warning("worker could not preload model %s: %s", model, err)
 
 
-def result_dir_for(store: Store, series_uid: str, model: str) -> Path:
-    """Deterministic per (series, model): a re-run replaces the earlier results. A path-form
-    model (``bundle:/models/x``) becomes one safe folder name."""
-    return store.results_dir / series_uid / re.sub(r"[^A-Za-z0-9._+-]", "_", model)
+def _folder(name: str) -> str:
+    """One safe folder name: a path-form model (``bundle:/models/x``) or a part of a result key."""
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", name)[:128]
+    return safe if safe.strip(".") else "_" + safe
+
+
+def result_dir_for(store: Store, series_uid: str, model: str, result_key: str | None = None) -> Path:
+    """Deterministic per (series, model), or per (study, rule, model) for a study-level rule's
+    ``result_key``: a re-run replaces the earlier results. Always inside the results folder."""
+    if result_key:
+        return inside(store.results_dir, *map(_folder, result_key.split("/")), _folder(model))
+    return inside(store.results_dir, uid_file_name(series_uid), _folder(model))
 
 
 class JobRunner:
@@ -129,12 +140,13 @@ class JobRunner:
     def run(self, job) -> None:
         job_id, series_uid, model = job["id"], job["series_instance_uid"], job["model"]
         paths = [str(p) for p in self.store.series_paths(series_uid)]
-        out = result_dir_for(self.store, series_uid, model)
+        result_key = job["result_key"] or ""
+        out = result_dir_for(self.store, series_uid, model, result_key)
         log.info("job start job=%d series=%s model=%s instances=%d attempt=%d",
                  job_id, series_uid, model, len(paths), job["attempts"])
         try:
             with self._pool_lock:
-                future = self._pool.submit(run_pipeline, paths, str(out), model)
+                future = self._pool.submit(run_pipeline, paths, str(out), model, result_key=result_key)
             summary = future.result()
         except VolumeError as err:  # the series itself is the problem: retrying cannot help
             log.warning("job failed job=%d series=%s: %s", job_id, series_uid, err)

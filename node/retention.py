@@ -105,7 +105,7 @@ def _candidates(store: Store) -> list[tuple[str, Removal]]:
     found: list[tuple[str, Removal]] = []
     for row in store.query(SPOOL_CANDIDATES.format(where=ALL_SERIES)):
         uid = row["series_instance_uid"]
-        folder = store.spool_dir / row["study_instance_uid"] / uid
+        folder = store.spool_series_dir(row["study_instance_uid"], uid)
         size = sum(disk_bytes(Path(r["path"])) for r in store.query(
             "SELECT path FROM instances WHERE series_instance_uid=?", (uid,)))
         rule = "spool_days" if row["jobs"] else "unrouted_days"

@@ -12,7 +12,7 @@ from vesalius.node.config import Config
 from vesalius.node.jobs import JobRunner
 from vesalius.node.receive import Receiver, build_ae
 from vesalius.node.send import Sender
-from vesalius.node.series import complete_due_series
+from vesalius.node.series import complete_due_series, select_due_studies
 from vesalius.node.store import Store
 from vesalius.node.tls import server_context, start_tls_server
 
@@ -67,7 +67,8 @@ class Node:
     def _complete_series(self) -> None:
         while not self.stopping.wait(0.2):
             try:
-                if complete_due_series(self.store, self.config):
+                completed = complete_due_series(self.store, self.config)
+                if select_due_studies(self.store, self.config) or completed:
                     self.job_wake.set()
             except Exception:  # keep serving; the next tick tries again
                 log.exception("series completion failed")

@@ -62,7 +62,9 @@ def test_kill_mid_association_keeps_every_acknowledged_instance(tmp_path: Path) 
     with storescp(tmp_path / "pacs") as pacs, \
             vesalius_node(tmp_path, data_dir=data, destinations=[pacs.address]) as node:
         rows = node.get("/series")
-        assert rows[0]["instances"] == len(stored)
+        # every acknowledged instance has its row; a file renamed into place just before the kill
+        # may have none yet (never acknowledged: the scanner sends it again)
+        assert acknowledged <= rows[0]["instances"] <= len(stored)
         storescu(series.paths, node.port)  # the scanner sends the series again
         wait_for(lambda: len(pacs_uids(pacs, series.study_uid)) >= 3, 180, "the results")
         wait_for(node.delivered, 60, "deliveries done")
