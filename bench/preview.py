@@ -24,13 +24,13 @@ import numpy as np  # noqa: E402
 
 from tests.realdata import nifti_labels_in_volume_space, write_nifti_as_dicom_series  # noqa: E402
 from vesalius.dicom_out import render  # noqa: E402
-from vesalius.dicom_out.codes_totalseg import TOTAL_CLASSES  # noqa: E402
 from vesalius.dicom_out.identity import Algorithm  # noqa: E402
 from vesalius.dicom_out.preview import build_preview, legend_entries  # noqa: E402
 from vesalius.inference.measures import measure  # noqa: E402
 from vesalius.inference.models import Label, get_model  # noqa: E402
+from vesalius.inference.series import load_series  # noqa: E402
 from vesalius.inference.surfaces import build_meshes  # noqa: E402
-from vesalius.inference.volume import load_series  # noqa: E402
+from vesalius.inference.terminology import TOTAL_CLASSES  # noqa: E402
 
 
 def main() -> None:

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 import numpy as np
 import pydicom
 
-from vesalius.dicom_out.codes import term_for
 from vesalius.dicom_out.common import image_reference, new_derived_dataset, referenced_series
 from vesalius.dicom_out.identity import SERIES_NUMBER, Algorithm, derived_uid
 from vesalius.dicom_out.render import LegendEntry, View, render_views, rotation_views
 from vesalius.dicom_out.sources import source_headers
 from vesalius.inference.measures import Measurement
 from vesalius.inference.surfaces import Mesh
+from vesalius.inference.terminology import term_for
 from vesalius.inference.volume import Volume
 
 MULTIFRAME_TRUE_COLOR_SC = "1.2.840.10008.5.1.4.1.1.7.4"

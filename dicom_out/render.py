@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import fast_simplification  # type: ignore[import-untyped]
+import fast_simplification
 import numpy as np
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonCore import vtkPoints
@@ -35,8 +35,8 @@ from vtkmodules.vtkRenderingCore import (
 import vtkmodules.vtkRenderingFreeType  # noqa: F401  isort: skip  (text actors)
 import vtkmodules.vtkRenderingOpenGL2  # noqa: F401  isort: skip  (the off-screen render window)
 
-from vesalius.dicom_out.codes import term_for
 from vesalius.inference.surfaces import Mesh
+from vesalius.inference.terminology import term_for
 
 # No display on a node: straight to EGL, instead of VTK trying X first and warning on stderr.
 if not os.environ.get("DISPLAY"):

@@ -49,16 +49,16 @@ class Measurement:
         )
 
 
-def not_found(label_defs: Sequence[Label], measurements: Sequence[Measurement]) -> list[Label]:
+def not_found(structures: Sequence[Label], measurements: Sequence[Measurement]) -> list[Label]:
     """The declared structures without a measurement: the model looked and found no voxel."""
     found = {m.label.value for m in measurements}
-    return [label for label in label_defs if label.value not in found]
+    return [label for label in structures if label.value not in found]
 
 
 def measure(
     volume: Volume,
-    labels: np.ndarray,
-    label_defs: Sequence[Label],
+    label_map: np.ndarray,
+    structures: Sequence[Label],
     meshes: Sequence[Mesh],
 ) -> list[Measurement]:
     """One Measurement per non-empty label: voxel volume, mesh area and value statistics.
@@ -67,21 +67,21 @@ def measure(
     fastest way numpy has), and a structure that includes other labels adds theirs up.
     """
     voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
-    edges = _edge_values(labels)
+    edges = _edge_values(label_map)
     cut = {label.value: [face for face, values in edges.items()
-                         if values & {label.value, *label.includes}] for label in label_defs}
-    areas = {mesh.label.value: _uncut_area_mm2(mesh, volume.affine, labels.shape,
+                         if values & {label.value, *label.includes}] for label in structures}
+    areas = {mesh.label.value: _uncut_area_mm2(mesh, volume.affine, label_map.shape,
                                                cut.get(mesh.label.value, [])) / 100.0
              for mesh in meshes}
-    wanted = {v for label in label_defs for v in (label.value, *label.includes)}
+    wanted = {v for label in structures for v in (label.value, *label.includes)}
     stats: dict[int, tuple[int, float, float]] = {}  # value -> (count, mean, squared deviations)
     for value in wanted:
-        inside = volume.array[labels == value].astype(np.float64)
+        inside = volume.array[label_map == value].astype(np.float64)
         mean = float(inside.mean()) if inside.size else 0.0
         inside -= mean
         stats[value] = (inside.size, mean, float(np.dot(inside, inside)))
     results = []
-    for label in label_defs:
+    for label in structures:
         count, mean, deviations = _combined([stats[v] for v in (label.value, *label.includes)])
         if count == 0:
             continue
@@ -113,12 +113,12 @@ def _combined(parts: list[tuple[int, float, float]]) -> tuple[int, float, float]
     return count, mean, deviations
 
 
-def _edge_values(labels: np.ndarray) -> dict[tuple[int, int], set[int]]:
+def _edge_values(label_map: np.ndarray) -> dict[tuple[int, int], set[int]]:
     """Label values on each face of the scanned box: (axis, 0 = first / 1 = last) -> values."""
     faces = {}
     for axis in range(3):
-        for side, index in ((0, 0), (1, labels.shape[axis] - 1)):
-            faces[(axis, side)] = set(np.unique(np.take(labels, index, axis=axis)).tolist()) - {0}
+        for side, index in ((0, 0), (1, label_map.shape[axis] - 1)):
+            faces[(axis, side)] = set(np.unique(np.take(label_map, index, axis=axis)).tolist()) - {0}
     return faces
 
 

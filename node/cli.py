@@ -7,8 +7,13 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vesalius.node.config import DEFAULT_AE_TITLE, ConfigError, load_config, with_overrides
+from vesalius.node.checks import ConfigError
+from vesalius.node.config import DEFAULT_AE_TITLE, Config, load_config, with_overrides
+
+if TYPE_CHECKING:
+    from vesalius.node.store import Store
 
 MODEL_FORMS = ("a configured name, builtin_ct, bundle:PATH, torchscript:PATH, onnx:PATH, nnunet:PATH, "
                "totalsegmentator:PATH, or several joined by +")
@@ -37,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_models(config) -> None:
+def check_models(config: Config) -> None:
     """Every model a rule names must resolve and have its weights: a ConfigError at start-up,
     not a failed first job."""
     from vesalius.inference.models.registry import ModelSpecError, check
@@ -141,7 +146,7 @@ def _echo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _store(args: argparse.Namespace):
+def _store(args: argparse.Namespace) -> Store:
     from vesalius.node.store import Store
 
     data_dir = Path(args.data_dir or load_config(args.config).data_dir)
@@ -322,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
     redact_library_logs()
     try:
-        return args.func(args)
+        return int(args.func(args))
     except ConfigError as err:
         print(f"vesalius: configuration error: {err}", file=sys.stderr)
         return 2

@@ -213,14 +213,14 @@ def _regex(key: str, value: Any) -> str:
         re.compile(pattern)
     except re.error as err:
         raise ConfigError(f"{key}: not a valid regular expression: {err}") from err
-    return pattern
+    return str(pattern)
 
 
 def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     _check_type(key, value, str)
     if value not in allowed:
         raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
-    return value
+    return str(value)
 
 
 def _selection(key: str, table: dict[str, Any]) -> dict[str, Any]:
@@ -323,7 +323,7 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
         retry = Retry()
         for key in ("base_delay", "max_delay"):
             if key in table:
-                retry = replace(retry, **{key: _positive(f"retry.{key}", table[key])})
+                retry = replace(retry, **{key: _positive(f"retry.{key}", table[key])})  # type: ignore[arg-type]
         if "max_attempts" in table:
             attempts = _check_type("retry.max_attempts", table["max_attempts"], int)
             retry = replace(retry, max_attempts=int(_positive("retry.max_attempts", attempts)))

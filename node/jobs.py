@@ -10,12 +10,14 @@ import multiprocessing
 import os
 import re
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vesalius.inference.volume import VolumeError
 from vesalius.node.config import Config
@@ -23,11 +25,14 @@ from vesalius.node.paths import inside, uid_file_name
 from vesalius.node.pipeline import run_pipeline
 from vesalius.node.store import Store
 
+if TYPE_CHECKING:
+    from vesalius.inference.models.spec import ModelSpec
+
 log = logging.getLogger("vesalius.jobs")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _init_worker(model_specs: dict, gpu_slots: int, node_pid: int) -> None:
+def _init_worker(model_specs: dict[str, ModelSpec], gpu_slots: int, node_pid: int) -> None:
     """Give a new worker process the configured models (loaded lazily, then kept); it dies with
     the node and leaves Ctrl-C to the node, which decides what happens to a running job."""
     from vesalius.inference.models.registry import configure
@@ -137,7 +142,7 @@ class JobRunner:
                 continue
             self.run(job)
 
-    def run(self, job) -> None:
+    def run(self, job: sqlite3.Row) -> None:
         job_id, series_uid, model = job["id"], job["series_instance_uid"], job["model"]
         paths = [str(p) for p in self.store.series_paths(series_uid)]
         result_key = job["result_key"] or ""
@@ -167,7 +172,7 @@ class JobRunner:
         log.info("job done job=%d series=%s stages=%s deliveries=%d",
                  job_id, series_uid, summary["stages_s"], len(destinations))
 
-    def _failed(self, job, reason: str) -> None:
+    def _failed(self, job: sqlite3.Row, reason: str) -> None:
         retry = job["attempts"] < self.config.job_attempts
         log.warning("job failed job=%d attempt=%d retry=%s: %s", job["id"], job["attempts"], retry, reason)
         self.store.fail_job(job["id"], reason, retry=retry)

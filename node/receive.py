@@ -217,7 +217,7 @@ def receive_data_sets_into(folder: Path) -> None:
     def spool_file(**_: Any) -> SpoolFile:
         return SpoolFile(folder)
 
-    pynetdicom.dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[assignment]
+    pynetdicom.dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[assignment,attr-defined]
 
 
 def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list[tuple[Any, ...]]]:
@@ -229,7 +229,8 @@ def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list[tuple[Any, ..
     ae.maximum_associations = config.max_associations
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     pdu_limits.install()
     pdu_limits.set_max_dataset_bytes(ae, config.max_instance_mb * 2**20)
     receive_data_sets_into(receiver.store.incoming_dir)

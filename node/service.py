@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -33,9 +34,9 @@ class Node:
         self.sender = Sender(self.store, config, self.send_wake, self.stopping)
         self._completion = threading.Thread(target=self._complete_series, name="series", daemon=True)
         self._retention = threading.Thread(target=self._clean_up, name="retention", daemon=True)
-        self.dicom_server = None
+        self.dicom_server: Any = None  # pynetdicom's server, once started
         self.tls_server: ThreadedAssociationServer | None = None
-        self.http_server = None
+        self.http_server: Any = None
 
     def start(self) -> None:
         tls_context = server_context(self.config.tls) if self.config.tls else None  # ConfigError now

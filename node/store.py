@@ -298,7 +298,7 @@ class Store:
             "result_key) VALUES (?,?,?,?,?,?,?)",
             (series_uid, rule, model, json.dumps(list(destinations)), now, now, result_key),
         )
-        return int(cur.lastrowid)
+        return int(cur.lastrowid or 0)
 
     def claim_job(self) -> sqlite3.Row | None:
         """Take the oldest queued job and mark it running (one attempt more)."""
@@ -308,7 +308,8 @@ class Store:
                 return None
             db.execute("UPDATE jobs SET state='running', attempts=attempts+1, updated_at=? WHERE id=?",
                        (time.time(), row["id"]))
-            return db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+            claimed: sqlite3.Row | None = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+            return claimed
 
     def finish_job(self, job_id: int, result_dir: Path, stages: dict[str, float],
                    destinations: Sequence[str]) -> None:
@@ -407,7 +408,8 @@ class Store:
         return rows
 
     def counts(self, table: str, states: Sequence[str]) -> dict[str, int]:
-        assert table in ("jobs", "deliveries", "series")
+        if table not in ("jobs", "deliveries", "series"):  # a table name cannot be an SQL parameter
+            raise ValueError(f"no state counts for table {table!r}")
         found = {r["state"]: r["n"] for r in self.query(
             f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")}
         return {s: int(found.get(s, 0)) for s in states}

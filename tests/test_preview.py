@@ -11,12 +11,12 @@ import pytest
 
 from tests.dicom_checks import assert_dciodvfy_clean
 from tests.dicom_out_inputs import phantom_volume, sphere_mesh
-from vesalius.dicom_out.codes import term_for
 from vesalius.dicom_out.identity import Algorithm, derived_uid
 from vesalius.dicom_out.preview import MULTIFRAME_TRUE_COLOR_SC, VIEW_COUNT, build_preview
 from vesalius.dicom_out.render import direction_label, rotation_views
 from vesalius.inference.measures import Measurement
 from vesalius.inference.models import Label
+from vesalius.inference.terminology import term_for
 
 ALGORITHM = Algorithm("builtin_ct", "1")
 # Asymmetric: the liver on the patient's right (-x in LPS), the airways (light blue, unlike any
