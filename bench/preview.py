@@ -27,7 +27,8 @@ from vesalius.dicom_out import render  # noqa: E402
 from vesalius.dicom_out.identity import Algorithm  # noqa: E402
 from vesalius.dicom_out.preview import build_preview, legend_entries  # noqa: E402
 from vesalius.inference.measures import measure  # noqa: E402
-from vesalius.inference.models import Label, get_model  # noqa: E402
+from vesalius.inference.models import Label  # noqa: E402
+from vesalius.inference.models.registry import resolve  # noqa: E402
 from vesalius.inference.series import load_series  # noqa: E402
 from vesalius.inference.surfaces import build_meshes  # noqa: E402
 from vesalius.inference.terminology import TOTAL_CLASSES  # noqa: E402
@@ -46,8 +47,8 @@ def main() -> None:
         labels = nifti_labels_in_volume_space(data / "example_seg.nii.gz", volume).astype(np.uint8)
         defs = tuple(Label(value, name) for value, name in enumerate(TOTAL_CLASSES, start=1))
     else:
-        model = get_model("builtin_ct")
-        labels, defs = model.predict(volume), model.labels
+        model = resolve("builtin_ct")
+        labels, defs = model.predict(volume), model.structures
     meshes = build_meshes(labels, volume.affine, defs)
     measurements = measure(volume, labels, defs, meshes)
     views = render.rotation_views(args.views)
