@@ -29,6 +29,7 @@ from pynetdicom.sop_class import Verification
 
 from vesalius.node import pdu_limits
 from vesalius.node.admission import Admission, printable
+from vesalius.node.audit import AssociationTally
 from vesalius.node.config import Config
 from vesalius.node.paths import UnsafePath
 from vesalius.node.store import SeriesInfo, Store
@@ -220,8 +221,10 @@ def receive_data_sets_into(folder: Path) -> None:
     pynetdicom.dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[assignment,attr-defined]
 
 
-def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list[tuple[Any, ...]]]:
-    """The application entity and its handlers, ready for ``start_server``."""
+def build_ae(config: Config, receiver: Receiver,
+             tally: AssociationTally | None = None) -> tuple[AE, list[tuple[Any, ...]]]:
+    """The application entity and its handlers, ready for ``start_server``; ``tally`` audits
+    each association (node.audit)."""
     ae = AE(ae_title=config.ae_title)
     ae.maximum_pdu_size = config.max_pdu  # finite: a peer cannot make us hold more (docs/input.md)
     ae.network_timeout = config.idle_timeout
@@ -238,4 +241,7 @@ def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list[tuple[Any, ..
                           config.max_associations_per_peer)
     handlers = [(evt.EVT_REQUESTED, admission.handle_requested), (evt.EVT_C_STORE, receiver.handle_store),
                 (evt.EVT_CONN_CLOSE, receiver.handle_close), (evt.EVT_REJECTED, receiver.handle_rejected)]
+    if tally is not None:  # wraps the admission and C-STORE handlers to audit their answers
+        handlers = [h for h in handlers if h[0] not in (evt.EVT_C_STORE, evt.EVT_REQUESTED)]
+        handlers += tally.handlers(receiver.handle_store, admission.handle_requested)
     return ae, handlers

@@ -69,6 +69,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
     updated_at REAL NOT NULL,
     UNIQUE (job_id, destination)
 );
+CREATE TABLE IF NOT EXISTS counters (             -- only ever increase: Prometheus counters
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO counters SELECT 'series_completed', COUNT(*) FROM series WHERE completed_at IS NOT NULL;
 """
 
 # --- study-level selection (issue 18) ------------------------------------------------------------
@@ -366,6 +371,15 @@ class Store:
         with self.transaction() as db:
             return db.execute("UPDATE deliveries SET state='pending', attempts=0, error=NULL, next_try_at=?, "
                               "updated_at=? WHERE job_id=?", (time.time(), time.time(), job_id)).rowcount
+
+    def bump(self, db: sqlite3.Connection, counter: str, by: int = 1) -> None:
+        """Add to a monotonic counter, inside the caller's transaction."""
+        db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=value+?",
+                   (counter, by, by))
+
+    def counter(self, name: str) -> int:
+        rows = self.query("SELECT value FROM counters WHERE name=?", (name,))
+        return int(rows[0]["value"]) if rows else 0
 
     # --- study-level selection (issue 18) ---------------------------------------------------------
 

@@ -162,7 +162,7 @@ def test_every_result_delivered_once_and_logged(round_trip: RoundTrip) -> None:
     assert {j["state"] for j in round_trip.jobs} == {"done"} and len(round_trip.jobs) == len(CASES)
     assert {d["state"] for d in round_trip.deliveries} == {"done"}
     assert all(d["attempts"] == 1 for d in round_trip.deliveries)
-    stages = json.loads(round_trip.jobs[0]["stages"])
+    stages = round_trip.jobs[0]["stages"]
     assert set(stages) >= {"volume", "model", "surfaces", "writers"}
     assert "series complete" in round_trip.node_log and "delivery done" in round_trip.node_log
     assert "Phantom^Test" not in round_trip.node_log  # no patient names in the logs
