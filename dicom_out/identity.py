@@ -66,7 +66,7 @@ def derived_uid(source_series_uid: str, algorithm: Algorithm, role: str) -> str:
 
 # Series numbers of our output series, distinct per object kind so a viewer lists them apart;
 # "labelmap-*" are the Label Map SEG and the surfaces that reference it instead of the BINARY one.
-SERIES_NUMBER = {"seg": 9001, "surface": 9002, "sr": 9003, "stl": 9004,
+SERIES_NUMBER = {"seg": 9001, "surface": 9002, "sr": 9003, "stl": 9004, "preview": 9005,
                  "labelmap-seg": 9011, "labelmap-surface": 9012}
 
 

@@ -58,6 +58,7 @@ def _intensity(modality: str) -> tuple[Code, Code] | None:
 
 def _measurements(measurement: Measurement, modality: str,
                   algorithm_id: hd.sr.AlgorithmIdentification) -> list[hd.sr.Measurement]:
+    measurement = measurement.rounded()  # 0.1 mL, 0.1 cm2, 1 HU: no digits the voxels cannot tell
     items = [
         hd.sr.Measurement(name=VOLUME, value=float(measurement.volume_ml), unit=MILLILITER,
                           algorithm_id=algorithm_id),
@@ -74,6 +75,24 @@ def _measurements(measurement: Measurement, modality: str,
     items.append(hd.sr.Measurement(name=intensity, value=float(measurement.std), unit=unit,
                                    derivation=STANDARD_DEVIATION, algorithm_id=algorithm_id))
     return items
+
+
+# The structure is not wholly in the scan: TID 1500's qualitative evaluation (TID 1501 row
+# "Qualitative Evaluations") with the DCM concepts the image-quality templates use for exactly
+# this, Imaging Series Quality (130550) = Anatomy coverage incomplete (130576, CID 6315).
+IMAGING_SERIES_QUALITY = Code("130550", "DCM", "Imaging Series Quality")
+ANATOMY_COVERAGE_INCOMPLETE = Code("130576", "DCM", "Anatomy coverage incomplete")
+
+
+def completeness_evaluations(measurement: Measurement) -> list[hd.sr.QualitativeEvaluation]:
+    """"Anatomy coverage incomplete" for a structure the scan cuts (first/last slice, FOV edge).
+
+    Its volume counts only the voxels in the scan and its area leaves out the cut faces; a
+    complete structure carries no evaluation (the absence of the flag is the claim).
+    """
+    if not measurement.incomplete:
+        return []
+    return [hd.sr.QualitativeEvaluation(name=IMAGING_SERIES_QUALITY, value=ANATOMY_COVERAGE_INCOMPLETE)]
 
 
 def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measurement],
@@ -114,6 +133,7 @@ def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measur
                                              laterality=term.modifier)],
             algorithm_id=algorithm_id,
             measurements=_measurements(measurement, volume.modality, algorithm_id),
+            qualitative_evaluations=completeness_evaluations(measurement) or None,
         ))
 
     observer = hd.sr.ObserverContext(

@@ -1,9 +1,15 @@
-"""Per-structure quantities the SR reports: volume, surface area, intensity statistics."""
+"""Per-structure quantities the SR reports: volume, surface area, intensity statistics.
+
+Honest about what the scan shows: a structure that touches the first or last slice or the edge of
+the field of view is cut by the scan, so it is marked incomplete and the faces where the scan cut
+it are left out of its surface area (they are the scan's boundary, not the organ's). Reported
+values are rounded to what the voxels can tell (``Measurement.rounded``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -11,15 +17,42 @@ from vesalius.inference.models import Label
 from vesalius.inference.surfaces import Mesh
 from vesalius.inference.volume import Volume
 
+# Reported precision (decimal places): 0.1 mL, 0.1 cm², 1 HU (or 1 unit of the image's values).
+VOLUME_DECIMALS = 1
+AREA_DECIMALS = 1
+INTENSITY_DECIMALS = 0
+# A mesh triangle on a cut face lies beyond the outermost voxel centres and faces out of the
+# scanned box: its normal within 45 degrees of the box face's outward direction.
+_CUT_FACE_COSINE = float(np.cos(np.radians(45.0)))
+
 
 @dataclass(frozen=True)
 class Measurement:
     label: Label
     voxel_count: int
     volume_ml: float
-    surface_area_cm2: float | None
+    surface_area_cm2: float | None  # without the faces the scan cut (see ``incomplete``)
     mean: float
     std: float
+    # touches the first or last slice or the edge of the field of view: the scan shows part of it
+    incomplete: bool = False
+
+    def rounded(self) -> Measurement:
+        """The same measurement at reported precision (what the SR and summary.json carry)."""
+        return replace(
+            self,
+            volume_ml=round(self.volume_ml, VOLUME_DECIMALS),
+            surface_area_cm2=None if self.surface_area_cm2 is None
+            else round(self.surface_area_cm2, AREA_DECIMALS),
+            mean=round(self.mean, INTENSITY_DECIMALS) + 0.0,  # + 0.0: no "-0.0"
+            std=round(self.std, INTENSITY_DECIMALS) + 0.0,
+        )
+
+
+def not_found(structures: Sequence[Label], measurements: Sequence[Measurement]) -> list[Label]:
+    """The declared structures without a measurement: the model looked and found no voxel."""
+    found = {m.label.value for m in measurements}
+    return [label for label in structures if label.value not in found]
 
 
 def measure(
@@ -34,7 +67,12 @@ def measure(
     fastest way numpy has), and a structure that includes other labels adds theirs up.
     """
     voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
-    areas = {mesh.label.value: mesh.area_mm2 / 100.0 for mesh in meshes}
+    edges = _edge_values(label_map)
+    cut = {label.value: [face for face, values in edges.items()
+                         if values & {label.value, *label.includes}] for label in structures}
+    areas = {mesh.label.value: _uncut_area_mm2(mesh, volume.affine, label_map.shape,
+                                               cut.get(mesh.label.value, [])) / 100.0
+             for mesh in meshes}
     wanted = {v for label in structures for v in (label.value, *label.includes)}
     stats: dict[int, tuple[int, float, float]] = {}  # value -> (count, mean, squared deviations)
     for value in wanted:
@@ -55,6 +93,7 @@ def measure(
                 surface_area_cm2=areas.get(label.value),
                 mean=mean,
                 std=float(np.sqrt(deviations / count)),
+                incomplete=bool(cut[label.value]),
             )
         )
     return results
@@ -72,3 +111,40 @@ def _combined(parts: list[tuple[int, float, float]]) -> tuple[int, float, float]
         mean += delta * n / total
         count = total
     return count, mean, deviations
+
+
+def _edge_values(label_map: np.ndarray) -> dict[tuple[int, int], set[int]]:
+    """Label values on each face of the scanned box: (axis, 0 = first / 1 = last) -> values."""
+    faces = {}
+    for axis in range(3):
+        for side, index in ((0, 0), (1, label_map.shape[axis] - 1)):
+            faces[(axis, side)] = set(np.unique(np.take(label_map, index, axis=axis)).tolist()) - {0}
+    return faces
+
+
+def _uncut_area_mm2(mesh: Mesh, affine: np.ndarray, shape: tuple[int, ...],
+                    cut_faces: Sequence[tuple[int, int]]) -> float:
+    """The mesh's area without the triangles that close it along the faces the scan cut.
+
+    The surface closes half a voxel beyond the outermost voxel centres, flat along the box face;
+    those triangles are found in voxel index space (where the face is a coordinate plane).
+    """
+    if not cut_faces:
+        return mesh.area_mm2
+    points = mesh.points.astype(np.float64)
+    index = (points - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+    p0, p1, p2 = (points[mesh.triangles[:, i]] for i in range(3))
+    areas = np.linalg.norm(np.cross(p1 - p0, p2 - p0), axis=1) / 2.0
+    i0, i1, i2 = (index[mesh.triangles[:, i]] for i in range(3))
+    centroids = (i0 + i1 + i2) / 3.0
+    # outward in LPS; the index axes may be a mirror image of LPS (then the cross product flips)
+    normals = np.cross(i1 - i0, i2 - i0) * np.sign(np.linalg.det(affine[:3, :3]))
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+    on_cut = np.zeros(len(areas), bool)
+    for axis, side in cut_faces:
+        if side == 0:
+            on_cut |= (centroids[:, axis] < 0.0) & (-normals[:, axis] > _CUT_FACE_COSINE)
+        else:
+            on_cut |= ((centroids[:, axis] > shape[axis] - 1)
+                       & (normals[:, axis] > _CUT_FACE_COSINE))
+    return float(areas[~on_cut].sum())

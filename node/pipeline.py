@@ -20,7 +20,7 @@ from vesalius.node.paths import inside, safe_name
 
 # The DICOM objects of a job, by role; Encapsulated STL instances go to STL_DIR/<structure>.dcm.
 OUTPUT_FILES = {"seg": "seg.dcm", "seg_labelmap": "seg_labelmap.dcm",
-                "surface_segmentation": "surfaces.dcm", "sr": "sr.dcm"}
+                "surface_segmentation": "surfaces.dcm", "sr": "sr.dcm", "preview": "preview.dcm"}
 STL_DIR = "stl"
 GLB_FILE = "meshes/structures.glb"
 
@@ -49,11 +49,12 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     from vesalius.dicom_out.encapsulated_stl import build_encapsulated_stls
     from vesalius.dicom_out.gltf import write_glb
     from vesalius.dicom_out.identity import ARTIFICIAL_INTELLIGENCE, MORPHOLOGICAL_OPERATIONS, Algorithm
+    from vesalius.dicom_out.preview import build_preview
     from vesalius.dicom_out.seg import LABELMAP, build_seg
     from vesalius.dicom_out.sr import build_sr
     from vesalius.dicom_out.stl import write_stl
     from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
-    from vesalius.inference.measures import measure
+    from vesalius.inference.measures import measure, not_found
     from vesalius.inference.models.registry import resolve
     from vesalius.inference.series import load_series
     from vesalius.inference.surfaces import build_meshes
@@ -82,7 +83,10 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
         objects[key] = ds
         return ds
 
-    with timer.stage("writers"), ThreadPoolExecutor(2) as pool:  # nothing found: no objects
+    with timer.stage("writers"), ThreadPoolExecutor(3) as pool:  # nothing found: no objects
+        # the 3D preview renders (VTK, off-screen) while the other objects are written
+        preview = pool.submit(lambda: write("preview", build_preview(
+            volume, meshes, measurements, algorithm))) if meshes else None
         if measurements:  # the two SEGs in parallel: numpy and highdicom release the GIL often
             labelmap = pool.submit(lambda: write("seg_labelmap", build_seg(
                 volume, label_map, model.structures, algorithm, segmentation_type=LABELMAP)))
@@ -101,6 +105,8 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
             write_glb(meshes, tmp / GLB_FILE)
         if measurements:
             labelmap.result()
+        if preview is not None:
+            preview.result()
     objects = {key: objects[key] for key in OUTPUT_FILES if key in objects}  # a stable order
     summary = {
         "series_instance_uid": volume.series_uid,
@@ -114,12 +120,15 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
                     for key, ds in objects.items()},
         "encapsulated_stl": [f"{STL_DIR}/{safe_name(m.label.name)}.dcm" for m in meshes],
         "meshes": [f"meshes/{name}" for name in mesh_files] + ([GLB_FILE] if meshes else []),
+        # at reported precision; "complete": false when the scan cuts the structure
         "structures": [
-            {"name": m.label.name, "voxels": m.voxel_count, "volume_ml": round(m.volume_ml, 3),
-             "surface_area_cm2": None if m.surface_area_cm2 is None else round(m.surface_area_cm2, 3),
-             "mean": round(m.mean, 2), "std": round(m.std, 2)}
-            for m in measurements
+            {"name": m.label.name, "voxels": m.voxel_count, "volume_ml": m.volume_ml,
+             "surface_area_cm2": m.surface_area_cm2, "mean": m.mean, "std": m.std,
+             "complete": not m.incomplete}
+            for m in (measurement.rounded() for measurement in measurements)
         ],
+        # declared by the model, not found in this series: listed, never silently dropped
+        "not_found": [label.name for label in not_found(model.structures, measurements)],
         "stages_s": timer.seconds,
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))

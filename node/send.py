@@ -28,7 +28,8 @@ def files_for(destination: Destination, result_dir: str | Path) -> list[Path]:
     """The result objects this destination receives, in a stable order."""
     folder = Path(result_dir)
     wanted = {"seg": True, "seg_labelmap": destination.labelmap,
-              "surface_segmentation": destination.surfaces, "sr": destination.sr}
+              "surface_segmentation": destination.surfaces, "sr": destination.sr,
+              "preview": destination.preview}
     files = [folder / OUTPUT_FILES[key] for key, on in wanted.items() if on]
     stls = destination.encapsulated_stl
     if stls:

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
-packages="dcmtk python3-venv"
+# Mesa's EGL and software rasteriser: the node renders the 3D preview off-screen at run time
+packages="dcmtk python3-venv libegl1 libegl-mesa0 libgl1-mesa-dri"
 # the tests also need a real PACS: Orthanc with its Python and DICOMweb plugins
 [[ ",$extras," == *",test,"* ]] && packages="$packages orthanc orthanc-python orthanc-dicomweb"
 if ! dpkg -s $packages >/dev/null 2>&1; then

@@ -140,11 +140,13 @@ def test_destination_kind_errors_name_the_key(table: dict, message: str) -> None
 def test_output_switches_per_destination() -> None:
     config = parse_config({"destinations": [
         {"ae_title": "PACS", "host": "h", "port": 104, "labelmap": True, "encapsulated_stl": ["bone"]},
-        {"ae_title": "LAB", "host": "h", "port": 105, "encapsulated_stl": True, "sr": False},
+        {"ae_title": "LAB", "host": "h", "port": 105, "encapsulated_stl": True, "sr": False,
+         "preview": False},
     ]})
     pacs, lab = config.destinations
     assert (pacs.labelmap, pacs.encapsulated_stl, pacs.surfaces, pacs.sr) == (True, ("bone",), True, True)
     assert (lab.labelmap, lab.encapsulated_stl, lab.sr) == (False, True, False)
+    assert (pacs.preview, lab.preview) == (True, False)  # the 3D preview: on unless switched off
     with pytest.raises(ConfigError, match=r"destinations\[0\].labelmap: expected bool"):
         parse_config({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "labelmap": "yes"}]})
     with pytest.raises(ConfigError, match=r"destinations\[0\].encapsulated_stl\[0\]: expected str"):

@@ -26,6 +26,7 @@ from tests.object_checks import (
 from tests.realdata import nifti_labels_in_volume_space, write_nifti_as_dicom_series
 from vesalius.dicom_out.encapsulated_stl import build_encapsulated_stls
 from vesalius.dicom_out.identity import Algorithm
+from vesalius.dicom_out.preview import build_preview
 from vesalius.dicom_out.seg import BINARY, LABELMAP, build_seg
 from vesalius.dicom_out.sr import build_sr
 from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
@@ -49,6 +50,7 @@ def _objects(volume, label_map, structures, algorithm, out: Path, stl_names=None
         objects[("seg", kind)] = seg
         objects[("surfaces", kind)] = build_surface_segmentation(volume, meshes, algorithm, seg)
     objects[("sr", BINARY)] = build_sr(volume, objects[("seg", BINARY)], measurements, algorithm)
+    objects[("preview", BINARY)] = build_preview(volume, meshes, measurements, algorithm)
     objects["stl"] = build_encapsulated_stls(volume, meshes, algorithm, names=stl_names,
                                              seg=objects[("seg", BINARY)])
     paths = {}
@@ -85,7 +87,7 @@ def written(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 OBJECTS = [("seg", BINARY), ("seg", LABELMAP), ("surfaces", BINARY), ("surfaces", LABELMAP),
-           ("sr", BINARY)]
+           ("sr", BINARY), ("preview", BINARY)]
 
 
 @pytest.mark.parametrize("obj", OBJECTS, ids=["-".join(o) for o in OBJECTS])

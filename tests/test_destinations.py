@@ -73,7 +73,7 @@ def test_folder_delivery_writes_every_object_by_uid(tmp_path: Path, result_dir: 
         wait_for(lambda: delivery(store, delivery_id)["state"] == "done", 20, "the folder delivery")
     sent = files_for(config.destinations[0], result_dir)
     written = sorted(p for p in out.rglob("*") if p.is_file())
-    assert len(written) == len(sent) == 6
+    assert len(written) == len(sent) == 7  # 5 objects (the preview among them) and 2 STLs
     for path in sent:
         ds = pydicom.dcmread(path)
         target = out / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
@@ -86,7 +86,7 @@ def test_folder_resend_replaces_and_keeps_one_copy(tmp_path: Path, result_dir: P
     files = files_for(destination, result_dir)
     destination.send(files)
     destination.send(files)
-    assert len([p for p in (tmp_path / "out").rglob("*") if p.is_file()]) == len(files) == 3
+    assert len([p for p in (tmp_path / "out").rglob("*") if p.is_file()]) == len(files) == 4
 
 
 @pytest.mark.parametrize(("keyword", "value"), [
@@ -138,7 +138,7 @@ def test_a_transform_changes_what_leaves(tmp_path: Path, result_dir: Path) -> No
     destination = Renaming("f", out)
     destination.send(files_for(destination, result_dir))
     written = [pydicom.dcmread(p) for p in out.rglob("*.dcm")]
-    assert len(written) == 3 and {ds.SeriesDescription for ds in written} == {"changed on the way out"}
+    assert len(written) == 4 and {ds.SeriesDescription for ds in written} == {"changed on the way out"}
     assert {pydicom.dcmread(p).SeriesDescription for p in files_for(destination, result_dir)} != {
         "changed on the way out"}  # the results themselves stay as they were
 

@@ -33,6 +33,7 @@ SURFACE = "1.2.840.10008.5.1.4.1.1.66.5"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 LABELMAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
 ENCAPSULATED_STL = "1.2.840.10008.5.1.4.1.1.104.3"
+PREVIEW = "1.2.840.10008.5.1.4.1.1.7.4"  # Multi-frame True Color Secondary Capture
 
 BODY = Cylinder((0, 0, 0), (0, 0, 1), 90, 120, 40)
 LEFT_LUNG = Cylinder((45, -5, 5), (0, 0, 1), 30, 80, -850)   # patient left is +x in LPS
@@ -109,7 +110,7 @@ LABEL_OF = {"body": "Body", "lung_left": "Left lung", "lung_right": "Right lung"
 def test_results_arrive_valid_and_exact(round_trip: RoundTrip, case: str) -> None:
     phantom = round_trip.phantoms[case]
     objects = objects_for(round_trip.pacs, phantom.study_uid)
-    assert set(objects) == {SEG, SURFACE, COMPREHENSIVE_3D_SR}
+    assert set(objects) == {SEG, SURFACE, COMPREHENSIVE_3D_SR, PREVIEW}
     for ds in objects.values():
         assert_dciodvfy_clean(ds.filename)
         assert ds.StudyInstanceUID == phantom.study_uid and ds.SeriesInstanceUID != phantom.series_uid
@@ -206,7 +207,8 @@ def test_real_ct_round_trip(tmp_path: Path, shared_data: Path) -> None:
             wait_for(lambda: node.delivered(2), 300, "results of both real CTs at the PACS")
     for study, files in studies.items():
         objects = objects_for(pacs, study)
-        assert set(objects) == {SEG, LABELMAP_SEG, SURFACE, COMPREHENSIVE_3D_SR, ENCAPSULATED_STL}
+        assert set(objects) == {SEG, LABELMAP_SEG, SURFACE, COMPREHENSIVE_3D_SR, ENCAPSULATED_STL,
+                                PREVIEW}
         for path in pacs.files():
             if pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID == study:
                 assert_dciodvfy_clean(path)

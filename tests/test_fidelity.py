@@ -222,4 +222,4 @@ def test_sr_volumes_equal_voxel_count_times_voxel_volume(orientation: str,
     for group in groups:
         name = names[tracking[str(group.tracking_uid)]]
         [reported] = [m.value for m in group.get_measurements() if m.name.value == "118565006"]
-        assert reported == pytest.approx(truth[name], rel=1e-3)
+        assert reported == round(truth[name], 1)  # reported at 0.1 mL

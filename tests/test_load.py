@@ -35,5 +35,5 @@ def test_eight_concurrent_series_while_jobs_run(tmp_path: Path) -> None:
         assert sorted(r["instances"] for r in rows) == [SLICES] * SENDERS
         wait_for(lambda: node.delivered(SENDERS), 600, "every series processed and delivered")
         assert {j["state"] for j in node.jobs()} == {"done"}
-    assert len(pacs.files()) == 3 * SENDERS
+    assert len(pacs.files()) == 4 * SENDERS  # SEG, surfaces, SR, 3D preview
 

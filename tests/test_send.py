@@ -27,7 +27,7 @@ from vesalius.node.store import Store
 def result_dir(tmp_path: Path) -> Path:
     """A results folder holding real DICOM objects under the names a job writes (CT slices
     stand in for the objects; the one playing the Label Map SEG carries that SOP class)."""
-    phantom = write_phantom_series(tmp_path / "src", shape=(6, 16, 16), spacing=(1, 1, 1),
+    phantom = write_phantom_series(tmp_path / "src", shape=(len(OUTPUT_FILES) + 2, 16, 16), spacing=(1, 1, 1),
                                    objects=[Sphere((0, 0, 0), 4, 100)])
     out = tmp_path / "results"
     (out / STL_DIR).mkdir(parents=True)
@@ -83,7 +83,7 @@ def test_destination_down_then_back(tmp_path: Path, result_dir: Path) -> None:
             wait_for(lambda: delivery(store, delivery_id)["state"] == "done", 20, "the delivery")
             received = {pydicom.dcmread(p).SOPInstanceUID for p in pacs.files()}
     sent = {pydicom.dcmread(p).SOPInstanceUID for p in files_for(config.destinations[0], result_dir)}
-    assert received == sent and len(sent) == 3  # BINARY SEG, surfaces, SR by default
+    assert received == sent and len(sent) == 4  # BINARY SEG, surfaces, SR, preview by default
 
 
 def test_delivery_survives_a_restart(tmp_path: Path, result_dir: Path) -> None:
@@ -95,7 +95,7 @@ def test_delivery_survives_a_restart(tmp_path: Path, result_dir: Path) -> None:
     with storescp(tmp_path / "pacs", port=config.destinations[0].port) as pacs:
         with sender_for(Store(tmp_path / "data"), config):
             wait_for(lambda: delivery(store, delivery_id)["state"] == "done", 20, "the delivery")
-        assert len(pacs.files()) == 3
+        assert len(pacs.files()) == 4
 
 
 @contextmanager
@@ -140,11 +140,12 @@ def test_c_store_reports_unaccepted_sop_class_as_permanent(tmp_path: Path, resul
 def test_outputs_chosen_per_destination(result_dir: Path) -> None:
     plain = Destination("a", "A", "h", 1)
     names = lambda d: [p.relative_to(result_dir).as_posix() for p in files_for(d, result_dir)]  # noqa: E731
-    assert names(plain) == ["seg.dcm", "surfaces.dcm", "sr.dcm"]
+    assert names(plain) == ["seg.dcm", "surfaces.dcm", "sr.dcm", "preview.dcm"]
     everything = Destination("b", "B", "h", 1, labelmap=True, encapsulated_stl=True)
-    assert names(everything) == ["seg.dcm", "seg_labelmap.dcm", "surfaces.dcm", "sr.dcm",
+    assert names(everything) == ["seg.dcm", "seg_labelmap.dcm", "surfaces.dcm", "sr.dcm", "preview.dcm",
                                  "stl/body.dcm", "stl/bone.dcm"]
-    lean = Destination("c", "C", "h", 1, surfaces=False, sr=False, encapsulated_stl=("bone",))
+    lean = Destination("c", "C", "h", 1, surfaces=False, sr=False, preview=False,
+                       encapsulated_stl=("bone",))
     assert names(lean) == ["seg.dcm", "stl/bone.dcm"]
 
 
@@ -162,7 +163,7 @@ def test_label_map_skipped_when_not_accepted(tmp_path: Path, result_dir: Path) -
         destination.send(files, "VESALIUS")
     finally:
         server.shutdown()
-    assert received == [CTImageStorage] * 3
+    assert received == [CTImageStorage] * 4  # SEG, surfaces, SR, preview
 
 
 def test_per_destination_attempts_override_the_default(tmp_path: Path, result_dir: Path) -> None:

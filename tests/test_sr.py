@@ -87,7 +87,7 @@ def test_measured_values_and_units_equal_the_inputs(inputs, written: Path) -> No
     labels_by_number = {item.SegmentNumber: str(item.SegmentLabel) for item in seg.SegmentSequence}
     groups = groups_by_tracking_uid(written)
     by_label = {labels_by_number[numbers[uid]]: group for uid, group in groups.items()}
-    for measurement in MEASUREMENTS:
+    for measurement in (m.rounded() for m in MEASUREMENTS):  # reported at 0.1 mL, 0.1 cm2, 1 HU
         values = _values(by_label[term_for(measurement.label.name).label])
         assert values[("118565006", None)] == (pytest.approx(measurement.volume_ml), "ml")
         assert values[("112031", "373098007")] == (pytest.approx(measurement.mean), "[hnsf'U]")
@@ -97,9 +97,10 @@ def test_measured_values_and_units_equal_the_inputs(inputs, written: Path) -> No
         else:
             assert values[("42798000", None)] == (pytest.approx(measurement.surface_area_cm2),
                                                   "cm2")
-    # DS keeps 16 characters: these inputs survive exactly
+    # rounded, not carried with 15 significant digits
     body = _values(by_label["Body"])
-    assert body[("112031", "373098007")][0] == -102.34567
+    assert body[("112031", "373098007")][0] == -102.0
+    assert _values(by_label["Right lung"])[("118565006", None)][0] == 1.4
 
 
 def test_sr_is_ours_in_the_source_study_with_derived_uids(inputs, written: Path) -> None:
@@ -157,7 +158,7 @@ def test_measurements_from_inference_are_reported(tmp_path: Path) -> None:
     groups = groups_by_tracking_uid(path)
     numbers = segment_numbers(seg)
     assert len(groups) == len(measurements) == len(seg.SegmentSequence)
-    for measurement in measurements:
+    for measurement in (m.rounded() for m in measurements):
         uid = next(uid for uid, number in numbers.items()
                    if seg.SegmentSequence[number - 1].SegmentLabel
                    == term_for(measurement.label.name).label)

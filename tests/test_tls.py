@@ -19,7 +19,7 @@ from pynetdicom.sop_class import Verification
 from tests.conftest import free_port
 from tests.peers import DCMTK_ENV, StoreSCP, port_open, running, storescu, vesalius_node, wait_for
 from tests.phantoms import Cylinder, write_phantom_series
-from tests.test_e2e import COMPREHENSIVE_3D_SR, SEG, SURFACE
+from tests.test_e2e import COMPREHENSIVE_3D_SR, PREVIEW, SEG, SURFACE
 from tests.tls_pki import CertificateAuthority, Identity
 from vesalius.node.config import ConfigError, parse_config
 from vesalius.node.destinations import DeliveryError
@@ -115,7 +115,7 @@ def test_series_in_over_tls_results_out_over_tls(tmp_path: Path, pki: Pki) -> No
         wait_for(lambda: node.delivered(1), 240, "the results at storescp +tls")
         log = node.log()
         received = {str(pydicom.dcmread(p).SOPClassUID) for p in pacs.files()}
-    assert received == {SEG, SURFACE, COMPREHENSIVE_3D_SR}
+    assert received == {SEG, SURFACE, COMPREHENSIVE_3D_SR, PREVIEW}
     assert f"dicom_tls=127.0.0.1:{tls_port}" in log
     assert "TLS connection from 127.0.0.1:" in log and "certificate CN='scanner1'" in log
     assert f"destination=secure-pacs (dicom PACS@127.0.0.1:{pacs.port} tls)" in log

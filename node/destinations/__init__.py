@@ -59,14 +59,15 @@ class Destination(ABC):
     encapsulated_stl: bool | tuple[str, ...] = False  # True: every structure; or these names
     surfaces: bool = True
     sr: bool = True
+    preview: bool = True  # the 3D preview images (Multi-frame True Color Secondary Capture)
     max_attempts: int = 0  # delivery tries before "failed"; 0: [retry] max_attempts
     # PS3.15 Basic Application Level Confidentiality Profile on what is sent (node/deidentify.py)
     deidentify: str = ""  # "" or "basic"
     deidentify_options: tuple[str, ...] = ()  # from DEIDENTIFY_OPTIONS
 
     COMMON_KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"name", "kind", "labelmap", "encapsulated_stl", "surfaces", "sr", "max_attempts", "deidentify",
-         "deidentify_options"})
+        {"name", "kind", "labelmap", "encapsulated_stl", "surfaces", "sr", "preview", "max_attempts",
+         "deidentify", "deidentify_options"})
     KEYS: ClassVar[frozenset[str]] = frozenset()  # the kind's own table keys
 
     @property
@@ -142,7 +143,7 @@ def common_settings(key: str, table: dict[str, Any], cls: type[Destination]) -> 
     if "max_attempts" in table:
         attempts = check_type(f"{key}.max_attempts", table["max_attempts"], int)
         values["max_attempts"] = int(positive(f"{key}.max_attempts", attempts))
-    for name in ("labelmap", "surfaces", "sr"):
+    for name in ("labelmap", "surfaces", "sr", "preview"):
         if name in table:
             values[name] = check_type(f"{key}.{name}", table[name], bool)
     if "encapsulated_stl" in table:
