@@ -30,11 +30,11 @@ from vesalius.dicom_out.identity import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
     MODEL_NAME,
-    SERIES_NUMBER,
     SOFTWARE_VERSION,
     Algorithm,
     algorithm_identification,
     derived_uid,
+    name_series,
 )
 from vesalius.dicom_out.seg import role_prefix, segment_tracking_uid
 from vesalius.dicom_out.sources import tidy
@@ -180,10 +180,7 @@ def build_surface_segmentation(volume: Volume, meshes: Sequence[Mesh], algorithm
     # General Series + Segmentation Series
     ds.Modality = "SEG"
     ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = SERIES_NUMBER[kind]
-    ds.SeriesDescription = f"Vesalius {algorithm.name} surfaces"[:64]
-    ds.SeriesDate = ds.InstanceCreationDate
-    ds.SeriesTime = ds.InstanceCreationTime
+    name_series(ds, algorithm, kind)
     # Frame of Reference: the surfaces are in the source's patient coordinates
     ds.FrameOfReferenceUID = volume.frame_of_reference_uid
     ds.PositionReferenceIndicator = source.get("PositionReferenceIndicator", "")

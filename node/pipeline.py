@@ -84,7 +84,7 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
                 volume, labels, model.labels, algorithm, segmentation_type=LABELMAP)))
             seg = write("seg", build_seg(volume, labels, model.labels, algorithm))
             # the SR references the BINARY SEG: the one every destination receives
-            write("sr", build_sr(volume, seg, measurements, algorithm))
+            write("sr", build_sr(volume, seg, measurements, algorithm, label_map=labels))
         if meshes:
             write("surface_segmentation", build_surface_segmentation(volume, meshes, algorithm, seg=seg))
         stls = build_encapsulated_stls(volume, meshes, algorithm, seg=seg) if meshes else []

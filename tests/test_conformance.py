@@ -26,7 +26,7 @@ from vesalius.dicom_out.checks import (
 )
 from vesalius.dicom_out.codes_totalseg import TOTAL_CLASSES
 from vesalius.dicom_out.encapsulated_stl import build_encapsulated_stls
-from vesalius.dicom_out.identity import Algorithm
+from vesalius.dicom_out.identity import SERIES_NUMBER, Algorithm, series_description
 from vesalius.dicom_out.seg import BINARY, LABELMAP, build_seg
 from vesalius.dicom_out.sr import build_sr
 from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
@@ -47,7 +47,8 @@ def _objects(volume, labels, label_defs, algorithm, out: Path, stl_names=None) -
         seg = build_seg(volume, labels, label_defs, algorithm, segmentation_type=kind)
         objects[("seg", kind)] = seg
         objects[("surfaces", kind)] = build_surface_segmentation(volume, meshes, algorithm, seg)
-    objects[("sr", BINARY)] = build_sr(volume, objects[("seg", BINARY)], measurements, algorithm)
+    objects[("sr", BINARY)] = build_sr(volume, objects[("seg", BINARY)], measurements, algorithm,
+                                       label_map=labels)
     objects["stl"] = build_encapsulated_stls(volume, meshes, algorithm, names=stl_names,
                                              seg=objects[("seg", BINARY)])
     paths = {}
@@ -62,6 +63,7 @@ def _objects(volume, labels, label_defs, algorithm, out: Path, stl_names=None) -
         paths[("stl", number)] = path
     objects["paths"] = paths
     objects["structures"] = len(meshes)
+    objects["algorithm"] = algorithm
     return objects
 
 
@@ -119,6 +121,25 @@ def test_our_checks_find_nothing(written, model: str, segmentation_type: str) ->
     frames = len(objects["sources"])
     expected = frames * objects["structures"] if segmentation_type == BINARY else frames
     assert seg.NumberOfFrames == expected
+
+
+SERIES_KINDS = {("seg", BINARY): "seg", ("seg", LABELMAP): "labelmap-seg", ("surfaces", BINARY): "surface",
+                ("surfaces", LABELMAP): "labelmap-surface", ("sr", BINARY): "sr"}
+
+
+def test_every_object_has_a_dated_numbered_readable_series(written) -> None:
+    """Series Date/Time (else PACS lists file them under "?"), one fixed number and name per kind."""
+    for model, objects in written.items():
+        kinds = [(objects[key], kind) for key, kind in SERIES_KINDS.items()]
+        kinds += [(ds, "stl") for ds in objects["stl"]]
+        for ds, kind in kinds:
+            where = f"{model} {kind}"
+            assert len(ds.SeriesDate) == 8 and ds.SeriesDate.isdigit(), where
+            assert len(ds.SeriesTime) >= 6, where
+            assert ds.SeriesNumber == SERIES_NUMBER[kind], where
+            assert ds.SeriesDescription == series_description(objects["algorithm"], kind), where
+            assert ds.SeriesDescription.startswith(f"Vesalius {model} "), where
+    assert len(set(SERIES_NUMBER.values())) == len(SERIES_NUMBER)
 
 
 def test_the_sr_references_the_binary_seg_only(written) -> None:

@@ -40,9 +40,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def written(inputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    volume, seg, _ = inputs
+    volume, seg, labels = inputs
     path = tmp_path_factory.mktemp("sr") / "sr.dcm"
-    build_sr(volume, seg, MEASUREMENTS, ALGORITHM).save_as(path, enforce_file_format=True)
+    sr = build_sr(volume, seg, MEASUREMENTS, ALGORITHM, label_map=labels)
+    sr.save_as(path, enforce_file_format=True)
     return path
 
 
@@ -120,27 +121,27 @@ def test_sr_is_ours_in_the_source_study_with_derived_uids(inputs, written: Path)
 
 def test_uids_are_deterministic_and_change_with_the_version(inputs) -> None:
     volume, seg, labels = inputs
-    first = build_sr(volume, seg, MEASUREMENTS, ALGORITHM)
-    again = build_sr(volume, seg, MEASUREMENTS, Algorithm("builtin_ct", "1"))
+    first = build_sr(volume, seg, MEASUREMENTS, ALGORITHM, label_map=labels)
+    again = build_sr(volume, seg, MEASUREMENTS, Algorithm("builtin_ct", "1"), label_map=labels)
     assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID,
                                                                again.SOPInstanceUID)
     newer_algorithm = Algorithm("builtin_ct", "2")
     newer_seg = build_seg(volume, labels, LABELS, newer_algorithm)
-    newer = build_sr(volume, newer_seg, MEASUREMENTS, newer_algorithm)
+    newer = build_sr(volume, newer_seg, MEASUREMENTS, newer_algorithm, label_map=labels)
     assert first.SeriesInstanceUID != newer.SeriesInstanceUID
     assert first.SOPInstanceUID != newer.SOPInstanceUID
     with pytest.raises(ValueError, match="no segment"):  # a SEG of another run does not fit
-        build_sr(volume, seg, MEASUREMENTS, newer_algorithm)
+        build_sr(volume, seg, MEASUREMENTS, newer_algorithm, label_map=labels)
 
 
 def test_refuses_measurements_without_a_segment(inputs) -> None:
-    volume, seg, _ = inputs
+    volume, seg, labels = inputs
     airways = Measurement(Label(5, "airways"), voxel_count=1, volume_ml=0.001,
                           surface_area_cm2=None, mean=-1000.0, std=0.0)
     with pytest.raises(ValueError, match="airways"):
-        build_sr(volume, seg, [airways], ALGORITHM)
+        build_sr(volume, seg, [airways], ALGORITHM, label_map=labels)
     with pytest.raises(ValueError, match="no measurement"):
-        build_sr(volume, seg, [], ALGORITHM)
+        build_sr(volume, seg, [], ALGORITHM, label_map=labels)
 
 
 def test_measurements_from_inference_are_reported(tmp_path: Path) -> None:
@@ -152,7 +153,8 @@ def test_measurements_from_inference_are_reported(tmp_path: Path) -> None:
     measurements = measure(volume, labels, LABELS, build_meshes(labels, volume.affine, LABELS))
     seg = build_seg(volume, labels, LABELS, ALGORITHM)
     path = tmp_path / "sr.dcm"
-    build_sr(volume, seg, measurements, ALGORITHM).save_as(path, enforce_file_format=True)
+    sr = build_sr(volume, seg, measurements, ALGORITHM, label_map=labels)
+    sr.save_as(path, enforce_file_format=True)
     assert_dciodvfy_clean(path)
     groups = groups_by_tracking_uid(path)
     numbers = segment_numbers(seg)
