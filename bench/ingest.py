@@ -1,6 +1,6 @@
 """Ingest throughput: the node against a minimal pynetdicom SCP and DCMTK storescp, in one run.
 
-    .venv/bin/python bench/ingest.py [--slices 300] [--runs 3]
+    .venv/bin/python bench/ingest.py [--slices 300] [--runs 3] [--max-pdu 4194304 ...]
 
 DCMTK storescu sends one uncompressed 512x512 CT series (128 KiB PDUs, TCP_NODELAY=1) to
 (a) `vesalius serve` (fsync of file and database row before each acknowledgement),
@@ -62,6 +62,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--max-pdu", type=int, nargs="*", default=[],
+                        help="also run the node with these max_pdu values (bytes)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -69,11 +71,15 @@ def main() -> None:
                                        objects=[Cylinder((0, 0, 0), (0, 0, 1), 150, 1000, 40)])
         megabytes = sum(p.stat().st_size for p in phantom.paths) / 1e6
         times: dict[str, list[float]] = {"node": [], "pynetdicom minimal": [], "storescp": []}
+        times.update({f"node max_pdu={n}": [] for n in args.max_pdu})
         no_jobs = '[[rules]]\nname = "none"\nmodality = ["NONE"]\n'
         for run in range(args.runs):
-            (tmp / f"node{run}").mkdir()
-            with vesalius_node(tmp / f"node{run}", config=no_jobs) as node:
-                times["node"].append(timed_send(phantom.paths, node.port, "VESALIUS"))
+            for label, config in [("node", ""), *((f"node max_pdu={n}", f"max_pdu = {n}\n")
+                                                   for n in args.max_pdu)]:
+                folder = tmp / f"node{run}-{len(times[label])}-{label.split('=')[-1]}"
+                folder.mkdir()
+                with vesalius_node(folder, config=config + no_jobs) as node:
+                    times[label].append(timed_send(phantom.paths, node.port, "VESALIUS"))
             times["pynetdicom minimal"].append(minimal_scp_time(phantom.paths, tmp / f"minimal{run}"))
             with storescp(tmp / f"storescp{run}") as scp:
                 times["storescp"].append(timed_send(phantom.paths, scp.port, scp.ae_title))

@@ -44,10 +44,14 @@ class Algorithm:
     name: str
     version: str
     family: Code = field(default=ARTIFICIAL_INTELLIGENCE, compare=False)
+    # What a re-run replaces: "" derives UIDs from the source series; a study-level rule's result
+    # key ("study/<uid>/<rule>") derives them from it, so a newer chosen series replaces the results.
+    result_key: str = ""
 
 
 def derived_uid(source_series_uid: str, algorithm: Algorithm, role: str) -> str:
-    """A 2.25 UID derived from (source series, algorithm name and version, role).
+    """A 2.25 UID derived from (source series or the algorithm's result key, algorithm name and
+    version, role).
 
     ``role`` names the UID's purpose, e.g. ``"seg/series"`` or ``"seg/instance"``, so one run's
     objects never share UIDs; the same inputs always give the same UID. The UID is the integer
@@ -57,7 +61,8 @@ def derived_uid(source_series_uid: str, algorithm: Algorithm, role: str) -> str:
     """
     if not source_series_uid or not role:
         raise ValueError("derived_uid needs a source series UID and a role")
-    name = "\x1f".join(("vesalius", source_series_uid, algorithm.name, algorithm.version, role))
+    source = algorithm.result_key or source_series_uid
+    name = "\x1f".join(("vesalius", source, algorithm.name, algorithm.version, role))
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 

@@ -1,4 +1,4 @@
-"""``vesalius serve | process | echo``: thin shells over the node and the pipeline."""
+"""The vesalius command: thin shells over the node (serve), the pipeline (process) and its state."""
 
 from __future__ import annotations
 
@@ -8,7 +8,19 @@ import logging
 import sys
 from pathlib import Path
 
-from vesalius.node.config import DEFAULT_AE_TITLE, ConfigError, Destination, load_config, with_overrides
+from vesalius.node.config import DEFAULT_AE_TITLE, ConfigError, load_config, with_overrides
+
+MODEL_FORMS = ("a configured name, builtin_ct, bundle:PATH, torchscript:PATH, onnx:PATH, nnunet:PATH, "
+               "totalsegmentator:PATH, or several joined by +")
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("vesalius")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
+        return "unknown"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -79,8 +91,16 @@ def _process(args: argparse.Namespace) -> int:
         return 2
     config = load_config(args.config)
     configure(config.models, config.gpu_jobs_per_device)
+    files = series_files(folder)
+    key = ""
+    if args.rule and files:  # the UIDs the node writes for this study-level rule
+        import pydicom
+
+        from vesalius.node.series import result_key
+
+        key = result_key(str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), args.rule)
     try:
-        summary = run_pipeline(series_files(folder), args.out, args.model)
+        summary = run_pipeline(files, args.out, args.model, result_key=key)
     except VolumeError as err:
         print(f"vesalius process: cannot place the series in space: {err}", file=sys.stderr)
         return 1
@@ -95,10 +115,22 @@ def _echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    peer = Destination.parse(args.peer)
+    from vesalius.node.destinations.dicom import DicomDestination
+    from vesalius.node.tls import ClientTLS, client_context
+
+    peer = DicomDestination.parse(args.peer)
     ae = AE(ae_title=args.ae_title)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    tls_args = None
+    if bool(args.tls_certificate) != bool(args.tls_private_key):
+        raise ConfigError("--tls-certificate and --tls-private-key go together (mutual TLS)")
+    if args.tls or args.tls_ca or args.tls_certificate:
+        files = {"ca_certificates": args.tls_ca, "certificate": args.tls_certificate,
+                 "private_key": args.tls_private_key}
+        tls = ClientTLS(**{k: Path(v) for k, v in files.items() if v},
+                        verify_hostname=not args.no_verify_hostname)
+        tls_args = (client_context(tls, "--tls"), peer.host)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         print(f"C-ECHO {args.peer}: no association", file=sys.stderr)
         return 1
@@ -120,10 +152,15 @@ def _store(args: argparse.Namespace):
 
 def _status(args: argparse.Namespace) -> int:
     store = _store(args)
-    report = {what: store.listing(what, args.limit) for what in ("series", "jobs", "deliveries")}
+    report = {what: store.listing(what, args.limit) for what in ("studies", "series", "jobs", "deliveries")}
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
+    print(f"studies ({len(report['studies'])})")
+    for study in report.pop("studies"):  # each with why its series were chosen or skipped
+        print(f"  {study['study_instance_uid']}  {study['series']} series")
+        for item in study["selection"]:
+            print(f"    {item['rule']}  {item['series_instance_uid']}  {item['reason']}")
     columns = {
         "series": ("series_instance_uid", "modality", "instances", "state", "calling_ae"),
         "jobs": ("id", "series_instance_uid", "model", "state", "attempts", "error"),
@@ -137,15 +174,40 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    if not _store(args).retry_job(args.job):
-        print(f"vesalius retry: job {args.job} does not exist or is still queued/running", file=sys.stderr)
+    from vesalius.node.store import removal_of_spool
+
+    store = _store(args)
+    job = store.job(args.job)
+    if job is None:
+        print(f"vesalius retry: no job {args.job}", file=sys.stderr)
+        return 1
+    removed = removal_of_spool(store, job["series_instance_uid"])
+    if removed is not None and not store.series_paths(job["series_instance_uid"]):
+        print(f"vesalius retry: the series of job {args.job} was removed by retention "
+              f"({removed['reason']}) at {_when(removed['removed_at'])}; send it again to process it",
+              file=sys.stderr)
+        return 1
+    if not store.retry_job(args.job):
+        print(f"vesalius retry: job {args.job} is still queued or running", file=sys.stderr)
         return 1
     print(f"job {args.job} queued again")
     return 0
 
 
 def _resend(args: argparse.Namespace) -> int:
-    count = _store(args).resend_job(args.job)
+    from vesalius.node.store import removal_of_results
+
+    store = _store(args)
+    if store.job(args.job) is None:
+        print(f"vesalius resend: no job {args.job}", file=sys.stderr)
+        return 1
+    removed = removal_of_results(store, args.job)
+    if removed is not None:
+        print(f"vesalius resend: the results of job {args.job} were removed by retention "
+              f"({removed['reason']}) at {_when(removed['removed_at'])}; `vesalius retry {args.job}` "
+              "computes them again if its series is still stored", file=sys.stderr)
+        return 1
+    count = store.resend_job(args.job)
     if not count:
         print(f"vesalius resend: job {args.job} has no deliveries (not finished yet?)", file=sys.stderr)
         return 1
@@ -153,9 +215,38 @@ def _resend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(timestamp: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    from vesalius.node.retention import cleanup
+
+    store = _store(args)
+    report = cleanup(store, load_config(args.config).retention, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for item in report["removed"]:
+        what = f"job {item['job_id']} results" if item["kind"] == "results" else "spool of series"
+        size = item["bytes"] / 2**20
+        print(f"{verb} {what} {item['series_instance_uid']}  {size:.1f} MB  ({item['reason']})")
+    print(f"{verb} {len(report['removed'])} item(s), {report['bytes_freed'] / 2**20:.1f} MB; "
+          f"free before: {report['free_bytes'] / 2**20:.0f} MB, high-water mark "
+          f"{report['high_water_bytes'] / 2**20:.0f} MB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vesalius", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="vesalius",
+        description="A PACS-integrated DICOM node: receives CT/MR series, segments them and sends back "
+                    "DICOM-SEG, Surface Segmentation, a measurement SR and 3D-printable meshes.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the DICOM node")
@@ -166,17 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="spool, database and results (default ./vesalius-data)")
     serve.add_argument("--destination", action="append", metavar="AE@HOST:PORT",
                        help="send results here (repeatable; adds to the config file's destinations)")
-    serve.add_argument("--model", help="model for every rule (default builtin_ct): a configured name, "
-                       "bundle:PATH, torchscript:PATH, onnx:PATH, nnunet:PATH, or several joined by +")
+    serve.add_argument("--model", help=f"model for every rule (default builtin_ct): {MODEL_FORMS}")
     serve.set_defaults(func=_serve)
 
     process = sub.add_parser("process", help="process one series folder offline")
-    process.add_argument("series_dir")
+    process.add_argument("series_dir", help="folder holding the files of one series")
     process.add_argument("--out", required=True, help="folder for the output objects and meshes")
-    process.add_argument("--model", default="builtin_ct",
-                         help="a configured name, bundle:PATH, torchscript:PATH, onnx:PATH, "
-                              "nnunet:PATH, or several joined by + (default builtin_ct)")
+    process.add_argument("--model", default="builtin_ct", help=f"{MODEL_FORMS} (default builtin_ct)")
     process.add_argument("--config", help="TOML configuration file (for its [[models]])")
+    process.add_argument("--rule", metavar="NAME", help="write the UIDs the node writes for this "
+                         "study-level rule (per study and rule; default: per series)")
     process.set_defaults(func=_process)
 
     models = sub.add_parser("models", help="list the models with their labels, device and weights")
@@ -187,22 +277,38 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_models)
 
     echo = sub.add_parser("echo", help="C-ECHO a DICOM peer")
-    echo.add_argument("peer", metavar="AE@HOST:PORT")
-    echo.add_argument("--ae-title", default=DEFAULT_AE_TITLE)
+    echo.add_argument("peer", metavar="AE@HOST:PORT", help="the peer's AE title, host and DICOM port")
+    echo.add_argument("--ae-title", default=DEFAULT_AE_TITLE,
+                      help=f"our calling AE title (default {DEFAULT_AE_TITLE})")
+    echo.add_argument("--tls", action="store_true", help="DICOM TLS (implied by the --tls-* files)")
+    echo.add_argument("--tls-ca", metavar="FILE", help="CA certificates to trust (default: the system's)")
+    echo.add_argument("--tls-certificate", metavar="FILE", help="our certificate, for mutual TLS")
+    echo.add_argument("--tls-private-key", metavar="FILE", help="its private key")
+    echo.add_argument("--no-verify-hostname", action="store_true",
+                      help="accept a certificate that does not name the host")
     echo.set_defaults(func=_echo)
 
-    for name, func, text in (("status", _status, "list series, jobs and deliveries with their states"),
+    for name, func, text in (("status", _status, "list studies (with why each series was chosen or "
+                              "skipped), series, jobs and deliveries with their states"),
                              ("retry", _retry, "run a failed or finished job again"),
                              ("resend", _resend, "send a finished job's results to its destinations again")):
         command = sub.add_parser(name, help=text)
         if name == "status":
             command.add_argument("--json", action="store_true", help="machine-readable output")
-            command.add_argument("--limit", type=int, default=50)
+            command.add_argument("--limit", type=int, default=50, help="rows of each kind (default 50)")
         else:
             command.add_argument("job", type=int, help="job id (see `vesalius status`)")
         command.add_argument("--config", help="TOML configuration file (for its data_dir)")
         command.add_argument("--data-dir", help="the node's data folder (default ./vesalius-data)")
         command.set_defaults(func=func)
+
+    clean = sub.add_parser("cleanup", help="remove delivered spool and results per [retention] "
+                           "(the node also does this every [retention] interval)")
+    clean.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    clean.add_argument("--json", action="store_true", help="machine-readable output")
+    clean.add_argument("--config", help="TOML configuration file (for [retention] and data_dir)")
+    clean.add_argument("--data-dir", help="the node's data folder (default ./vesalius-data)")
+    clean.set_defaults(func=_cleanup)
     return parser
 
 
@@ -212,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("pynetdicom", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from vesalius.node.logs import install as redact_library_logs
+
+    redact_library_logs()
     try:
         return args.func(args)
     except ConfigError as err:

@@ -1,7 +1,9 @@
-"""The node's configuration: one TOML file, validated at start-up; CLI flags override common keys."""
+"""The node's configuration: one TOML file, validated at start-up; CLI flags override common keys.
+Each destination kind parses its own ``[[destinations]]`` table (node.destinations)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -9,6 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from vesalius.inference.models.registry import ModelSpec, ModelSpecError, expand, parse_model_specs
+from vesalius.node.checks import ConfigError, existing_file
+from vesalius.node.checks import ae_title as _ae_title
+from vesalius.node.checks import check_type as _check_type
+from vesalius.node.checks import known as _known
+from vesalius.node.checks import port as _port
+from vesalius.node.checks import positive as _positive
+from vesalius.node.checks import strings as _strings
+from vesalius.node.destinations import Destination, parse_destination
+from vesalius.node.destinations.dicom import DicomDestination
+from vesalius.node.tls import ListenerTLS
 
 DEFAULT_AE_TITLE = "VESALIUS"
 DEFAULT_PORT = 11112
@@ -17,46 +29,26 @@ DEFAULT_DATA_DIR = "./vesalius-data"
 DEFAULT_MODEL = "builtin_ct"
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and what is wrong."""
-
-
-DESTINATION_KINDS = ("dicom", "dicomweb")
-
-
-@dataclass(frozen=True)
-class Destination:
-    """A peer that receives our results: by C-STORE (kind "dicom": ae_title, host, port) or by
-    DICOMweb STOW-RS (kind "dicomweb": url, the DICOMweb root such as http://pacs/dicom-web)."""
-
-    name: str
-    ae_title: str
-    host: str
-    port: int
-    max_pdu: int = 0
-    timeout: float = 30.0
-    kind: str = "dicom"
-    url: str = ""
-    # which result objects it receives (the BINARY SEG always): see docs/outputs.md
-    labelmap: bool = False  # also the Label Map SEG (skipped if the peer does not accept it)
-    encapsulated_stl: bool | tuple[str, ...] = False  # True: every structure; or these names
-    surfaces: bool = True
-    sr: bool = True
-    max_attempts: int = 0  # delivery tries before "failed"; 0: [retry] max_attempts
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        """``AE@HOST:PORT`` as given on the command line."""
-        match = re.fullmatch(r"([^@]{1,16})@([^:@]+):(\d{1,5})", text.strip())
-        if not match:
-            raise ConfigError(f"destination {text!r}: expected AE@HOST:PORT, e.g. PACS@10.0.0.5:104")
-        ae, host, port = match.groups()
-        return cls(name=ae, ae_title=ae, host=host, port=int(port))
+TRIGGERS = ("study", "series")
+SELECTS = ("best", "all")
+ORIENTATIONS = ("axial", "coronal", "sagittal", "oblique")
+CONTRASTS = ("any", "with", "without")
+# Preference names a rule's ``prefer`` may list, best first (docs/routing.md).
+PREFERENCES = ("axial", "coronal", "sagittal", "original", "soft_kernel", "thinnest", "thickest",
+               "most_slices", "largest_coverage", "with_contrast", "without_contrast", "newest")
+# Soft-tissue (standard) reconstruction kernels: Siemens B/Br/Bf/I/Q/H 10-49, GE STANDARD/SOFT,
+# Philips A/B/C, Canon/Toshiba FC01-FC19. Lung and bone kernels (B70f, Bl57, LUNG, BONE, L, FC52,
+# FC86...) do not match.
+DEFAULT_SOFT_KERNEL = r"^([BIQH][a-z]{0,2}[1-4]\d[a-z]?|STANDARD|SOFT|SMOOTH|[ABC]|FC[01]\d)$"
 
 
 @dataclass(frozen=True)
 class Rule:
-    """Which completed series become jobs: every given criterion must match (empty = any)."""
+    """Which completed series become jobs: every given criterion must match (empty = any).
+
+    A study-level rule (``trigger = "study"``) waits for the whole study and then takes one series
+    by ``prefer`` (``select = "best"``) or every matching series (``"all"``); a series-level rule
+    fires as each series completes."""
 
     name: str
     modality: tuple[str, ...] = ("CT",)
@@ -66,6 +58,22 @@ class Rule:
     calling_ae: tuple[str, ...] = ()
     model: str = DEFAULT_MODEL
     destinations: tuple[str, ...] = ()  # names; empty = all destinations
+    # --- study-level selection (issue 18) ---
+    trigger: str = "study"
+    select: str = "best"
+    image_type: tuple[str, ...] = ()  # values that must all be in ImageType, e.g. ("ORIGINAL",)
+    exclude_image_type: tuple[str, ...] = ("DERIVED", "SECONDARY", "LOCALIZER")  # any one excludes
+    orientation: tuple[str, ...] = ()  # empty: any
+    min_slice_thickness: float = 0.0
+    max_slice_thickness: float = 0.0  # 0: no limit
+    max_pixel_spacing: float = 0.0  # 0: no limit
+    min_slices: int = 0
+    min_coverage_mm: float = 0.0  # extent of the slice positions along the slice normal
+    kernel: str = ""  # regular expression the ConvolutionKernel must match
+    exclude_kernel: str = ""  # regular expression that excludes a kernel
+    contrast: str = "any"  # with | without | any (ContrastBolusAgent given or not)
+    prefer: tuple[str, ...] = ("axial", "original", "soft_kernel", "thinnest", "most_slices")
+    soft_kernel: str = DEFAULT_SOFT_KERNEL  # what "soft_kernel" in prefer means
 
 
 @dataclass(frozen=True)
@@ -78,16 +86,36 @@ class Retry:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """What `vesalius cleanup` and the node's periodic cleanup remove (node/retention.py).
+    Days of 0 turn that age rule off; the high-water mark still applies."""
+
+    spool_days: float = 7.0  # received series, after all deliveries of all their jobs are done
+    results_days: float = 30.0  # a job's results, after all its deliveries are done
+    unrouted_days: float = 7.0  # received series that no rule routed (stored only)
+    free_space_high_water_mb: int = 1000  # below this free space, oldest eligible data goes first
+    interval: float = 300.0  # s between the node's cleanups; 0: only `vesalius cleanup`
+
+
+@dataclass(frozen=True)
 class Config:
     ae_title: str = DEFAULT_AE_TITLE
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
+    tls_port: int = 0  # the DICOM TLS listener's port; 0: none
+    tls: ListenerTLS | None = None  # its certificate, key and client CAs ([tls])
     http_port: int = DEFAULT_HTTP_PORT
     data_dir: Path = Path(DEFAULT_DATA_DIR)
-    allowed_calling_aes: tuple[str, ...] = ()  # empty: any calling AE may send
+    allowed_calling_aes: tuple[str, ...] = ()  # "AE" or "AE@IP[/prefix]"; empty: any calling AE
+    max_associations: int = 64  # concurrent associations (pynetdicom's own default is 10)
+    max_associations_per_peer: int = 16  # per calling AE title and IP address
+    idle_timeout: float = 60.0  # s without a PDU before an association is aborted
+    max_pdu: int = 4 * 2**20  # bytes: the largest PDU we advertise and accept (docs/input.md)
+    max_instance_mb: int = 2048  # a larger data set closes the association while it arrives
     min_free_disk_mb: int = 500  # below this free space in data_dir, instances are refused (A700)
     quiet_period: float = 1.0
     stability_timeout: float = 10.0
+    study_quiet_period: float = 3.0  # s after a study's last association ended before it is complete
     workers: int = 1
     job_attempts: int = 2
     model: str = DEFAULT_MODEL
@@ -96,109 +124,66 @@ class Config:
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = (Rule(name="ct"),)
     retry: Retry = field(default_factory=Retry)
+    retention: Retention = field(default_factory=Retention)
 
     def destination_names(self, rule: Rule) -> tuple[str, ...]:
         return rule.destinations or tuple(d.name for d in self.destinations)
 
 
-def _check_type(key: str, value: Any, expected: type | tuple[type, ...]) -> Any:
-    if isinstance(value, bool) and expected in (int, float, (int, float)):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if not isinstance(value, expected):
-        names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
-        raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
-    return value
+MIN_PDU, MAX_PDU = 4096, 256 * 2**20
 
 
-def _strings(key: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    _check_type(key, value, list)
-    return tuple(_check_type(f"{key}[{i}]", v, str) for i, v in enumerate(value))
-
-
-def _known(section: str, table: dict[str, Any], allowed: set[str]) -> None:
-    for key in table:
-        if key not in allowed:
-            where = f"{section}.{key}" if section else key
-            raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(allowed))})")
-
-
-def _ae_title(key: str, value: Any) -> str:
+def _allowed_ae(key: str, value: Any) -> str:
+    """``AE`` or ``AE@IP`` or ``AE@IP/PREFIX`` (the AE title bound to a host or network)."""
     _check_type(key, value, str)
-    if not 0 < len(value) <= 16 or "\\" in value or not value.isprintable():
-        raise ConfigError(f"{key}: an AE title is 1-16 printable characters, got {value!r}")
-    return value
+    ae, at, host = value.rpartition("@")
+    if not at:
+        return str(_ae_title(key, value))
+    _ae_title(key, ae)
+    try:
+        ipaddress.ip_network(host, strict=False)
+    except ValueError as err:
+        raise ConfigError(f"{key}: expected AE or AE@IP or AE@IP/PREFIX, got {value!r} ({err})") from None
+    return str(value)
 
 
-def _port(key: str, value: Any) -> int:
-    _check_type(key, value, int)
-    if not 0 <= value <= 65535:
-        raise ConfigError(f"{key}: port must be 0-65535, got {value}")
-    return value
-
-
-def _positive(key: str, value: Any) -> float:
-    _check_type(key, value, (int, float))
-    if value <= 0:
-        raise ConfigError(f"{key}: must be > 0, got {value}")
-    return float(value)
-
-
-def _destination(i: int, table: Any) -> Destination:
-    key = f"destinations[{i}]"
-    _check_type(key, table, dict)
-    _known(key, table, {f.name for f in fields(Destination)})
-    kind = _check_type(f"{key}.kind", table.get("kind", "dicom"), str)
-    if kind not in DESTINATION_KINDS:
-        raise ConfigError(f"{key}.kind: expected one of {', '.join(DESTINATION_KINDS)}, got {kind!r}")
-    timeout = _positive(f"{key}.timeout", table.get("timeout", 30.0))
-    outputs = _outputs(key, table)
-    if kind == "dicomweb":
-        for dicom_only in ("ae_title", "host", "port", "max_pdu"):
-            if dicom_only in table:
-                raise ConfigError(f"{key}.{dicom_only}: only for kind = \"dicom\" "
-                                  "(a dicomweb destination has url)")
-        for required in ("name", "url"):
-            if required not in table:
-                raise ConfigError(f"{key}.{required}: required for kind = \"dicomweb\"")
-        url = _check_type(f"{key}.url", table["url"], str)
-        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
-            raise ConfigError(f"{key}.url: expected the DICOMweb root as http(s)://host[:port]/path, "
-                              f"got {url!r}")
-        return Destination(name=_check_type(f"{key}.name", table["name"], str), ae_title="", host="", port=0,
-                           timeout=timeout, kind=kind, url=url.rstrip("/"), **outputs)
-    if "url" in table:
-        raise ConfigError(f"{key}.url: only for kind = \"dicomweb\"")
-    for required in ("ae_title", "host", "port"):
+def _tls(table: Any, base: Path | None) -> ListenerTLS:
+    """The ``[tls]`` table of the TLS listener; relative files start at ``base``."""
+    _check_type("tls", table, dict)
+    _known("tls", table, {f.name for f in fields(ListenerTLS)})
+    for required in ("certificate", "private_key"):
         if required not in table:
-            raise ConfigError(f"{key}.{required}: required")
-    ae = _ae_title(f"{key}.ae_title", table["ae_title"])
-    return Destination(
-        name=_check_type(f"{key}.name", table.get("name", ae), str),
-        ae_title=ae,
-        host=_check_type(f"{key}.host", table["host"], str),
-        port=_port(f"{key}.port", table["port"]),
-        max_pdu=int(_check_type(f"{key}.max_pdu", table.get("max_pdu", 0), int)),
-        timeout=timeout,
-        **outputs,
+            raise ConfigError(f"tls.{required}: required for the TLS listener")
+    require_client = _check_type("tls.require_client_certificate",
+                                 table.get("require_client_certificate", True), bool)
+    if require_client and "ca_certificates" not in table:
+        raise ConfigError("tls.ca_certificates: required with require_client_certificate = true "
+                          "(the CAs whose client certificates are trusted)")
+    return ListenerTLS(
+        certificate=existing_file("tls.certificate", table["certificate"], base),
+        private_key=existing_file("tls.private_key", table["private_key"], base),
+        ca_certificates=(existing_file("tls.ca_certificates", table["ca_certificates"], base)
+                         if "ca_certificates" in table else None),
+        require_client_certificate=require_client,
     )
 
 
-def _outputs(key: str, table: dict[str, Any]) -> dict[str, Any]:
-    """The per-destination output switches (and its own number of delivery tries)."""
+def _retention(table: Any) -> Retention:
+    _check_type("retention", table, dict)
+    _known("retention", table, {f.name for f in fields(Retention)})
     values: dict[str, Any] = {}
-    if "max_attempts" in table:
-        attempts = _check_type(f"{key}.max_attempts", table["max_attempts"], int)
-        values["max_attempts"] = int(_positive(f"{key}.max_attempts", attempts))
-    for name in ("labelmap", "surfaces", "sr"):
-        if name in table:
-            values[name] = _check_type(f"{key}.{name}", table[name], bool)
-    if "encapsulated_stl" in table:
-        value = table["encapsulated_stl"]
-        values["encapsulated_stl"] = value if isinstance(value, bool) else _strings(
-            f"{key}.encapsulated_stl", value)
-    return values
+    for key in ("spool_days", "results_days", "unrouted_days", "interval"):
+        if key in table:
+            value = _check_type(f"retention.{key}", table[key], (int, float))
+            if value < 0:
+                raise ConfigError(f"retention.{key}: must be >= 0, got {value}")
+            values[key] = float(value)
+    if "free_space_high_water_mb" in table:
+        mark = _check_type("retention.free_space_high_water_mb", table["free_space_high_water_mb"], int)
+        if mark < 0:
+            raise ConfigError(f"retention.free_space_high_water_mb: must be >= 0, got {mark}")
+        values["free_space_high_water_mb"] = mark
+    return Retention(**values)
 
 
 def _rule(i: int, table: Any) -> Rule:
@@ -218,7 +203,58 @@ def _rule(i: int, table: Any) -> Rule:
         values["series_description"] = pattern
     if "model" in table:
         values["model"] = _check_type(f"{key}.model", table["model"], str)
+    values.update(_selection(key, table))
     return Rule(**values)
+
+
+def _regex(key: str, value: Any) -> str:
+    pattern = _check_type(key, value, str)
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"{key}: not a valid regular expression: {err}") from err
+    return pattern
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    _check_type(key, value, str)
+    if value not in allowed:
+        raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _selection(key: str, table: dict[str, Any]) -> dict[str, Any]:
+    """A rule's study-level keys: trigger, select, series conditions and preferences."""
+    values: dict[str, Any] = {}
+    if "trigger" in table:
+        values["trigger"] = _one_of(f"{key}.trigger", table["trigger"], TRIGGERS)
+    if "select" in table:
+        values["select"] = _one_of(f"{key}.select", table["select"], SELECTS)
+    if values.get("trigger") == "series" and values.get("select", "best") == "best":
+        raise ConfigError(f"{key}.select: a rule with trigger = \"series\" sees one series at a time; "
+                          "set select = \"all\" (or trigger = \"study\" to choose the best series)")
+    for name in ("image_type", "exclude_image_type"):
+        if name in table:
+            values[name] = tuple(v.upper() for v in _strings(f"{key}.{name}", table[name]))
+    for name, allowed in (("orientation", ORIENTATIONS), ("prefer", PREFERENCES)):
+        if name in table:
+            values[name] = tuple(_one_of(f"{key}.{name}[{i}]", v, allowed)
+                                 for i, v in enumerate(_strings(f"{key}.{name}", table[name])))
+    for name in ("min_slice_thickness", "max_slice_thickness", "max_pixel_spacing", "min_coverage_mm"):
+        if name in table:
+            values[name] = float(_check_type(f"{key}.{name}", table[name], (int, float)))
+            if values[name] < 0:
+                raise ConfigError(f"{key}.{name}: must be >= 0, got {table[name]}")
+    if "min_slices" in table:
+        values["min_slices"] = _check_type(f"{key}.min_slices", table["min_slices"], int)
+        if values["min_slices"] < 0:
+            raise ConfigError(f"{key}.min_slices: must be >= 0, got {values['min_slices']}")
+    for name in ("kernel", "exclude_kernel", "soft_kernel"):
+        if name in table:
+            values[name] = _regex(f"{key}.{name}", table[name])
+    if "contrast" in table:
+        values["contrast"] = _one_of(f"{key}.contrast", table["contrast"], CONTRASTS)
+    return values
 
 
 def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
@@ -231,20 +267,30 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
         values["ae_title"] = _ae_title("ae_title", data["ae_title"])
     if "host" in data:
         values["host"] = _check_type("host", data["host"], str)
-    for key in ("port", "http_port"):
+    for key in ("port", "tls_port", "http_port"):
         if key in data:
             values[key] = _port(key, data[key])
     if "data_dir" in data:
         values["data_dir"] = Path(_check_type("data_dir", data["data_dir"], str))
     if "allowed_calling_aes" in data:
         aes = _strings("allowed_calling_aes", data["allowed_calling_aes"])
-        values["allowed_calling_aes"] = tuple(_ae_title(f"allowed_calling_aes[{i}]", a)
+        values["allowed_calling_aes"] = tuple(_allowed_ae(f"allowed_calling_aes[{i}]", a)
                                               for i, a in enumerate(aes))
+    for key in ("max_associations", "max_associations_per_peer", "max_instance_mb"):
+        if key in data:
+            values[key] = int(_positive(key, _check_type(key, data[key], int)))
+    if "idle_timeout" in data:
+        values["idle_timeout"] = _positive("idle_timeout", data["idle_timeout"])
+    if "max_pdu" in data:
+        values["max_pdu"] = _check_type("max_pdu", data["max_pdu"], int)
+        if not MIN_PDU <= values["max_pdu"] <= MAX_PDU:
+            raise ConfigError(f"max_pdu: must be {MIN_PDU}-{MAX_PDU} bytes (a finite maximum bounds "
+                              f"the memory one peer can use), got {values['max_pdu']}")
     if "min_free_disk_mb" in data:
         values["min_free_disk_mb"] = _check_type("min_free_disk_mb", data["min_free_disk_mb"], int)
         if values["min_free_disk_mb"] < 0:
             raise ConfigError(f"min_free_disk_mb: must be >= 0, got {values['min_free_disk_mb']}")
-    for key in ("quiet_period", "stability_timeout"):
+    for key in ("quiet_period", "stability_timeout", "study_quiet_period"):
         if key in data:
             values[key] = _positive(key, data[key])
     for key in ("workers", "job_attempts"):
@@ -261,8 +307,8 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
         count = _check_type("gpu_jobs_per_device", data["gpu_jobs_per_device"], int)
         values["gpu_jobs_per_device"] = int(_positive("gpu_jobs_per_device", count))
     if "destinations" in data:
-        dests = tuple(_destination(i, t) for i, t in enumerate(_check_type("destinations",
-                                                                            data["destinations"], list)))
+        tables = _check_type("destinations", data["destinations"], list)
+        dests = tuple(parse_destination(f"destinations[{i}]", t, base) for i, t in enumerate(tables))
         names = [d.name for d in dests]
         if len(set(names)) != len(names):
             raise ConfigError(f"destinations: names must be unique, got {names}")
@@ -282,6 +328,16 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
             attempts = _check_type("retry.max_attempts", table["max_attempts"], int)
             retry = replace(retry, max_attempts=int(_positive("retry.max_attempts", attempts)))
         values["retry"] = retry
+    if "tls" in data:
+        values["tls"] = _tls(data["tls"], base)
+    if values.get("tls_port") and "tls" not in values:
+        raise ConfigError("tls_port: the TLS listener needs a [tls] table with certificate and private_key")
+    if "tls" in values and not values.get("tls_port"):
+        raise ConfigError("tls: set tls_port to start the TLS listener")
+    if values.get("tls_port") and values["tls_port"] == values.get("port", DEFAULT_PORT):
+        raise ConfigError(f"tls_port: must differ from port ({values['tls_port']})")
+    if "retention" in data:
+        values["retention"] = _retention(data["retention"])
     config = Config(**values)
     _check_references(config)
     return config
@@ -321,7 +377,7 @@ def with_overrides(config: Config, **flags: Any) -> Config:
         _ae_title("--ae-title", values["ae_title"])
     if "data_dir" in values:
         values["data_dir"] = Path(values["data_dir"])
-    extra = tuple(Destination.parse(d) for d in flags.get("destinations") or ())
+    extra = tuple(DicomDestination.parse(d) for d in flags.get("destinations") or ())
     if extra:
         values["destinations"] = config.destinations + extra
     updated = replace(config, **values)

@@ -3,11 +3,15 @@ so a model that crashes or runs out of memory never takes the DICOM listener dow
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import multiprocessing
+import os
 import re
+import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -15,17 +19,44 @@ from pathlib import Path
 
 from vesalius.inference.volume import VolumeError
 from vesalius.node.config import Config
+from vesalius.node.paths import inside, uid_file_name
 from vesalius.node.pipeline import run_pipeline
 from vesalius.node.store import Store
 
 log = logging.getLogger("vesalius.jobs")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _init_worker(model_specs: dict, gpu_slots: int) -> None:
-    """Give a new worker process the configured models (loaded lazily, then kept)."""
+def _init_worker(model_specs: dict, gpu_slots: int, node_pid: int) -> None:
+    """Give a new worker process the configured models (loaded lazily, then kept); it dies with
+    the node and leaves Ctrl-C to the node, which decides what happens to a running job."""
     from vesalius.inference.models.registry import configure
+    from vesalius.node.logs import install as redact_library_logs
 
+    redact_library_logs()  # no patient name from a library warning on the node's stderr
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(node_pid)
     configure(model_specs, gpu_slots)
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the node ends, even by ``kill -9``: the kernel's parent-death signal
+    (Linux), and a watcher thread for the case the kernel cannot see (the node thread that started
+    the worker ended first, or another OS)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the node died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-node", daemon=True).start()
 
 
 def _warm_up(models: tuple[str, ...] = ()) -> None:
@@ -45,10 +76,18 @@ def _warm_up(models: tuple[str, ...] = ()) -> None:
             log.warning("worker could not preload model %s: %s", model, err)
 
 
-def result_dir_for(store: Store, series_uid: str, model: str) -> Path:
-    """Deterministic per (series, model): a re-run replaces the earlier results. A path-form
-    model (``bundle:/models/x``) becomes one safe folder name."""
-    return store.results_dir / series_uid / re.sub(r"[^A-Za-z0-9._+-]", "_", model)
+def _folder(name: str) -> str:
+    """One safe folder name: a path-form model (``bundle:/models/x``) or a part of a result key."""
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", name)[:128]
+    return safe if safe.strip(".") else "_" + safe
+
+
+def result_dir_for(store: Store, series_uid: str, model: str, result_key: str | None = None) -> Path:
+    """Deterministic per (series, model), or per (study, rule, model) for a study-level rule's
+    ``result_key``: a re-run replaces the earlier results. Always inside the results folder."""
+    if result_key:
+        return inside(store.results_dir, *map(_folder, result_key.split("/")), _folder(model))
+    return inside(store.results_dir, uid_file_name(series_uid), _folder(model))
 
 
 class JobRunner:
@@ -72,7 +111,7 @@ class JobRunner:
         gpu_slots = self.config.gpu_jobs_per_device
         pool = ProcessPoolExecutor(max_workers=self.config.workers,
                                    mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(specs, gpu_slots))
+                                   initializer=_init_worker, initargs=(specs, gpu_slots, os.getpid()))
         models = tuple(dict.fromkeys(rule.model for rule in self.config.rules))
         for _ in range(self.config.workers):
             pool.submit(_warm_up, models)
@@ -101,12 +140,13 @@ class JobRunner:
     def run(self, job) -> None:
         job_id, series_uid, model = job["id"], job["series_instance_uid"], job["model"]
         paths = [str(p) for p in self.store.series_paths(series_uid)]
-        out = result_dir_for(self.store, series_uid, model)
+        result_key = job["result_key"] or ""
+        out = result_dir_for(self.store, series_uid, model, result_key)
         log.info("job start job=%d series=%s model=%s instances=%d attempt=%d",
                  job_id, series_uid, model, len(paths), job["attempts"])
         try:
             with self._pool_lock:
-                future = self._pool.submit(run_pipeline, paths, str(out), model)
+                future = self._pool.submit(run_pipeline, paths, str(out), model, result_key=result_key)
             summary = future.result()
         except VolumeError as err:  # the series itself is the problem: retrying cannot help
             log.warning("job failed job=%d series=%s: %s", job_id, series_uid, err)

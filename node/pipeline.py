@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from vesalius.node.paths import inside, safe_name
+
 # The DICOM objects of a job, by role; Encapsulated STL instances go to STL_DIR/<structure>.dcm.
 OUTPUT_FILES = {"seg": "seg.dcm", "seg_labelmap": "seg_labelmap.dcm",
                 "surface_segmentation": "surfaces.dcm", "sr": "sr.dcm"}
@@ -39,8 +41,9 @@ class StageTimer:
 
 
 def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: str,
-                 max_triangles: int = 100_000) -> dict[str, Any]:
-    """Process one series into ``out_dir`` (replaced atomically) and return the summary."""
+                 max_triangles: int = 100_000, result_key: str = "") -> dict[str, Any]:
+    """Process one series into ``out_dir`` (replaced atomically) and return the summary.
+    ``result_key`` (a study-level rule's) makes the output UIDs per study and rule."""
     # Imported here, not at module level, so the listener process never loads VTK, highdicom and
     # the models: only the worker processes (and `vesalius process`) pay for them.
     from vesalius.dicom_out.encapsulated_stl import build_encapsulated_stls
@@ -67,7 +70,7 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     with timer.stage("measures"):
         measurements = measure(volume, labels, model.labels, meshes)
     family = MORPHOLOGICAL_OPERATIONS if model.family == "morphology" else ARTIFICIAL_INTELLIGENCE
-    algorithm = Algorithm(name=model.name, version=model.version, family=family)
+    algorithm = Algorithm(name=model.name, version=model.version, family=family, result_key=result_key)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "meshes").mkdir(parents=True)
@@ -90,8 +93,9 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
         stls = build_encapsulated_stls(volume, meshes, algorithm, seg=seg) if meshes else []
         (tmp / STL_DIR).mkdir()
         for mesh, ds in zip(meshes, stls, strict=True):
-            ds.save_as(tmp / STL_DIR / f"{mesh.label.name}.dcm", enforce_file_format=True)
-        mesh_files = [write_stl(m, tmp / "meshes" / f"{m.label.name}.stl").name for m in meshes]
+            ds.save_as(inside(tmp / STL_DIR, f"{safe_name(mesh.label.name)}.dcm"), enforce_file_format=True)
+        mesh_files = [write_stl(m, inside(tmp / "meshes", f"{safe_name(m.label.name)}.stl")).name
+                      for m in meshes]
         if meshes:
             write_glb(meshes, tmp / GLB_FILE)
         if measurements:
@@ -107,7 +111,7 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
                           "sop_instance_uid": str(ds.SOPInstanceUID),
                           "series_instance_uid": str(ds.SeriesInstanceUID)}
                     for key, ds in objects.items()},
-        "encapsulated_stl": [f"{STL_DIR}/{m.label.name}.dcm" for m in meshes],
+        "encapsulated_stl": [f"{STL_DIR}/{safe_name(m.label.name)}.dcm" for m in meshes],
         "meshes": [f"meshes/{name}" for name in mesh_files] + ([GLB_FILE] if meshes else []),
         "structures": [
             {"name": m.label.name, "voxels": m.voxel_count, "volume_ml": round(m.volume_ml, 3),

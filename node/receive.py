@@ -1,23 +1,36 @@
 """The DICOM listener: C-ECHO and C-STORE for every storage SOP class and transfer syntax.
 
 Handlers only store durably, record, and answer; they never decode pixel data. Which series become
-jobs is decided later (node.series, node.jobs), once a series is complete.
+jobs is decided later (node.series, node.jobs), once a series is complete. Data sets arrive in
+chunks on disk (in the spool's ``.incoming`` folder), never whole in memory; what the listener
+bounds and refuses is in docs/input.md.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import pynetdicom._config
+import pynetdicom.dimse_messages
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import get_expected_length
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from vesalius.node import pdu_limits
+from vesalius.node.admission import Admission, printable
 from vesalius.node.config import Config
+from vesalius.node.paths import UnsafePath
 from vesalius.node.store import SeriesInfo, Store
 
 log = logging.getLogger("vesalius.receive")
@@ -27,6 +40,32 @@ OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+# What can be a UID at all: digits in dot-separated components, at most 64 characters. Leading
+# zeros in a component break PS3.5 9.1 but are common from older modalities and harmless: such
+# UIDs are accepted and stored under a hashed file name (node.paths.uid_file_name).
+UID_SHAPE = re.compile(r"[0-9]+(\.[0-9]+)*")
+MAX_UID_LENGTH = 64
+HEADER_DEFER_SIZE = 4096  # values larger than this stay on disk while the header is checked
+
+
+def uid_problem(keyword: str, value: object) -> str:
+    """Why ``value`` cannot be a UID ("" when it can); never quotes the value itself."""
+    text = str(value if value is not None else "").rstrip("\x00 ")
+    if not text:
+        return f"missing {keyword}"
+    if len(text) > MAX_UID_LENGTH:
+        return f"{keyword} of {len(text)} characters is longer than {MAX_UID_LENGTH}"
+    if not UID_SHAPE.fullmatch(text):
+        return f"{keyword} is not a UID (only digits and dots, no empty component)"
+    return ""
+
+
+def _value_length(ds: Dataset, keyword: str) -> int:
+    """The length of a value as read, without loading a deferred one."""
+    element = ds.get_item(keyword)
+    if isinstance(element, RawDataElement):
+        return int(element.length)
+    return len(element.value)
 
 
 class Receiver:
@@ -39,35 +78,48 @@ class Receiver:
         self.on_stored = on_stored
         self._touched: dict[int, set[str]] = {}
         self._lock = threading.Lock()
+        shutil.rmtree(store.incoming_dir, ignore_errors=True)  # left by a node that stopped mid-transfer
+        store.incoming_dir.mkdir(parents=True)
 
     def handle_store(self, event: evt.Event) -> int:
-        calling_ae = event.assoc.requestor.ae_title
+        calling_ae = printable(event.assoc.requestor.ae_title, 16)
         free = shutil.disk_usage(self.store.spool_dir).free
         if free < self.min_free_bytes:
             log.error("refused instance from %s: only %d MB free in %s", calling_ae, free // 2**20,
                       self.store.spool_dir)
             return OUT_OF_RESOURCES
+        received = Path(event.dataset_path)
+        spool_file = getattr(event.request, "_dataset_file", None)
+        if isinstance(spool_file, SpoolFile):
+            spool_file.close()
+            if spool_file.error is not None:
+                log.error("could not store instance from %s: %s", calling_ae, spool_file.error)
+                received.unlink(missing_ok=True)
+                return OUT_OF_RESOURCES
         try:
-            ds: Dataset = event.dataset
+            ds = dcmread(received, defer_size=HEADER_DEFER_SIZE)
             problem, status = self._problem(ds, event)
+            info = None if problem else SeriesInfo(
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                study_instance_uid=str(ds.StudyInstanceUID),
+                modality=str(ds.get("Modality", "") or ""),
+                sop_class_uid=str(event.request.AffectedSOPClassUID),
+                series_description=str(ds.get("SeriesDescription", "") or ""),
+                body_part=str(ds.get("BodyPartExamined", "") or ""),
+                manufacturer=str(ds.get("Manufacturer", "") or ""),
+            )
         except Exception as err:  # an unparsable dataset must not end the association
-            log.warning("refused instance from %s: dataset cannot be parsed (%s)", calling_ae, err)
+            log.warning("refused instance from %s: dataset cannot be parsed (%s)", calling_ae,
+                        type(err).__name__)
             return CANNOT_UNDERSTAND
-        if problem:
+        if info is None:
             log.warning("refused instance from %s: %s", calling_ae, problem)
             return status
-        info = SeriesInfo(
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            modality=str(ds.get("Modality", "") or ""),
-            sop_class_uid=str(event.request.AffectedSOPClassUID),
-            series_description=str(ds.get("SeriesDescription", "") or ""),
-            body_part=str(ds.get("BodyPartExamined", "") or ""),
-            manufacturer=str(ds.get("Manufacturer", "") or ""),
-        )
         try:
-            self.store.store_instance(info, str(ds.SOPInstanceUID),
-                                      event.encoded_dataset(include_meta=True), calling_ae)
+            self.store.store_instance(info, str(ds.SOPInstanceUID), received, calling_ae)
+        except UnsafePath as err:  # cannot happen for a checked UID; refused rather than written
+            log.error("refused instance from %s: %s", calling_ae, err)
+            return CANNOT_UNDERSTAND
         except (OSError, sqlite3.OperationalError) as err:  # disk full, I/O error, database locked
             log.error("could not store instance from %s: %s", calling_ae, err)
             return OUT_OF_RESOURCES
@@ -79,42 +131,110 @@ class Receiver:
     @staticmethod
     def _problem(ds: Dataset, event: evt.Event) -> tuple[str, int]:
         """Why an instance cannot be accepted, without decoding its pixels ("" when it can)."""
-        missing = [k for k in REQUIRED_UIDS if not str(ds.get(k, "") or "").strip()]
-        if missing:
-            return f"missing {', '.join(missing)}", CANNOT_UNDERSTAND
+        for keyword in REQUIRED_UIDS:
+            problem = uid_problem(keyword, ds.get(keyword, ""))
+            if problem:
+                return problem, CANNOT_UNDERSTAND
         command_class = str(event.request.AffectedSOPClassUID)
         if str(ds.get("SOPClassUID", "")) != command_class:
-            return (f"SOP Class UID {ds.get('SOPClassUID', '(none)')} in the data set differs from "
+            sent = ds.get("SOPClassUID", "(none)")
+            return (f"SOP Class UID {printable(sent)} in the data set differs from "
                     f"{command_class} in the command", DOES_NOT_MATCH_SOP_CLASS)
         if "PixelData" in ds and not event.context.transfer_syntax.is_encapsulated:
             expected = get_expected_length(ds, unit="bytes")
-            if len(ds.PixelData) not in (expected, expected + 1):  # +1: even-length padding
-                return (f"pixel data holds {len(ds.PixelData)} bytes, Rows x Columns x "
+            length = _value_length(ds, "PixelData")
+            if length not in (expected, expected + 1):  # +1: even-length padding
+                return (f"pixel data holds {length} bytes, Rows x Columns x "
                         f"BitsAllocated needs {expected}", CANNOT_UNDERSTAND)
         return "", SUCCESS
 
     def handle_rejected(self, event: evt.Event) -> None:
-        log.warning("association from %s at %s rejected: calling AE not in allowed_calling_aes",
-                    event.assoc.requestor.ae_title, event.assoc.requestor.address)
+        log.warning("association from %s at %s rejected by pynetdicom",
+                    printable(event.assoc.requestor.ae_title, 16), event.assoc.requestor.address)
 
     def handle_close(self, event: evt.Event) -> None:
         """The association ended (released, aborted or dropped): its series start their quiet period."""
+        _discard_partial_data_set(event.assoc)
         with self._lock:
             touched = self._touched.pop(id(event.assoc), set())
-        log.info("association from %s at %s ended; %d series touched", event.assoc.requestor.ae_title,
-                 event.assoc.requestor.address, len(touched))
+        log.info("association from %s at %s ended; %d series touched",
+                 printable(event.assoc.requestor.ae_title, 16), event.assoc.requestor.address, len(touched))
         self.store.mark_released(sorted(touched))
 
 
-def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list]:
+def _discard_partial_data_set(assoc: object) -> None:
+    """Delete the file of a data set whose association ended before it was complete (aborted,
+    dropped, or closed for exceeding max_instance_mb)."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is not None:
+        partial.close()
+        Path(partial.name).unlink(missing_ok=True)
+
+
+class SpoolFile:
+    """The file pynetdicom writes a received data set into, in the spool's ``.incoming`` folder.
+    A failed write (a full disk) is remembered and the rest dropped, so the C-STORE is answered
+    A700 instead of the association dying in pynetdicom's state machine."""
+
+    def __init__(self, folder: Path) -> None:
+        self._file = tempfile.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm", dir=folder)
+        self.name = self._file.name
+        self.error: OSError | None = None
+
+    @property
+    def file(self) -> SpoolFile:  # pynetdicom flushes through ``.file``
+        return self
+
+    def write(self, data: bytes) -> int:
+        if self.error is None:
+            try:
+                self._file.write(data)
+            except OSError as err:
+                self.error = err
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._file.flush()
+            except OSError as err:
+                self.error = err
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError as err:
+            self.error = self.error or err
+
+
+def receive_data_sets_into(folder: Path) -> None:
+    """Make pynetdicom write each received C-STORE data set to a file in ``folder`` as it arrives
+    (``STORE_RECV_CHUNKED_DATASET``), instead of the system temp folder: storing it is then a
+    rename on one filesystem. pynetdicom names no folder for that file; upstream this would be a
+    ``_config`` setting next to ``STORE_RECV_CHUNKED_DATASET``."""
+    pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True
+    def spool_file(**_: Any) -> SpoolFile:
+        return SpoolFile(folder)
+
+    pynetdicom.dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[assignment]
+
+
+def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list[tuple[Any, ...]]]:
     """The application entity and its handlers, ready for ``start_server``."""
     ae = AE(ae_title=config.ae_title)
-    ae.maximum_pdu_size = 0  # unlimited: far faster for large images (PERFORMANCE.md)
-    ae.network_timeout = 60
-    ae.require_calling_aet = list(config.allowed_calling_aes)
+    ae.maximum_pdu_size = config.max_pdu  # finite: a peer cannot make us hold more (docs/input.md)
+    ae.network_timeout = config.idle_timeout
+    ae.acse_timeout = min(30.0, config.idle_timeout)
+    ae.maximum_associations = config.max_associations
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-    handlers = [(evt.EVT_C_STORE, receiver.handle_store), (evt.EVT_CONN_CLOSE, receiver.handle_close),
-                (evt.EVT_REJECTED, receiver.handle_rejected)]
+    pdu_limits.install()
+    pdu_limits.set_max_dataset_bytes(ae, config.max_instance_mb * 2**20)
+    receive_data_sets_into(receiver.store.incoming_dir)
+    admission = Admission(config.allowed_calling_aes, config.max_associations,
+                          config.max_associations_per_peer)
+    handlers = [(evt.EVT_REQUESTED, admission.handle_requested), (evt.EVT_C_STORE, receiver.handle_store),
+                (evt.EVT_CONN_CLOSE, receiver.handle_close), (evt.EVT_REJECTED, receiver.handle_rejected)]
     return ae, handlers

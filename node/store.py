@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vesalius.node.paths import inside, uid_file_name
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY,
@@ -69,20 +71,56 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 """
 
+# --- study-level selection (issue 18) ------------------------------------------------------------
+# What selection read from each completed series' headers (routing.SeriesFacts as JSON), when each
+# study was last selected, and why each of its series was chosen or skipped by each study rule.
+SELECTION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS series_facts (
+    series_instance_uid TEXT PRIMARY KEY,
+    facts TEXT NOT NULL,                          -- JSON of routing.SeriesFacts
+    read_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_instance_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    selected_at REAL NOT NULL                     -- the study rules last chose its series
+);
+CREATE TABLE IF NOT EXISTS selections (
+    study_instance_uid TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    decision TEXT NOT NULL,                       -- chosen | skipped
+    reason TEXT NOT NULL,
+    decided_at REAL NOT NULL,
+    PRIMARY KEY (study_instance_uid, rule, series_instance_uid)
+);
+"""
+# Columns added to tables of SCHEMA, for databases created before them: (table, column, type).
+ADDED_COLUMNS = (
+    ("jobs", "result_key", "TEXT"),  # NULL: results per series; 'study/<uid>/<rule>' per study+rule
+)
+
 LISTINGS = {
     "series": "SELECT series_instance_uid, study_instance_uid, modality, series_description, calling_ae, "
               "state, (SELECT COUNT(*) FROM instances i WHERE i.series_instance_uid=s.series_instance_uid) "
               "AS instances, last_received, completed_at FROM series s ORDER BY last_received DESC LIMIT ?",
     "jobs": "SELECT id, series_instance_uid, rule, model, destinations, state, attempts, error, stages, "
-            "created_at, updated_at FROM jobs ORDER BY id DESC LIMIT ?",
+            "created_at, updated_at, result_key FROM jobs ORDER BY id DESC LIMIT ?",
     "deliveries": "SELECT id, job_id, destination, state, attempts, error, next_try_at, updated_at "
                   "FROM deliveries ORDER BY id DESC LIMIT ?",
+    "studies": "SELECT st.study_instance_uid, st.selected_at, "
+               "(SELECT COUNT(*) FROM series s WHERE s.study_instance_uid=st.study_instance_uid) AS series, "
+               "(SELECT json_group_array(json_object('rule', rule, 'series_instance_uid', "
+               "series_instance_uid, 'decision', decision, 'reason', reason)) FROM selections x "
+               "WHERE x.study_instance_uid=st.study_instance_uid) AS selection "
+               "FROM studies st ORDER BY st.selected_at DESC LIMIT ?",
 }
 STUDY_FILTERS = {  # LISTINGS restricted to one study (the listings have no WHERE of their own)
     "series": "s.study_instance_uid=?",
     "jobs": "series_instance_uid IN (SELECT series_instance_uid FROM series WHERE study_instance_uid=?)",
     "deliveries": "job_id IN (SELECT j.id FROM jobs j JOIN series s ON s.series_instance_uid="
                   "j.series_instance_uid WHERE s.study_instance_uid=?)",
+    "studies": "st.study_instance_uid=?",
 }
 JOB_STATES = ("queued", "running", "done", "failed")
 DELIVERY_STATES = ("pending", "done", "failed")
@@ -125,6 +163,16 @@ def write_durably(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def move_durably(src: Path, path: Path) -> None:
+    """Move a received file into place so that it survives a crash: fsync, rename (one
+    filesystem: no copy), fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(src, path)
+    _fsync_dir(path.parent)
+
+
 class Store:
     """SQLite (WAL, synchronous=FULL) plus the spool folder; one connection per thread."""
 
@@ -136,7 +184,21 @@ class Store:
         self.results_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.data_dir / "vesalius.sqlite"
         self._local = threading.local()
-        self._connection().executescript(SCHEMA)  # executescript manages its own transaction
+        self._connection().executescript(SCHEMA + PRIVACY_SCHEMA)  # its own transaction
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database from an earlier version up to this schema, keeping its rows."""
+        db = self._connection()
+        new_selection = db.execute("SELECT 1 FROM sqlite_master WHERE name='studies'").fetchone() is None
+        db.executescript(SELECTION_SCHEMA)
+        with self.transaction() as tx:
+            for table, column, kind in ADDED_COLUMNS:
+                if column not in {r["name"] for r in tx.execute(f"PRAGMA table_info({table})")}:
+                    tx.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            if new_selection:  # studies processed before study-level rules existed are not redone
+                tx.execute("INSERT OR IGNORE INTO studies SELECT study_instance_uid, MAX(completed_at) "
+                           "FROM series WHERE state='complete' GROUP BY study_instance_uid")
 
     def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -167,13 +229,30 @@ class Store:
     # --- instances -----------------------------------------------------------------------------
 
     def spool_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        return self.spool_dir / study_uid / series_uid / f"{sop_uid}.dcm"
+        """Where an instance is kept: named from its UIDs through ``uid_file_name`` (a hash for
+        irregular ones) and checked to stay in the spool. Rows keep their own path, so spools
+        written by earlier versions stay readable."""
+        return inside(self.spool_series_dir(study_uid, series_uid), f"{uid_file_name(sop_uid)}.dcm")
 
-    def store_instance(self, info: SeriesInfo, sop_instance_uid: str, data: bytes,
+    def spool_series_dir(self, study_uid: str, series_uid: str) -> Path:
+        """The spool folder of one series (named as in ``spool_path``)."""
+        return inside(self.spool_dir, uid_file_name(study_uid), uid_file_name(series_uid))
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Data sets being received (pynetdicom writes them here in chunks), on the spool's
+        filesystem so that storing one is a rename."""
+        return self.spool_dir / ".incoming"
+
+    def store_instance(self, info: SeriesInfo, sop_instance_uid: str, data: bytes | Path,
                        calling_ae: str) -> bool:
-        """Write the file durably and record it; False when this SOP Instance UID was already stored."""
+        """Write the file (bytes, or a received file moved into place) durably and record it;
+        False when this SOP Instance UID was already stored."""
         path = self.spool_path(info.study_instance_uid, info.series_instance_uid, sop_instance_uid)
-        write_durably(path, data)
+        if isinstance(data, Path):
+            move_durably(data, path)
+        else:
+            write_durably(path, data)
         now = time.time()
         with self.transaction() as db:
             known = db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?",
@@ -211,12 +290,13 @@ class Store:
     # --- jobs ------------------------------------------------------------------------------------
 
     def add_job(self, db: sqlite3.Connection, series_uid: str, rule: str, model: str,
-                destinations: Sequence[str]) -> int:
+                destinations: Sequence[str], result_key: str | None = None) -> int:
+        """Queue a job; ``result_key`` (a study rule's) names the result set it replaces."""
         now = time.time()
         cur = db.execute(
-            "INSERT INTO jobs (series_instance_uid, rule, model, destinations, created_at, updated_at) "
-            "VALUES (?,?,?,?,?,?)",
-            (series_uid, rule, model, json.dumps(list(destinations)), now, now),
+            "INSERT INTO jobs (series_instance_uid, rule, model, destinations, created_at, updated_at, "
+            "result_key) VALUES (?,?,?,?,?,?,?)",
+            (series_uid, rule, model, json.dumps(list(destinations)), now, now, result_key),
         )
         return int(cur.lastrowid)
 
@@ -286,18 +366,120 @@ class Store:
             return db.execute("UPDATE deliveries SET state='pending', attempts=0, error=NULL, next_try_at=?, "
                               "updated_at=? WHERE job_id=?", (time.time(), time.time(), job_id)).rowcount
 
+    # --- study-level selection (issue 18) ---------------------------------------------------------
+
+    def save_facts(self, db: sqlite3.Connection, series_uid: str, facts: dict[str, Any]) -> None:
+        db.execute("INSERT OR REPLACE INTO series_facts VALUES (?,?,?)",
+                   (series_uid, json.dumps(facts), time.time()))
+
+    def facts(self, db: sqlite3.Connection, series_uid: str) -> dict[str, Any] | None:
+        row = db.execute("SELECT facts FROM series_facts WHERE series_instance_uid=?",
+                         (series_uid,)).fetchone()
+        return None if row is None else dict(json.loads(row["facts"]))
+
+    def record_selection(self, db: sqlite3.Connection, study_uid: str, rule: str,
+                         decisions: Sequence[tuple[str, str, str]], now: float) -> None:
+        """Replace a rule's reasons for a study: (series UID, chosen|skipped, reason) each."""
+        db.execute("DELETE FROM selections WHERE study_instance_uid=? AND rule=?", (study_uid, rule))
+        db.executemany("INSERT INTO selections VALUES (?,?,?,?,?,?)",
+                       [(study_uid, rule, uid, decision, reason, now) for uid, decision, reason in decisions])
+
+    def selections(self, study_uid: str) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.query(
+            "SELECT rule, series_instance_uid, decision, reason, decided_at FROM selections "
+            "WHERE study_instance_uid=? ORDER BY rule, decision, series_instance_uid", (study_uid,))]
+
     # --- reporting -------------------------------------------------------------------------------
 
     def listing(self, what: str, limit: int = 500, study: str | None = None) -> list[dict[str, Any]]:
-        """The newest rows of 'series', 'jobs' or 'deliveries', for the API and `vesalius status`;
+        """The newest rows of 'series', 'jobs', 'deliveries' or 'studies' (with each study's
+        selection reasons as a JSON list), for the API and `vesalius status`;
         ``study`` keeps only the rows of that Study Instance UID."""
         if study is None:
-            return [dict(r) for r in self.query(LISTINGS[what], (limit,))]
-        sql = LISTINGS[what].replace(" ORDER BY", f" WHERE {STUDY_FILTERS[what]} ORDER BY", 1)
-        return [dict(r) for r in self.query(sql, (study, limit))]
+            rows = [dict(r) for r in self.query(LISTINGS[what], (limit,))]
+        else:
+            sql = LISTINGS[what].replace(" ORDER BY", f" WHERE {STUDY_FILTERS[what]} ORDER BY", 1)
+            rows = [dict(r) for r in self.query(sql, (study, limit))]
+        for row in rows:
+            if "selection" in row:  # the JSON list SQLite built, as a list
+                row["selection"] = sorted(json.loads(row["selection"]),
+                                          key=lambda d: (d["rule"], d["decision"], d["series_instance_uid"]))
+        return rows
 
     def counts(self, table: str, states: Sequence[str]) -> dict[str, int]:
         assert table in ("jobs", "deliveries", "series")
         found = {r["state"]: r["n"] for r in self.query(
             f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")}
         return {s: int(found.get(s, 0)) for s in states}
+
+
+# --- retention and de-identification (issue 9): their own tables ------------------------------
+
+PRIVACY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS removals (               -- what retention removed, so no row lies
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,                             -- spool | results
+    series_instance_uid TEXT NOT NULL,
+    study_instance_uid TEXT,
+    job_id INTEGER,                                 -- kind results: the job whose result_dir went
+    path TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    removed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS removals_job ON removals(job_id);
+CREATE INDEX IF NOT EXISTS removals_series ON removals(series_instance_uid);
+-- a job that runs again has fresh results: its removal mark no longer applies
+CREATE TRIGGER IF NOT EXISTS removals_cleared_by_rerun AFTER UPDATE OF result_dir ON jobs
+BEGIN DELETE FROM removals WHERE kind='results' AND job_id=NEW.id; END;
+CREATE TABLE IF NOT EXISTS deid_map (               -- original <-> pseudonym, for re-identification
+    kind TEXT NOT NULL,                 -- uid | patient_id | patient_name | accession | date_offset
+    original TEXT NOT NULL,
+    pseudonym TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (kind, original),
+    UNIQUE (kind, pseudonym)
+);
+"""
+
+
+class DeidMapping:
+    """The pseudonym table seen through one open transaction (node.deidentify.Mapping)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def pseudonym(self, kind: str, original: str, new: Any) -> str:
+        """The pseudonym of ``original``; a first sighting records ``new()``."""
+        row = self.db.execute("SELECT pseudonym FROM deid_map WHERE kind=? AND original=?",
+                              (kind, original)).fetchone()
+        if row is not None:
+            return str(row[0])
+        value = str(new())
+        self.db.execute("INSERT INTO deid_map VALUES (?,?,?,?)", (kind, original, value, time.time()))
+        return value
+
+    def original(self, kind: str, pseudonym: str) -> str | None:
+        row = self.db.execute("SELECT original FROM deid_map WHERE kind=? AND pseudonym=?",
+                              (kind, pseudonym)).fetchone()
+        return None if row is None else str(row[0])
+
+
+@contextmanager
+def deid_mapping(store: Store) -> Iterator[DeidMapping]:
+    """All the pseudonyms of one delivery in one transaction (a crash records none of them)."""
+    with store.transaction() as db:
+        yield DeidMapping(db)
+
+
+def removal_of_results(store: Store, job_id: int) -> sqlite3.Row | None:
+    """Why a job has no results any more (retention removed them), or None."""
+    rows = store.query("SELECT * FROM removals WHERE kind='results' AND job_id=? "
+                       "ORDER BY id DESC LIMIT 1", (job_id,))
+    return rows[0] if rows else None
+
+
+def removal_of_spool(store: Store, series_uid: str) -> sqlite3.Row | None:
+    rows = store.query("SELECT * FROM removals WHERE kind='spool' AND series_instance_uid=? "
+                       "ORDER BY id DESC LIMIT 1", (series_uid,))
+    return rows[0] if rows else None

@@ -27,6 +27,24 @@ if ! dpkg -s $packages >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $packages >/dev/null
     [ -z "$own_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
 fi
+if [[ ",$extras," == *",test,"* ]]; then
+    # OHIF Viewer's prebuilt dist, pinned and integrity-checked by tests/ohif/package-lock.json
+    # (the lock lists only @ohif/app: its dependencies are built into dist, so none is installed)
+    [ -f tests/ohif/node_modules/@ohif/app/dist/index.html ] ||
+        (cd tests/ohif && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+fi
+# Install only on the first run, when pyproject.toml changed, or when an extra is asked for that is
+# not installed yet: a later start needs no network (air-gapped servers) and takes no time.
+stamp=".venv/.vesalius-installed"   # line 1: pyproject.toml's digest; line 2: the extras installed
+digest="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(sed -n 1p "$stamp")" = "$digest" ]; then
+    installed="$(sed -n 2p "$stamp")"
+    missing=""
+    for extra in ${extras//,/ }; do
+        [[ ",$installed," == *",$extra,"* ]] || missing=1
+    done
+    [ -n "$missing" ] || exit 0
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 if [[ ",$extras," == *",ai,"* ]]; then
@@ -38,9 +56,4 @@ if [ -n "$extras" ]; then
 else
     .venv/bin/pip install -q -e .
 fi
-if [[ ",$extras," == *",test,"* ]]; then
-    # OHIF Viewer's prebuilt dist, pinned and integrity-checked by tests/ohif/package-lock.json
-    # (the lock lists only @ohif/app: its dependencies are built into dist, so none is installed)
-    [ -f tests/ohif/node_modules/@ohif/app/dist/index.html ] ||
-        (cd tests/ohif && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
-fi
+printf '%s\n%s\n' "$digest" "$extras" > "$stamp"

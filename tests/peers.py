@@ -154,3 +154,27 @@ def vesalius_node(tmp: Path, *, destinations: Sequence[str] = (), config: str = 
 
         wait_for(healthy, 60, "the node's /healthz")
         yield node
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The node's multiprocessing worker processes (not its resource tracker)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid and b"spawn_main" in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, ended but not yet reaped, counts as ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

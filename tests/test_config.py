@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from vesalius.node.config import Config, ConfigError, Destination, load_config, parse_config, with_overrides
+from vesalius.node.config import Config, ConfigError, load_config, parse_config, with_overrides
+from vesalius.node.destinations.dicom import DicomDestination as Destination
+from vesalius.node.destinations.dicomweb import DicomwebDestination
 
 
 def test_no_file_gives_the_embedded_default() -> None:
@@ -106,9 +108,9 @@ def test_destination_kinds() -> None:
         {"name": "pacs2", "kind": "dicom", "ae_title": "PACS2", "host": "h", "port": 11112},
     ]})
     dimse, web, dimse2 = config.destinations
-    assert (dimse.kind, dimse.url) == ("dicom", "") and dimse2.kind == "dicom"
-    assert web == Destination("web", "", "", 0, timeout=60.0, kind="dicomweb",
-                              url="https://pacs.example.org/dicom-web")
+    assert isinstance(dimse, Destination) and dimse.kind == dimse2.kind == "dicom"
+    assert web == DicomwebDestination("web", "https://pacs.example.org/dicom-web", timeout=60.0)
+    assert web.kind == "dicomweb"
     assert Destination.parse("PACS@h:104").kind == "dicom"
 
 

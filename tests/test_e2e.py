@@ -170,9 +170,10 @@ def test_every_result_delivered_once_and_logged(round_trip: RoundTrip) -> None:
 def test_process_command_gives_the_same_objects(round_trip: RoundTrip, tmp_path: Path) -> None:
     phantom = round_trip.phantoms["oblique"]
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "vesalius.node.cli",
-                             "process", str(phantom.paths[0].parent),
-                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    # the node's default rule is study-level: its UIDs are per study and rule ("ct")
+    command = [sys.executable, "-m", "vesalius.node.cli", "process", str(phantom.paths[0].parent),
+               "--out", str(out), "--rule", "ct"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     network = objects_for(round_trip.pacs, phantom.study_uid)

@@ -82,7 +82,10 @@ def sent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sent]:
     enhanced = _phantom(tmp / "enhanced", 5, "Chest enhanced CT")
     enhanced_file = write_enhanced(enhanced.paths, tmp / "enhanced.dcm")
     enhanced_uid = str(pydicom.dcmread(enhanced_file, stop_before_pixels=True).SOPInstanceUID)
-    with storescp(tmp / "pacs") as pacs, vesalius_node(tmp, destinations=[pacs.address]) as node:
+    # both interleaved series of one study are to be processed: every matching series, not the best
+    every = '[[rules]]\nname = "ct"\nselect = "all"\n'
+    with storescp(tmp / "pacs") as pacs, vesalius_node(tmp, destinations=[pacs.address],
+                                                        config=every) as node:
         interleaved = [path for pair in zip(first.paths, second.paths, strict=True) for path in pair]
         storescu(interleaved, node.port)
         storescu([scout, *scouted.paths], node.port)

@@ -38,10 +38,24 @@ def test_status_retry_resend(tmp_path: Path) -> None:
 
     assert vesalius("retry", str(failed), "--data-dir", str(tmp_path)).returncode == 0
     assert store.job(failed)["state"] == "queued" and store.job(failed)["attempts"] == 0
-    assert vesalius("retry", "999", "--data-dir", str(tmp_path)).returncode == 1
+    unknown = vesalius("retry", "999", "--data-dir", str(tmp_path))
+    assert unknown.returncode == 1 and "no job 999" in unknown.stderr
 
     assert vesalius("resend", str(done), "--data-dir", str(tmp_path)).returncode == 0
     row = store.listing("deliveries")[0]
     assert (row["state"], row["attempts"], row["error"]) == ("pending", 0, None)
     assert vesalius("resend", str(failed), "--data-dir", str(tmp_path)).returncode == 1
+    unknown = vesalius("resend", "99", "--data-dir", str(tmp_path))
+    assert unknown.returncode == 1 and unknown.stderr.strip() == "vesalius resend: no job 99"
     assert vesalius("status", "--data-dir", str(tmp_path / "nowhere")).returncode == 2
+
+
+def test_version_and_help_name_every_command() -> None:
+    version = vesalius("--version")
+    assert version.returncode == 0 and version.stdout.startswith("vesalius ")
+    assert version.stdout.split()[1][0].isdigit()
+    help_text = vesalius("--help").stdout
+    for command in ("serve", "process", "echo", "models", "status", "retry", "resend"):
+        assert command in help_text
+    assert "``" not in help_text
+    assert "totalsegmentator:PATH" in vesalius("process", "--help").stdout

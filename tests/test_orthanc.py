@@ -29,10 +29,9 @@ from tests.orthanc_peer import HttpError, OrthancProcess, orthanc_server, read_c
 from tests.peers import NodeProcess, vesalius_node, wait_for
 from tests.phantoms import PhantomSeries, write_phantom_series
 from tests.test_e2e import CHEST, COMPREHENSIVE_3D_SR, SEG, SURFACE
-from vesalius.node.config import Destination
-from vesalius.node.send import DeliveryError
+from vesalius.node.destinations import DeliveryError
+from vesalius.node.destinations.dicomweb import DicomwebDestination, multipart_related
 from vesalius.node.store import SeriesInfo, Store
-from vesalius.node.stow import multipart_related, stow_rs
 
 RESULT_CLASSES = {SEG, SURFACE, COMPREHENSIVE_3D_SR}
 RESULT_TIMEOUT = 150  # s: two small series through the pipeline on 2 shared cores
@@ -290,9 +289,9 @@ class Scripted:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def destination(self, path: str = "/dicom-web", userinfo: str = "") -> Destination:
+    def destination(self, path: str = "/dicom-web", userinfo: str = "") -> DicomwebDestination:
         url = f"http://{userinfo}127.0.0.1:{self.server.server_port}{path}"
-        return Destination("web", "", "", 0, timeout=5.0, kind="dicomweb", url=url)
+        return DicomwebDestination("web", url, timeout=5.0)
 
 
 @pytest.fixture
@@ -303,7 +302,7 @@ def dicom_files(tmp_path: Path) -> list[Path]:
 def test_stow_posts_multipart_related_to_studies(dicom_files: list[Path]) -> None:
     server = Scripted([(200, b'{"00081199": {"vr": "SQ", "Value": [{}, {}]}}')])
     try:
-        stow_rs(server.destination(userinfo="user:s%40cret@"), dicom_files)
+        server.destination(userinfo="user:s%40cret@").send(dicom_files)
     finally:
         server.server.shutdown()
     path, headers, body = server.requests[0]
@@ -335,7 +334,7 @@ def test_stow_failures_map_to_retry_or_give_up(dicom_files: list[Path], status: 
     server = Scripted([(status, body)])
     try:
         with pytest.raises(DeliveryError) as failed:
-            stow_rs(server.destination(), dicom_files)
+            server.destination().send(dicom_files)
     finally:
         server.server.shutdown()
     assert failed.value.permanent is permanent
@@ -343,10 +342,9 @@ def test_stow_failures_map_to_retry_or_give_up(dicom_files: list[Path], status: 
 
 
 def test_stow_to_a_closed_port_is_transient(dicom_files: list[Path]) -> None:
-    destination = Destination("web", "", "", 0, timeout=5.0, kind="dicomweb",
-                              url=f"http://127.0.0.1:{free_port()}/dicom-web")
+    destination = DicomwebDestination("web", f"http://127.0.0.1:{free_port()}/dicom-web", timeout=5.0)
     with pytest.raises(DeliveryError) as failed:
-        stow_rs(destination, dicom_files)
+        destination.send(dicom_files)
     assert failed.value.permanent is False
 
 

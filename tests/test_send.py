@@ -15,9 +15,11 @@ from pynetdicom.sop_class import CTImageStorage, LabelMapSegmentationStorage
 from tests.conftest import free_port
 from tests.peers import storescp, wait_for
 from tests.phantoms import Sphere, write_phantom_series
-from vesalius.node.config import Config, Destination, Retry
+from vesalius.node.config import Config, Retry
+from vesalius.node.destinations import DeliveryError
+from vesalius.node.destinations.dicom import DicomDestination as Destination
 from vesalius.node.pipeline import OUTPUT_FILES, STL_DIR
-from vesalius.node.send import DeliveryError, Sender, c_store, files_for, next_delay
+from vesalius.node.send import Sender, files_for, next_delay
 from vesalius.node.store import Store
 
 
@@ -129,8 +131,7 @@ def test_c_store_reports_unaccepted_sop_class_as_permanent(tmp_path: Path, resul
     server = ae.start_server(("127.0.0.1", port), block=False)
     try:
         with pytest.raises(DeliveryError) as err:
-            c_store(Destination("x", "CTONLY", "127.0.0.1", port), sorted(result_dir.glob("*.dcm")),
-                    "VESALIUS")
+            Destination("x", "CTONLY", "127.0.0.1", port).send(sorted(result_dir.glob("*.dcm")), "VESALIUS")
     finally:
         server.shutdown()
     assert err.value.permanent and "does not accept" in str(err.value)
@@ -158,7 +159,7 @@ def test_label_map_skipped_when_not_accepted(tmp_path: Path, result_dir: Path) -
         destination = Destination("old", "OLDPACS", "127.0.0.1", port, labelmap=True)
         files = files_for(destination, result_dir)
         assert OUTPUT_FILES["seg_labelmap"] in [f.name for f in files]
-        c_store(destination, files, "VESALIUS")
+        destination.send(files, "VESALIUS")
     finally:
         server.shutdown()
     assert received == [CTImageStorage] * 3

@@ -1,5 +1,5 @@
-"""DICOMweb STOW-RS client: our result files to a destination of kind "dicomweb" in one
-multipart/related POST (PS3.18 10.5), with the outcome mapped onto retry or give-up.
+"""Kind "dicomweb": our result files by STOW-RS in one multipart/related POST (PS3.18 10.5), with
+the outcome mapped onto retry or give-up.
 
 HTTP 4xx (except 408 Request Timeout and 429 Too Many Requests) means the server will not take
 these objects however often we ask: permanent. 5xx, 408, 429, connection errors and timeouts are
@@ -11,15 +11,25 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
-from vesalius.node.config import Destination
-from vesalius.node.send import DeliveryError
+from vesalius.node.checks import ConfigError, check_type, positive
+from vesalius.node.destinations import (
+    DeliveryError,
+    Destination,
+    Outgoing,
+    common_settings,
+    register,
+    require,
+)
 
 TRANSIENT_HTTP = {408, 429}
 FAILED_SOP_SEQUENCE = "00081198"
@@ -45,12 +55,16 @@ def _endpoint(root: str) -> tuple[str, dict[str, str]]:
         password = urllib.parse.unquote(parts.password or "")
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         headers["Authorization"] = f"Basic {token}"
-        host = parts.hostname or ""
-        netloc = f"[{host}]" if ":" in host else host
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        parts = parts._replace(netloc=netloc)
-    return urllib.parse.urlunsplit(parts).rstrip("/") + "/studies", headers
+    return _without_credentials(root).rstrip("/") + "/studies", headers
+
+
+def _without_credentials(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port is not None else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _failures(body: bytes) -> list[int]:
@@ -67,17 +81,48 @@ def _failures(body: bytes) -> list[int]:
     return reasons
 
 
-def stow_rs(destination: Destination, files: Sequence[Path]) -> None:
-    """POST the files to ``destination.url``/studies; raise DeliveryError unless all were stored."""
-    url, headers = _endpoint(destination.url)
-    body, content_type = multipart_related([Path(f).read_bytes() for f in files])
+@register
+@dataclass(frozen=True)
+class DicomwebDestination(Destination):
+    """A DICOMweb server (its root, such as http://pacs/dicom-web) receiving our objects by STOW-RS;
+    credentials in the URL's userinfo go as HTTP Basic auth."""
+
+    kind: ClassVar[str] = "dicomweb"
+    KEYS: ClassVar[frozenset[str]] = frozenset({"url", "timeout"})
+    url: str
+    timeout: float = 30.0  # s for the whole HTTP request
+
+    @property
+    def address(self) -> str:
+        return _without_credentials(self.url)
+
+    @classmethod
+    def from_table(cls, key: str, table: dict[str, Any], base: Path | None = None) -> DicomwebDestination:
+        common = common_settings(key, table, cls)
+        require(key, table, ("name", "url"), cls.kind)
+        url = check_type(f"{key}.url", table["url"], str)
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+            raise ConfigError(f"{key}.url: expected the DICOMweb root as http(s)://host[:port]/path, "
+                              f"got {_without_credentials(url)!r}")
+        return cls(common.pop("name"), url.rstrip("/"),
+                   timeout=positive(f"{key}.timeout", table.get("timeout", 30.0)), **common)
+
+    def send_objects(self, objects: Sequence[Outgoing], calling_ae: str) -> None:
+        stow_rs(self.url, [o.data for o in objects], self.timeout)
+
+
+def stow_rs(root: str, parts: Sequence[bytes], timeout: float) -> None:
+    """POST the objects to ``root``/studies; raise DeliveryError unless all were stored."""
+    url, headers = _endpoint(root)
+    body, content_type = multipart_related(parts)
     request = urllib.request.Request(url, data=body, method="POST", headers={
         **headers, "Content-Type": content_type, "Accept": "application/dicom+json"})
     try:
-        with urllib.request.urlopen(request, timeout=destination.timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             answer = response.read()
     except urllib.error.HTTPError as err:
-        detail = err.read()[:300].decode(errors="replace").strip()
+        detail = "".join(c if c.isprintable() else " " for c in err.read()[:300].decode(errors="replace"))
+        detail = detail.strip()  # the server's words, one line
         permanent = 400 <= err.code < 500 and err.code not in TRANSIENT_HTTP
         raise DeliveryError(f"STOW-RS to {url} answered HTTP {err.code} {err.reason}"
                             + (f": {detail}" if detail else ""), permanent=permanent) from err
@@ -88,5 +133,5 @@ def stow_rs(destination: Destination, files: Sequence[Path]) -> None:
     if reasons:
         codes = ", ".join(f"0x{r:04X}" for r in reasons)
         transient = all(r & 0xFF00 == 0xA700 for r in reasons)
-        raise DeliveryError(f"STOW-RS to {url}: {len(reasons)} of {len(files)} objects refused ({codes})",
+        raise DeliveryError(f"STOW-RS to {url}: {len(reasons)} of {len(parts)} objects refused ({codes})",
                             permanent=not transient)

@@ -1,0 +1,142 @@
+"""Kind "dicom": C-STORE to a DICOM peer in one association, optionally over TLS."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydicom.uid import UID
+from pynetdicom import AE
+
+from vesalius.node.checks import ConfigError, ae_title, check_type, existing_file, port, positive
+from vesalius.node.destinations import (
+    DeliveryError,
+    Destination,
+    Outgoing,
+    common_settings,
+    register,
+    require,
+)
+from vesalius.node.tls import ClientTLS, client_context
+
+log = logging.getLogger("vesalius.send")
+
+WARNING_STATUSES = {0xB000, 0xB006, 0xB007}  # stored, with coercion or elements discarded
+# Extras a destination may lack: when it does not accept them, they are skipped, not a failure
+# (the BINARY SEG and the Surface Segmentation carry the same content).
+OPTIONAL_SOP_CLASSES = frozenset({UID("1.2.840.10008.5.1.4.1.1.66.7"),  # Label Map Segmentation Storage
+                                  UID("1.2.840.10008.5.1.4.1.1.104.3")})  # Encapsulated STL Storage
+TLS_KEYS = ("tls_ca_certificates", "tls_certificate", "tls_private_key", "tls_verify_hostname")
+
+
+def parse_tls(key: str, table: dict[str, Any], base: Path | None) -> ClientTLS | None:
+    """``tls = true`` and its tls_* keys (which need it); relative files start at ``base``."""
+    tls = check_type(f"{key}.tls", table.get("tls", False), bool)
+    if not tls:
+        for name in TLS_KEYS:
+            if name in table:
+                raise ConfigError(f"{key}.{name}: only with tls = true")
+        return None
+    files = {name: existing_file(f"{key}.tls_{name}", table[f"tls_{name}"], base)
+             for name in ("ca_certificates", "certificate", "private_key") if f"tls_{name}" in table}
+    if ("certificate" in files) != ("private_key" in files):
+        raise ConfigError(f"{key}.tls_certificate: mutual TLS needs both tls_certificate and tls_private_key")
+    verify = check_type(f"{key}.tls_verify_hostname", table.get("tls_verify_hostname", True), bool)
+    return ClientTLS(**files, verify_hostname=verify)
+
+
+@register
+@dataclass(frozen=True)
+class DicomDestination(Destination):
+    """A DICOM peer (a PACS) receiving our objects by C-STORE."""
+
+    kind: ClassVar[str] = "dicom"
+    KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"ae_title", "host", "port", "max_pdu", "timeout", "tls", *TLS_KEYS})
+    ae_title: str
+    host: str
+    port: int
+    max_pdu: int = 0  # 0: unlimited
+    timeout: float = 30.0  # s for the association and each DIMSE reply
+    tls: ClientTLS | None = None  # None: plain DICOM
+
+    @property
+    def address(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" tls" if self.tls else "")
+
+    @classmethod
+    def parse(cls, text: str) -> DicomDestination:
+        """``AE@HOST:PORT`` as given on the command line."""
+        match = re.fullmatch(r"([^@]{1,16})@([^:@]+):(\d{1,5})", text.strip())
+        if not match:
+            raise ConfigError(f"destination {text!r}: expected AE@HOST:PORT, e.g. PACS@10.0.0.5:104")
+        ae, host, number = match.groups()
+        return cls(ae, ae, host, int(number))
+
+    @classmethod
+    def from_table(cls, key: str, table: dict[str, Any], base: Path | None = None) -> DicomDestination:
+        common = common_settings(key, table, cls)
+        require(key, table, ("ae_title", "host", "port"), cls.kind)
+        ae = ae_title(f"{key}.ae_title", table["ae_title"])
+        return cls(
+            common.pop("name", ae), ae,
+            check_type(f"{key}.host", table["host"], str),
+            port(f"{key}.port", table["port"]),
+            max_pdu=int(check_type(f"{key}.max_pdu", table.get("max_pdu", 0), int)),
+            timeout=positive(f"{key}.timeout", table.get("timeout", 30.0)),
+            tls=parse_tls(key, table, base),
+            **common,
+        )
+
+    def check(self) -> None:
+        if self.tls is not None:
+            client_context(self.tls, f"destination {self.name}: tls")
+
+    def send_objects(self, objects: Sequence[Outgoing], calling_ae: str) -> None:
+        """One association, negotiating exactly the objects' SOP classes and transfer syntaxes."""
+        datasets = [o.dataset for o in objects]
+        ae = AE(ae_title=calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        for sop_class, syntax in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+                                         for ds in datasets}):
+            ae.add_requested_context(sop_class, syntax)
+        tls_args = None
+        if self.tls is not None:
+            tls_args = (client_context(self.tls, f"destination {self.name}: tls"), self.host)
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, max_pdu=self.max_pdu,
+                             tls_args=tls_args)
+        if not assoc.is_established:
+            if assoc.is_rejected and assoc.acceptor.primitive is not None:
+                result = assoc.acceptor.primitive.result
+                reason = assoc.acceptor.primitive.reason_str
+                raise DeliveryError(f"association rejected: {reason}", permanent=result == 0x01)
+            if assoc.rejected_contexts:  # the peer accepted the association but none of our SOP classes
+                refused = {UID(cx.abstract_syntax or "").name for cx in assoc.rejected_contexts}
+                names = ", ".join(sorted(refused))
+                raise DeliveryError(f"destination does not accept {names}", permanent=True)
+            how = " or the TLS handshake failed" if self.tls else ""
+            raise DeliveryError(f"no association (destination unreachable or aborted{how})", permanent=False)
+        try:
+            accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+            for ds in datasets:
+                if str(ds.SOPClassUID) not in accepted:
+                    if ds.SOPClassUID in OPTIONAL_SOP_CLASSES:
+                        log.info("destination %s does not accept %s: skipped (the BINARY SEG and surfaces "
+                                 "carry the same content)", self.label, ds.SOPClassUID.name)
+                        continue
+                    raise DeliveryError(f"destination does not accept SOP class {ds.SOPClassUID.name}",
+                                        permanent=True)
+                status = assoc.send_c_store(ds)
+                if "Status" not in status:
+                    raise DeliveryError("connection lost during C-STORE", permanent=False)
+                code = int(status.Status)
+                if code != 0x0000 and code not in WARNING_STATUSES:
+                    transient = code & 0xFF00 == 0xA700  # out of resources: try again later
+                    raise DeliveryError(f"C-STORE of {ds.SOPClassUID.name} refused with status 0x{code:04X}",
+                                        permanent=not transient)
+        finally:
+            assoc.release()
