@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 
 from tests.dicom_checks import assert_dciodvfy_clean
 from tests.dicom_out_inputs import BODY, BONE, LABELS, LUNG_LEFT, LUNG_RIGHT, phantom_volume
+from vesalius.dicom_out.checks import sr_problems
 from vesalius.dicom_out.codes import term_for
 from vesalius.dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
 from vesalius.dicom_out.seg import build_seg, segment_numbers
@@ -168,3 +170,29 @@ def test_measurements_from_inference_are_reported(tmp_path: Path) -> None:
         assert values[("42798000", None)][0] == pytest.approx(measurement.surface_area_cm2,
                                                               rel=1e-9)
         assert values[("112031", "373098007")][0] == pytest.approx(measurement.mean, rel=1e-9)
+
+
+def test_each_structure_is_located_on_its_largest_slice_for_viewers(inputs, written: Path) -> None:
+    """A TID 1410 group per structure, same Tracking UID: the rectangle enclosing the structure
+    on the source slice with the most of its voxels (what OHIF needs to show the numbers)."""
+    volume, seg, labels = inputs
+    report = hd.sr.srread(written).content
+    planar = {str(g.tracking_uid): g for g in report.get_planar_roi_measurement_groups()}
+    volumetric = groups_by_tracking_uid(written)
+    assert set(planar) == set(volumetric)
+    by_name = {m.label.name: m.label for m in MEASUREMENTS}
+    for uid, group in planar.items():
+        label = by_name[next(n for n, lab in by_name.items()
+                             if str(volumetric[uid].tracking_identifier) == term_for(n).label)]
+        mask = label.mask(labels)
+        z = int(np.argmax(mask.sum(axis=(1, 2))))
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        source = region.ContentSequence[0].ReferencedSOPSequence[0]
+        assert source.ReferencedSOPInstanceUID == volume.sources[z].SOPInstanceUID
+        points = region.value
+        rows, cols = np.nonzero(mask[z])
+        np.testing.assert_array_equal(points.min(axis=0), [cols.min(), rows.min()])
+        np.testing.assert_array_equal(points.max(axis=0), [cols.max() + 1, rows.max() + 1])
+        np.testing.assert_array_equal(points[0], points[-1])  # closed
+    assert sr_problems(pydicom.dcmread(written), seg) == []
