@@ -134,8 +134,9 @@ def test_every_object_has_a_dated_numbered_readable_series(written) -> None:
         kinds += [(ds, "stl") for ds in objects["stl"]]
         for ds, kind in kinds:
             where = f"{model} {kind}"
-            assert len(ds.SeriesDate) == 8 and ds.SeriesDate.isdigit(), where
-            assert len(ds.SeriesTime) >= 6, where
+            date, time = str(ds.SeriesDate), str(ds.SeriesTime)
+            assert len(date) == 8 and date.isdigit(), where
+            assert len(time) >= 6 and time[:6].isdigit(), where
             assert ds.SeriesNumber == SERIES_NUMBER[kind], where
             assert ds.SeriesDescription == series_description(objects["algorithm"], kind), where
             assert ds.SeriesDescription.startswith(f"Vesalius {model} "), where
@@ -148,7 +149,7 @@ def test_the_sr_references_the_binary_seg_only(written) -> None:
 
     objects = written["builtin_ct"]
     with pytest.raises(ValueError, match="BINARY"):
-        build(None, objects[("seg", LABELMAP)], [], None)  # type: ignore[arg-type]
+        build(None, objects[("seg", LABELMAP)], [], None, label_map=None)  # type: ignore[arg-type]
 
 
 def test_the_totalsegmentator_objects_carry_many_structures(written) -> None:

@@ -52,7 +52,7 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
         orthanc.upload([*series.paths, *ours])
         browser = pw.chromium.launch_persistent_context(
             str(tmp / "chromium-profile"), executable_path=CHROMIUM, args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 900})
+            viewport={"width": 1100, "height": 760})
         # as if the user had seen OHIF's first-visit guided tour (its overlay takes every click)
         browser.add_init_script("localStorage.setItem('shownTours', '[\"basicViewerTour\"]')")
         try:
