@@ -146,7 +146,8 @@ def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measur
     numbers = segment_numbers(seg)
     counts = _voxels_per_slice(label_map)
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
-    groups = []
+    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+                 | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     for measurement in measurements:
         term = term_for(measurement.label.name)
         tracking_uid = segment_tracking_uid(volume, algorithm, measurement.label)
