@@ -52,7 +52,7 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
         orthanc.upload([*series.paths, *ours])
         browser = pw.chromium.launch_persistent_context(
             str(tmp / "chromium-profile"), executable_path=CHROMIUM, args=CHROMIUM_FLAGS,
-            viewport={"width": 1100, "height": 760})
+            viewport={"width": 1400, "height": 900})
         # as if the user had seen OHIF's first-visit guided tour (its overlay takes every click)
         browser.add_init_script("localStorage.setItem('shownTours', '[\"basicViewerTour\"]')")
         try:
@@ -96,7 +96,9 @@ def segment_rows(page: Page, labels: list[str]) -> list[tuple[str, tuple[int, ..
 
 
 def viewport_pixels(page: Page) -> np.ndarray:
-    png = page.locator("canvas.cornerstone-canvas").first.screenshot()
+    box = page.locator("canvas.cornerstone-canvas").first.bounding_box()
+    assert box is not None, "no viewport canvas"
+    png = page.screenshot(clip=box, animations="disabled", caret="hide")
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64)
 
 
@@ -119,13 +121,18 @@ def expected_segments(viewer: Viewer) -> list[tuple[str, tuple[int, int, int]]]:
     return [(term_for(s["name"]).label, term_for(s["name"]).rgb) for s in viewer.structures]
 
 
-def check_segmentation(page: Page, viewer: Viewer) -> None:
-    """Every segment listed with its recommended colour, and drawn in that colour."""
+def check_segment_list(page: Page, viewer: Viewer) -> None:
+    """Every segment listed, in order, with its recommended colour (and nothing else)."""
     expected = expected_segments(viewer)
     rows = segment_rows(page, [label for label, _ in expected])
     assert [title for title, _ in rows] == [label for label, _ in expected]  # no "Background"
     for (title, shown), (_, wanted) in zip(rows, expected, strict=True):
         assert np.abs(np.subtract(shown, wanted)).max() <= 2, f"{title}: listed as {shown}, not {wanted}"
+
+
+def check_segments_drawn(page: Page, viewer: Viewer) -> None:
+    """Each segment, shown alone on its centre slice, drawn over the CT in its own colour."""
+    expected = expected_segments(viewer)
     toggles = page.locator('[data-cy="data-row-visibility-toggle"]')
     for toggle in toggles.all():  # hide all, then show one at a time
         toggle.click()
@@ -166,7 +173,8 @@ def test_binary_seg_lists_and_draws_every_segment_in_its_colour(page: Page, view
     page.locator('[data-cy="panelSegmentation-btn"]').click()
     open_series(page, "Segmentation")
     page.get_by_role("button", name="Yes").click()  # "Do you want to open this Segmentation?"
-    check_segmentation(page, viewer)
+    check_segment_list(page, viewer)
+    check_segments_drawn(page, viewer)
 
 
 def test_label_map_seg_lists_no_background_and_each_segment_in_its_own_colour(
@@ -174,7 +182,14 @@ def test_label_map_seg_lists_no_background_and_each_segment_in_its_own_colour(
     page.locator('[data-cy="panelSegmentation-btn"]').click()
     open_series(page, "Label map segmentation")
     page.get_by_role("button", name="Yes").click()
-    check_segmentation(page, viewer)
+    check_segment_list(page, viewer)  # the colours OHIF took by list position, with "Background"
+    hidden = _settled(page)  # drawn at all: all segments hidden, then all shown
+    page.locator('[data-cy="all-segments-visibility-toggle"]').click()
+    shown = _settled(page, unlike=hidden)
+    page.locator('[data-cy="all-segments-visibility-toggle"]').click()
+    _settled(page, unlike=shown)
+    drawn = np.abs(shown - hidden).sum(axis=-1) > 12
+    assert drawn.sum() > 1000, f"the label map is drawn on {drawn.sum()} pixels only"
 
 
 def test_sr_opens_and_shows_the_volume_of_each_structure(page: Page, viewer: Viewer) -> None:
