@@ -21,7 +21,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from vesalius.dicom_out.codes import term_for
+from vesalius.dicom_out.common import check_same_study
 from vesalius.dicom_out.identity import (
     DEVICE_SERIAL_NUMBER,
     DEVICE_UID,
@@ -37,7 +37,9 @@ from vesalius.dicom_out.seg import SEGMENTATION_STORAGE, segment_numbers, segmen
 from vesalius.dicom_out.sources import source_headers
 from vesalius.inference.measures import Measurement
 from vesalius.inference.models import Label
-from vesalius.inference.volume import Volume, frame_number
+from vesalius.inference.series.frames import frame_number
+from vesalius.inference.terminology import term_for
+from vesalius.inference.volume import Volume
 
 VOLUME = codes.SCT.Volume  # SCT 118565006
 AREA = codes.SCT.Area  # SCT 42798000: the structure's surface area, from its mesh
@@ -138,8 +140,7 @@ def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measur
                          f"got SOP class {seg.SOPClassUID}")
     if not measurements:
         raise ValueError("no measurement to report")
-    if seg.StudyInstanceUID != volume.study_uid:
-        raise ValueError("the SEG belongs to another study than the source series")
+    check_same_study(volume, seg)
     if label_map.shape != volume.array.shape:
         raise ValueError(f"label map shape {label_map.shape} differs from the volume's "
                          f"{volume.array.shape}")

@@ -24,7 +24,7 @@ from tests.ohif_peer import ohif_server, orthanc_dicomweb
 from tests.peers import wait_for
 from tests.phantoms import write_phantom_series
 from tests.test_e2e import CHEST
-from vesalius.dicom_out.codes import term_for
+from vesalius.inference.terminology import term_for
 from vesalius.node.pipeline import run_pipeline
 
 CHROMIUM = "/usr/bin/chromium"

@@ -11,13 +11,13 @@ import pytest
 
 from tests.dicom_checks import assert_dciodvfy_clean
 from tests.dicom_out_inputs import BODY, BONE, LABELS, LUNG_LEFT, LUNG_RIGHT, phantom_volume
-from vesalius.dicom_out.checks import sr_problems
-from vesalius.dicom_out.codes import term_for
+from tests.object_checks import sr_problems
 from vesalius.dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
 from vesalius.dicom_out.seg import build_seg, segment_numbers
 from vesalius.dicom_out.sr import build_sr
 from vesalius.inference.measures import Measurement
 from vesalius.inference.models import Label
+from vesalius.inference.terminology import term_for
 
 ALGORITHM = Algorithm("builtin_ct", "1")
 # deliberately not in segment order, and bone without a surface area
@@ -35,16 +35,16 @@ MEASUREMENTS = (
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory):
-    volume, labels = phantom_volume(tmp_path_factory.mktemp("phantom"))
-    seg = build_seg(volume, labels, LABELS, ALGORITHM)
-    return volume, seg, labels
+    volume, label_map = phantom_volume(tmp_path_factory.mktemp("phantom"))
+    seg = build_seg(volume, label_map, LABELS, ALGORITHM)
+    return volume, seg, label_map
 
 
 @pytest.fixture(scope="module")
 def written(inputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    volume, seg, labels = inputs
+    volume, seg, label_map = inputs
     path = tmp_path_factory.mktemp("sr") / "sr.dcm"
-    sr = build_sr(volume, seg, MEASUREMENTS, ALGORITHM, label_map=labels)
+    sr = build_sr(volume, seg, MEASUREMENTS, ALGORITHM, label_map=label_map)
     sr.save_as(path, enforce_file_format=True)
     return path
 
@@ -122,28 +122,28 @@ def test_sr_is_ours_in_the_source_study_with_derived_uids(inputs, written: Path)
 
 
 def test_uids_are_deterministic_and_change_with_the_version(inputs) -> None:
-    volume, seg, labels = inputs
-    first = build_sr(volume, seg, MEASUREMENTS, ALGORITHM, label_map=labels)
-    again = build_sr(volume, seg, MEASUREMENTS, Algorithm("builtin_ct", "1"), label_map=labels)
+    volume, seg, label_map = inputs
+    first = build_sr(volume, seg, MEASUREMENTS, ALGORITHM, label_map=label_map)
+    again = build_sr(volume, seg, MEASUREMENTS, Algorithm("builtin_ct", "1"), label_map=label_map)
     assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID,
                                                                again.SOPInstanceUID)
     newer_algorithm = Algorithm("builtin_ct", "2")
-    newer_seg = build_seg(volume, labels, LABELS, newer_algorithm)
-    newer = build_sr(volume, newer_seg, MEASUREMENTS, newer_algorithm, label_map=labels)
+    newer_seg = build_seg(volume, label_map, LABELS, newer_algorithm)
+    newer = build_sr(volume, newer_seg, MEASUREMENTS, newer_algorithm, label_map=label_map)
     assert first.SeriesInstanceUID != newer.SeriesInstanceUID
     assert first.SOPInstanceUID != newer.SOPInstanceUID
     with pytest.raises(ValueError, match="no segment"):  # a SEG of another run does not fit
-        build_sr(volume, seg, MEASUREMENTS, newer_algorithm, label_map=labels)
+        build_sr(volume, seg, MEASUREMENTS, newer_algorithm, label_map=label_map)
 
 
 def test_refuses_measurements_without_a_segment(inputs) -> None:
-    volume, seg, labels = inputs
+    volume, seg, label_map = inputs
     airways = Measurement(Label(5, "airways"), voxel_count=1, volume_ml=0.001,
                           surface_area_cm2=None, mean=-1000.0, std=0.0)
     with pytest.raises(ValueError, match="airways"):
-        build_sr(volume, seg, [airways], ALGORITHM, label_map=labels)
+        build_sr(volume, seg, [airways], ALGORITHM, label_map=label_map)
     with pytest.raises(ValueError, match="no measurement"):
-        build_sr(volume, seg, [], ALGORITHM, label_map=labels)
+        build_sr(volume, seg, [], ALGORITHM, label_map=label_map)
 
 
 def test_measurements_from_inference_are_reported(tmp_path: Path) -> None:
@@ -151,11 +151,11 @@ def test_measurements_from_inference_are_reported(tmp_path: Path) -> None:
     from vesalius.inference.measures import measure
     from vesalius.inference.surfaces import build_meshes
 
-    volume, labels = phantom_volume(tmp_path / "phantom", orientation="oblique")
-    measurements = measure(volume, labels, LABELS, build_meshes(labels, volume.affine, LABELS))
-    seg = build_seg(volume, labels, LABELS, ALGORITHM)
+    volume, label_map = phantom_volume(tmp_path / "phantom", orientation="oblique")
+    measurements = measure(volume, label_map, LABELS, build_meshes(label_map, volume.affine, LABELS))
+    seg = build_seg(volume, label_map, LABELS, ALGORITHM)
     path = tmp_path / "sr.dcm"
-    sr = build_sr(volume, seg, measurements, ALGORITHM, label_map=labels)
+    sr = build_sr(volume, seg, measurements, ALGORITHM, label_map=label_map)
     sr.save_as(path, enforce_file_format=True)
     assert_dciodvfy_clean(path)
     groups = groups_by_tracking_uid(path)
@@ -175,7 +175,7 @@ def test_measurements_from_inference_are_reported(tmp_path: Path) -> None:
 def test_each_structure_is_located_on_its_largest_slice_for_viewers(inputs, written: Path) -> None:
     """A TID 1410 group per structure, same Tracking UID: the rectangle enclosing the structure
     on the source slice with the most of its voxels (what OHIF needs to show the numbers)."""
-    volume, seg, labels = inputs
+    volume, seg, label_map = inputs
     report = hd.sr.srread(written).content
     planar = {str(g.tracking_uid): g for g in report.get_planar_roi_measurement_groups()}
     volumetric = groups_by_tracking_uid(written)
@@ -184,7 +184,7 @@ def test_each_structure_is_located_on_its_largest_slice_for_viewers(inputs, writ
     for uid, group in planar.items():
         label = by_name[next(n for n, lab in by_name.items()
                              if str(volumetric[uid].tracking_identifier) == term_for(n).label)]
-        mask = label.mask(labels)
+        mask = label.mask(label_map)
         z = int(np.argmax(mask.sum(axis=(1, 2))))
         region = group.roi
         assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
