@@ -22,7 +22,7 @@ from vesalius.dicom_out.common import (
     image_reference,
     new_derived_dataset,
 )
-from vesalius.dicom_out.identity import SERIES_NUMBER, Algorithm, derived_uid
+from vesalius.dicom_out.identity import Algorithm, derived_uid, name_series
 from vesalius.dicom_out.seg import segment_tracking_uid
 from vesalius.dicom_out.sources import tidy
 from vesalius.dicom_out.stl import stl_bytes
@@ -58,8 +58,7 @@ def build_encapsulated_stl(volume: Volume, mesh: Mesh, algorithm: Algorithm, *,
     # Encapsulated Document Series
     ds.Modality = "M3D"
     ds.SeriesInstanceUID = derived_uid(volume.series_uid, algorithm, "stl/series")
-    ds.SeriesNumber = SERIES_NUMBER["stl"]
-    ds.SeriesDescription = f"Vesalius {algorithm.name} 3D models"[:64]
+    name_series(ds, algorithm, "stl")
     # Frame of Reference: the model is in the CT's patient coordinates
     ds.FrameOfReferenceUID = volume.frame_of_reference_uid
     ds.PositionReferenceIndicator = source.get("PositionReferenceIndicator", "")

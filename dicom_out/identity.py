@@ -8,11 +8,13 @@ SOP Instance UIDs and the PACS overwrites the earlier result instead of piling u
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import uuid
 from dataclasses import dataclass, field
 
 import highdicom as hd
+from pydicom import Dataset
 from pydicom.sr.coding import Code
 
 MANUFACTURER = "Vesalius"
@@ -64,10 +66,36 @@ def derived_uid(source_series_uid: str, algorithm: Algorithm, role: str) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
-# Series numbers of our output series, distinct per object kind so a viewer lists them apart;
-# "labelmap-*" are the Label Map SEG and the surfaces that reference it instead of the BINARY one.
+# Series numbers of our output series: one fixed number per object kind (the same on every re-run,
+# so a re-run replaces rather than adds), 9001-9009 for the objects derived from the BINARY SEG
+# and 9011-9019 for the Label Map SEG and the surfaces that reference it.
 SERIES_NUMBER = {"seg": 9001, "surface": 9002, "sr": 9003, "stl": 9004, "preview": 9005,
                  "labelmap-seg": 9011, "labelmap-surface": 9012}
+# What each kind is, for the series list a radiologist reads: "Vesalius builtin_ct 0.1 - Segmentation".
+SERIES_KIND = {"seg": "Segmentation", "surface": "3D surfaces", "sr": "Measurements",
+               "stl": "3D printing models", "preview": "3D preview", "labelmap-seg": "Label map segmentation",
+               "labelmap-surface": "3D surfaces (label map)"}
+
+
+def series_description(algorithm: Algorithm, kind: str) -> str:
+    """The Series Description of one kind of output: who made it, which model, what it is.
+
+    ASCII only (" - ", not a dash), so it needs no Specific Character Set of its own.
+    """
+    return f"Vesalius {algorithm.name} {algorithm.version} - {SERIES_KIND[kind]}"[:64]
+
+
+def name_series(ds: Dataset, algorithm: Algorithm, kind: str) -> None:
+    """Set Series Number, Description, Date and Time of an output object of ``kind``.
+
+    Series Date/Time are the object's Content Date/Time (when it was made), so a viewer or
+    Orthanc Explorer files our series under the day they were written, not under "?".
+    """
+    ds.SeriesNumber = SERIES_NUMBER[kind]
+    ds.SeriesDescription = series_description(algorithm, kind)
+    now = datetime.datetime.now()
+    ds.SeriesDate = ds.get("ContentDate") or now.strftime("%Y%m%d")
+    ds.SeriesTime = ds.get("ContentTime") or now.strftime("%H%M%S")
 
 
 def algorithm_identification(algorithm: Algorithm) -> hd.AlgorithmIdentificationSequence:

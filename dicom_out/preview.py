@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 
 from vesalius.dicom_out.common import image_reference, new_derived_dataset, referenced_series
-from vesalius.dicom_out.identity import SERIES_NUMBER, Algorithm, derived_uid
+from vesalius.dicom_out.identity import Algorithm, derived_uid, name_series
 from vesalius.dicom_out.render import LegendEntry, View, render_views, rotation_views
 from vesalius.dicom_out.sources import source_headers
 from vesalius.inference.measures import Measurement
@@ -59,8 +59,7 @@ def build_preview(volume: Volume, meshes: Sequence[Mesh], measurements: Sequence
     # General Series
     ds.Modality = "OT"
     ds.SeriesInstanceUID = derived_uid(volume.series_uid, algorithm, "preview/series")
-    ds.SeriesNumber = SERIES_NUMBER["preview"]
-    ds.SeriesDescription = f"Vesalius {algorithm.name} 3D preview"[:64]
+    name_series(ds, algorithm, "preview")
     ds.Laterality = ""  # the views show both sides
     # SC Equipment: a workstation rendering
     ds.ConversionType = "WSD"

@@ -32,6 +32,7 @@ from vesalius.dicom_out.identity import (
     Algorithm,
     algorithm_identification,
     derived_uid,
+    name_series,
 )
 from vesalius.dicom_out.sources import source_headers, tidy
 from vesalius.inference.models import Label
@@ -68,7 +69,7 @@ def segment_tracking_uid(volume: Volume, algorithm: Algorithm, label: Label) -> 
 def segment_numbers(seg: pydicom.Dataset) -> dict[str, int]:
     """Tracking UID -> Segment Number of a SEG written by :func:`build_seg`."""
     return {str(item.TrackingUID): int(item.SegmentNumber) for item in seg.SegmentSequence
-            if "TrackingUID" in item}  # a LABELMAP's segment 0 is highdicom's "Background"
+            if "TrackingUID" in item}
 
 
 def segment_description(number: int, label: Label, volume: Volume,
@@ -154,9 +155,21 @@ def build_seg(volume: Volume, label_map: np.ndarray, structures: Sequence[Label]
         transfer_syntax_uid=transfer_syntax,
         omit_empty_frames=not keep_empty,
     )
-    kind = "segmentation" if segmentation_type == BINARY else "label map segmentation"
-    seg.SeriesDescription = f"Vesalius {algorithm.name} {kind}"[:64]
+    name_series(seg, algorithm, uid_kind)
+    if segmentation_type == LABELMAP:
+        drop_background_segment(seg)
     return seg
+
+
+def drop_background_segment(seg: pydicom.Dataset) -> None:
+    """Remove the "Background" item (Segment Number 0) highdicom writes first in a Label Map SEG.
+
+    The Label Map Segmentation IOD does not require a segment for pixel value 0, and OHIF 3.x
+    both lists it and takes segment colours by list position, so with the item every structure
+    was drawn in its neighbour's colour. Nothing else is renumbered: segments keep 1..N, the
+    pixel values, and Pixel Padding Value 0 (pixels in no segment).
+    """
+    seg.SegmentSequence = [item for item in seg.SegmentSequence if int(item.SegmentNumber) != 0]
 
 
 def _labelmap(label_map: np.ndarray, present: Sequence[Label]) -> np.ndarray:

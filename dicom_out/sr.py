@@ -3,6 +3,12 @@
 One measurement group (TID 1411, volumetric ROI) per structure, each referencing its segment in the
 SEG by SOP Instance UID and Segment Number and carrying the same Tracking UID as that segment, so a
 viewer can go from a number in the report to the voxels it was computed from.
+
+Each is followed by a second group (TID 1410, planar ROI) with the same Tracking Identifier and
+UID: an outline-free "where to look" region, the rectangle enclosing the structure on the source
+slice where its cross-section is largest. OHIF 3.x (up to 3.13 at least) shows a measurement
+only when its groups, merged by Tracking UID, hold a SCOORD/SCOORD3D: it draws the numbers of
+both groups at that region, and without one it fails on the report altogether.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -24,10 +31,13 @@ from vesalius.dicom_out.identity import (
     SOFTWARE_VERSION,
     Algorithm,
     derived_uid,
+    name_series,
 )
 from vesalius.dicom_out.seg import SEGMENTATION_STORAGE, segment_numbers, segment_tracking_uid
 from vesalius.dicom_out.sources import source_headers
 from vesalius.inference.measures import Measurement
+from vesalius.inference.models import Label
+from vesalius.inference.series.frames import frame_number
 from vesalius.inference.terminology import term_for
 from vesalius.inference.volume import Volume
 
@@ -95,9 +105,49 @@ def completeness_evaluations(measurement: Measurement) -> list[hd.sr.Qualitative
     return [hd.sr.QualitativeEvaluation(name=IMAGING_SERIES_QUALITY, value=ANATOMY_COVERAGE_INCOMPLETE)]
 
 
+def _voxels_per_slice(label_map: np.ndarray) -> np.ndarray:
+    """(slices, 256) voxel counts of each label value on each slice, one pass over the map."""
+    return np.stack([np.bincount(plane.ravel(), minlength=256) for plane in label_map])
+
+
+def _location_group(volume: Volume, label_map: np.ndarray, counts: np.ndarray, label: Label,
+                    tracking_identifier: hd.sr.TrackingIdentifier,
+                    ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group: the rectangle enclosing ``label`` on its largest cross-section's slice.
+
+    It measures nothing itself; it gives viewers that place measurements on an image (OHIF)
+    the slice and region where the structure's numbers belong. Coordinates are image column/row
+    of pixel edges (SCOORD: the top left corner of the top left pixel is 0,0).
+    """
+    z = int(np.argmax(counts[:, [label.value, *label.includes]].sum(axis=1)))
+    inside = label.mask(label_map[z])
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    left, right, top, bottom = cols[0], cols[-1] + 1, rows[0], rows[-1] + 1
+    corners = [(left, top), (right, top), (right, bottom), (left, bottom), (left, top)]
+    source = volume.sources[z]
+    frame = frame_number(source)
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.array(corners, dtype=np.float64),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=str(source.SOPClassUID),
+            referenced_sop_instance_uid=str(source.SOPInstanceUID),
+            referenced_frame_numbers=None if frame is None else [frame],
+        ),
+    )
+    term = term_for(label.name)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking_identifier, referenced_region=region,
+        finding_type=term.type, finding_category=term.category,
+    )
+
+
 def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measurement],
-             algorithm: Algorithm) -> pydicom.Dataset:
+             algorithm: Algorithm, *, label_map: np.ndarray) -> pydicom.Dataset:
     """A Comprehensive 3D SR measurement report on the SEG's segments, with derived UIDs.
+
+    ``label_map`` is the model's label array the SEG was made from; it places each structure's
+    "where to look" region (see the module docstring).
 
     ``seg`` must be the BINARY SEG of the same run: Referenced Segment Number (TID 1411) is
     defined for Segmentation Storage, and dciodvfy rejects it on a Label Map Segmentation; so the
@@ -110,16 +160,22 @@ def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measur
     if not measurements:
         raise ValueError("no measurement to report")
     check_same_study(volume, seg)
+    if label_map.shape != volume.array.shape:
+        raise ValueError(f"label map shape {label_map.shape} differs from the volume's "
+                         f"{volume.array.shape}")
     numbers = segment_numbers(seg)
+    counts = _voxels_per_slice(label_map)
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
-    groups = []
+    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+                 | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     for measurement in measurements:
         term = term_for(measurement.label.name)
         tracking_uid = segment_tracking_uid(volume, algorithm, measurement.label)
         if tracking_uid not in numbers:
             raise ValueError(f"the SEG has no segment for {measurement.label.name!r}")
+        tracking_identifier = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=term.label)
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=term.label),
+            tracking_identifier=tracking_identifier,
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=seg.SOPClassUID,
                 sop_instance_uid=seg.SOPInstanceUID,
@@ -135,6 +191,8 @@ def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measur
             measurements=_measurements(measurement, volume.modality, algorithm_id),
             qualitative_evaluations=completeness_evaluations(measurement) or None,
         ))
+        groups.append(_location_group(volume, label_map, counts, measurement.label,
+                                      tracking_identifier))
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -161,5 +219,5 @@ def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measur
     sr.ManufacturerModelName = MODEL_NAME
     sr.SoftwareVersions = SOFTWARE_VERSION
     sr.DeviceSerialNumber = DEVICE_SERIAL_NUMBER
-    sr.SeriesDescription = f"Vesalius {algorithm.name} measurements"[:64]
+    name_series(sr, algorithm, "sr")
     return sr

@@ -24,7 +24,7 @@ from vesalius.dicom_out.common import (
     image_reference,
     new_derived_dataset,
 )
-from vesalius.dicom_out.identity import SERIES_NUMBER, Algorithm, algorithm_identification, derived_uid
+from vesalius.dicom_out.identity import Algorithm, algorithm_identification, derived_uid, name_series
 from vesalius.dicom_out.seg import role_prefix, segment_tracking_uid
 from vesalius.dicom_out.sources import tidy
 from vesalius.inference.surfaces import Mesh
@@ -152,8 +152,7 @@ def build_surface_segmentation(volume: Volume, meshes: Sequence[Mesh], algorithm
     # General Series + Segmentation Series
     ds.Modality = "SEG"
     ds.SeriesInstanceUID = derived_uid(volume.series_uid, algorithm, f"{kind}/series")
-    ds.SeriesNumber = SERIES_NUMBER[kind]
-    ds.SeriesDescription = f"Vesalius {algorithm.name} surfaces"[:64]
+    name_series(ds, algorithm, kind)
     # Frame of Reference: the surfaces are in the source's patient coordinates
     ds.FrameOfReferenceUID = volume.frame_of_reference_uid
     ds.PositionReferenceIndicator = source.get("PositionReferenceIndicator", "")

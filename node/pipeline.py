@@ -92,7 +92,7 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
                 volume, label_map, model.structures, algorithm, segmentation_type=LABELMAP)))
             seg = write("seg", build_seg(volume, label_map, model.structures, algorithm))
             # the SR references the BINARY SEG: the one every destination receives
-            write("sr", build_sr(volume, seg, measurements, algorithm))
+            write("sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map))
         if meshes:
             write("surface_segmentation", build_surface_segmentation(volume, meshes, algorithm, seg=seg))
         stls = build_encapsulated_stls(volume, meshes, algorithm, seg=seg) if meshes else []

@@ -9,6 +9,12 @@ extras="${1:-}"
 packages="dcmtk python3-venv libegl1 libegl-mesa0 libgl1-mesa-dri"
 # the tests also need a real PACS: Orthanc with its Python and DICOMweb plugins
 [[ ",$extras," == *",test,"* ]] && packages="$packages orthanc orthanc-python orthanc-dicomweb"
+# ... and a real browser for the OHIF test (tests/test_ohif.py), plus npm to fetch OHIF's prebuilt
+# viewer (NodeSource's nodejs carries npm; Debian's own splits it into the npm package)
+if [[ ",$extras," == *",test,"* ]]; then
+    packages="$packages chromium"
+    command -v npm >/dev/null || packages="$packages npm"
+fi
 if ! dpkg -s $packages >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
@@ -21,6 +27,12 @@ if ! dpkg -s $packages >/dev/null 2>&1; then
     fi
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $packages >/dev/null
     [ -z "$own_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
+fi
+if [[ ",$extras," == *",test,"* ]]; then
+    # OHIF Viewer's prebuilt dist, pinned and integrity-checked by tests/ohif/package-lock.json
+    # (the lock lists only @ohif/app: its dependencies are built into dist, so none is installed)
+    [ -f tests/ohif/node_modules/@ohif/app/dist/index.html ] ||
+        (cd tests/ohif && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
 fi
 # Install only on the first run, when pyproject.toml changed, or when an extra is asked for that is
 # not installed yet: a later start needs no network (air-gapped servers) and takes no time.

@@ -183,6 +183,7 @@ MEASUREMENT_GROUP = ("DCM", "125007")
 TRACKING_IDENTIFIER = ("DCM", "112039")
 TRACKING_UID = ("DCM", "112040")
 REFERENCED_SEGMENT = ("DCM", "121191")
+IMAGE_REGION = ("DCM", "111030")
 PROCEDURE_REPORTED = ("DCM", "121058")
 LANGUAGE = ("DCM", "121049")
 
@@ -194,6 +195,8 @@ def sr_problems(ds: pydicom.Dataset, seg: pydicom.Dataset | None = None) -> list
     reported, one "Imaging Measurements" container of "Measurement Group"s; each group has one
     Tracking Identifier, one Tracking UID, one Referenced Segment (to ``seg``'s SOP instance and
     a described segment number, when ``seg`` is given) and NUM items with a value and UCUM unit.
+    A planar group (TID 1410, one Image Region on a referenced image) locates a volumetric group
+    of the same Tracking UID on a slice, and needs no measurement of its own.
     """
     problems = []
     if ds.ValueType != "CONTAINER" or _concept(ds) != IMAGING_MEASUREMENT_REPORT:
@@ -213,6 +216,9 @@ def sr_problems(ds: pydicom.Dataset, seg: pydicom.Dataset | None = None) -> list
     if not groups:
         problems.append("no Measurement Group")
     numbers = {int(s.SegmentNumber) for s in seg.SegmentSequence} if seg is not None else None
+    planar = [g for g in groups if _children(g, IMAGE_REGION)]
+    groups = [g for g in groups if not _children(g, IMAGE_REGION)]
+    problems += _planar_group_problems(planar, groups)
     for index, group in enumerate(groups, start=1):
         where = f"group {index}"
         for concept, name in ((TRACKING_IDENTIFIER, "Tracking Identifier"),
@@ -237,6 +243,30 @@ def sr_problems(ds: pydicom.Dataset, seg: pydicom.Dataset | None = None) -> list
             unit = measured.MeasurementUnitsCodeSequence[0]
             if unit.CodingSchemeDesignator != "UCUM" or "NumericValue" not in measured:
                 problems.append(f"{where}: {_concept(item)} lacks a value with a UCUM unit")
+    return problems
+
+
+def _planar_group_problems(planar: Sequence[pydicom.Dataset],
+                           volumetric: Sequence[pydicom.Dataset]) -> list[str]:
+    """Each planar group: one closed-polyline Image Region selected from an image, tracking a
+    structure that a volumetric group measures."""
+    problems = []
+    tracked = {str(c.UID) for g in volumetric for c in _children(g, TRACKING_UID)}
+    for index, group in enumerate(planar, start=1):
+        where = f"planar group {index}"
+        uids = _children(group, TRACKING_UID)
+        if len(uids) != 1 or str(uids[0].UID) not in tracked:
+            problems.append(f"{where}: its Tracking UID names no volumetric group")
+        regions = _children(group, IMAGE_REGION)
+        if len(regions) != 1 or regions[0].ValueType != "SCOORD":
+            problems.append(f"{where}: needs exactly one SCOORD Image Region")
+            continue
+        points = [float(v) for v in regions[0].GraphicData]
+        if regions[0].GraphicType != "POLYLINE" or points[:2] != points[-2:]:
+            problems.append(f"{where}: the region is not a closed polyline")
+        sources = [c for c in regions[0].get("ContentSequence", []) if c.ValueType == "IMAGE"]
+        if len(sources) != 1:
+            problems.append(f"{where}: the region is selected from {len(sources)} images, not 1")
     return problems
 
 

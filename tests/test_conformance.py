@@ -25,7 +25,7 @@ from tests.object_checks import (
 )
 from tests.realdata import nifti_labels_in_volume_space, write_nifti_as_dicom_series
 from vesalius.dicom_out.encapsulated_stl import build_encapsulated_stls
-from vesalius.dicom_out.identity import Algorithm
+from vesalius.dicom_out.identity import SERIES_NUMBER, Algorithm, series_description
 from vesalius.dicom_out.preview import build_preview
 from vesalius.dicom_out.seg import BINARY, LABELMAP, build_seg
 from vesalius.dicom_out.sr import build_sr
@@ -49,7 +49,8 @@ def _objects(volume, label_map, structures, algorithm, out: Path, stl_names=None
         seg = build_seg(volume, label_map, structures, algorithm, segmentation_type=kind)
         objects[("seg", kind)] = seg
         objects[("surfaces", kind)] = build_surface_segmentation(volume, meshes, algorithm, seg)
-    objects[("sr", BINARY)] = build_sr(volume, objects[("seg", BINARY)], measurements, algorithm)
+    objects[("sr", BINARY)] = build_sr(volume, objects[("seg", BINARY)], measurements, algorithm,
+                                       label_map=label_map)
     objects[("preview", BINARY)] = build_preview(volume, meshes, measurements, algorithm)
     objects["stl"] = build_encapsulated_stls(volume, meshes, algorithm, names=stl_names,
                                              seg=objects[("seg", BINARY)])
@@ -65,6 +66,7 @@ def _objects(volume, label_map, structures, algorithm, out: Path, stl_names=None
         paths[("stl", number)] = path
     objects["paths"] = paths
     objects["structures"] = len(meshes)
+    objects["algorithm"] = algorithm
     return objects
 
 
@@ -124,13 +126,33 @@ def test_our_checks_find_nothing(written, model: str, segmentation_type: str) ->
     assert seg.NumberOfFrames == expected
 
 
+SERIES_KINDS = {("seg", BINARY): "seg", ("seg", LABELMAP): "labelmap-seg", ("surfaces", BINARY): "surface",
+                ("surfaces", LABELMAP): "labelmap-surface", ("sr", BINARY): "sr"}
+
+
+def test_every_object_has_a_dated_numbered_readable_series(written) -> None:
+    """Series Date/Time (else PACS lists file them under "?"), one fixed number and name per kind."""
+    for model, objects in written.items():
+        kinds = [(objects[key], kind) for key, kind in SERIES_KINDS.items()]
+        kinds += [(ds, "stl") for ds in objects["stl"]]
+        for ds, kind in kinds:
+            where = f"{model} {kind}"
+            date, time = str(ds.SeriesDate), str(ds.SeriesTime)
+            assert len(date) == 8 and date.isdigit(), where
+            assert len(time) >= 6 and time[:6].isdigit(), where
+            assert ds.SeriesNumber == SERIES_NUMBER[kind], where
+            assert ds.SeriesDescription == series_description(objects["algorithm"], kind), where
+            assert ds.SeriesDescription.startswith(f"Vesalius {model} "), where
+    assert len(set(SERIES_NUMBER.values())) == len(SERIES_NUMBER)
+
+
 def test_the_sr_references_the_binary_seg_only(written) -> None:
     """dciodvfy rejects Referenced Segment Number on a Label Map SEG: the SR never does that."""
     from vesalius.dicom_out.sr import build_sr as build
 
     objects = written["builtin_ct"]
     with pytest.raises(ValueError, match="BINARY"):
-        build(None, objects[("seg", LABELMAP)], [], None)  # type: ignore[arg-type]
+        build(None, objects[("seg", LABELMAP)], [], None, label_map=None)  # type: ignore[arg-type]
 
 
 def test_the_totalsegmentator_objects_carry_many_structures(written) -> None:

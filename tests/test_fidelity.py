@@ -207,7 +207,8 @@ def test_sr_volumes_equal_voxel_count_times_voxel_volume(orientation: str,
     measurements = measure(volume, label_map, LABELS, meshes)
     seg = build_seg(volume, label_map, LABELS, ALGORITHM)
     path = tmp_path / "sr.dcm"
-    build_sr(volume, seg, measurements, ALGORITHM).save_as(path, enforce_file_format=True)
+    sr = build_sr(volume, seg, measurements, ALGORITHM, label_map=label_map)
+    sr.save_as(path, enforce_file_format=True)
     voxel_ml = abs(np.linalg.det(volume.affine[:3, :3])) / 1000.0
     truth = {}
     for label in LABELS:

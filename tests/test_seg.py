@@ -144,7 +144,9 @@ def test_seg_is_ours_in_the_source_study_with_derived_uids(
     assert ds.SeriesInstanceUID.startswith("2.25.")
     assert ds.Manufacturer == MANUFACTURER
     assert ds.SoftwareVersions == SOFTWARE_VERSION
-    assert ds.SeriesDescription == "Vesalius builtin_ct segmentation"
+    assert ds.SeriesDescription == f"Vesalius builtin_ct {ALGORITHM.version} - Segmentation"
+    assert ds.SeriesNumber == 9001
+    assert ds.SeriesDate == ds.ContentDate and ds.SeriesTime == ds.ContentTime
     assert ds.SegmentationType == "BINARY"
     referenced = {item.ReferencedSOPInstanceUID
                   for item in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
@@ -236,6 +238,33 @@ def test_labelmap_is_its_own_object_with_the_same_segments(
     assert "with segments 2, 3, 4" in body.SegmentDescription  # the lungs and bone complete it
     with pytest.raises(ValueError, match="segmentation_type"):
         build_seg(volume, label_map, LABELS, ALGORITHM, segmentation_type="FRACTIONAL")
+
+
+def test_labelmap_has_no_background_item_and_reads_back(
+        oblique: tuple[Volume, np.ndarray], tmp_path: Path) -> None:
+    """OHIF lists a Segment Number 0 item and colours segments by list position: none is written.
+
+    The segments are the BINARY SEG's, item for item (numbers 1..N, labels, colours), and
+    highdicom still reads the object as 1..N with pixel value 0 as no segment.
+    """
+    volume, labels = oblique
+    binary = build_seg(volume, labels, LABELS, ALGORITHM)
+    path = tmp_path / "labelmap.dcm"
+    build_seg(volume, labels, LABELS, ALGORITHM, segmentation_type="LABELMAP").save_as(
+        path, enforce_file_format=True)
+    assert_dciodvfy_clean(path)
+    written = pydicom.dcmread(path)
+    numbers = [int(item.SegmentNumber) for item in written.SegmentSequence]
+    assert numbers == [int(item.SegmentNumber) for item in binary.SegmentSequence]
+    assert numbers == list(range(1, len(numbers) + 1))
+    for ours, theirs in zip(written.SegmentSequence, binary.SegmentSequence, strict=True):
+        assert ours.SegmentLabel == theirs.SegmentLabel
+        assert list(ours.RecommendedDisplayCIELabValue) == list(theirs.RecommendedDisplayCIELabValue)
+    assert written.PixelPaddingValue == 0  # pixels in no segment
+    seg = hd.seg.segread(path)
+    assert seg.get_segment_numbers() == numbers
+    assert [seg.get_segment_description(n).segment_label for n in numbers] == [
+        str(item.SegmentLabel) for item in binary.SegmentSequence]
 
 
 def test_binary_seg_keeps_empty_frames_aligned_to_every_slice(

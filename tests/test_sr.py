@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 
 from tests.dicom_checks import assert_dciodvfy_clean
 from tests.dicom_out_inputs import BODY, BONE, LABELS, LUNG_LEFT, LUNG_RIGHT, phantom_volume
+from tests.object_checks import sr_problems
 from vesalius.dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
 from vesalius.dicom_out.seg import build_seg, segment_numbers
 from vesalius.dicom_out.sr import build_sr
@@ -40,9 +42,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def written(inputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    volume, seg, _ = inputs
+    volume, seg, label_map = inputs
     path = tmp_path_factory.mktemp("sr") / "sr.dcm"
-    build_sr(volume, seg, MEASUREMENTS, ALGORITHM).save_as(path, enforce_file_format=True)
+    sr = build_sr(volume, seg, MEASUREMENTS, ALGORITHM, label_map=label_map)
+    sr.save_as(path, enforce_file_format=True)
     return path
 
 
@@ -121,27 +124,27 @@ def test_sr_is_ours_in_the_source_study_with_derived_uids(inputs, written: Path)
 
 def test_uids_are_deterministic_and_change_with_the_version(inputs) -> None:
     volume, seg, label_map = inputs
-    first = build_sr(volume, seg, MEASUREMENTS, ALGORITHM)
-    again = build_sr(volume, seg, MEASUREMENTS, Algorithm("builtin_ct", "1"))
+    first = build_sr(volume, seg, MEASUREMENTS, ALGORITHM, label_map=label_map)
+    again = build_sr(volume, seg, MEASUREMENTS, Algorithm("builtin_ct", "1"), label_map=label_map)
     assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID,
                                                                again.SOPInstanceUID)
     newer_algorithm = Algorithm("builtin_ct", "2")
     newer_seg = build_seg(volume, label_map, LABELS, newer_algorithm)
-    newer = build_sr(volume, newer_seg, MEASUREMENTS, newer_algorithm)
+    newer = build_sr(volume, newer_seg, MEASUREMENTS, newer_algorithm, label_map=label_map)
     assert first.SeriesInstanceUID != newer.SeriesInstanceUID
     assert first.SOPInstanceUID != newer.SOPInstanceUID
     with pytest.raises(ValueError, match="no segment"):  # a SEG of another run does not fit
-        build_sr(volume, seg, MEASUREMENTS, newer_algorithm)
+        build_sr(volume, seg, MEASUREMENTS, newer_algorithm, label_map=label_map)
 
 
 def test_refuses_measurements_without_a_segment(inputs) -> None:
-    volume, seg, _ = inputs
+    volume, seg, label_map = inputs
     airways = Measurement(Label(5, "airways"), voxel_count=1, volume_ml=0.001,
                           surface_area_cm2=None, mean=-1000.0, std=0.0)
     with pytest.raises(ValueError, match="airways"):
-        build_sr(volume, seg, [airways], ALGORITHM)
+        build_sr(volume, seg, [airways], ALGORITHM, label_map=label_map)
     with pytest.raises(ValueError, match="no measurement"):
-        build_sr(volume, seg, [], ALGORITHM)
+        build_sr(volume, seg, [], ALGORITHM, label_map=label_map)
 
 
 def test_measurements_from_inference_are_reported(tmp_path: Path) -> None:
@@ -153,7 +156,8 @@ def test_measurements_from_inference_are_reported(tmp_path: Path) -> None:
     measurements = measure(volume, label_map, LABELS, build_meshes(label_map, volume.affine, LABELS))
     seg = build_seg(volume, label_map, LABELS, ALGORITHM)
     path = tmp_path / "sr.dcm"
-    build_sr(volume, seg, measurements, ALGORITHM).save_as(path, enforce_file_format=True)
+    sr = build_sr(volume, seg, measurements, ALGORITHM, label_map=label_map)
+    sr.save_as(path, enforce_file_format=True)
     assert_dciodvfy_clean(path)
     groups = groups_by_tracking_uid(path)
     numbers = segment_numbers(seg)
@@ -167,3 +171,29 @@ def test_measurements_from_inference_are_reported(tmp_path: Path) -> None:
         assert values[("42798000", None)][0] == pytest.approx(measurement.surface_area_cm2,
                                                               rel=1e-9)
         assert values[("112031", "373098007")][0] == pytest.approx(measurement.mean, rel=1e-9)
+
+
+def test_each_structure_is_located_on_its_largest_slice_for_viewers(inputs, written: Path) -> None:
+    """A TID 1410 group per structure, same Tracking UID: the rectangle enclosing the structure
+    on the source slice with the most of its voxels (what OHIF needs to show the numbers)."""
+    volume, seg, label_map = inputs
+    report = hd.sr.srread(written).content
+    planar = {str(g.tracking_uid): g for g in report.get_planar_roi_measurement_groups()}
+    volumetric = groups_by_tracking_uid(written)
+    assert set(planar) == set(volumetric)
+    by_name = {m.label.name: m.label for m in MEASUREMENTS}
+    for uid, group in planar.items():
+        label = by_name[next(n for n, lab in by_name.items()
+                             if str(volumetric[uid].tracking_identifier) == term_for(n).label)]
+        mask = label.mask(label_map)
+        z = int(np.argmax(mask.sum(axis=(1, 2))))
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        source = region.ContentSequence[0].ReferencedSOPSequence[0]
+        assert source.ReferencedSOPInstanceUID == volume.sources[z].SOPInstanceUID
+        points = region.value
+        rows, cols = np.nonzero(mask[z])
+        np.testing.assert_array_equal(points.min(axis=0), [cols.min(), rows.min()])
+        np.testing.assert_array_equal(points.max(axis=0), [cols.max() + 1, rows.max() + 1])
+        np.testing.assert_array_equal(points[0], points[-1])  # closed
+    assert sr_problems(pydicom.dcmread(written), seg) == []
