@@ -184,7 +184,7 @@ def _status(args: argparse.Namespace) -> int:
         for item in study["selection"]:
             print(f"    {item['rule']}  {item['series_instance_uid']}  {item['reason']}")
     columns = {
-        "series": ("series_instance_uid", "modality", "instances", "state", "calling_ae"),
+        "series": ("series_instance_uid", "modality", "instances", "state", "calling_ae", "reason"),
         "jobs": ("id", "series_instance_uid", "model", "state", "attempts", "error"),
         "deliveries": ("id", "job_id", "destination", "state", "attempts", "error"),
     }
