@@ -10,10 +10,10 @@ the node recorded, and the peak resident memory of the node and its worker proce
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,9 +66,13 @@ def main() -> None:
                                  "the results at the PACS", interval=0.05)
             job = node.jobs()[0]
             rss = peak_rss_mb(node.proc.pid)
-        stages = json.loads(job["stages"])
-        send_s = delivered[0]["updated_at"] - job["updated_at"]
-        latency = delivered[0]["updated_at"] - t_last_image
+        stages = job["stages"]  # the API gives objects and ISO 8601 times
+
+        def seconds(iso: str) -> float:
+            return datetime.fromisoformat(iso).timestamp()
+
+        send_s = seconds(delivered[0]["updated_at"]) - seconds(job["updated_at"])
+        latency = seconds(delivered[0]["updated_at"]) - t_last_image
         print(f"ingest (storescu, {args.slices} slices): {t_last_image - t_send:.2f} s")
         print(f"last image -> all results acknowledged by the PACS: {latency:.2f} s (goal <= 10 s)")
         print("  includes the series quiet period (1 s) and the wait for a free worker")

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from vesalius.dicom_out.identity import DEVICE_SERIAL_NUMBER, MANUFACTURER, MODEL_NAME, SOFTWARE_VERSION
+from vesalius.inference.volume import Volume
 
 # Copied from the source so the object files under the same patient and study.
 PATIENT_STUDY_KEYWORDS = (
@@ -77,8 +78,27 @@ def new_derived_dataset(source: pydicom.Dataset, sop_class_uid: str,
     ds.DeviceSerialNumber = DEVICE_SERIAL_NUMBER
     ds.SoftwareVersions = SOFTWARE_VERSION
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
     return ds
+
+
+def check_same_study(volume: Volume, seg: pydicom.Dataset | None) -> None:
+    """ValueError when the SEG an object references belongs to another study than the source."""
+    if seg is not None and seg.StudyInstanceUID != volume.study_uid:
+        raise ValueError("the SEG belongs to another study than the source series")
+
+
+def derived_from(volume: Volume, seg: pydicom.Dataset | None) -> list[pydicom.Dataset]:
+    """The instances an object was derived from: the source slices, and the SEG when given."""
+    return [*volume.sources, *([seg] if seg is not None else [])]
+
+
+def common_instance_references(volume: Volume, seg: pydicom.Dataset | None) -> list[pydicom.Dataset]:
+    """Referenced Series Sequence (Common Instance Reference): the source series, and the SEG's."""
+    references = [referenced_series(volume.sources)]
+    if seg is not None:
+        references.append(referenced_series([seg]))
+    return references

@@ -14,13 +14,20 @@ from collections.abc import Sequence
 import pydicom
 from pydicom.sr.coding import Code
 
-from vesalius.dicom_out.codes import term_for
-from vesalius.dicom_out.common import code_item, image_reference, new_derived_dataset, referenced_series
+from vesalius.dicom_out.common import (
+    check_same_study,
+    code_item,
+    common_instance_references,
+    derived_from,
+    image_reference,
+    new_derived_dataset,
+)
 from vesalius.dicom_out.identity import SERIES_NUMBER, Algorithm, derived_uid
 from vesalius.dicom_out.seg import segment_tracking_uid
 from vesalius.dicom_out.sources import tidy
 from vesalius.dicom_out.stl import stl_bytes
 from vesalius.inference.surfaces import Mesh
+from vesalius.inference.terminology import term_for
 from vesalius.inference.volume import Volume
 
 ENCAPSULATED_STL_STORAGE = "1.2.840.10008.5.1.4.1.1.104.3"
@@ -42,8 +49,7 @@ def build_encapsulated_stl(volume: Volume, mesh: Mesh, algorithm: Algorithm, *,
     as a source next to the CT slices. Re-running the same model on the same series gives the
     same UIDs.
     """
-    if seg is not None and seg.StudyInstanceUID != volume.study_uid:
-        raise ValueError("the SEG belongs to another study than the source series")
+    check_same_study(volume, seg)
     data = stl_bytes(mesh)  # refuses empty meshes
     term = term_for(mesh.label.name)
     source = tidy(volume.sources[0])
@@ -66,18 +72,14 @@ def build_encapsulated_stl(volume: Volume, mesh: Mesh, algorithm: Algorithm, *,
     ds.BurnedInAnnotation = "NO"
     ds.DocumentTitle = f"{term.label} ({algorithm.name} {algorithm.version})"[:64]
     ds.ConceptNameCodeSequence = [code_item(term.type)]
-    derived_from: Sequence[pydicom.Dataset] = [*volume.sources, *([seg] if seg else [])]
-    ds.SourceInstanceSequence = [image_reference(d) for d in derived_from]
+    ds.SourceInstanceSequence = [image_reference(d) for d in derived_from(volume, seg)]
     ds.MIMETypeOfEncapsulatedDocument = STL_MIME_TYPE
     ds.EncapsulatedDocument = data
     ds.EncapsulatedDocumentLength = len(data)
     # the same structure is tracked by the same UID in the SEG, the surfaces and the SR
     ds.ContentDescription = f"Tracking UID {segment_tracking_uid(volume, algorithm, mesh.label)}"[:64]
     # Common Instance Reference
-    references = [referenced_series(volume.sources)]
-    if seg is not None:
-        references.append(referenced_series([seg]))
-    ds.ReferencedSeriesSequence = references
+    ds.ReferencedSeriesSequence = common_instance_references(volume, seg)
     return ds
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pygltflib
 
-from vesalius.dicom_out.codes import term_for
 from vesalius.inference.surfaces import Mesh
+from vesalius.inference.terminology import term_for
 
 # LPS millimetres -> glTF (x left, y superior, z anterior) metres; glTF matrices are column-major
 LPS_MM_TO_GLTF = np.array([
@@ -36,7 +36,7 @@ def _linear(channel: int) -> float:
     return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
 
 
-def _add_view(blob: bytearray, views: list, data: np.ndarray, target: int) -> int:
+def _add_view(blob: bytearray, views: list[pygltflib.BufferView], data: np.ndarray, target: int) -> int:
     while len(blob) % 4:  # accessors must be aligned to their component size
         blob.append(0)
     views.append(pygltflib.BufferView(buffer=0, byteOffset=len(blob), byteLength=data.nbytes,

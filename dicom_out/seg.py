@@ -23,7 +23,6 @@ import highdicom as hd
 import numpy as np
 import pydicom
 
-from vesalius.dicom_out.codes import term_for
 from vesalius.dicom_out.identity import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
@@ -36,7 +35,9 @@ from vesalius.dicom_out.identity import (
 )
 from vesalius.dicom_out.sources import source_headers, tidy
 from vesalius.inference.models import Label
-from vesalius.inference.volume import Volume, multiframe_source
+from vesalius.inference.series import multiframe_source
+from vesalius.inference.terminology import term_for
+from vesalius.inference.volume import Volume
 
 BINARY, LABELMAP = "BINARY", "LABELMAP"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -99,7 +100,7 @@ def segment_description(number: int, label: Label, volume: Volume,
     return description
 
 
-def build_seg(volume: Volume, labels: np.ndarray, label_defs: Sequence[Label],
+def build_seg(volume: Volume, label_map: np.ndarray, structures: Sequence[Label],
               algorithm: Algorithm, *, segmentation_type: str = BINARY) -> pydicom.Dataset:
     """A Segmentation of every non-empty label, in the source study, with derived UIDs.
 
@@ -110,21 +111,21 @@ def build_seg(volume: Volume, labels: np.ndarray, label_defs: Sequence[Label],
     if segmentation_type not in (BINARY, LABELMAP):
         raise ValueError(f"segmentation_type must be {BINARY!r} or {LABELMAP!r}, "
                          f"not {segmentation_type!r}")
-    if labels.shape != volume.array.shape:
-        raise ValueError(f"label array shape {labels.shape} differs from the volume's "
+    if label_map.shape != volume.array.shape:
+        raise ValueError(f"label map shape {label_map.shape} differs from the volume's "
                          f"{volume.array.shape}")
-    present = [label for label in label_defs if label.mask(labels).any()]
+    present = [label for label in structures if label.mask(label_map).any()]
     if not present:
         raise ValueError("no label has any voxel: there is nothing to write as a segmentation")
     descriptions = [segment_description(number, label, volume, algorithm)
                     for number, label in enumerate(present, start=1)]
     uid_kind = "seg" if segmentation_type == BINARY else "labelmap-seg"
     if segmentation_type == BINARY:
-        pixels = np.stack([label.mask(labels) for label in present], axis=-1)
+        pixels = np.stack([label.mask(label_map) for label in present], axis=-1)
         keep_empty = pixels.shape[0] * pixels.shape[-1] <= KEEP_EMPTY_FRAMES_UP_TO
         transfer_syntax = pydicom.uid.ExplicitVRLittleEndian
     else:
-        pixels = _labelmap(labels, present)
+        pixels = _labelmap(label_map, present)
         _describe_partial_segments(descriptions, present)
         keep_empty = True  # one RLE frame per slice: empty ones cost a few bytes
         transfer_syntax = pydicom.uid.RLELossless
@@ -158,12 +159,12 @@ def build_seg(volume: Volume, labels: np.ndarray, label_defs: Sequence[Label],
     return seg
 
 
-def _labelmap(labels: np.ndarray, present: Sequence[Label]) -> np.ndarray:
+def _labelmap(label_map: np.ndarray, present: Sequence[Label]) -> np.ndarray:
     """Segment numbers per voxel: each voxel gets the segment of its own label value."""
     by_value = np.zeros(256, np.uint16)
     for number, label in enumerate(present, start=1):
         by_value[label.value] = number
-    return by_value[labels.astype(np.uint8)]
+    return by_value[label_map.astype(np.uint8)]
 
 
 def _describe_partial_segments(descriptions: Sequence[hd.seg.SegmentDescription],

@@ -14,7 +14,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from vesalius.dicom_out.codes import term_for
+from vesalius.dicom_out.common import check_same_study
 from vesalius.dicom_out.identity import (
     DEVICE_SERIAL_NUMBER,
     DEVICE_UID,
@@ -28,6 +28,7 @@ from vesalius.dicom_out.identity import (
 from vesalius.dicom_out.seg import SEGMENTATION_STORAGE, segment_numbers, segment_tracking_uid
 from vesalius.dicom_out.sources import source_headers
 from vesalius.inference.measures import Measurement
+from vesalius.inference.terminology import term_for
 from vesalius.inference.volume import Volume
 
 VOLUME = codes.SCT.Volume  # SCT 118565006
@@ -89,8 +90,7 @@ def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measur
                          f"got SOP class {seg.SOPClassUID}")
     if not measurements:
         raise ValueError("no measurement to report")
-    if seg.StudyInstanceUID != volume.study_uid:
-        raise ValueError("the SEG belongs to another study than the source series")
+    check_same_study(volume, seg)
     numbers = segment_numbers(seg)
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
     groups = []

@@ -10,35 +10,25 @@ meshes with more than 65535 points need no workaround.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Sequence
 
 import numpy as np
 import pydicom
-from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian
 
-from vesalius.dicom_out.codes import Term, term_for
 from vesalius.dicom_out.common import (
-    PATIENT_STUDY_KEYWORDS,
+    check_same_study,
     code_item,
+    common_instance_references,
+    derived_from,
     image_reference,
-    referenced_series,
+    new_derived_dataset,
 )
-from vesalius.dicom_out.identity import (
-    DEVICE_SERIAL_NUMBER,
-    MANUFACTURER,
-    MODEL_NAME,
-    SERIES_NUMBER,
-    SOFTWARE_VERSION,
-    Algorithm,
-    algorithm_identification,
-    derived_uid,
-)
+from vesalius.dicom_out.identity import SERIES_NUMBER, Algorithm, algorithm_identification, derived_uid
 from vesalius.dicom_out.seg import role_prefix, segment_tracking_uid
 from vesalius.dicom_out.sources import tidy
 from vesalius.inference.surfaces import Mesh
+from vesalius.inference.terminology import Term, term_for
 from vesalius.inference.volume import Volume
 
 SURFACE_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.5"
@@ -153,55 +143,28 @@ def build_surface_segmentation(volume: Volume, meshes: Sequence[Mesh], algorithm
     for mesh in meshes:
         _check_mesh(mesh)
     source = tidy(volume.sources[0])
-    if seg is not None and seg.StudyInstanceUID != volume.study_uid:
-        raise ValueError("the SEG belongs to another study than the source series")
-    derived_from = [*volume.sources, *([seg] if seg is not None else [])]
+    check_same_study(volume, seg)
+    sources = derived_from(volume, seg)
 
     kind = f"{role_prefix(seg)}surface"  # those referencing the Label Map SEG are other objects
-    series_uid = derived_uid(volume.series_uid, algorithm, f"{kind}/series")
-    sop_uid = derived_uid(volume.series_uid, algorithm, f"{kind}/instance")
-    now = datetime.datetime.now()
-
-    ds = pydicom.Dataset()
-    # Patient, General Study, Patient Study: those of the source
-    for keyword in PATIENT_STUDY_KEYWORDS:
-        if keyword in source:
-            ds[keyword] = source[keyword]
-    # SOP Common
-    ds.SOPClassUID = SURFACE_SEGMENTATION_STORAGE
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = now.strftime("%H%M%S")
-    # Patient and General Study: type 2 attributes must be present, if only empty
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-                    "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
-        if keyword not in ds:
-            setattr(ds, keyword, "")
+    ds = new_derived_dataset(source, SURFACE_SEGMENTATION_STORAGE,
+                             derived_uid(volume.series_uid, algorithm, f"{kind}/instance"))
     # General Series + Segmentation Series
     ds.Modality = "SEG"
-    ds.SeriesInstanceUID = series_uid
+    ds.SeriesInstanceUID = derived_uid(volume.series_uid, algorithm, f"{kind}/series")
     ds.SeriesNumber = SERIES_NUMBER[kind]
     ds.SeriesDescription = f"Vesalius {algorithm.name} surfaces"[:64]
-    ds.SeriesDate = ds.InstanceCreationDate
-    ds.SeriesTime = ds.InstanceCreationTime
     # Frame of Reference: the surfaces are in the source's patient coordinates
     ds.FrameOfReferenceUID = volume.frame_of_reference_uid
     ds.PositionReferenceIndicator = source.get("PositionReferenceIndicator", "")
-    # General Equipment + Enhanced General Equipment
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = MODEL_NAME
-    ds.DeviceSerialNumber = DEVICE_SERIAL_NUMBER
-    ds.SoftwareVersions = SOFTWARE_VERSION
     # Surface Segmentation: Content Identification, content date/time, segments
     ds.InstanceNumber = 1
     ds.ContentLabel = "SURFACES"
     ds.ContentDescription = f"{algorithm.name} {algorithm.version}"[:64]
     ds.ContentCreatorName = "Vesalius^Node"
-    ds.ContentDate = ds.InstanceCreationDate
-    ds.ContentTime = ds.InstanceCreationTime
     terms = [term_for(mesh.label.name) for mesh in meshes]
     ds.SegmentSequence = [
-        _segment_item(number, mesh, term, volume, algorithm, derived_from)
+        _segment_item(number, mesh, term, volume, algorithm, sources)
         for number, (mesh, term) in enumerate(zip(meshes, terms, strict=True), start=1)
     ]
     # Surface Mesh
@@ -211,14 +174,5 @@ def build_surface_segmentation(volume: Volume, meshes: Sequence[Mesh], algorithm
         for number, (mesh, term) in enumerate(zip(meshes, terms, strict=True), start=1)
     ]
     # Common Instance Reference: the source series, and the SEG series when given
-    references = [referenced_series(volume.sources)]
-    if seg is not None:
-        references.append(referenced_series([seg]))
-    ds.ReferencedSeriesSequence = references
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
+    ds.ReferencedSeriesSequence = common_instance_references(volume, seg)
     return ds

@@ -24,8 +24,8 @@ class Measurement:
 
 def measure(
     volume: Volume,
-    labels: np.ndarray,
-    label_defs: Sequence[Label],
+    label_map: np.ndarray,
+    structures: Sequence[Label],
     meshes: Sequence[Mesh],
 ) -> list[Measurement]:
     """One Measurement per non-empty label: voxel volume, mesh area and value statistics.
@@ -35,15 +35,15 @@ def measure(
     """
     voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
     areas = {mesh.label.value: mesh.area_mm2 / 100.0 for mesh in meshes}
-    wanted = {v for label in label_defs for v in (label.value, *label.includes)}
+    wanted = {v for label in structures for v in (label.value, *label.includes)}
     stats: dict[int, tuple[int, float, float]] = {}  # value -> (count, mean, squared deviations)
     for value in wanted:
-        inside = volume.array[labels == value].astype(np.float64)
+        inside = volume.array[label_map == value].astype(np.float64)
         mean = float(inside.mean()) if inside.size else 0.0
         inside -= mean
         stats[value] = (inside.size, mean, float(np.dot(inside, inside)))
     results = []
-    for label in label_defs:
+    for label in structures:
         count, mean, deviations = _combined([stats[v] for v in (label.value, *label.includes)])
         if count == 0:
             continue

@@ -49,17 +49,17 @@ class Mesh:
 
 
 def build_meshes(
-    labels: np.ndarray,
+    label_map: np.ndarray,
     affine: np.ndarray,
-    label_defs: Sequence[Label],
+    structures: Sequence[Label],
     *,
     max_triangles: int = 100_000,
     smoothing_iterations: int = 15,
 ) -> list[Mesh]:
     """One closed, smoothed, outward-facing LPS mesh per non-empty label."""
     meshes = []
-    for label in label_defs:
-        mask = label.mask(labels)
+    for label in structures:
+        mask = label.mask(label_map)
         if not mask.any():
             continue
         meshes.append(_mesh(label, mask, affine, max_triangles, smoothing_iterations))
@@ -92,7 +92,7 @@ def _mesh(
             points, triangles = fast_points, fast_triangles
             break
         # decimation broke a manifold surface (thin, branching shapes): contour coarser instead
-        factors = tuple(f + 1 for f in factors)
+        factors = (factors[0] + 1, factors[1] + 1, factors[2] + 1)
     # VTK (x, y, z) = (col, row, slice) voxel indices -> (slice, row, col) -> patient LPS
     index = points[:, ::-1] + start
     lps = index @ affine[:3, :3].T + affine[:3, 3]
@@ -199,10 +199,16 @@ def _oriented(
     return points, vertex_normals, oriented
 
 
-def _topology(triangles: np.ndarray) -> tuple[bool, bool]:
-    """(closed, manifold): no boundary edges; every edge in exactly two triangles."""
+def edge_counts(triangles: np.ndarray) -> np.ndarray:
+    """How many triangles share each distinct edge of a (M, 3) index array."""
     edges = np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]])
     edges.sort(axis=1)
-    keys = edges[:, 0] * (int(triangles.max()) + 1) + edges[:, 1]  # one integer per edge
+    keys = edges[:, 0] * (int(triangles.max(initial=0)) + 1) + edges[:, 1]  # one integer per edge
     _, counts = np.unique(keys, return_counts=True)
+    return counts
+
+
+def _topology(triangles: np.ndarray) -> tuple[bool, bool]:
+    """(closed, manifold): no boundary edges; every edge in exactly two triangles."""
+    counts = edge_counts(triangles)
     return bool(np.all(counts >= 2)), bool(np.all(counts == 2))

@@ -1,17 +1,19 @@
 """A research volume (NIfTI or NRRD) as a ``Volume``, and the label map written back beside it.
 
-SimpleITK reads both formats with their geometry and gives it in LPS whatever the file holds
-(NIfTI's RAS header included). The volume is then laid out as an axial DICOM series of the same
-anatomy would be (``canonical_layout``: slices along +S, rows along +P, columns along +L for an
-axial scan; only axis permutations and flips, no resampling), so a model sees the same array,
-and gives the same labels, whether the data came as DICOM or as a file. The label map goes back
-in the file's own voxel layout and header, so it overlays the input in any research viewer.
+nibabel reads NIfTI (its RAS affine, sform or qform as nibabel chooses, becomes LPS) and pynrrd
+reads NRRD (``space directions`` and ``space origin`` in the file's ``space``: LPS, RAS or LAS).
+The volume is then laid out as an axial DICOM series of the same anatomy would be
+(``canonical_layout``: slices along +S, rows along +P, columns along +L for an axial scan; only
+axis permutations and flips, no resampling), so a model sees the same array, and gives the same
+labels, whether the data came as DICOM or as a file. The label map goes back in the file's own
+format, voxel layout and geometry, so it overlays the input in any research viewer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -19,7 +21,14 @@ from pydicom.uid import generate_uid
 
 from vesalius.inference.volume import Volume, VolumeError
 
-SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+SUFFIXES = (*NIFTI_SUFFIXES, *NRRD_SUFFIXES)
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+# NRRD ``space`` values of patient spaces (both spellings), as the sign of each axis towards LPS
+NRRD_SPACES = {"left-posterior-superior": (1, 1, 1), "lps": (1, 1, 1),
+               "right-anterior-superior": (-1, -1, 1), "ras": (-1, -1, 1),
+               "left-anterior-superior": (1, -1, 1), "las": (1, -1, 1)}
 
 
 def is_volume_file(path: str | Path) -> bool:
@@ -29,9 +38,10 @@ def is_volume_file(path: str | Path) -> bool:
 
 
 def label_map_name(path: str | Path) -> str:
-    """``labels`` with the input's own suffix: ``ct.nii.gz`` -> ``labels.nii.gz``."""
+    """``labels`` in the input's format: ``ct.nii.gz`` -> ``labels.nii.gz``; an NRRD (detached
+    ``.nhdr`` too) -> ``labels.nrrd``."""
     name = Path(path).name.lower()
-    return "labels" + next(s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s))
+    return "labels" + next((s for s in NIFTI_SUFFIXES if name.endswith(s)), ".nrrd")
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,20 +52,29 @@ class VolumeFile:
     volume: Volume
     permutation: tuple[int, int, int]  # file array axis of each volume axis
     flips: tuple[bool, bool, bool]  # volume axes reversed after the permutation
-    image: object  # the SimpleITK image read (its header is copied onto the label map)
+    header: Any  # the nibabel image or the pynrrd header read: the label map gets its geometry
 
     def to_file_layout(self, array: np.ndarray) -> np.ndarray:
-        """An array on the volume's grid, in the file's (z, y, x) order."""
+        """An array on the volume's grid, in the file's voxel order."""
         flipped = array[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
         return np.transpose(flipped, np.argsort(self.permutation))
 
     def write_label_map(self, labels: np.ndarray, target: Path) -> Path:
-        """The labels as a file of the input's format, on the input's grid and header geometry."""
-        import SimpleITK as sitk
+        """The labels (uint8) as a file of the input's format, on the input's grid and geometry."""
+        data = np.ascontiguousarray(self.to_file_layout(labels).astype(np.uint8))
+        if isinstance(self.header, dict):
+            import nrrd
 
-        image = sitk.GetImageFromArray(np.ascontiguousarray(self.to_file_layout(labels).astype(np.uint8)))
-        image.CopyInformation(self.image)
-        sitk.WriteImage(image, str(target), useCompression=True)
+            keep = ("space", "space directions", "space origin", "space units", "measurement frame")
+            header = {k: self.header[k] for k in keep if k in self.header}
+            nrrd.write(str(target), data, {**header, "kinds": ["domain"] * 3, "encoding": "gzip"})
+        else:
+            import nibabel as nib
+
+            image = nib.Nifti1Image(data, self.header.affine, header=self.header.header.copy())
+            image.set_data_dtype(np.uint8)
+            image.header.set_slope_inter(1, 0)
+            nib.save(image, str(target))
         return target
 
 
@@ -63,32 +82,55 @@ def read_volume_file(path: str | Path, modality: str = "CT") -> VolumeFile:
     """Read a NIfTI/NRRD scalar volume; raises VolumeError when it cannot be placed in space.
 
     The file does not say its modality: ``modality`` does (models check it, e.g. builtin_ct
-    segments CT only). Values are taken as they are stored (HU for a CT).
+    segments CT only). Values are taken as they are stored (HU for a CT; NIfTI scaling applied).
     """
-    import SimpleITK as sitk
-
     path = Path(path)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else "unreadable"
-        raise VolumeError(f"cannot read {path.name} as NIfTI/NRRD: {reason}") from err
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise VolumeError(f"{path.name}: a 3D scalar volume is needed, not {image.GetDimension()}D with "
-                          f"{image.GetNumberOfComponentsPerPixel()} component(s)")
-    array = sitk.GetArrayFromImage(image).astype(np.float32)  # (z, y, x)
-    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)  # columns: x, y, z
-    spacing = np.array(image.GetSpacing(), dtype=np.float64)
-    affine = np.eye(4)  # file (z, y, x) index -> LPS
-    affine[:3, :3] = (direction * spacing)[:, ::-1]
-    affine[:3, 3] = image.GetOrigin()
+    array, affine, header = (_read_nifti if path.name.lower().endswith(NIFTI_SUFFIXES) else _read_nrrd)(path)
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise VolumeError(f"{path.name}: a 3D scalar volume is needed, not {array.ndim}D {array.shape}")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise VolumeError(f"{path.name}: degenerate geometry (direction/spacing)")
+        raise VolumeError(f"{path.name}: degenerate geometry (voxel axes)")
     permutation, flips = canonical_layout(affine)
-    array, affine = _reordered(array, affine, permutation, flips)
-    header = _header(path, modality)
-    volume = Volume(array=array, affine=affine, sources=(header,) * array.shape[0])
-    return VolumeFile(path, volume, permutation, flips, image)
+    array, affine = _reordered(array.astype(np.float32), affine, permutation, flips)
+    volume = Volume(array=array, affine=affine, sources=(_header(path, modality),) * array.shape[0])
+    return VolumeFile(path, volume, permutation, flips, header)
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
+    import nibabel as nib
+
+    try:
+        image: Any = nib.load(str(path))  # a Nifti1/2Image: dataobj, affine
+        array = np.asarray(image.dataobj)  # scl_slope/scl_inter applied
+    except Exception as err:  # nibabel raises many kinds for a damaged file
+        raise VolumeError(f"cannot read {path.name} as NIfTI: {err}") from err
+    affine = np.eye(4)
+    affine[:3, :3] = RAS_TO_LPS @ image.affine[:3, :3]
+    affine[:3, 3] = RAS_TO_LPS @ image.affine[:3, 3]
+    return array, affine, image
+
+
+def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
+    import nrrd
+
+    try:
+        array, header = nrrd.read(str(path))  # index order (i, j, k): fastest axis first
+    except Exception as err:  # pynrrd raises NRRDError, ValueError, OSError...
+        raise VolumeError(f"cannot read {path.name} as NRRD: {err}") from err
+    space = str(header.get("space", "")).lower()
+    if space not in NRRD_SPACES or "space directions" not in header:
+        raise VolumeError(f"{path.name}: NRRD without a patient space (space {space or 'missing'}; "
+                          "LPS, RAS or LAS with space directions needed)")
+    sign = np.array(NRRD_SPACES[space], dtype=np.float64)
+    directions = np.asarray(header["space directions"], dtype=np.float64)  # one row per axis
+    if directions.shape != (3, 3):
+        raise VolumeError(f"{path.name}: a 3D scalar volume is needed (space directions {directions.shape})")
+    affine = np.eye(4)
+    affine[:3, :3] = (directions * sign).T  # column per axis, in LPS
+    affine[:3, 3] = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64) * sign
+    return array, affine, header
 
 
 def canonical_layout(affine: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:

@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vesalius.node.config import DEFAULT_AE_TITLE, ConfigError, load_config, with_overrides
+from vesalius.node.checks import ConfigError
+from vesalius.node.config import DEFAULT_AE_TITLE, Config, load_config, with_overrides
+
+if TYPE_CHECKING:
+    from vesalius.node.store import Store
 
 MODEL_FORMS = ("a configured name, builtin_ct, bundle:PATH, torchscript:PATH, onnx:PATH, nnunet:PATH, "
                "totalsegmentator:PATH, or several joined by +")
@@ -27,8 +34,8 @@ def _serve(args: argparse.Namespace) -> int:
     from vesalius.node.service import Node
 
     config = with_overrides(load_config(args.config), ae_title=args.ae_title, port=args.port,
-                            http_port=args.http_port, data_dir=args.data_dir, model=args.model,
-                            destinations=args.destination)
+                            http_host=args.http_host, http_port=args.http_port, data_dir=args.data_dir,
+                            model=args.model, destinations=args.destination)
     if not config.destinations:
         logging.getLogger("vesalius").warning(
             "no destinations configured: results stay in %s/results", config.data_dir)
@@ -37,7 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_models(config) -> None:
+def check_models(config: Config) -> None:
     """Every model a rule names must resolve and have its weights: a ConfigError at start-up,
     not a failed first job."""
     from vesalius.inference.models.registry import ModelSpecError, check
@@ -163,7 +170,7 @@ def _echo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _store(args: argparse.Namespace):
+def _store(args: argparse.Namespace) -> Store:
     from vesalius.node.store import Store
 
     data_dir = Path(args.data_dir or load_config(args.config).data_dir)
@@ -173,8 +180,10 @@ def _store(args: argparse.Namespace):
 
 
 def _status(args: argparse.Namespace) -> int:
+    from vesalius.node.api.routes import listing
+
     store = _store(args)
-    report = {what: store.listing(what, args.limit) for what in ("studies", "series", "jobs", "deliveries")}
+    report = {what: listing(store, what, args.limit) for what in ("studies", "series", "jobs", "deliveries")}
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -195,6 +204,16 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audited(store: Store, command: str, job: int, ok: bool) -> None:
+    """An operator command in the audit trail, under the OS user who ran it."""
+    import getpass
+
+    from vesalius.node import audit
+
+    audit.Audit(store).record(audit.OPERATOR_ACTION, outcome=audit.SUCCESS if ok else audit.MINOR_FAILURE,
+                              action="E", user=getpass.getuser(), via="cli", command=command, job=job)
+
+
 def _retry(args: argparse.Namespace) -> int:
     from vesalius.node.store import removal_of_spool
 
@@ -209,7 +228,9 @@ def _retry(args: argparse.Namespace) -> int:
               f"({removed['reason']}) at {_when(removed['removed_at'])}; send it again to process it",
               file=sys.stderr)
         return 1
-    if not store.retry_job(args.job):
+    ok = store.retry_job(args.job)
+    _audited(store, "retry", args.job, ok)
+    if not ok:
         print(f"vesalius retry: job {args.job} is still queued or running", file=sys.stderr)
         return 1
     print(f"job {args.job} queued again")
@@ -230,10 +251,47 @@ def _resend(args: argparse.Namespace) -> int:
               "computes them again if its series is still stored", file=sys.stderr)
         return 1
     count = store.resend_job(args.job)
+    _audited(store, "resend", args.job, bool(count))
     if not count:
         print(f"vesalius resend: job {args.job} has no deliveries (not finished yet?)", file=sys.stderr)
         return 1
     print(f"job {args.job}: {count} deliveries queued again")
+    return 0
+
+
+DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: datetime | None = None) -> str:
+    """``--since``: an ISO 8601 time (naive = UTC) or a duration back from now (30m, 12h, 7d),
+    as the ISO 8601 UTC text the audit table is ordered by."""
+    now = now or datetime.now(UTC)
+    match = DURATION.fullmatch(text.strip())
+    if match:
+        when = now - timedelta(seconds=float(match[1]) * SECONDS[match[2]])
+    else:
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise ConfigError(f"--since: expected an ISO 8601 time or a duration such as 30m, 12h, 7d; "
+                              f"got {text!r}") from None
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    return when.isoformat(timespec="microseconds")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from vesalius.node.audit import read_events
+
+    events = read_events(_store(args), parse_since(args.since) if args.since else None)
+    if args.json:
+        print(json.dumps(events, indent=1))
+        return 0
+    for e in events:
+        details = " ".join(f"{k}={json.dumps(v)}" for k, v in e["details"].items())
+        kind = f" [{e['event_type']}]" if e["event_type"] else ""
+        print(f"{e['time']}  {e['event']}{kind}  outcome={e['outcome']}  user={e['user'] or '-'}  "
+              f"address={e['address'] or '-'}  {details}")
     return 0
 
 
@@ -275,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML configuration file")
     serve.add_argument("--ae-title", help=f"our AE title (default {DEFAULT_AE_TITLE})")
     serve.add_argument("--port", type=int, help="DICOM port (default 11112)")
-    serve.add_argument("--http-port", type=int, help="HTTP port for /healthz and /metrics (default 8080)")
+    serve.add_argument("--http-host", help="address the HTTP API binds to (default 127.0.0.1: this machine "
+                       "only)")
+    serve.add_argument("--http-port", type=int, help="HTTP port for /healthz, /metrics and the API "
+                       "(default 8080)")
     serve.add_argument("--data-dir", help="spool, database and results (default ./vesalius-data)")
     serve.add_argument("--destination", action="append", metavar="AE@HOST:PORT",
                        help="send results here (repeatable; adds to the config file's destinations)")
@@ -319,11 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("status", _status, "list studies (with why each series was chosen or "
                               "skipped), series, jobs and deliveries with their states"),
                              ("retry", _retry, "run a failed or finished job again"),
-                             ("resend", _resend, "send a finished job's results to its destinations again")):
+                             ("resend", _resend, "send a finished job's results to its destinations again"),
+                             ("audit", _audit, "show the audit trail (associations, jobs, deliveries, "
+                                               "operator actions, starts)")):
         command = sub.add_parser(name, help=text)
-        if name == "status":
+        if name in ("status", "audit"):
             command.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "status":
             command.add_argument("--limit", type=int, default=50, help="rows of each kind (default 50)")
+        elif name == "audit":
+            command.add_argument("--since", metavar="ISO|DURATION",
+                                 help="events from this time (2026-12-01T08:00, UTC if no offset) or this "
+                                      "long ago (30m, 12h, 7d)")
         else:
             command.add_argument("job", type=int, help="job id (see `vesalius status`)")
         command.add_argument("--config", help="TOML configuration file (for its data_dir)")
@@ -344,13 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    for noisy in ("pynetdicom", "highdicom"):
+    for noisy in ("pynetdicom", "highdicom", "uvicorn"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from vesalius.node.logs import install as redact_library_logs
 
     redact_library_logs()
     try:
-        return args.func(args)
+        return int(args.func(args))
     except ConfigError as err:
         print(f"vesalius: configuration error: {err}", file=sys.stderr)
         return 2

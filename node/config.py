@@ -3,10 +3,12 @@ Each destination kind parses its own ``[[destinations]]`` table (node.destinatio
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from vesalius.node.tls import ListenerTLS
 DEFAULT_AE_TITLE = "VESALIUS"
 DEFAULT_PORT = 11112
 DEFAULT_HTTP_PORT = 8080
+DEFAULT_HTTP_HOST = "127.0.0.1"  # HTTP answers only this machine unless configured otherwise
 DEFAULT_DATA_DIR = "./vesalius-data"
 DEFAULT_MODEL = "builtin_ct"
 
@@ -77,6 +80,16 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class HttpToken:
+    """A named bearer token for the HTTP API; the name (never the token) goes into logs and the
+    audit trail. The secret is either in the file ``token_file`` (read at start-up) or ``token``."""
+
+    name: str
+    token_file: Path | None = None
+    token: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
 class Retry:
     """Delivery retries: exponential backoff from ``base_delay`` capped at ``max_delay``."""
 
@@ -104,7 +117,10 @@ class Config:
     port: int = DEFAULT_PORT
     tls_port: int = 0  # the DICOM TLS listener's port; 0: none
     tls: ListenerTLS | None = None  # its certificate, key and client CAs ([tls])
+    http_host: str = DEFAULT_HTTP_HOST
     http_port: int = DEFAULT_HTTP_PORT
+    http_tokens: tuple[HttpToken, ...] = ()  # besides the generated data_dir/http.token ("local")
+    metrics_public: bool = True  # /metrics without a token (Prometheus scrapers)
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     allowed_calling_aes: tuple[str, ...] = ()  # "AE" or "AE@IP[/prefix]"; empty: any calling AE
     max_associations: int = 64  # concurrent associations (pynetdicom's own default is 10)
@@ -186,6 +202,29 @@ def _retention(table: Any) -> Retention:
     return Retention(**values)
 
 
+TOKEN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _http_token(i: int, table: Any, base: Path | None) -> HttpToken:
+    key = f"http_tokens[{i}]"
+    _check_type(key, table, dict)
+    _known(key, table, {"name", "token", "token_file"})
+    if "name" not in table:
+        raise ConfigError(f"{key}.name: required (it names the token in logs and the audit trail)")
+    name = _check_type(f"{key}.name", table["name"], str)
+    if not TOKEN_NAME.fullmatch(name):
+        raise ConfigError(f"{key}.name: 1-64 letters, digits, '.', '_' or '-', got {name!r}")
+    if ("token" in table) == ("token_file" in table):
+        raise ConfigError(f"{key}: give exactly one of token_file (preferred) or token")
+    if "token" in table:
+        token = _check_type(f"{key}.token", table["token"], str)
+        if len(token) < 16 or not token.isprintable() or " " in token:
+            raise ConfigError(f"{key}.token: at least 16 printable characters without spaces")
+        return HttpToken(name=name, token=token)
+    path = Path(_check_type(f"{key}.token_file", table["token_file"], str))
+    return HttpToken(name=name, token_file=path if path.is_absolute() or base is None else base / path)
+
+
 def _rule(i: int, table: Any) -> Rule:
     key = f"rules[{i}]"
     _check_type(key, table, dict)
@@ -213,14 +252,14 @@ def _regex(key: str, value: Any) -> str:
         re.compile(pattern)
     except re.error as err:
         raise ConfigError(f"{key}: not a valid regular expression: {err}") from err
-    return pattern
+    return str(pattern)
 
 
 def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     _check_type(key, value, str)
     if value not in allowed:
         raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
-    return value
+    return str(value)
 
 
 def _selection(key: str, table: dict[str, Any]) -> dict[str, Any]:
@@ -265,8 +304,19 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
     values: dict[str, Any] = {}
     if "ae_title" in data:
         values["ae_title"] = _ae_title("ae_title", data["ae_title"])
-    if "host" in data:
-        values["host"] = _check_type("host", data["host"], str)
+    for key in ("host", "http_host"):
+        if key in data:
+            values[key] = _check_type(key, data[key], str)
+    if "metrics_public" in data:
+        values["metrics_public"] = _check_type("metrics_public", data["metrics_public"], bool)
+    if "http_tokens" in data:
+        tokens = tuple(_http_token(i, t, base) for i, t in enumerate(
+            _check_type("http_tokens", data["http_tokens"], list)))
+        names = [t.name for t in tokens]
+        if len(set(names)) != len(names) or "local" in names:
+            raise ConfigError(f"http_tokens: names must be unique and not 'local' (the generated "
+                              f"token's), got {names}")
+        values["http_tokens"] = tokens
     for key in ("port", "tls_port", "http_port"):
         if key in data:
             values[key] = _port(key, data[key])
@@ -323,7 +373,7 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
         retry = Retry()
         for key in ("base_delay", "max_delay"):
             if key in table:
-                retry = replace(retry, **{key: _positive(f"retry.{key}", table[key])})
+                retry = replace(retry, **{key: _positive(f"retry.{key}", table[key])})  # type: ignore[arg-type]
         if "max_attempts" in table:
             attempts = _check_type("retry.max_attempts", table["max_attempts"], int)
             retry = replace(retry, max_attempts=int(_positive("retry.max_attempts", attempts)))
@@ -368,6 +418,26 @@ def load_config(path: str | Path | None) -> Config:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path}: not valid TOML: {err}") from err
     return parse_config(data, base=Path(path).parent)
+
+
+def config_digest(config: Config) -> str:
+    """sha256 of the configuration as canonical JSON (sorted keys), for the audit trail's start
+    event; inline token secrets are left out, so the digest reveals nothing about them."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, HttpToken):
+            return {"name": value.name, "token_file": str(value.token_file) if value.token_file else None}
+        if is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            return value
+        return str(value)
+
+    text = json.dumps(plain(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def with_overrides(config: Config, **flags: Any) -> Config:

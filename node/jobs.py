@@ -10,24 +10,31 @@ import multiprocessing
 import os
 import re
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from vesalius.inference.volume import VolumeError
+from vesalius.node import audit
+from vesalius.node.audit import Audit
 from vesalius.node.config import Config
 from vesalius.node.paths import inside, uid_file_name
 from vesalius.node.pipeline import run_pipeline
 from vesalius.node.store import Store
 
+if TYPE_CHECKING:
+    from vesalius.inference.models.spec import ModelSpec
+
 log = logging.getLogger("vesalius.jobs")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _init_worker(model_specs: dict, gpu_slots: int, node_pid: int) -> None:
+def _init_worker(model_specs: dict[str, ModelSpec], gpu_slots: int, node_pid: int) -> None:
     """Give a new worker process the configured models (loaded lazily, then kept); it dies with
     the node and leaves Ctrl-C to the node, which decides what happens to a running job."""
     from vesalius.inference.models.registry import configure
@@ -94,8 +101,9 @@ class JobRunner:
     """One thread per worker slot; each slot runs its jobs in a shared process pool."""
 
     def __init__(self, store: Store, config: Config, wake: threading.Event, stop: threading.Event,
-                 on_done: Callable[[], None] = lambda: None) -> None:
+                 on_done: Callable[[], None] = lambda: None, trail: Audit | None = None) -> None:
         self.store = store
+        self.trail = trail
         self.on_done = on_done
         self.config = config
         self.wake = wake
@@ -137,7 +145,7 @@ class JobRunner:
                 continue
             self.run(job)
 
-    def run(self, job) -> None:
+    def run(self, job: sqlite3.Row) -> None:
         job_id, series_uid, model = job["id"], job["series_instance_uid"], job["model"]
         paths = [str(p) for p in self.store.series_paths(series_uid)]
         result_key = job["result_key"] or ""
@@ -151,6 +159,7 @@ class JobRunner:
         except VolumeError as err:  # the series itself is the problem: retrying cannot help
             log.warning("job failed job=%d series=%s: %s", job_id, series_uid, err)
             self.store.fail_job(job_id, f"cannot place series in space: {err}", retry=False)
+            self._audit(job, audit.SERIOUS_FAILURE)
             return
         except BrokenProcessPool:
             with self._pool_lock:
@@ -163,11 +172,25 @@ class JobRunner:
         # a series where the model found nothing has no objects to deliver
         destinations = json.loads(job["destinations"]) if summary["objects"] else []
         self.store.finish_job(job_id, out, summary["stages_s"], destinations)
+        self._audit(job, audit.SUCCESS, summary)
         self.on_done()
         log.info("job done job=%d series=%s stages=%s deliveries=%d",
                  job_id, series_uid, summary["stages_s"], len(destinations))
 
-    def _failed(self, job, reason: str) -> None:
+    def _failed(self, job: sqlite3.Row, reason: str) -> None:
         retry = job["attempts"] < self.config.job_attempts
         log.warning("job failed job=%d attempt=%d retry=%s: %s", job["id"], job["attempts"], retry, reason)
         self.store.fail_job(job["id"], reason, retry=retry)
+        self._audit(job, audit.MINOR_FAILURE if retry else audit.SERIOUS_FAILURE)
+
+    def _audit(self, job: sqlite3.Row, outcome: int, summary: dict[str, Any] | None = None) -> None:
+        """DICOM Instances Accessed: the job read a series and (on success) created these objects."""
+        if self.trail is None:
+            return
+        summary = summary or {}
+        model = summary.get("model", {})
+        self.trail.record(audit.INSTANCES_ACCESSED, outcome=outcome, action="C", user=self.config.ae_title,
+                          job=job["id"], attempt=job["attempts"], series=job["series_instance_uid"],
+                          study=summary.get("study_instance_uid"), model=job["model"],
+                          model_name=model.get("name"), model_version=model.get("version"),
+                          created=[o["sop_instance_uid"] for o in summary.get("objects", {}).values()])

@@ -1,4 +1,4 @@
-"""One series in, every output object out: volume -> labels -> surfaces -> measures -> DICOM files.
+"""One series in, every output object out: volume -> label map -> surfaces -> measures -> DICOM files.
 
 Pure computation on files (no network, no database), shared by the worker processes of
 ``vesalius serve`` and by ``vesalius process``, so both paths produce the same objects.
@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +36,7 @@ class StageTimer:
         self.seconds: dict[str, float] = {}
 
     @contextmanager
-    def stage(self, name: str):
+    def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
@@ -48,7 +48,7 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
                  max_triangles: int = 100_000, result_key: str = "") -> dict[str, Any]:
     """Process one DICOM series into ``out_dir`` (replaced atomically) and return the summary.
     ``result_key`` (a study-level rule's) makes the output UIDs per study and rule."""
-    from vesalius.inference.volume import load_series
+    from vesalius.inference.series import load_series
 
     timer = StageTimer()
     with timer.stage("volume"):
@@ -91,17 +91,18 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     dicom = volume_file is None
     model = resolve(model_name)  # loaded once per process, reused by every later job
     with timer.stage("model"):
-        labels = model.predict(volume)
+        label_map = model.predict(volume)
     with timer.stage("surfaces"):
-        meshes = build_meshes(labels, volume.affine, model.labels, max_triangles=max_triangles)
+        meshes = build_meshes(label_map, volume.affine, model.structures, max_triangles=max_triangles)
     with timer.stage("measures"):
-        measurements = measure(volume, labels, model.labels, meshes)
+        measurements = measure(volume, label_map, model.structures, meshes)
     family = MORPHOLOGICAL_OPERATIONS if model.family == "morphology" else ARTIFICIAL_INTELLIGENCE
     algorithm = Algorithm(name=model.name, version=model.version, family=family, result_key=result_key)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "meshes").mkdir(parents=True)
     objects = {}
+    seg: Any = None  # the BINARY SEG the surfaces, STLs and SR reference; none when nothing was measured
 
     def write(key: str, ds: Any) -> Any:
         ds.save_as(tmp / OUTPUT_FILES[key], enforce_file_format=True)
@@ -111,8 +112,8 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     with timer.stage("writers"), ThreadPoolExecutor(2) as pool:  # nothing found: no objects
         if measurements and dicom:  # the two SEGs in parallel: numpy and highdicom release the GIL often
             labelmap = pool.submit(lambda: write("seg_labelmap", build_seg(
-                volume, labels, model.labels, algorithm, segmentation_type=LABELMAP)))
-            seg = write("seg", build_seg(volume, labels, model.labels, algorithm))
+                volume, label_map, model.structures, algorithm, segmentation_type=LABELMAP)))
+            seg = write("seg", build_seg(volume, label_map, model.structures, algorithm))
             # the SR references the BINARY SEG: the one every destination receives
             write("sr", build_sr(volume, seg, measurements, algorithm))
         if meshes and dicom:
@@ -129,7 +130,7 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
         if measurements and dicom:
             labelmap.result()
         if volume_file is not None:  # research input: the label map in its own format, on its own grid
-            volume_file.write_label_map(labels, tmp / label_map_name(volume_file.path))
+            volume_file.write_label_map(label_map, tmp / label_map_name(volume_file.path))
     objects = {key: objects[key] for key in OUTPUT_FILES if key in objects}  # a stable order
     summary = {
         "series_instance_uid": volume.series_uid if dicom else None,

@@ -29,6 +29,7 @@ from pynetdicom.sop_class import Verification
 
 from vesalius.node import pdu_limits
 from vesalius.node.admission import Admission, printable
+from vesalius.node.audit import AssociationTally
 from vesalius.node.config import Config
 from vesalius.node.paths import UnsafePath
 from vesalius.node.store import SeriesInfo, Store
@@ -242,11 +243,13 @@ def receive_data_sets_into(folder: Path) -> None:
     def spool_file(**_: Any) -> SpoolFile:
         return SpoolFile(folder)
 
-    pynetdicom.dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[assignment]
+    pynetdicom.dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[assignment,attr-defined]
 
 
-def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list[tuple[Any, ...]]]:
-    """The application entity and its handlers, ready for ``start_server``."""
+def build_ae(config: Config, receiver: Receiver,
+             tally: AssociationTally | None = None) -> tuple[AE, list[tuple[Any, ...]]]:
+    """The application entity and its handlers, ready for ``start_server``; ``tally`` audits
+    each association (node.audit)."""
     ae = AE(ae_title=config.ae_title)
     ae.maximum_pdu_size = config.max_pdu  # finite: a peer cannot make us hold more (docs/input.md)
     ae.network_timeout = config.idle_timeout
@@ -254,7 +257,8 @@ def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list[tuple[Any, ..
     ae.maximum_associations = config.max_associations
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, list(ACCEPTED_SYNTAXES))
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, list(ACCEPTED_SYNTAXES))
     pdu_limits.install()
     pdu_limits.set_max_dataset_bytes(ae, config.max_instance_mb * 2**20)
     receive_data_sets_into(receiver.store.incoming_dir)
@@ -262,4 +266,7 @@ def build_ae(config: Config, receiver: Receiver) -> tuple[AE, list[tuple[Any, ..
                           config.max_associations_per_peer)
     handlers = [(evt.EVT_REQUESTED, admission.handle_requested), (evt.EVT_C_STORE, receiver.handle_store),
                 (evt.EVT_CONN_CLOSE, receiver.handle_close), (evt.EVT_REJECTED, receiver.handle_rejected)]
+    if tally is not None:  # wraps the admission and C-STORE handlers to audit their answers
+        handlers = [h for h in handlers if h[0] not in (evt.EVT_C_STORE, evt.EVT_REQUESTED)]
+        handlers += tally.handlers(receiver.handle_store, admission.handle_requested)
     return ae, handlers

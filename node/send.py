@@ -8,8 +8,11 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from vesalius.node import audit
+from vesalius.node.audit import Audit
 from vesalius.node.config import Config, Retry
 from vesalius.node.deidentify import deidentified_files
 from vesalius.node.destinations import DeliveryError, Destination
@@ -42,8 +45,10 @@ def next_delay(retry: Retry, attempts: int) -> float:
 class Sender:
     """Works through due deliveries, one at a time, until stopped."""
 
-    def __init__(self, store: Store, config: Config, wake: threading.Event, stop: threading.Event) -> None:
+    def __init__(self, store: Store, config: Config, wake: threading.Event, stop: threading.Event,
+                 trail: Audit | None = None) -> None:
         self.store = store
+        self.trail = trail
         self.config = config
         self.wake = wake
         self.stop = stop
@@ -70,19 +75,31 @@ class Sender:
         files: list[Path] = []
         try:
             files = files_for(destination, delivery["result_dir"])
+            self._audit(audit.BEGIN_TRANSFERRING, delivery, audit.SUCCESS, files)
             # de-identification per destination (issue 9; node/deidentify.py): de-identified copies
             with deidentified_files(self.store, destination.deidentify, destination.deidentify_options,
                                     files) as sent:
                 destination.send(sent, self.config.ae_title)
         except DeliveryError as err:
             self._failed(delivery, destination, attempt, str(err), err.permanent)
+            outcome = audit.SERIOUS_FAILURE if err.permanent else audit.MINOR_FAILURE
+            self._audit(audit.INSTANCES_TRANSFERRED, delivery, outcome, files)
             return
         except Exception as err:  # network errors and the like: worth another try
             self._failed(delivery, destination, attempt, f"{type(err).__name__}: {err}", False)
+            self._audit(audit.INSTANCES_TRANSFERRED, delivery, audit.MINOR_FAILURE, files)
             return
         self.store.record_delivery(delivery["id"], "done", None, time.time())
+        self._audit(audit.INSTANCES_TRANSFERRED, delivery, audit.SUCCESS, files)
         log.info("delivery done delivery=%d job=%d destination=%s attempt=%d objects=%d",
                  delivery["id"], delivery["job_id"], destination.label, attempt, len(files))
+
+    def _audit(self, event: str, delivery: sqlite3.Row, outcome: int, files: Sequence[Path]) -> None:
+        if self.trail is not None:
+            self.trail.record(event, outcome=outcome, action="R", user=self.config.ae_title,
+                              direction="sent", destination=delivery["destination"], delivery=delivery["id"],
+                              job=delivery["job_id"], attempt=delivery["attempts"] + 1,
+                              instances=audit.instance_uids(files))
 
     def _failed(self, delivery: sqlite3.Row, destination: Destination | None, attempt: int, reason: str,
                 permanent: bool) -> None:

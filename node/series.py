@@ -62,6 +62,7 @@ def complete_due_series(store: Store, config: Config, now: float | None = None) 
                 continue
             db.execute("UPDATE series SET state='complete', completed_at=? WHERE series_instance_uid=?",
                        (now, uid))
+            store.bump(db, "series_completed")  # a late instance reopens a series; this stays counted
             series = replace(facts[uid], completed_at=now)
             store.save_facts(db, uid, asdict(series))
             routes = routes_for(config, series, trigger="series")

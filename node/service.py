@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from importlib.metadata import version
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from vesalius.node.api import make_server, start_server
-from vesalius.node.config import Config
+from vesalius.node import audit
+from vesalius.node.api import HttpServer, create_app, load_tokens
+from vesalius.node.config import Config, config_digest
 from vesalius.node.jobs import JobRunner
 from vesalius.node.receive import Receiver, build_ae
 from vesalius.node.send import Sender
@@ -25,17 +27,19 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = Store(config.data_dir)
+        self.audit = audit.Audit(self.store)
+        self.tokens = load_tokens(self.store.data_dir, config.http_tokens)  # before any worker starts
         self.stopping = threading.Event()
         self.job_wake = threading.Event()
         self.send_wake = threading.Event()
         self.runner = JobRunner(self.store, config, self.job_wake, self.stopping,
-                                on_done=self.send_wake.set)
-        self.sender = Sender(self.store, config, self.send_wake, self.stopping)
+                                on_done=self.send_wake.set, trail=self.audit)
+        self.sender = Sender(self.store, config, self.send_wake, self.stopping, trail=self.audit)
         self._completion = threading.Thread(target=self._complete_series, name="series", daemon=True)
         self._retention = threading.Thread(target=self._clean_up, name="retention", daemon=True)
-        self.dicom_server = None
+        self.dicom_server: ThreadedAssociationServer | None = None
         self.tls_server: ThreadedAssociationServer | None = None
-        self.http_server = None
+        self.http_server: HttpServer | None = None
 
     def start(self) -> None:
         tls_context = server_context(self.config.tls) if self.config.tls else None  # ConfigError now
@@ -45,24 +49,32 @@ class Node:
         if requeued:
             log.info("resuming %d interrupted job(s)", requeued)
         receiver = Receiver(self.store, min_free_bytes=self.config.min_free_disk_mb * 2**20)
-        ae, handlers = build_ae(self.config, receiver)
-        self.dicom_server = ae.start_server((self.config.host, self.config.port), block=False,
-                                            evt_handlers=handlers)
+        ae, handlers = build_ae(self.config, receiver, audit.AssociationTally(self.audit))
+        self.http_server = HttpServer(create_app(self.store, self.tokens, self.audit,
+                                                 metrics_public=self.config.metrics_public),
+                                      self.config.http_host, self.config.http_port)
+        dicom = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        assert dicom is not None  # non-blocking: the server is returned
+        self.dicom_server = dicom
         if tls_context is not None:
             self.tls_server = start_tls_server(ae, (self.config.host, self.config.tls_port), tls_context,
                                                handlers)
-        self.http_server = make_server(self.store, self.config.host, self.config.http_port)
-        start_server(self.http_server)
+        self.http_server.start()
         self.runner.start()
         self.sender.thread.start()
         self._completion.start()
         if self.config.retention.interval > 0:
             self._retention.start()
+        digest = config_digest(self.config)
+        self.audit.record(audit.APPLICATION_ACTIVITY, event_type="Application Start", action="E",
+                          user=self.config.ae_title, config_sha256=digest, version=version("vesalius"),
+                          dicom_port=dicom.server_address[1],
+                          http=f"{self.config.http_host}:{self.http_server.server_address[1]}")
         tls = f" dicom_tls={self.config.host}:{self.tls_server.server_address[1]}" if self.tls_server else ""
-        log.info("listening ae=%s dicom=%s:%d%s http=%s:%d data=%s destinations=%s",
-                 self.config.ae_title, self.config.host, self.dicom_server.server_address[1], tls,
-                 self.config.host, self.http_server.server_address[1], self.store.data_dir,
-                 ", ".join(d.label for d in self.config.destinations) or "none")
+        log.info("listening ae=%s dicom=%s:%d%s http=%s:%d data=%s destinations=%s config_sha256=%s",
+                 self.config.ae_title, self.config.host, dicom.server_address[1], tls,
+                 self.config.http_host, self.http_server.server_address[1], self.store.data_dir,
+                 ", ".join(d.label for d in self.config.destinations) or "none", digest[:12])
 
     def _complete_series(self) -> None:
         while not self.stopping.wait(0.2):
@@ -95,6 +107,8 @@ class Node:
             self.http_server.shutdown()
         self.runner.shutdown()
         self.sender.thread.join(timeout=5)
+        self.audit.record(audit.APPLICATION_ACTIVITY, event_type="Application Stop", action="E",
+                          user=self.config.ae_title)
         log.info("stopped")
 
     def serve_forever(self) -> None:

@@ -69,6 +69,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
     updated_at REAL NOT NULL,
     UNIQUE (job_id, destination)
 );
+CREATE TABLE IF NOT EXISTS counters (             -- only ever increase: Prometheus counters
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO counters SELECT 'series_completed', COUNT(*) FROM series WHERE completed_at IS NOT NULL;
 """
 
 # --- study-level selection (issue 18) ------------------------------------------------------------
@@ -310,7 +315,7 @@ class Store:
             "result_key) VALUES (?,?,?,?,?,?,?)",
             (series_uid, rule, model, json.dumps(list(destinations)), now, now, result_key),
         )
-        return int(cur.lastrowid)
+        return int(cur.lastrowid or 0)
 
     def claim_job(self) -> sqlite3.Row | None:
         """Take the oldest queued job and mark it running (one attempt more)."""
@@ -320,7 +325,8 @@ class Store:
                 return None
             db.execute("UPDATE jobs SET state='running', attempts=attempts+1, updated_at=? WHERE id=?",
                        (time.time(), row["id"]))
-            return db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+            claimed: sqlite3.Row | None = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+            return claimed
 
     def finish_job(self, job_id: int, result_dir: Path, stages: dict[str, float],
                    destinations: Sequence[str]) -> None:
@@ -378,6 +384,15 @@ class Store:
             return db.execute("UPDATE deliveries SET state='pending', attempts=0, error=NULL, next_try_at=?, "
                               "updated_at=? WHERE job_id=?", (time.time(), time.time(), job_id)).rowcount
 
+    def bump(self, db: sqlite3.Connection, counter: str, by: int = 1) -> None:
+        """Add to a monotonic counter, inside the caller's transaction."""
+        db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=value+?",
+                   (counter, by, by))
+
+    def counter(self, name: str) -> int:
+        rows = self.query("SELECT value FROM counters WHERE name=?", (name,))
+        return int(rows[0]["value"]) if rows else 0
+
     # --- study-level selection (issue 18) ---------------------------------------------------------
 
     def save_facts(self, db: sqlite3.Connection, series_uid: str, facts: dict[str, Any]) -> None:
@@ -419,7 +434,8 @@ class Store:
         return rows
 
     def counts(self, table: str, states: Sequence[str]) -> dict[str, int]:
-        assert table in ("jobs", "deliveries", "series")
+        if table not in ("jobs", "deliveries", "series"):  # a table name cannot be an SQL parameter
+            raise ValueError(f"no state counts for table {table!r}")
         found = {r["state"]: r["n"] for r in self.query(
             f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")}
         return {s: int(found.get(s, 0)) for s in states}

@@ -65,13 +65,14 @@ class Filter:
 class Settings:
     modality: str  # the node's alias in Orthanc's DicomModalities
     node_http_url: str = ""  # the node's HTTP API, for the status route; "" = not queried
+    node_http_token_file: str = ""  # file holding a bearer token of the node's API; read at each call
     auto_forward: bool = True
     filter: Filter = field(default_factory=Filter)
     timeout: float = 10.0  # s for calls to the node's HTTP API
 
 
 FILTER_KEYS = {"Modalities", "BodyParts", "SeriesDescription", "MinInstances"}
-SETTINGS_KEYS = {"Modality", "NodeHttpUrl", "AutoForward", "Filter", "Timeout"}
+SETTINGS_KEYS = {"Modality", "NodeHttpUrl", "NodeHttpTokenFile", "AutoForward", "Filter", "Timeout"}
 
 
 def _strings(key: str, value: Any) -> tuple[str, ...]:
@@ -102,6 +103,9 @@ def parse_settings(configuration: dict[str, Any]) -> Settings:
     url = section.get("NodeHttpUrl", "")
     if not isinstance(url, str) or (url and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url)):
         raise SettingsError(f"Vesalius.NodeHttpUrl: expected http(s)://host:port, got {url!r}")
+    token_file = section.get("NodeHttpTokenFile", "")
+    if not isinstance(token_file, str):
+        raise SettingsError(f"Vesalius.NodeHttpTokenFile: expected a file path, got {token_file!r}")
     auto = section.get("AutoForward", True)
     if not isinstance(auto, bool):
         raise SettingsError(f"Vesalius.AutoForward: expected true or false, got {auto!r}")
@@ -129,6 +133,7 @@ def parse_settings(configuration: dict[str, Any]) -> Settings:
     return Settings(
         modality=modality,
         node_http_url=url.rstrip("/"),
+        node_http_token_file=token_file,
         auto_forward=auto,
         filter=Filter(
             modalities=_strings("Filter.Modalities", table.get("Modalities", ["CT"])),
@@ -323,7 +328,11 @@ def send_resource(settings: Settings, resource_id: str) -> tuple[int, dict[str, 
 
 def _node_get(settings: Settings, path: str, study_uid: str) -> Any:
     query = urllib.parse.urlencode({"study": study_uid})
-    with urllib.request.urlopen(f"{settings.node_http_url}{path}?{query}", timeout=settings.timeout) as r:
+    request = urllib.request.Request(f"{settings.node_http_url}{path}?{query}")
+    if settings.node_http_token_file:  # read each time, so a rotated token needs no Orthanc restart
+        with open(settings.node_http_token_file, encoding="ascii") as f:
+            request.add_header("Authorization", f"Bearer {f.read().strip()}")
+    with urllib.request.urlopen(request, timeout=settings.timeout) as r:
         return json.loads(r.read())
 
 

@@ -1,4 +1,4 @@
-"""Inputs for the dicom_out tests: a small phantom volume with known labels, and VTK meshes.
+"""Inputs for the dicom_out tests: a small phantom volume with a known label map, and VTK meshes.
 
 The phantom is a box of soft tissue (the body) holding a left and a right "lung" sphere and a bone
 cylinder, each at its own HU so the label array follows exactly from the voxel values.
@@ -16,8 +16,9 @@ from vtk.util.numpy_support import vtk_to_numpy
 
 from tests.phantoms import Box, Cylinder, Sphere, write_phantom_series
 from vesalius.inference.models import Label
+from vesalius.inference.series import load_series
 from vesalius.inference.surfaces import Mesh
-from vesalius.inference.volume import Volume, load_series
+from vesalius.inference.volume import Volume
 
 BODY_HU, LUNG_LEFT_HU, LUNG_RIGHT_HU, BONE_HU = 20.0, -810.0, -790.0, 700.0
 # builtin_ct-like label definitions; airways (5) stays empty in the phantom.
@@ -44,10 +45,10 @@ def phantom_volume(out_dir: Path, orientation: str = "axial",
                                   orientation=orientation, feet_first=feet_first, objects=objects)
     volume = load_series(series.paths)
     hu = np.round(volume.array)
-    labels = np.zeros(hu.shape, np.uint8)
+    label_map = np.zeros(hu.shape, np.uint8)
     for value, level in ((1, BODY_HU), (2, LUNG_LEFT_HU), (3, LUNG_RIGHT_HU), (4, BONE_HU)):
-        labels[hu == level] = value
-    return volume, labels
+        label_map[hu == level] = value
+    return volume, label_map
 
 
 def sphere_mesh(label: Label, center: tuple[float, float, float], radius: float,

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -102,10 +103,27 @@ class NodeProcess:
     log_path: Path
     ae_title: str = "VESALIUS"
 
+    def token(self) -> str:
+        """The node's own API token (``local``), created in its data folder at first start."""
+        return (self.data_dir / "http.token").read_text().strip()
+
+    def request(self, path: str, method: str = "GET", token: str | None = "") -> tuple[int, Any]:
+        """(status, body) of one request; ``token`` "" = the node's own, None = no Authorization."""
+        headers = {} if token is None else {"Authorization": f"Bearer {token or self.token()}"}
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method=method,
+                                     headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                status, body = r.status, r.read().decode()
+        except urllib.error.HTTPError as err:
+            status, body = err.code, err.read().decode()
+        return status, (body if path == "/metrics" and status == 200 else json.loads(body))
+
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
-            body = r.read().decode()
-        return json.loads(body) if path != "/metrics" else body
+        """An authenticated GET that must succeed; JSON decoded (text for /metrics)."""
+        status, body = self.request(path)
+        assert status == 200, f"GET {path}: HTTP {status} {body}"
+        return body
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -148,7 +166,7 @@ def vesalius_node(tmp: Path, *, destinations: Sequence[str] = (), config: str = 
             if proc.poll() is not None:
                 raise AssertionError(f"node exited with {proc.returncode}:\n{node.log()[-3000:]}")
             try:
-                return node.get("/healthz")["status"] == "ok"
+                return node.request("/healthz", token=None) == (200, {"status": "ok"})
             except OSError:
                 return False
 

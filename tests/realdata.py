@@ -144,13 +144,13 @@ def _base_dataset(
 def nifti_labels_in_volume_space(nifti_path: str | Path, volume: Volume) -> np.ndarray:
     """A NIfTI label map sampled (nearest neighbour) on the Volume's (slice, row, col) grid."""
     image = nib.load(nifti_path)
-    labels = np.asarray(image.dataobj)
+    label_map = np.asarray(image.dataobj)
     # volume index -> LPS -> NIfTI index
     matrix = np.linalg.inv(lps_affine(image)) @ volume.affine
     snapped = np.round(matrix)  # same grid: exact integers, so edge voxels are not lost
     matrix = np.where(np.abs(matrix - snapped) < 1e-4, snapped, matrix)
     return ndimage.affine_transform(
-        labels, matrix, output_shape=volume.array.shape, order=0, mode="constant", cval=0
+        label_map, matrix, output_shape=volume.array.shape, order=0, mode="constant", cval=0
     )
 
 
@@ -185,24 +185,24 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def builtin_ct_dice(data_dir: str | Path, work_dir: str | Path) -> dict[str, float]:
     """Dice of builtin_ct against TotalSegmentator on the example CT, per comparable structure."""
-    from vesalius.inference.models import get_model
-    from vesalius.inference.volume import load_series
+    from vesalius.inference.models.registry import resolve
+    from vesalius.inference.series import load_series
 
     data_dir = Path(data_dir)
     volume = load_series(write_nifti_as_dicom_series(data_dir / "example_ct_sm.nii.gz", work_dir))
-    model = get_model("builtin_ct")
-    labels = model.predict(volume)
+    model = resolve("builtin_ct")
+    label_map = model.predict(volume)
     reference = nifti_labels_in_volume_space(data_dir / "example_seg.nii.gz", volume)
-    label_map = data_dir / "label_map_total_v2.json"
+    class_names = data_dir / "label_map_total_v2.json"
     scores = {}
-    for label in model.labels:
+    for label in model.structures:
         parts = REFERENCE_PARTS.get(label.name)
         if parts is None:
             continue
-        truth = np.isin(reference, totalseg_label_values(label_map, *parts))
+        truth = np.isin(reference, totalseg_label_values(class_names, *parts))
         if truth.any():
-            scores[label.name] = dice(label.mask(labels), truth)
-    body = model.labels[0].mask(labels)
+            scores[label.name] = dice(label.mask(label_map), truth)
+    body = model.structures[0].mask(label_map)
     scores["body_recall_of_reference_organs"] = float(body[reference > 0].mean())
     return scores
 

@@ -17,9 +17,11 @@ from tests.realdata import (
     totalseg_label_values,
     write_nifti_as_dicom_series,
 )
-from vesalius.inference.models import Label, get_model
+from vesalius.inference.models import Label
 from vesalius.inference.models.builtin_ct import AIRWAYS, BODY, BONE, LUNG_LEFT, LUNG_RIGHT, BuiltinCT
-from vesalius.inference.volume import Volume, load_series
+from vesalius.inference.models.registry import resolve
+from vesalius.inference.series import load_series
+from vesalius.inference.volume import Volume
 
 # A chest on a table: lungs left/right, trachea and bronchi, spine and a contrast-filled aorta.
 CHEST = dict(
@@ -35,15 +37,15 @@ CHEST = dict(
 )
 
 
-def test_get_model() -> None:
-    model = get_model("builtin_ct")
+def test_resolve() -> None:
+    model = resolve("builtin_ct")
     assert isinstance(model, BuiltinCT)
     assert (model.name, model.version) == ("builtin_ct", "1")
-    assert [label.name for label in model.labels] == [
+    assert [label.name for label in model.structures] == [
         "body", "lung_left", "lung_right", "airways", "bone"]
-    assert model.labels[0] == Label(BODY, "body", (LUNG_LEFT, LUNG_RIGHT, AIRWAYS, BONE))
+    assert model.structures[0] == Label(BODY, "body", (LUNG_LEFT, LUNG_RIGHT, AIRWAYS, BONE))
     with pytest.raises(ValueError, match="builtin_ct"):
-        get_model("no_such_model")
+        resolve("no_such_model")
 
 
 def _mirrored(volume: Volume, axis: int) -> Volume:
@@ -59,44 +61,44 @@ def chest(tmp_path_factory: pytest.TempPathFactory):
     series = write_phantom_series(tmp_path_factory.mktemp("chest"), shape=(60, 96, 96),
                                   spacing=(2.5, 1.5, 1.5), objects=list(CHEST.values()))
     volume = load_series(series.paths)
-    labels = get_model("builtin_ct").predict(volume)
+    label_map = resolve("builtin_ct").predict(volume)
     index = np.indices(volume.array.shape).reshape(3, -1).T
     points = (index @ volume.affine[:3, :3].T + volume.affine[:3, 3]).reshape(
         (*volume.array.shape, 3))
-    return volume, labels, points
+    return volume, label_map, points
 
 
-def _share(labels: np.ndarray, region: np.ndarray, *values: int) -> float:
-    return float(np.isin(labels[region], values).mean())
+def _share(label_map: np.ndarray, region: np.ndarray, *values: int) -> float:
+    return float(np.isin(label_map[region], values).mean())
 
 
 def test_synthetic_chest_anatomy(chest) -> None:
-    volume, labels, points = chest
-    assert labels.dtype == np.uint8 and labels.shape == volume.array.shape
+    volume, label_map, points = chest
+    assert label_map.dtype == np.uint8 and label_map.shape == volume.array.shape
     inside = {name: shape.inside(points) for name, shape in CHEST.items()}
-    assert _share(labels, inside["table"], 0) == 1.0  # the table is not the patient
-    assert _share(labels, inside["body"], BODY, LUNG_LEFT, LUNG_RIGHT, AIRWAYS, BONE) > 0.97
-    assert _share(labels, inside["lung_left"], LUNG_LEFT) > 0.95
-    assert _share(labels, inside["lung_right"], LUNG_RIGHT) > 0.95
+    assert _share(label_map, inside["table"], 0) == 1.0  # the table is not the patient
+    assert _share(label_map, inside["body"], BODY, LUNG_LEFT, LUNG_RIGHT, AIRWAYS, BONE) > 0.97
+    assert _share(label_map, inside["lung_left"], LUNG_LEFT) > 0.95
+    assert _share(label_map, inside["lung_right"], LUNG_RIGHT) > 0.95
     airway_truth = inside["trachea"] | inside["bronchus_left"] | inside["bronchus_right"]
-    assert _share(labels, inside["trachea"], AIRWAYS) > 0.6
-    assert float(airway_truth[labels == AIRWAYS].mean()) > 0.9
-    assert _share(labels, inside["spine"], BONE) > 0.98
-    assert _share(labels, inside["aorta"], BONE) < 0.02  # contrast, not bone
-    assert float((inside["spine"] | inside["table"])[labels == BONE].mean()) > 0.98
+    assert _share(label_map, inside["trachea"], AIRWAYS) > 0.6
+    assert float(airway_truth[label_map == AIRWAYS].mean()) > 0.9
+    assert _share(label_map, inside["spine"], BONE) > 0.98
+    assert _share(label_map, inside["aorta"], BONE) < 0.02  # contrast, not bone
+    assert float((inside["spine"] | inside["table"])[label_map == BONE].mean()) > 0.98
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_labels_follow_the_patient_not_the_array(chest, axis: int) -> None:
-    volume, labels, _ = chest
-    mirrored = get_model("builtin_ct").predict(_mirrored(volume, axis))
-    assert float((np.flip(mirrored, axis) == labels).mean()) > 0.995
+    volume, label_map, _ = chest
+    mirrored = resolve("builtin_ct").predict(_mirrored(volume, axis))
+    assert float((np.flip(mirrored, axis) == label_map).mean()) > 0.995
 
 
 def test_empty_air_volume_gives_background(chest) -> None:
     volume, _, _ = chest
     air = Volume(np.full((8, 16, 16), -1000, np.float32), volume.affine, volume.sources)
-    assert not get_model("builtin_ct").predict(air).any()
+    assert not resolve("builtin_ct").predict(air).any()
 
 
 @pytest.fixture(scope="module")
@@ -109,48 +111,48 @@ def real_ct(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
     return volume, reference, data / "label_map_total_v2.json"
 
 
-def _truth(reference: np.ndarray, label_map: Path, name: str) -> np.ndarray:
-    return np.isin(reference, totalseg_label_values(label_map, *REFERENCE_PARTS[name]))
+def _truth(reference: np.ndarray, class_names: Path, name: str) -> np.ndarray:
+    return np.isin(reference, totalseg_label_values(class_names, *REFERENCE_PARTS[name]))
 
 
 # measured: lung_left 0.959, lung_right 0.970, bone 0.793
 @pytest.mark.parametrize("name,value,minimum", [
     ("lung_left", LUNG_LEFT, 0.93), ("lung_right", LUNG_RIGHT, 0.94), ("bone", BONE, 0.76)])
 def test_dice_against_totalsegmentator(real_ct, name: str, value: int, minimum: float) -> None:
-    volume, reference, label_map = real_ct
-    labels = get_model("builtin_ct").predict(volume)
-    assert dice(labels == value, _truth(reference, label_map, name)) >= minimum
+    volume, reference, class_names = real_ct
+    label_map = resolve("builtin_ct").predict(volume)
+    assert dice(label_map == value, _truth(reference, class_names, name)) >= minimum
 
 
 def test_body_holds_every_reference_structure(real_ct) -> None:
     volume, reference, _ = real_ct
-    body = get_model("builtin_ct").labels[0].mask(get_model("builtin_ct").predict(volume))
+    body = resolve("builtin_ct").structures[0].mask(resolve("builtin_ct").predict(volume))
     assert float(body[reference > 0].mean()) > 0.99
 
 
 def test_left_lung_is_patient_left_in_any_storage_order(real_ct) -> None:
-    volume, reference, label_map = real_ct
-    left = _truth(reference, label_map, "lung_left")
+    volume, reference, class_names = real_ct
+    left = _truth(reference, class_names, "lung_left")
     for axis in (1, 2):  # rows and columns reversed: the image looks mirrored
-        labels = np.flip(get_model("builtin_ct").predict(_mirrored(volume, axis)), axis)
-        assert dice(labels == LUNG_LEFT, left) > 0.9
+        label_map = np.flip(resolve("builtin_ct").predict(_mirrored(volume, axis)), axis)
+        assert dice(label_map == LUNG_LEFT, left) > 0.9
 
 
 def test_contrast_enhanced_vessels_and_kidneys_are_not_bone(real_ct) -> None:
     """The example is unenhanced: add arterial/portal-phase enhancement to the reference organs."""
-    volume, reference, label_map = real_ct
+    volume, reference, class_names = real_ct
     values = dict(aorta=300.0, kidney_=250.0, inferior_vena_cava=150.0,
                   portal_vein_and_splenic_vein=180.0, liver=60.0, spleen=80.0)
     enhanced = volume.array.copy()
     for name, boost in values.items():
-        enhanced[np.isin(reference, totalseg_label_values(label_map, name))] += boost
-    labels = get_model("builtin_ct").predict(Volume(enhanced, volume.affine, volume.sources))
+        enhanced[np.isin(reference, totalseg_label_values(class_names, name))] += boost
+    label_map = resolve("builtin_ct").predict(Volume(enhanced, volume.affine, volume.sources))
     for name in ("aorta", "kidney_"):
-        organ = np.isin(reference, totalseg_label_values(label_map, name))
+        organ = np.isin(reference, totalseg_label_values(class_names, name))
         assert organ.sum() > 500
-        assert float((labels[organ] == BONE).mean()) < 0.05, name
-    bone = np.isin(reference, totalseg_label_values(label_map, *BONE_CLASSES))
-    assert dice(labels == BONE, bone) >= 0.74
+        assert float((label_map[organ] == BONE).mean()) < 0.05, name
+    bone = np.isin(reference, totalseg_label_values(class_names, *BONE_CLASSES))
+    assert dice(label_map == BONE, bone) >= 0.74
 
 
 def test_full_resolution_ge_slices_against_reference_labels(shared_data: Path) -> None:
@@ -159,21 +161,21 @@ def test_full_resolution_ge_slices_against_reference_labels(shared_data: Path) -
 
     folder = shared_data / "ct-3slice-ge"
     volume = load_series(sorted(folder.glob("*.dcm")))
-    labels = get_model("builtin_ct").predict(volume)
+    label_map = resolve("builtin_ct").predict(volume)
 
     def reference(name: str) -> np.ndarray:
         return sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{name}_seg.nrrd"))) > 0
 
     liver, heart, spine = reference("liver"), reference("heart"), reference("spine")
-    assert _share(labels, liver, BODY) > 0.98  # soft tissue: inside the body, not lung or bone
-    assert _share(labels, heart, BODY) > 0.95
-    assert _share(labels, spine, BONE) > 0.65  # measured 0.71 (low-density marrow is missed)
+    assert _share(label_map, liver, BODY) > 0.98  # soft tissue: inside the body, not lung or bone
+    assert _share(label_map, heart, BODY) > 0.95
+    assert _share(label_map, spine, BONE) > 0.65  # measured 0.71 (low-density marrow is missed)
     # the heart lies to the patient's left, like the left lung; the liver to the right
     x = volume.affine[0, 3] + np.einsum("i,ijkl->jkl", volume.affine[0, :3],
-                                        np.indices(labels.shape))
-    assert x[labels == LUNG_LEFT].mean() > x[labels == LUNG_RIGHT].mean()
-    assert abs(x[heart].mean() - x[labels == LUNG_LEFT].mean()) < abs(
-        x[heart].mean() - x[labels == LUNG_RIGHT].mean())
+                                        np.indices(label_map.shape))
+    assert x[label_map == LUNG_LEFT].mean() > x[label_map == LUNG_RIGHT].mean()
+    assert abs(x[heart].mean() - x[label_map == LUNG_LEFT].mean()) < abs(
+        x[heart].mean() - x[label_map == LUNG_RIGHT].mean())
     assert x[liver].mean() < x[heart].mean()
 
 
@@ -182,4 +184,4 @@ def test_refuses_non_ct() -> None:
     header.Modality = "MR"
     mr = Volume(np.zeros((2, 4, 4), np.float32), np.eye(4), (header, header))
     with pytest.raises(ValueError, match="CT only, this series is MR"):
-        get_model("builtin_ct").predict(mr)
+        resolve("builtin_ct").predict(mr)

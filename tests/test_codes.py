@@ -9,9 +9,8 @@ import highdicom as hd
 import pytest
 from pydicom.sr.codedict import codes
 
-from vesalius.dicom_out.codes import TERMS, all_terms, term_for
-from vesalius.dicom_out.codes_totalseg import TOTAL_CLASSES, TOTALSEG_TERMS
-from vesalius.inference.models import get_model
+from vesalius.inference.models.registry import resolve
+from vesalius.inference.terminology import TERMS, TOTAL_CLASSES, TOTALSEG_TERMS, all_terms, term_for
 
 BUILTIN_LABELS = ("body", "lung_left", "lung_right", "airways", "bone")
 
@@ -32,8 +31,8 @@ def test_every_builtin_label_has_a_term(name: str) -> None:
 
 
 def test_the_builtin_model_labels_are_all_in_the_table() -> None:
-    model = get_model("builtin_ct")
-    assert {label.name for label in model.labels} <= set(TERMS)
+    model = resolve("builtin_ct")
+    assert {label.name for label in model.structures} <= set(TERMS)
 
 
 @pytest.mark.parametrize("name", sorted(TERMS))
@@ -49,17 +48,19 @@ def test_codes_are_current_sct_members_of_the_segmentation_context_groups(name: 
         assert _in_context_group(244, term.modifier)  # Laterality
 
 
-def test_the_chosen_codes() -> None:
-    lung_left, lung_right = term_for("lung_left"), term_for("lung_right")
-    assert lung_left.category.value == "91723000"  # Anatomical Structure, CID 7150
-    assert lung_left.type.value == lung_right.type.value == "39607008"  # Lung
-    assert lung_left.modifier.value == "7771000"  # Left
-    assert lung_right.modifier.value == "24028007"  # Right
-    assert term_for("body").type.value == "38266002"  # Entire body
-    assert term_for("body").modifier is None
-    assert term_for("airways").type.value == "89187006"  # Airway structure
-    bone = term_for("bone")
-    assert (bone.category.value, bone.type.value) == ("85756007", "3138006")  # Tissue / Bone
+def test_paired_structures_share_a_type_and_differ_only_in_laterality() -> None:
+    """A viewer groups left and right by their type; the side is a CID 244 modifier (of the
+    structure, or of the anatomic region for findings such as a kidney cyst)."""
+    terms = all_terms()
+    pairs = [(name, name.replace("_left", "_right")) for name in terms
+             if "_left" in name and name.replace("_left", "_right") in terms]
+    assert len(pairs) > 30
+    for left_name, right_name in pairs:
+        left, right = terms[left_name], terms[right_name]
+        assert (left.category, left.type, left.region) == (right.category, right.type, right.region)
+        sides = [(t.modifier or t.region_modifier) for t in (left, right)]
+        assert [s.meaning if s else None for s in sides] == ["Left", "Right"], left_name
+        assert all(_in_context_group(244, s) for s in sides if s is not None)
 
 
 def test_unknown_label_is_a_key_error_naming_it() -> None:
@@ -85,7 +86,7 @@ def _totalseg_names(shared_data: Path) -> list[str]:
 
 def test_every_label_of_every_model_resolves_to_a_code(shared_data: Path) -> None:
     """builtin_ct's labels and all 117 TotalSegmentator ``total`` classes."""
-    names = [label.name for label in get_model("builtin_ct").labels]
+    names = [label.name for label in resolve("builtin_ct").structures]
     names += _totalseg_names(shared_data)
     assert len(names) == 5 + 117
     for name in names:

@@ -1,5 +1,5 @@
 """Every object we write, for every model and every writer option, passes dciodvfy with no Error
-line and our own checks of what dciodvfy does not verify (dicom_out.checks).
+line and our own checks of what dciodvfy does not verify (tests/object_checks.py).
 
 Models: builtin_ct as it runs (its own prediction) and TotalSegmentator's ``total`` labels (its
 reference segmentation of the same CT), both on TotalSegmentator's real example CT written as a
@@ -17,34 +17,35 @@ import pydicom
 import pytest
 
 from tests.dicom_checks import dciodvfy_errors
-from tests.realdata import nifti_labels_in_volume_space, write_nifti_as_dicom_series
-from vesalius.dicom_out.checks import (
+from tests.object_checks import (
     encapsulated_stl_problems,
     seg_problems,
     sr_problems,
     surface_segmentation_problems,
 )
-from vesalius.dicom_out.codes_totalseg import TOTAL_CLASSES
+from tests.realdata import nifti_labels_in_volume_space, write_nifti_as_dicom_series
 from vesalius.dicom_out.encapsulated_stl import build_encapsulated_stls
 from vesalius.dicom_out.identity import Algorithm
 from vesalius.dicom_out.seg import BINARY, LABELMAP, build_seg
 from vesalius.dicom_out.sr import build_sr
 from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
 from vesalius.inference.measures import measure
-from vesalius.inference.models import Label, get_model
+from vesalius.inference.models import Label
+from vesalius.inference.models.registry import resolve
+from vesalius.inference.series import load_series
 from vesalius.inference.surfaces import build_meshes
-from vesalius.inference.volume import load_series
+from vesalius.inference.terminology import TOTAL_CLASSES
 
 MODELS = ("builtin_ct", "totalsegmentator_total")
 STLS_VALIDATED = 3  # dciodvfy on the first few STL instances; our checks on all of them
 
 
-def _objects(volume, labels, label_defs, algorithm, out: Path, stl_names=None) -> dict:
-    meshes = build_meshes(labels, volume.affine, label_defs, max_triangles=20_000)
-    measurements = measure(volume, labels, label_defs, meshes)
+def _objects(volume, label_map, structures, algorithm, out: Path, stl_names=None) -> dict:
+    meshes = build_meshes(label_map, volume.affine, structures, max_triangles=20_000)
+    measurements = measure(volume, label_map, structures, meshes)
     objects: dict[str, object] = {"sources": volume.sources}
     for kind in (BINARY, LABELMAP):
-        seg = build_seg(volume, labels, label_defs, algorithm, segmentation_type=kind)
+        seg = build_seg(volume, label_map, structures, algorithm, segmentation_type=kind)
         objects[("seg", kind)] = seg
         objects[("surfaces", kind)] = build_surface_segmentation(volume, meshes, algorithm, seg)
     objects[("sr", BINARY)] = build_sr(volume, objects[("seg", BINARY)], measurements, algorithm)
@@ -70,8 +71,8 @@ def written(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     data = shared_data / "totalseg-examples"
     work = tmp_path_factory.mktemp("conformance")
     volume = load_series(write_nifti_as_dicom_series(data / "example_ct_sm.nii.gz", work / "ct"))
-    model = get_model("builtin_ct")
-    builtin = _objects(volume, model.predict(volume), model.labels,
+    model = resolve("builtin_ct")
+    builtin = _objects(volume, model.predict(volume), model.structures,
                        Algorithm(model.name, model.version), work)
     total_dir = work / "total"
     total_dir.mkdir()

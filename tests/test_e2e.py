@@ -25,8 +25,8 @@ from tests.dicom_checks import assert_dciodvfy_clean
 from tests.peers import StoreSCP, storescp, storescu, vesalius_node, wait_for
 from tests.phantoms import Cylinder, PhantomSeries, write_phantom_series
 from tests.realdata import write_nifti_as_dicom_series
-from vesalius.inference.models import get_model
-from vesalius.inference.volume import load_series
+from vesalius.inference.models.registry import resolve
+from vesalius.inference.series import load_series
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SURFACE = "1.2.840.10008.5.1.4.1.1.66.5"
@@ -118,13 +118,13 @@ def test_results_arrive_valid_and_exact(round_trip: RoundTrip, case: str) -> Non
     # SEG: read back, equal to the model's label map, volumes within 2% of the analytic shapes
     masks = segment_masks(objects[SEG], phantom.paths)
     volume = load_series(phantom.paths)
-    model = get_model("builtin_ct")
-    labels = model.predict(volume)
+    model = resolve("builtin_ct")
+    label_map = model.predict(volume)
     voxel_mm3 = phantom.voxel_volume_mm3()
-    for label in model.labels:
+    for label in model.structures:
         if label.name in TRUTH:
             mask = masks[LABEL_OF[label.name]]
-            assert np.array_equal(mask, label.mask(labels)), label.name
+            assert np.array_equal(mask, label.mask(label_map)), label.name
             analytic = TRUTH[label.name].volume_mm3
             assert mask.sum() * voxel_mm3 == pytest.approx(analytic, rel=0.02), label.name
 
@@ -161,7 +161,7 @@ def test_every_result_delivered_once_and_logged(round_trip: RoundTrip) -> None:
     assert {j["state"] for j in round_trip.jobs} == {"done"} and len(round_trip.jobs) == len(CASES)
     assert {d["state"] for d in round_trip.deliveries} == {"done"}
     assert all(d["attempts"] == 1 for d in round_trip.deliveries)
-    stages = json.loads(round_trip.jobs[0]["stages"])
+    stages = round_trip.jobs[0]["stages"]
     assert set(stages) >= {"volume", "model", "surfaces", "writers"}
     assert "series complete" in round_trip.node_log and "delivery done" in round_trip.node_log
     assert "Phantom^Test" not in round_trip.node_log  # no patient names in the logs

@@ -13,8 +13,7 @@ from stl import mesh as numpy_stl
 
 from tests.dicom_checks import assert_dciodvfy_clean
 from tests.dicom_out_inputs import LABELS, phantom_volume
-from vesalius.dicom_out.checks import encapsulated_stl_problems
-from vesalius.dicom_out.codes import term_for
+from tests.object_checks import encapsulated_stl_problems
 from vesalius.dicom_out.encapsulated_stl import (
     ENCAPSULATED_STL_STORAGE,
     build_encapsulated_stl,
@@ -25,15 +24,16 @@ from vesalius.dicom_out.seg import build_seg
 from vesalius.dicom_out.stl import write_stl
 from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
 from vesalius.inference.surfaces import build_meshes
+from vesalius.inference.terminology import term_for
 
 ALGORITHM = Algorithm("builtin_ct", "1")
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory):
-    volume, labels = phantom_volume(tmp_path_factory.mktemp("phantom"), orientation="oblique")
-    meshes = build_meshes(labels, volume.affine, LABELS)
-    seg = build_seg(volume, labels, LABELS, ALGORITHM)
+    volume, label_map = phantom_volume(tmp_path_factory.mktemp("phantom"), orientation="oblique")
+    meshes = build_meshes(label_map, volume.affine, LABELS)
+    seg = build_seg(volume, label_map, LABELS, ALGORITHM)
     surfaces = build_surface_segmentation(volume, meshes, ALGORITHM, seg)
     return volume, meshes, seg, surfaces
 

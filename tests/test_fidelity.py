@@ -31,8 +31,9 @@ from vesalius.dicom_out.sr import build_sr
 from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
 from vesalius.inference.measures import measure
 from vesalius.inference.models import Label
+from vesalius.inference.series import load_series
 from vesalius.inference.surfaces import build_meshes
-from vesalius.inference.volume import Volume, load_series
+from vesalius.inference.volume import Volume
 
 ALGORITHM = Algorithm("builtin_ct", "1")
 OBJECT_HU = 300.0
@@ -85,8 +86,8 @@ def test_surfaces_match_the_analytic_shape(shape: str, geometry: str, tmp_path: 
     series = write_phantom_series(tmp_path / "ct", shape=(28, 44, 44), spacing=SPACING,
                                   orientation=orientation, feet_first=feet_first, objects=[obj])
     volume = load_series(series.paths)
-    labels = (np.round(volume.array) == OBJECT_HU).astype(np.uint8)
-    meshes = build_meshes(labels, volume.affine, [OBJECT])
+    label_map = (np.round(volume.array) == OBJECT_HU).astype(np.uint8)
+    meshes = build_meshes(label_map, volume.affine, [OBJECT])
     path = tmp_path / "surfaces.dcm"
     build_surface_segmentation(volume, meshes, ALGORITHM).save_as(path, enforce_file_format=True)
     points, normals, triangles = _read_surface(pydicom.dcmread(path))
@@ -119,20 +120,20 @@ def oblique(tmp_path_factory: pytest.TempPathFactory) -> tuple[Volume, np.ndarra
     return phantom_volume(tmp_path_factory.mktemp("oblique"), orientation="oblique")
 
 
-def _labelmap_expected(labels: np.ndarray) -> np.ndarray:
-    """Segment number per voxel as build_seg numbers them: non-empty labels in model order."""
-    present = [label for label in LABELS if label.mask(labels).any()]
-    expected = np.zeros(labels.shape, np.uint16)
+def _labelmap_expected(label_map: np.ndarray) -> np.ndarray:
+    """Segment number per voxel as build_seg numbers them: non-empty structures in model order."""
+    present = [label for label in LABELS if label.mask(label_map).any()]
+    expected = np.zeros(label_map.shape, np.uint16)
     for number, label in enumerate(present, start=1):
-        expected[labels == label.value] = number
+        expected[label_map == label.value] = number
     return expected
 
 
 def test_labelmap_seg_decodes_with_dcmqi_to_our_voxels_and_placement(
         oblique: tuple[Volume, np.ndarray], tmp_path: Path) -> None:
-    volume, labels = oblique
+    volume, label_map = oblique
     path = tmp_path / "labelmap.dcm"
-    build_seg(volume, labels, LABELS, ALGORITHM, segmentation_type=LABELMAP).save_as(
+    build_seg(volume, label_map, LABELS, ALGORITHM, segmentation_type=LABELMAP).save_as(
         path, enforce_file_format=True)
     out = tmp_path / "dcmqi"
     out.mkdir()
@@ -140,10 +141,10 @@ def test_labelmap_seg_decodes_with_dcmqi_to_our_voxels_and_placement(
                              "--outputDirectory", str(out), "-t", "nrrd", "-p", "lm"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    expected = _labelmap_expected(labels)
+    expected = _labelmap_expected(label_map)
     images = sorted(out.glob("lm-*.nrrd"))
     assert images
-    decoded = np.zeros(labels.shape, np.uint16)
+    decoded = np.zeros(label_map.shape, np.uint16)
     spacing = volume.spacing
     for image_path in images:
         image = sitk.ReadImage(str(image_path))
@@ -159,9 +160,9 @@ def test_labelmap_seg_decodes_with_dcmqi_to_our_voxels_and_placement(
 
 def test_labelmap_seg_decodes_with_highdicom_to_our_voxels(
         oblique: tuple[Volume, np.ndarray], tmp_path: Path) -> None:
-    volume, labels = oblique
+    volume, label_map = oblique
     path = tmp_path / "labelmap.dcm"
-    build_seg(volume, labels, LABELS, ALGORITHM, segmentation_type=LABELMAP).save_as(
+    build_seg(volume, label_map, LABELS, ALGORITHM, segmentation_type=LABELMAP).save_as(
         path, enforce_file_format=True)
     seg = hd.seg.segread(path)
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
@@ -169,12 +170,12 @@ def test_labelmap_seg_decodes_with_highdicom_to_our_voxels(
     combined = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[ds.SOPInstanceUID for ds in volume.sources],
         combine_segments=True)
-    np.testing.assert_array_equal(combined, _labelmap_expected(labels))
+    np.testing.assert_array_equal(combined, _labelmap_expected(label_map))
     geometry = hd.VolumeGeometry(volume.affine, volume.array.shape, "PATIENT",
                                  volume.frame_of_reference_uid)
     matched = seg.get_volume(combine_segments=True).match_geometry(geometry)
     np.testing.assert_allclose(matched.affine, volume.affine, atol=1e-4)
-    np.testing.assert_array_equal(matched.array, _labelmap_expected(labels))
+    np.testing.assert_array_equal(matched.array, _labelmap_expected(label_map))
 
 
 @pytest.mark.filterwarnings("ignore:The string .* unlikely to represent:UserWarning")
@@ -183,9 +184,9 @@ def test_real_ct_liver_equals_dcmqis_seg_of_the_same_labels(
         segmentation_type: str, shared_data: Path, tmp_path: Path) -> None:
     folder = shared_data / "ct-3slice-ge"
     volume = load_series(sorted(folder.glob("0*.dcm")))
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "liver_seg.nrrd")))
+    label_map = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "liver_seg.nrrd")))
     path = tmp_path / "liver.dcm"
-    build_seg(volume, labels.astype(np.uint8), (Label(1, "liver"),), ALGORITHM,
+    build_seg(volume, label_map.astype(np.uint8), (Label(1, "liver"),), ALGORITHM,
               segmentation_type=segmentation_type).save_as(path, enforce_file_format=True)
     uids = [ds.SOPInstanceUID for ds in volume.sources]
     ours = hd.seg.segread(path).get_pixels_by_source_instance(
@@ -201,16 +202,16 @@ def test_real_ct_liver_equals_dcmqis_seg_of_the_same_labels(
 @pytest.mark.parametrize("orientation", ["axial", "oblique"])
 def test_sr_volumes_equal_voxel_count_times_voxel_volume(orientation: str,
                                                          tmp_path: Path) -> None:
-    volume, labels = phantom_volume(tmp_path / "ct", orientation=orientation)
-    meshes = build_meshes(labels, volume.affine, LABELS)
-    measurements = measure(volume, labels, LABELS, meshes)
-    seg = build_seg(volume, labels, LABELS, ALGORITHM)
+    volume, label_map = phantom_volume(tmp_path / "ct", orientation=orientation)
+    meshes = build_meshes(label_map, volume.affine, LABELS)
+    measurements = measure(volume, label_map, LABELS, meshes)
+    seg = build_seg(volume, label_map, LABELS, ALGORITHM)
     path = tmp_path / "sr.dcm"
     build_sr(volume, seg, measurements, ALGORITHM).save_as(path, enforce_file_format=True)
     voxel_ml = abs(np.linalg.det(volume.affine[:3, :3])) / 1000.0
     truth = {}
     for label in LABELS:
-        count = int(label.mask(labels).sum())
+        count = int(label.mask(label_map).sum())
         if count:
             truth[label.name] = count * voxel_ml
     tracking = {str(item.TrackingUID): str(item.SegmentLabel) for item in seg.SegmentSequence}

@@ -12,11 +12,11 @@ import pytest
 import trimesh
 
 from tests.dicom_out_inputs import LABELS, phantom_volume
-from vesalius.dicom_out.codes import term_for
 from vesalius.dicom_out.gltf import LPS_MM_TO_GLTF, ROOT_NODE_NAME, glb_bytes, write_glb
 from vesalius.dicom_out.identity import Algorithm
 from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
 from vesalius.inference.surfaces import build_meshes
+from vesalius.inference.terminology import term_for
 
 ALGORITHM = Algorithm("builtin_ct", "1")
 
@@ -24,8 +24,8 @@ ALGORITHM = Algorithm("builtin_ct", "1")
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("gltf")
-    volume, labels = phantom_volume(tmp / "phantom", feet_first=True)
-    meshes = build_meshes(labels, volume.affine, LABELS)
+    volume, label_map = phantom_volume(tmp / "phantom", feet_first=True)
+    meshes = build_meshes(label_map, volume.affine, LABELS)
     surfaces = build_surface_segmentation(volume, meshes, ALGORITHM)
     return meshes, surfaces, write_glb(meshes, tmp / "out" / "structures.glb")
 

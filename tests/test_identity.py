@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pydicom
 import pytest
 
+from vesalius.dicom_out.common import new_derived_dataset
 from vesalius.dicom_out.identity import (
+    MANUFACTURER,
     MORPHOLOGICAL_OPERATIONS,
     SOFTWARE_VERSION,
     Algorithm,
@@ -40,8 +43,15 @@ def test_the_algorithm_family_describes_but_does_not_identify() -> None:
     assert (item.AlgorithmName, item.AlgorithmVersion) == ("builtin_ct", "1")
     assert item.AlgorithmFamilyCodeSequence[0].CodeValue == "123104"
 
-
-def test_software_version_is_the_installed_package_version() -> None:
-    import importlib.metadata
-
-    assert SOFTWARE_VERSION == importlib.metadata.version("vesalius")
+def test_derived_objects_file_under_the_source_patient_and_name_our_equipment() -> None:
+    source = pydicom.Dataset()
+    source.PatientName, source.PatientID, source.StudyInstanceUID = "Doe^Jane", "P1", "1.2.3"
+    source.SeriesInstanceUID, source.Modality = "1.2.3.4", "CT"
+    ds = new_derived_dataset(source, "1.2.840.10008.5.1.4.1.1.66.5", "2.25.7")
+    assert (ds.PatientName, ds.PatientID, ds.StudyInstanceUID) == ("Doe^Jane", "P1", "1.2.3")
+    assert "SeriesInstanceUID" not in ds and "Modality" not in ds  # the object's own series
+    assert ds.AccessionNumber == "" and ds.PatientBirthDate == ""  # type 2: present, if empty
+    assert (ds.Manufacturer, ds.SoftwareVersions) == (MANUFACTURER, SOFTWARE_VERSION)
+    assert SOFTWARE_VERSION and SOFTWARE_VERSION != "0+unknown"  # the installed package's
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID == "2.25.7"
+    assert ds.SeriesDate == ds.ContentDate == ds.InstanceCreationDate

@@ -8,8 +8,8 @@ import pytest
 from tests.phantoms import Sphere, write_phantom_series
 from vesalius.inference.measures import Measurement, measure
 from vesalius.inference.models import Label
+from vesalius.inference.series import load_series
 from vesalius.inference.surfaces import build_meshes
-from vesalius.inference.volume import load_series
 
 SMALL = Sphere(center=(-14.0, 0.0, 0.0), radius=9.0, hu=100.0)
 LARGE = Sphere(center=(12.0, 2.0, 1.0), radius=13.0, hu=300.0)
@@ -24,16 +24,16 @@ def phantom(tmp_path_factory: pytest.TempPathFactory):
                                   spacing=(1.6, 1.2, 1.0), orientation="oblique",
                                   objects=[SMALL, LARGE])
     volume = load_series(series.paths)
-    labels = np.zeros(volume.array.shape, np.uint8)
-    labels[volume.array == SMALL.hu] = 1
-    labels[volume.array == LARGE.hu] = 2
-    return volume, labels
+    label_map = np.zeros(volume.array.shape, np.uint8)
+    label_map[volume.array == SMALL.hu] = 1
+    label_map[volume.array == LARGE.hu] = 2
+    return volume, label_map
 
 
 def test_measurements_match_analytic(phantom) -> None:
-    volume, labels = phantom
-    meshes = build_meshes(labels, volume.affine, [BOTH, DENSE])
-    results = measure(volume, labels, [BOTH, DENSE, NOTHING], meshes)
+    volume, label_map = phantom
+    meshes = build_meshes(label_map, volume.affine, [BOTH, DENSE])
+    results = measure(volume, label_map, [BOTH, DENSE, NOTHING], meshes)
     assert [m.label for m in results] == [BOTH, DENSE]  # no measurement for an empty label
     both, dense = results
     assert isinstance(both, Measurement)
@@ -49,17 +49,17 @@ def test_measurements_match_analytic(phantom) -> None:
     assert both.mean == pytest.approx(expected_mean, abs=5.0)
     assert 80.0 < both.std < 100.0  # two values 200 HU apart, roughly 1:3 by volume
     voxel_mm3 = abs(np.linalg.det(volume.affine[:3, :3]))
-    assert dense.voxel_count == np.count_nonzero(labels == 2)
+    assert dense.voxel_count == np.count_nonzero(label_map == 2)
     assert dense.volume_ml == pytest.approx(dense.voxel_count * voxel_mm3 / 1000)
 
 
 def test_area_is_none_without_a_mesh(phantom) -> None:
-    volume, labels = phantom
-    (result,) = measure(volume, labels, [DENSE], [])
+    volume, label_map = phantom
+    (result,) = measure(volume, label_map, [DENSE], [])
     assert result.surface_area_cm2 is None
-    assert result.voxel_count == np.count_nonzero(labels == 2)
+    assert result.voxel_count == np.count_nonzero(label_map == 2)
 
 
 def test_empty_labels_give_no_measurements(phantom) -> None:
-    volume, labels = phantom
-    assert measure(volume, np.zeros_like(labels), [BOTH, DENSE], []) == []
+    volume, label_map = phantom
+    assert measure(volume, np.zeros_like(label_map), [BOTH, DENSE], []) == []

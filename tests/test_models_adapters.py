@@ -14,7 +14,6 @@ import SimpleITK as sitk
 
 from tests.phantoms import Box, Sphere, write_phantom_series
 from tests.realdata import nifti_labels_in_volume_space, write_nifti_as_dicom_series
-from vesalius.dicom_out.codes import term_for
 from vesalius.inference.models.nnunet import (
     dataset_classes,
     folder_problems,
@@ -22,7 +21,7 @@ from vesalius.inference.models.nnunet import (
     nnunet_input,
     nnunet_labels,
 )
-from vesalius.inference.models.nnunet import to_label_map as nnunet_to_labels
+from vesalius.inference.models.output import to_label_map
 from vesalius.inference.models.registry import ModelSpecError, check, spec_from_path_form
 from vesalius.inference.models.totalsegmentator import (
     class_map,
@@ -31,8 +30,8 @@ from vesalius.inference.models.totalsegmentator import (
     totalseg_labels,
     weights_problems,
 )
-from vesalius.inference.models.totalsegmentator import to_label_map as totalseg_to_labels
-from vesalius.inference.volume import load_series
+from vesalius.inference.series import load_series
+from vesalius.inference.terminology import term_for
 
 OBJECTS = [Sphere((10.0, -5.0, 4.0), 14.0, 60.0), Box((-15.0, 8.0, -4.0), (16.0, 12.0, 14.0), 500.0)]
 
@@ -72,9 +71,9 @@ def test_nnunet_folder_layout_labels_and_output(tmp_path: Path) -> None:
     labels, channels = nnunet_labels(spec)
     assert [(label.value, label.name) for label in labels] == [(1, "liver"), (2, "heart")]
     segmentation = np.array([[[0, 1, 2, 2]]], np.int16)  # what predict_single_npy_array returns
-    assert nnunet_to_labels(segmentation, channels, (1, 1, 4)).tolist() == [[[0, 1, 2, 2]]]
+    assert to_label_map("nnU-Net", segmentation, channels, (1, 1, 4)).tolist() == [[[0, 1, 2, 2]]]
     with pytest.raises(RuntimeError, match="returned shape"):
-        nnunet_to_labels(segmentation, channels, (1, 2, 4))
+        to_label_map("nnU-Net", segmentation, channels, (1, 2, 4))
     with pytest.raises(ModelSpecError, match="nnU-Net is not installed"):
         load_nnunet(spec)  # the extra is not part of the test install
 
@@ -134,7 +133,7 @@ def test_totalsegmentator_input_and_output_on_a_real_ct(tmp_path: Path, shared_d
     np.testing.assert_allclose(returned.affine, image.affine, atol=1e-3)  # same voxels, same place
     spec = spec_from_path_form("totalsegmentator:/weights")
     labels, channels = totalseg_labels(spec)
-    ours = totalseg_to_labels(returned, channels, volume.array.shape)
+    ours = to_label_map("TotalSegmentator", np.asanyarray(returned.dataobj), channels, volume.array.shape)
     expected = nifti_labels_in_volume_space(examples / "example_seg.nii.gz", volume)
     np.testing.assert_array_equal(ours, expected)
     present = {label.name for label in labels if label.mask(ours).any()}
@@ -143,5 +142,5 @@ def test_totalsegmentator_input_and_output_on_a_real_ct(tmp_path: Path, shared_d
         name="liver_only", kind="totalsegmentator", path=Path("/weights"), roi_subset=("liver",))
     sub_labels, sub_channels = totalseg_labels(subset)
     assert [label.name for label in sub_labels] == ["liver"]
-    only = totalseg_to_labels(returned, sub_channels, volume.array.shape)
+    only = to_label_map("TotalSegmentator", np.asanyarray(returned.dataobj), sub_channels, volume.array.shape)
     assert set(np.unique(only)) == {0, 5}

@@ -25,7 +25,8 @@ from tests.realdata import dice
 from vesalius.dicom_out.identity import Algorithm
 from vesalius.dicom_out.seg import build_seg
 from vesalius.inference.models.registry import MergedModel, configure, resolve
-from vesalius.inference.volume import Volume, load_series
+from vesalius.inference.series import load_series
+from vesalius.inference.volume import Volume
 
 LIVER, HEART = "10200004", "80891009"  # SNOMED CT codes of the bundle's two labels
 SCENE = tiny_bundle.Scene(Sphere((18.0, -10.0, 8.0), 19.0, 60.0),
@@ -160,15 +161,15 @@ def test_builtin_plus_bundle_merge_into_one_label_map(bundle: Path, truth) -> No
     volume, labels = truth
     merged = resolve(f"builtin_ct+bundle:{bundle}")
     assert isinstance(merged, MergedModel)
-    values = [label.value for label in merged.labels]
+    values = [label.value for label in merged.structures]
     assert len(set(values)) == len(values) == 7  # body, lungs x2, airways, bone + liver, heart
-    by_name = {label.name: label for label in merged.labels}
+    by_name = {label.name: label for label in merged.structures}
     assert set(by_name["body"].includes) >= {by_name["liver"].value, by_name["heart"].value}
     predicted = merged.predict(volume)
     assert dice(by_name["liver"].mask(predicted), labels == 1) >= 0.9
     assert dice(by_name["heart"].mask(predicted), labels == 2) >= 0.9
     assert by_name["body"].mask(predicted)[labels > 0].all()  # the body still encloses the organs
-    seg = build_seg(volume, predicted, merged.labels, Algorithm(merged.name, merged.version))
+    seg = build_seg(volume, predicted, merged.structures, Algorithm(merged.name, merged.version))
     numbers = [int(s.SegmentNumber) for s in seg.SegmentSequence]
     codes = {str(s.SegmentedPropertyTypeCodeSequence[0].CodeValue) for s in seg.SegmentSequence}
     assert len(set(numbers)) == len(numbers) and {LIVER, HEART, "38266002"} <= codes  # + body

@@ -98,7 +98,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("orthanc")
     node_port, node_http = free_port(), free_port()
     orthanc_http, orthanc_dicom = free_port(), free_port()
-    vesalius = {"Modality": "vesalius", "NodeHttpUrl": f"http://127.0.0.1:{node_http}", "AutoForward": True,
+    vesalius = {"Modality": "vesalius", "NodeHttpUrl": f"http://127.0.0.1:{node_http}",
+                "NodeHttpTokenFile": str(tmp / "node-data" / "http.token"), "AutoForward": True,
                 "Filter": {"Modalities": ["CT"], "SeriesDescription": "chest", "MinInstances": 10}}
     phantoms = {
         "auto": dict(series_description="Chest auto", shape=(30, 96, 96), seed=1),

@@ -14,8 +14,8 @@ import pydicom
 import SimpleITK as sitk
 
 from tests.realdata import nifti_labels_in_volume_space, write_nifti_as_dicom_series
-from vesalius.inference.models import get_model
-from vesalius.inference.volume import load_series
+from vesalius.inference.models.registry import resolve
+from vesalius.inference.series import load_series
 from vesalius.inference.volume_files import read_volume_file
 from vesalius.node.pipeline import run_pipeline, run_pipeline_on_file
 
@@ -62,7 +62,7 @@ def test_mr_with_builtin_ct_is_one_line_not_a_traceback(shared_data: Path, tmp_p
 def test_nifti_gives_the_dicom_path_labels_on_the_same_voxels(shared_data: Path, tmp_path: Path) -> None:
     nifti = shared_data / "totalseg-examples" / "example_ct_sm.nii.gz"  # RAS, i to the right
     dicom_volume = load_series(write_nifti_as_dicom_series(nifti, tmp_path / "dicom"))  # LPS axial
-    dicom_labels = get_model("builtin_ct").predict(dicom_volume)
+    dicom_labels = resolve("builtin_ct").predict(dicom_volume)
     assert len(np.unique(dicom_labels)) > 3  # body, lungs, bone: a comparison worth making
     volume = read_volume_file(nifti).volume
     np.testing.assert_allclose(volume.affine, dicom_volume.affine, atol=1e-4)  # RAS -> LPS, reordered
@@ -94,7 +94,7 @@ def test_nrrd_of_the_ge_slices_gives_the_dicom_labels(shared_data: Path, tmp_pat
     nrrd = tmp_path / "ct.nrrd"
     sitk.WriteImage(stored, str(nrrd))
     dicom_volume = load_series(slices)
-    dicom_labels = get_model("builtin_ct").predict(dicom_volume)
+    dicom_labels = resolve("builtin_ct").predict(dicom_volume)
     assert len(np.unique(dicom_labels)) > 1
 
     summary = run_pipeline_on_file(nrrd, tmp_path / "out", "builtin_ct")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pydicom
@@ -115,7 +116,8 @@ def test_series_open_across_associations_completes_after_stability_timeout(
         # the association stays open: only the stability timeout (3 s here) can complete the series
         row = wait_for(lambda: (r := series_row(node, phantom.series_uid)) and r["state"] == "stored" and r,
                        15, "completion by stability timeout")
-        assert row["completed_at"] - row["last_received"] >= 3
+        completed, last = (datetime.fromisoformat(row[k]) for k in ("completed_at", "last_received"))
+        assert (completed - last).total_seconds() >= 3
     finally:
         assoc.release()
 

@@ -13,11 +13,12 @@ import SimpleITK as sitk
 
 from tests.dicom_checks import assert_dciodvfy_clean, tool
 from tests.dicom_out_inputs import LABELS, phantom_volume
-from vesalius.dicom_out.codes import term_for
 from vesalius.dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
 from vesalius.dicom_out.seg import build_seg, segment_numbers
 from vesalius.inference.models import Label
-from vesalius.inference.volume import Volume, load_series
+from vesalius.inference.series import load_series
+from vesalius.inference.terminology import term_for
+from vesalius.inference.volume import Volume
 
 ALGORITHM = Algorithm("builtin_ct", "1")
 
@@ -30,15 +31,15 @@ def oblique(tmp_path_factory: pytest.TempPathFactory) -> tuple[Volume, np.ndarra
 @pytest.fixture(scope="module")
 def oblique_seg(oblique: tuple[Volume, np.ndarray],
                 tmp_path_factory: pytest.TempPathFactory) -> Path:
-    volume, labels = oblique
+    volume, label_map = oblique
     path = tmp_path_factory.mktemp("seg") / "seg.dcm"
-    build_seg(volume, labels, LABELS, ALGORITHM).save_as(path, enforce_file_format=True)
+    build_seg(volume, label_map, LABELS, ALGORITHM).save_as(path, enforce_file_format=True)
     return path
 
 
-def expected_masks(labels: np.ndarray, label_defs=LABELS) -> tuple[list[Label], np.ndarray]:
-    present = [label for label in label_defs if label.mask(labels).any()]
-    return present, np.stack([label.mask(labels) for label in present], axis=-1)
+def expected_masks(label_map: np.ndarray, structures=LABELS) -> tuple[list[Label], np.ndarray]:
+    present = [label for label in structures if label.mask(label_map).any()]
+    return present, np.stack([label.mask(label_map) for label in present], axis=-1)
 
 
 def test_seg_passes_dciodvfy(oblique_seg: Path) -> None:
@@ -47,8 +48,8 @@ def test_seg_passes_dciodvfy(oblique_seg: Path) -> None:
 
 def test_highdicom_reads_back_the_same_voxels_per_source_slice(
         oblique: tuple[Volume, np.ndarray], oblique_seg: Path) -> None:
-    volume, labels = oblique
-    present, masks = expected_masks(labels)
+    volume, label_map = oblique
+    present, masks = expected_masks(label_map)
     seg = hd.seg.segread(oblique_seg)
     assert seg.get_segment_numbers() == list(range(1, len(present) + 1))
     pixels = seg.get_pixels_by_source_instance(
@@ -63,8 +64,8 @@ def test_highdicom_reads_back_the_same_voxels_per_source_slice(
 
 def test_highdicom_volume_has_the_source_geometry(oblique: tuple[Volume, np.ndarray],
                                                   oblique_seg: Path) -> None:
-    volume, labels = oblique
-    _, masks = expected_masks(labels)
+    volume, label_map = oblique
+    _, masks = expected_masks(label_map)
     geometry = hd.VolumeGeometry(volume.affine, volume.array.shape, "PATIENT",
                                  volume.frame_of_reference_uid)
     decoded = hd.seg.segread(oblique_seg).get_volume(combine_segments=False)
@@ -75,8 +76,8 @@ def test_highdicom_volume_has_the_source_geometry(oblique: tuple[Volume, np.ndar
 
 def test_dcmqi_decodes_the_same_voxels_and_geometry(oblique: tuple[Volume, np.ndarray],
                                                      oblique_seg: Path, tmp_path: Path) -> None:
-    volume, labels = oblique
-    _, masks = expected_masks(labels)
+    volume, label_map = oblique
+    _, masks = expected_masks(label_map)
     result = subprocess.run(
         [tool("segimage2itkimage"), "--inputDICOM", str(oblique_seg), "--outputDirectory",
          str(tmp_path), "-t", "nrrd", "-p", "seg"],
@@ -98,8 +99,8 @@ def test_dcmqi_decodes_the_same_voxels_and_geometry(oblique: tuple[Volume, np.nd
 
 def test_segments_are_coded_from_the_table_and_empty_labels_are_left_out(
         oblique: tuple[Volume, np.ndarray], oblique_seg: Path) -> None:
-    volume, labels = oblique
-    present, _ = expected_masks(labels)
+    volume, label_map = oblique
+    present, _ = expected_masks(label_map)
     assert "airways" not in [label.name for label in present]  # empty in the phantom
     ds = pydicom.dcmread(oblique_seg)
     assert len(ds.SegmentSequence) == len(present)
@@ -152,10 +153,10 @@ def test_seg_is_ours_in_the_source_study_with_derived_uids(
 
 def test_building_twice_gives_the_same_uids_and_a_new_version_new_ones(
         oblique: tuple[Volume, np.ndarray]) -> None:
-    volume, labels = oblique
-    first = build_seg(volume, labels, LABELS, ALGORITHM)
-    again = build_seg(volume, labels, LABELS, Algorithm("builtin_ct", "1"))
-    newer = build_seg(volume, labels, LABELS, Algorithm("builtin_ct", "2"))
+    volume, label_map = oblique
+    first = build_seg(volume, label_map, LABELS, ALGORITHM)
+    again = build_seg(volume, label_map, LABELS, Algorithm("builtin_ct", "1"))
+    newer = build_seg(volume, label_map, LABELS, Algorithm("builtin_ct", "2"))
     assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID,
                                                                again.SOPInstanceUID)
     assert first.SeriesInstanceUID != newer.SeriesInstanceUID
@@ -165,9 +166,9 @@ def test_building_twice_gives_the_same_uids_and_a_new_version_new_ones(
 
 
 def test_feet_first_series_round_trips(tmp_path: Path) -> None:
-    volume, labels = phantom_volume(tmp_path / "ffs", feet_first=True)
-    _, masks = expected_masks(labels)
-    seg = build_seg(volume, labels, LABELS, ALGORITHM)
+    volume, label_map = phantom_volume(tmp_path / "ffs", feet_first=True)
+    _, masks = expected_masks(label_map)
+    seg = build_seg(volume, label_map, LABELS, ALGORITHM)
     path = tmp_path / "seg.dcm"
     seg.save_as(path, enforce_file_format=True)
     assert_dciodvfy_clean(path)
@@ -180,13 +181,13 @@ def test_feet_first_series_round_trips(tmp_path: Path) -> None:
 
 def test_refuses_nothing_to_segment_and_mismatched_shapes(
         oblique: tuple[Volume, np.ndarray]) -> None:
-    volume, labels = oblique
+    volume, label_map = oblique
     with pytest.raises(ValueError, match="no label"):
-        build_seg(volume, np.zeros_like(labels), LABELS, ALGORITHM)
+        build_seg(volume, np.zeros_like(label_map), LABELS, ALGORITHM)
     with pytest.raises(ValueError, match="shape"):
-        build_seg(volume, labels[:-1], LABELS, ALGORITHM)
+        build_seg(volume, label_map[:-1], LABELS, ALGORITHM)
     with pytest.raises(KeyError, match="unicorn_gland"):
-        build_seg(volume, labels, (Label(1, "unicorn_gland"),), ALGORITHM)
+        build_seg(volume, label_map, (Label(1, "unicorn_gland"),), ALGORITHM)
 
 
 @pytest.mark.filterwarnings("ignore:The string .* unlikely to represent:UserWarning")
@@ -195,11 +196,11 @@ def test_real_ct_liver_matches_the_dcmqi_reference_seg(shared_data: Path, tmp_pa
     volume = load_series(sorted(folder.glob("0*.dcm")))
     label_image = sitk.ReadImage(str(folder / "liver_seg.nrrd"))
     np.testing.assert_allclose(label_image.GetOrigin(), volume.affine[:3, 3], atol=1e-3)
-    labels = sitk.GetArrayFromImage(label_image).astype(np.uint8)
-    assert labels.shape == volume.array.shape
+    label_map = sitk.GetArrayFromImage(label_image).astype(np.uint8)
+    assert label_map.shape == volume.array.shape
     liver = Label(1, "liver")
     assert volume.sources[0]["SpecificCharacterSet"].is_empty  # GE writes it empty
-    seg = build_seg(volume, labels, (liver,), ALGORITHM)
+    seg = build_seg(volume, label_map, (liver,), ALGORITHM)
     assert "SpecificCharacterSet" in volume.sources[0]  # the sources are not modified
     path = tmp_path / "liver.dcm"
     seg.save_as(path, enforce_file_format=True)
@@ -214,14 +215,14 @@ def test_real_ct_liver_matches_the_dcmqi_reference_seg(shared_data: Path, tmp_pa
         ignore_spatial_locations=True)
     assert theirs.any()
     np.testing.assert_array_equal(ours.astype(bool), theirs.astype(bool))
-    np.testing.assert_array_equal(ours[..., 0].astype(bool), labels == 1)
+    np.testing.assert_array_equal(ours[..., 0].astype(bool), label_map == 1)
 
 
 def test_labelmap_is_its_own_object_with_the_same_segments(
         oblique: tuple[Volume, np.ndarray]) -> None:
-    volume, labels = oblique
-    binary = build_seg(volume, labels, LABELS, ALGORITHM)
-    labelmap = build_seg(volume, labels, LABELS, ALGORITHM, segmentation_type="LABELMAP")
+    volume, label_map = oblique
+    binary = build_seg(volume, label_map, LABELS, ALGORITHM)
+    labelmap = build_seg(volume, label_map, LABELS, ALGORITHM, segmentation_type="LABELMAP")
     assert labelmap.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
     assert labelmap.SegmentationType == "LABELMAP"
     assert labelmap.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
@@ -234,14 +235,14 @@ def test_labelmap_is_its_own_object_with_the_same_segments(
     body = next(i for i in labelmap.SegmentSequence if i.get("SegmentLabel") == "Body")
     assert "with segments 2, 3, 4" in body.SegmentDescription  # the lungs and bone complete it
     with pytest.raises(ValueError, match="segmentation_type"):
-        build_seg(volume, labels, LABELS, ALGORITHM, segmentation_type="FRACTIONAL")
+        build_seg(volume, label_map, LABELS, ALGORITHM, segmentation_type="FRACTIONAL")
 
 
 def test_binary_seg_keeps_empty_frames_aligned_to_every_slice(
         oblique: tuple[Volume, np.ndarray], oblique_seg: Path) -> None:
-    volume, labels = oblique
+    volume, label_map = oblique
     ds = pydicom.dcmread(oblique_seg)
-    present, _ = expected_masks(labels)
+    present, _ = expected_masks(label_map)
     assert ds.NumberOfFrames == len(volume.sources) * len(present)
     for frame in ds.PerFrameFunctionalGroupsSequence:
         [source] = [s for d in frame.DerivationImageSequence for s in d.SourceImageSequence]

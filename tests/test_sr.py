@@ -10,12 +10,12 @@ import pytest
 
 from tests.dicom_checks import assert_dciodvfy_clean
 from tests.dicom_out_inputs import BODY, BONE, LABELS, LUNG_LEFT, LUNG_RIGHT, phantom_volume
-from vesalius.dicom_out.codes import term_for
 from vesalius.dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
 from vesalius.dicom_out.seg import build_seg, segment_numbers
 from vesalius.dicom_out.sr import build_sr
 from vesalius.inference.measures import Measurement
 from vesalius.inference.models import Label
+from vesalius.inference.terminology import term_for
 
 ALGORITHM = Algorithm("builtin_ct", "1")
 # deliberately not in segment order, and bone without a surface area
@@ -33,9 +33,9 @@ MEASUREMENTS = (
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory):
-    volume, labels = phantom_volume(tmp_path_factory.mktemp("phantom"))
-    seg = build_seg(volume, labels, LABELS, ALGORITHM)
-    return volume, seg, labels
+    volume, label_map = phantom_volume(tmp_path_factory.mktemp("phantom"))
+    seg = build_seg(volume, label_map, LABELS, ALGORITHM)
+    return volume, seg, label_map
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +119,13 @@ def test_sr_is_ours_in_the_source_study_with_derived_uids(inputs, written: Path)
 
 
 def test_uids_are_deterministic_and_change_with_the_version(inputs) -> None:
-    volume, seg, labels = inputs
+    volume, seg, label_map = inputs
     first = build_sr(volume, seg, MEASUREMENTS, ALGORITHM)
     again = build_sr(volume, seg, MEASUREMENTS, Algorithm("builtin_ct", "1"))
     assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID,
                                                                again.SOPInstanceUID)
     newer_algorithm = Algorithm("builtin_ct", "2")
-    newer_seg = build_seg(volume, labels, LABELS, newer_algorithm)
+    newer_seg = build_seg(volume, label_map, LABELS, newer_algorithm)
     newer = build_sr(volume, newer_seg, MEASUREMENTS, newer_algorithm)
     assert first.SeriesInstanceUID != newer.SeriesInstanceUID
     assert first.SOPInstanceUID != newer.SOPInstanceUID
@@ -148,9 +148,9 @@ def test_measurements_from_inference_are_reported(tmp_path: Path) -> None:
     from vesalius.inference.measures import measure
     from vesalius.inference.surfaces import build_meshes
 
-    volume, labels = phantom_volume(tmp_path / "phantom", orientation="oblique")
-    measurements = measure(volume, labels, LABELS, build_meshes(labels, volume.affine, LABELS))
-    seg = build_seg(volume, labels, LABELS, ALGORITHM)
+    volume, label_map = phantom_volume(tmp_path / "phantom", orientation="oblique")
+    measurements = measure(volume, label_map, LABELS, build_meshes(label_map, volume.affine, LABELS))
+    seg = build_seg(volume, label_map, LABELS, ALGORITHM)
     path = tmp_path / "sr.dcm"
     build_sr(volume, seg, measurements, ALGORITHM).save_as(path, enforce_file_format=True)
     assert_dciodvfy_clean(path)

@@ -56,11 +56,11 @@ def test_stl_of_a_pipeline_mesh_encloses_its_volume_outward(tmp_path: Path) -> N
     from tests.dicom_out_inputs import LABELS, phantom_volume
     from vesalius.inference.surfaces import build_meshes
 
-    volume, labels = phantom_volume(tmp_path / "phantom", orientation="oblique")
-    body = build_meshes(labels, volume.affine, LABELS)[0]
+    volume, label_map = phantom_volume(tmp_path / "phantom", orientation="oblique")
+    body = build_meshes(label_map, volume.affine, LABELS)[0]
     assert body.label.name == "body"  # includes the lungs and bone: one solid block
     _, facets = read_binary_stl(write_stl(body, tmp_path / "body.stl"))
     v = facets["vertices"].astype(np.float64)
     signed_mm3 = np.einsum("ij,ij->i", v[:, 0], np.cross(v[:, 1], v[:, 2])).sum() / 6
-    voxels_mm3 = body.label.mask(labels).sum() * abs(np.linalg.det(volume.affine[:3, :3]))
+    voxels_mm3 = body.label.mask(label_map).sum() * abs(np.linalg.det(volume.affine[:3, :3]))
     assert signed_mm3 == pytest.approx(voxels_mm3, rel=0.1)

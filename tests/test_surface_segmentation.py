@@ -17,7 +17,6 @@ from tests.dicom_out_inputs import (
     phantom_volume,
     sphere_mesh,
 )
-from vesalius.dicom_out.codes import term_for
 from vesalius.dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
 from vesalius.dicom_out.seg import build_seg
 from vesalius.dicom_out.surface_segmentation import (
@@ -25,6 +24,7 @@ from vesalius.dicom_out.surface_segmentation import (
     build_surface_segmentation,
 )
 from vesalius.inference.surfaces import Mesh
+from vesalius.inference.terminology import term_for
 from vesalius.inference.volume import Volume
 
 ALGORITHM = Algorithm("builtin_ct", "1")
@@ -32,8 +32,8 @@ ALGORITHM = Algorithm("builtin_ct", "1")
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory):
-    volume, labels = phantom_volume(tmp_path_factory.mktemp("phantom"))
-    seg = build_seg(volume, labels, LABELS, ALGORITHM)
+    volume, label_map = phantom_volume(tmp_path_factory.mktemp("phantom"))
+    seg = build_seg(volume, label_map, LABELS, ALGORITHM)
     meshes = [
         sphere_mesh(LUNG_LEFT, (10.0, 0.0, 0.0), 7.0),
         sphere_mesh(LUNG_RIGHT, (-10.0, 0.0, 0.0), 7.0, closed=False),
@@ -194,7 +194,7 @@ def test_refuses_what_it_cannot_write(inputs) -> None:
 
 def test_surfaces_from_a_real_series_pass_dciodvfy(shared_data: Path, tmp_path: Path) -> None:
     """The GE series has an empty Specific Character Set and single-component names."""
-    from vesalius.inference.volume import load_series
+    from vesalius.inference.series import load_series
 
     volume: Volume = load_series(sorted((shared_data / "ct-3slice-ge").glob("0*.dcm")))
     centre = volume.affine @ np.array([1, 256, 256, 1])
@@ -209,8 +209,8 @@ def test_meshes_from_inference_round_trip(tmp_path: Path) -> None:
     """The pipeline's own meshes (inference.surfaces) on an oblique phantom."""
     from vesalius.inference.surfaces import build_meshes
 
-    volume, labels = phantom_volume(tmp_path / "phantom", orientation="oblique")
-    meshes = build_meshes(labels, volume.affine, LABELS)
+    volume, label_map = phantom_volume(tmp_path / "phantom", orientation="oblique")
+    meshes = build_meshes(label_map, volume.affine, LABELS)
     assert [m.label.name for m in meshes] == ["body", "lung_left", "lung_right", "bone"]
     path = tmp_path / "surfaces.dcm"
     build_surface_segmentation(volume, meshes, ALGORITHM).save_as(path, enforce_file_format=True)

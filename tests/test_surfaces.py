@@ -46,8 +46,8 @@ def _face_normals(mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_sphere_mesh_matches_analytic(geometry: dict) -> None:
     affine, shape = _grid(**geometry)
-    labels = _render(affine, shape, SPHERE).astype(np.uint8)
-    (mesh,) = build_meshes(labels, affine, [LABEL])
+    label_map = _render(affine, shape, SPHERE).astype(np.uint8)
+    (mesh,) = build_meshes(label_map, affine, [LABEL])
     assert mesh.label == LABEL
     assert mesh.points.dtype == np.float32 and mesh.points.shape[1] == 3
     assert mesh.normals.dtype == np.float32 and mesh.normals.shape == mesh.points.shape
@@ -76,8 +76,8 @@ def _cylinder_distance(points: np.ndarray, cylinder: Cylinder) -> np.ndarray:
 @pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[4], GEOMETRIES[5]])
 def test_cylinder_mesh_matches_analytic(geometry: dict) -> None:
     affine, shape = _grid(**geometry)
-    labels = _render(affine, shape, CYLINDER).astype(np.uint8)
-    (mesh,) = build_meshes(labels, affine, [LABEL])
+    label_map = _render(affine, shape, CYLINDER).astype(np.uint8)
+    (mesh,) = build_meshes(label_map, affine, [LABEL])
     assert mesh.closed and mesh.manifold
     assert mesh.volume_mm3 == pytest.approx(CYLINDER.volume_mm3, rel=0.02)
     assert mesh.area_mm2 == pytest.approx(CYLINDER.area_mm2, rel=0.03)
@@ -86,9 +86,9 @@ def test_cylinder_mesh_matches_analytic(geometry: dict) -> None:
 
 def test_decimation_respects_the_budget_and_stays_closed() -> None:
     affine, shape = _grid()
-    labels = _render(affine, shape, SPHERE).astype(np.uint8)
-    (full,) = build_meshes(labels, affine, [LABEL])
-    (small,) = build_meshes(labels, affine, [LABEL], max_triangles=2500)
+    label_map = _render(affine, shape, SPHERE).astype(np.uint8)
+    (full,) = build_meshes(label_map, affine, [LABEL])
+    (small,) = build_meshes(label_map, affine, [LABEL], max_triangles=2500)
     assert len(full.triangles) > 2500 >= len(small.triangles)
     assert small.closed and small.manifold
     assert small.volume_mm3 == pytest.approx(SPHERE.volume_mm3, rel=0.02)
@@ -97,9 +97,9 @@ def test_decimation_respects_the_budget_and_stays_closed() -> None:
 def test_large_surfaces_are_contoured_on_a_pooled_grid_accurately() -> None:
     """A fine grid with a small budget: contour on 2x2x2 blocks, still the analytic sphere."""
     affine, shape = _grid(shape=(64, 64, 64), spacing=(0.7, 0.7, 0.7))
-    labels = _render(affine, shape, SPHERE).astype(np.uint8)
-    (full,) = build_meshes(labels, affine, [LABEL], max_triangles=1_000_000)
-    (mesh,) = build_meshes(labels, affine, [LABEL], max_triangles=4000)
+    label_map = _render(affine, shape, SPHERE).astype(np.uint8)
+    (full,) = build_meshes(label_map, affine, [LABEL], max_triangles=1_000_000)
+    (mesh,) = build_meshes(label_map, affine, [LABEL], max_triangles=4000)
     assert len(full.triangles) > 3 * 4000  # so the budget forces the pooled contour
     assert len(mesh.triangles) <= 4000
     assert mesh.closed and mesh.manifold
@@ -112,33 +112,33 @@ def test_large_surfaces_are_contoured_on_a_pooled_grid_accurately() -> None:
 
 def test_one_mesh_per_non_empty_label_with_includes() -> None:
     affine, shape = _grid()
-    labels = _render(affine, shape, SPHERE).astype(np.uint8)
-    labels[_render(affine, shape, CYLINDER)] = 2
+    label_map = _render(affine, shape, SPHERE).astype(np.uint8)
+    label_map[_render(affine, shape, CYLINDER)] = 2
     union = Label(1, "body", (2,))
     inner = Label(2, "bone")
     empty = Label(3, "airways")
-    meshes = build_meshes(labels, affine, [union, inner, empty])
+    meshes = build_meshes(label_map, affine, [union, inner, empty])
     assert [mesh.label for mesh in meshes] == [union, inner]
     voxel = abs(np.linalg.det(affine[:3, :3]))
-    assert meshes[0].volume_mm3 == pytest.approx(np.count_nonzero(labels) * voxel, rel=0.02)
-    assert meshes[1].volume_mm3 == pytest.approx(np.count_nonzero(labels == 2) * voxel, rel=0.03)
+    assert meshes[0].volume_mm3 == pytest.approx(np.count_nonzero(label_map) * voxel, rel=0.02)
+    assert meshes[1].volume_mm3 == pytest.approx(np.count_nonzero(label_map == 2) * voxel, rel=0.03)
 
 
 def test_object_cut_by_the_volume_border_is_closed() -> None:
     affine, shape = _grid(shape=(14, 48, 48))  # the sphere sticks out of both ends of the slab
-    labels = _render(affine, shape, SPHERE).astype(np.uint8)
-    assert labels[0].any() and labels[-1].any()
-    (mesh,) = build_meshes(labels, affine, [LABEL])
+    label_map = _render(affine, shape, SPHERE).astype(np.uint8)
+    assert label_map[0].any() and label_map[-1].any()
+    (mesh,) = build_meshes(label_map, affine, [LABEL])
     assert mesh.closed and mesh.manifold
     voxel = abs(np.linalg.det(affine[:3, :3]))
-    assert mesh.volume_mm3 == pytest.approx(np.count_nonzero(labels) * voxel, rel=0.05)
+    assert mesh.volume_mm3 == pytest.approx(np.count_nonzero(label_map) * voxel, rel=0.05)
 
 
 def test_smoothing_off_still_closed_and_smoothing_helps_area() -> None:
     affine, shape = _grid()
-    labels = _render(affine, shape, SPHERE).astype(np.uint8)
-    (raw,) = build_meshes(labels, affine, [LABEL], smoothing_iterations=0)
-    (smooth,) = build_meshes(labels, affine, [LABEL])
+    label_map = _render(affine, shape, SPHERE).astype(np.uint8)
+    (raw,) = build_meshes(label_map, affine, [LABEL], smoothing_iterations=0)
+    (smooth,) = build_meshes(label_map, affine, [LABEL])
     assert raw.closed and raw.manifold
     error = abs(raw.area_mm2 / SPHERE.area_mm2 - 1)
     assert abs(smooth.area_mm2 / SPHERE.area_mm2 - 1) < error

@@ -31,7 +31,8 @@ from pydicom.uid import (
 )
 
 from tests.peers import DCMTK_ENV
-from vesalius.inference.volume import Volume, load_series
+from vesalius.inference.series import load_series
+from vesalius.inference.volume import Volume
 
 
 def _dcmtk(*command: str) -> Callable[[Path, Path], None]:

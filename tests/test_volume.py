@@ -21,14 +21,8 @@ from pydicom.uid import (
 
 from tests.phantoms import Cylinder, Sphere, write_phantom_series
 from tests.realdata import lps_affine, write_nifti_as_dicom_series
-from vesalius.inference.volume import (
-    Volume,
-    VolumeError,
-    frame_number,
-    load_series,
-    multiframe_header,
-    multiframe_source,
-)
+from vesalius.inference.series import frame_number, load_series, multiframe_header, multiframe_source
+from vesalius.inference.volume import Volume, VolumeError
 
 SPHERE = Sphere(center=(9.0, -8.0, 4.0), radius=13.0, hu=300.0)
 CYLINDER = Cylinder(center=(-12.0, 12.0, -4.0), axis=(0.2, 0.3, 1.0), radius=7.0, length=24.0,
@@ -302,11 +296,12 @@ def test_refuses_unreadable_file(tmp_path: Path) -> None:
     assert "junk.dcm" in _refusal([junk])
 
 
-def test_volume_is_frozen(tmp_path: Path) -> None:
+def test_the_volume_keeps_headers_not_encoded_pixels(tmp_path: Path) -> None:
+    """A 512x512x300 CT would otherwise sit in memory twice: decoded in the array, encoded in the headers."""
     volume = load_series(_phantom(tmp_path, shape=(2, 8, 8)).paths)
-    assert isinstance(volume, Volume)
-    with pytest.raises(AttributeError):
-        volume.affine = np.eye(4)  # type: ignore[misc]
+    assert isinstance(volume, Volume) and volume.array.shape == (2, 8, 8)
+    assert all("PixelData" not in ds for ds in volume.sources)
+    assert all("ImagePositionPatient" in ds for ds in volume.sources)
 
 
 # --- enhanced (multi-frame) input ----------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Segmentation models behind one interface: the labels they produce and ``predict``."""
+"""Segmentation models behind one interface: the structures they produce and ``predict``.
+
+``predict`` returns a label map: a uint8 array on the volume's grid whose values are the
+``Label.value`` of the model's ``structures`` (0 is background)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from vesalius.inference.volume import Volume
 class Label:
     """One structure a model produces.
 
-    ``name`` is the key into ``dicom_out.codes``; ``includes`` lists other label values that
+    ``name`` is the key into ``inference.terminology``; ``includes`` lists other label values that
     belong to this structure too (the body contains the lungs), so segments may overlap.
     """
 
@@ -22,33 +25,22 @@ class Label:
     name: str
     includes: tuple[int, ...] = ()
 
-    def mask(self, labels: np.ndarray) -> np.ndarray:
-        """Boolean mask of this structure in a label array."""
+    def mask(self, label_map: np.ndarray) -> np.ndarray:
+        """Boolean mask of this structure in a label map."""
         if not self.includes:
-            return labels == self.value
+            return label_map == self.value
         member = np.zeros(256, bool)  # a lookup table: one gather, far faster than np.isin
         member[[self.value, *self.includes]] = True
-        return member[labels]
-
-
-MODEL_NAMES = ("builtin_ct",)
+        return member[label_map]
 
 
 class Model(Protocol):
     name: str
     version: str
     family: str  # "ai" (trained network) or "morphology" (thresholds, morphology): DICOM Algorithm Family
-    labels: tuple[Label, ...]
+    structures: tuple[Label, ...]
 
     def predict(self, volume: Volume) -> np.ndarray:
-        """uint8 label array with the volume's shape; 0 is background."""
+        """The label map: uint8, the volume's shape; 0 is background."""
         ...
 
-
-def get_model(name: str) -> Model:
-    """The model ``name`` refers to: ``builtin_ct``, a configured model, a path form
-    (``bundle:PATH``, ``onnx:PATH``...) or several joined by ``+``; loaded once per process
-    (``inference.models.registry``). ValueError naming the known models otherwise."""
-    from vesalius.inference.models.registry import resolve
-
-    return resolve(name)

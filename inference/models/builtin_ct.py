@@ -11,7 +11,10 @@ import numpy as np
 from scipy import ndimage
 
 from vesalius.inference.grid import pool
-from vesalius.inference.models import Label
+from vesalius.inference.models import Label, Model
+from vesalius.inference.models.backend import Backend
+from vesalius.inference.models.spec import ModelSpec
+from vesalius.inference.models.structures import Structures
 from vesalius.inference.volume import Volume
 
 BODY, LUNG_LEFT, LUNG_RIGHT, AIRWAYS, BONE = 1, 2, 3, 4, 5
@@ -42,7 +45,7 @@ class BuiltinCT:
     name = "builtin_ct"
     version = "1"
     family = "morphology"
-    labels = (
+    structures: tuple[Label, ...] = (
         Label(BODY, "body", (LUNG_LEFT, LUNG_RIGHT, AIRWAYS, BONE)),
         Label(LUNG_LEFT, "lung_left"),
         Label(LUNG_RIGHT, "lung_right"),
@@ -51,7 +54,7 @@ class BuiltinCT:
     )
 
     def predict(self, volume: Volume) -> np.ndarray:
-        """uint8 labels with the volume's shape (values as in ``labels``)."""
+        """The label map: uint8, the volume's shape (values as in ``structures``)."""
         if volume.modality != "CT":  # its thresholds are Hounsfield units
             raise ValueError(f"builtin_ct segments CT only, this series is {volume.modality or 'unknown'}")
         hu = volume.array
@@ -74,19 +77,19 @@ class BuiltinCT:
         left, right = _lungs(coarse, air & ~airways, body, coarse_affine, planar, voxel_ml)
         bone = _bone(coarse, peak, body, coarse_spacing, planar)
 
-        labels = np.zeros(coarse.shape, np.uint8)
-        labels[body] = BODY
-        labels[left] = LUNG_LEFT
-        labels[right] = LUNG_RIGHT
-        labels[airways] = AIRWAYS
-        labels[bone] = BONE
+        label_map = np.zeros(coarse.shape, np.uint8)
+        label_map[body] = BODY
+        label_map[left] = LUNG_LEFT
+        label_map[right] = LUNG_RIGHT
+        label_map[airways] = AIRWAYS
+        label_map[bone] = BONE
         if factors == (1, 1, 1):
-            return labels
-        return _refine_edges(labels, hu, body, left, right, bone, factors)
+            return label_map
+        return _refine_edges(label_map, hu, body, left, right, bone, factors)
 
 
 def _refine_edges(
-    labels: np.ndarray,
+    label_map: np.ndarray,
     hu: np.ndarray,
     body: np.ndarray,
     left: np.ndarray,
@@ -96,15 +99,15 @@ def _refine_edges(
 ) -> np.ndarray:
     """Redraw the edges of body, lungs and bone at full resolution.
 
-    ``labels`` is the coarse label grid. Only the full-resolution blocks of coarse voxels on an
+    ``label_map`` is the coarse label map. Only the full-resolution blocks of coarse voxels on an
     edge are decided by their own HU, so the blocky edges of the pooled grid become smooth
     without redoing the morphology (and without touching the other ~95% of the voxels).
     """
-    full = _unpool(labels, factors, None)
+    full = _unpool(label_map, factors, None)
     pad = [(0, n - m) for n, m in zip(full.shape, hu.shape, strict=True)]
     values = np.pad(hu, pad, mode="edge") if any(p[1] for p in pad) else hu
     block_shape = []
-    for n, f in zip(labels.shape, factors, strict=True):
+    for n, f in zip(label_map.shape, factors, strict=True):
         block_shape += [n, f]
     full6 = full.reshape(block_shape)
     values6 = values.reshape(block_shape)
@@ -147,21 +150,21 @@ def _pool_factors(spacing: np.ndarray) -> tuple[int, int, int]:
 
 
 def _unpool(
-    labels: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...] | None
+    label_map: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...] | None
 ) -> np.ndarray:
     """Each coarse voxel repeated over its block; cropped to ``shape`` unless None."""
     for axis, f in enumerate(factors):
         if f > 1:
-            labels = np.repeat(labels, f, axis=axis)
+            label_map = np.repeat(label_map, f, axis=axis)
     if shape is None:
-        return labels
-    return np.ascontiguousarray(labels[: shape[0], : shape[1], : shape[2]])
+        return label_map
+    return np.ascontiguousarray(label_map[: shape[0], : shape[1], : shape[2]])
 
 
 def _planar_structure(axis: int) -> np.ndarray:
     """4-connectivity within the planes perpendicular to ``axis`` (per-slice operations)."""
     structure = ndimage.generate_binary_structure(3, 1)
-    index = [slice(None)] * 3
+    index: list[slice | int] = [slice(None)] * 3
     for end in (0, 2):
         index[axis] = end
         structure[tuple(index)] = False
@@ -203,7 +206,7 @@ def _airways(
     voxel_ml: float,
 ) -> np.ndarray:
     """Trachea and main bronchi: pure air grown down from the top of the volume inside the body."""
-    top = [slice(None)] * 3
+    top: list[slice | int] = [slice(None)] * 3
     top[sup_axis] = -1 if affine[2, sup_axis] > 0 else 0
     top_air = air[tuple(top)]
     pixel_cm2 = voxel_ml * 10.0 / float(np.linalg.norm(affine[:3, sup_axis]))
@@ -271,8 +274,8 @@ def _lungs(
     x = _x_coordinate(affine, coarse.shape)
     midline = float(np.mean(x[body])) if body.any() else 0.0
     components, count = ndimage.label(lungs)
-    for value in range(1, count + 1):
-        part = components == value
+    for number in range(1, count + 1):
+        part = components == number
         share_left = float(np.mean(x[part] > midline))
         if share_left > 0.8:
             left |= part
@@ -332,3 +335,24 @@ def _looks_like_vessel(mask: np.ndarray, peak: np.ndarray, spacing: np.ndarray) 
 def _max_inscribed_radius_mm(mask: np.ndarray, spacing: np.ndarray) -> float:
     """Largest distance from inside a mask to its edge (thin rib vs. thick vessel)."""
     return float(ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing).max())
+
+
+class BuiltinBackend(Backend):
+    """``builtin_ct``: no weights, always on the CPU."""
+
+    kind = "builtin"
+
+    def weight_problems(self, spec: ModelSpec) -> list[str]:
+        return []
+
+    def structures(self, spec: ModelSpec) -> Structures:
+        return BuiltinCT.structures, {label.value: label.value for label in BuiltinCT.structures}
+
+    def load(self, spec: ModelSpec) -> Model:
+        return BuiltinCT()
+
+    def device(self, spec: ModelSpec) -> str:
+        return "cpu"
+
+
+backend = BuiltinBackend()

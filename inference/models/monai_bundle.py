@@ -18,8 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vesalius.inference.models import Label
-from vesalius.inference.models.registry import ModelSpec, ModelSpecError, label_defs
+from vesalius.inference.models import Model
+from vesalius.inference.models.backend import Backend
+from vesalius.inference.models.spec import ModelSpec, ModelSpecError
+from vesalius.inference.models.structures import Structures, coded_structures
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 WEIGHT_NAMES = ("model.ts", "model.pt")
@@ -48,28 +50,28 @@ def _metadata(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "configs" / "metadata.json").read_text())
 
 
-def bundle_labels(spec: ModelSpec) -> tuple[tuple[Label, ...], dict[int, int]]:
+def bundle_labels(spec: ModelSpec) -> Structures:
     """Labels from the spec's ``labels`` or the bundle's ``channel_def``, mapped to coded names."""
     names = dict(spec.labels)
     if not names:
-        meta = _metadata(Path(spec.path))
+        meta = _metadata(Backend.path(spec))
         try:
             channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
         except KeyError:
             raise ModelSpecError(f"bundle {spec.path}: metadata.json has no network_data_format."
                                  "outputs.pred.channel_def; give labels in the model config") from None
         names = {int(k): str(v) for k, v in channel_def.items()}
-    return label_defs(names, spec.label_map, spec.name)
+    return coded_structures(names, spec.label_map, spec.name)
 
 
-def load_bundle(spec: ModelSpec) -> Any:
+def load_bundle(spec: ModelSpec) -> Model:
     """The bundle as a NetworkModel on this worker's device."""
     from monai.bundle import ConfigParser
 
     from vesalius.inference.device import select_device
     from vesalius.inference.models.network import NetworkModel, without_loader
 
-    folder = Path(spec.path)
+    folder = Backend.path(spec)
     device = select_device(spec.device)
     meta = _metadata(folder)
     parser = ConfigParser()
@@ -86,7 +88,7 @@ def load_bundle(spec: ModelSpec) -> Any:
     labels, channels = bundle_labels(spec)
     name = spec.name if spec.name != folder.name else str(meta.get("name") or folder.name)
     return NetworkModel(name=_safe_name(name), version=spec.version or str(meta.get("version", "1")),
-                        labels=labels, channels=channels, preprocessing=preprocessing,
+                        structures=labels, channels=channels, preprocessing=preprocessing,
                         window=window, runner=network, device=device, precision=spec.precision)
 
 
@@ -122,3 +124,21 @@ def _network(folder: Path, parser: Any, device: str) -> Any:
         network.load_state_dict(state)
         network = network.to(device)
     return network.eval()
+
+
+class BundleBackend(Backend):
+    """``bundle``: a MONAI bundle folder with its own pre-processing, inferer and channel names."""
+
+    kind = "bundle"
+
+    def weight_problems(self, spec: ModelSpec) -> list[str]:
+        return bundle_problems(self.path(spec))
+
+    def structures(self, spec: ModelSpec) -> Structures:
+        return bundle_labels(spec)
+
+    def load(self, spec: ModelSpec) -> Model:
+        return load_bundle(spec)
+
+
+backend = BundleBackend()

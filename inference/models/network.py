@@ -20,6 +20,7 @@ import numpy as np
 
 from vesalius.inference.device import Device, device_slot
 from vesalius.inference.models import Label
+from vesalius.inference.models.output import to_label_map
 from vesalius.inference.volume import Volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -108,13 +109,13 @@ class NetworkModel:
 
     family = "ai"
 
-    def __init__(self, *, name: str, version: str, labels: Sequence[Label],
+    def __init__(self, *, name: str, version: str, structures: Sequence[Label],
                  channels: Mapping[int, int], preprocessing: Any, window: Window,
                  runner: Callable[[Any], Any], device: Device, precision: str = "auto",
                  runner_on_device: bool = True) -> None:
         self.name = name
         self.version = version
-        self.labels = tuple(labels)
+        self.structures = tuple(structures)
         self.channels = dict(channels)
         self.preprocessing = preprocessing
         self.window = window
@@ -124,7 +125,7 @@ class NetworkModel:
         self.runner_on_device = runner_on_device  # False: the runner moves data itself (ONNX)
 
     def predict(self, volume: Volume) -> np.ndarray:
-        """uint8 labels on the volume's grid (values per ``labels``)."""
+        """The label map on the volume's grid (values per ``structures``)."""
         import torch
         from monai.data import MetaTensor
         from monai.inferers import SlidingWindowInferer
@@ -164,17 +165,4 @@ class NetworkModel:
             winner = (scores[0] > 0.5).astype(np.int64)
         else:
             winner = np.argmax(scores, axis=0)
-        lut = np.zeros(max(channels, 2), dtype=np.uint8)
-        for channel, value in self.channels.items():
-            if channel < len(lut):
-                lut[channel] = value
-        return lut[np.clip(winner, 0, len(lut) - 1)]
-
-
-def labels_from_channels(names: Mapping[int, str]) -> tuple[tuple[Label, ...], dict[int, int]]:
-    """Labels (value = output channel) from a channel -> label-name table; channel 0 is background."""
-    labels = tuple(Label(int(c), n) for c, n in sorted(names.items()) if int(c) > 0)
-    for label in labels:
-        if not 1 <= label.value <= 255:
-            raise ValueError(f"output channel {label.value} cannot be a label value (1..255)")
-    return labels, {label.value: label.value for label in labels}
+        return to_label_map(self.name, winner, self.channels, volume.array.shape)

@@ -19,8 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from vesalius.inference.models import Label
-from vesalius.inference.models.registry import ModelSpec, ModelSpecError, label_defs
+from vesalius.inference.models import Model
+from vesalius.inference.models.backend import Backend
+from vesalius.inference.models.output import to_label_map
+from vesalius.inference.models.spec import ModelSpec, ModelSpecError
+from vesalius.inference.models.structures import Structures, coded_structures
 from vesalius.inference.volume import Volume
 
 
@@ -61,9 +64,9 @@ def dataset_classes(folder: Path) -> dict[int, str]:
     return classes
 
 
-def nnunet_labels(spec: ModelSpec) -> tuple[tuple[Label, ...], dict[int, int]]:
-    names = dict(spec.labels) or dataset_classes(Path(spec.path))
-    return label_defs(names, spec.label_map, spec.name)
+def nnunet_labels(spec: ModelSpec) -> Structures:
+    names = dict(spec.labels) or dataset_classes(Backend.path(spec))
+    return coded_structures(names, spec.label_map, spec.name)
 
 
 def nnunet_input(volume: Volume) -> tuple[np.ndarray, dict[str, Any]]:
@@ -72,25 +75,13 @@ def nnunet_input(volume: Volume) -> tuple[np.ndarray, dict[str, Any]]:
     return image, {"spacing": [float(s) for s in volume.spacing]}
 
 
-def to_label_map(segmentation: np.ndarray, channels: dict[int, int], shape: tuple[int, ...]) -> np.ndarray:
-    """nnU-Net's class values -> our label values (uint8), checked against the source grid."""
-    segmentation = np.asarray(segmentation)
-    if segmentation.shape != tuple(shape):
-        raise RuntimeError(f"nnU-Net returned shape {segmentation.shape}, the volume is {tuple(shape)}")
-    top = int(segmentation.max(initial=0))
-    lut = np.zeros(max(top, max(channels, default=0)) + 1, dtype=np.uint8)
-    for value, ours in channels.items():
-        lut[value] = ours
-    return lut[segmentation.astype(np.int64)]
-
-
 class NnUNetModel:
     family = "ai"
 
     def __init__(self, spec: ModelSpec, predictor: Any, device: Any) -> None:
         self.name = spec.name
         self.version = spec.version or "1"
-        self.labels, self.channels = nnunet_labels(spec)
+        self.structures, self.channels = nnunet_labels(spec)
         self.predictor = predictor
         self.device = device
 
@@ -102,10 +93,10 @@ class NnUNetModel:
         image, properties = nnunet_input(volume)
         with device_slot(self.device), torch.inference_mode():
             segmentation = self.predictor.predict_single_npy_array(image, properties, None, None, False)
-        return to_label_map(segmentation, self.channels, volume.array.shape)
+        return to_label_map("nnU-Net", segmentation, self.channels, volume.array.shape)
 
 
-def load_nnunet(spec: ModelSpec) -> NnUNetModel:
+def load_nnunet(spec: ModelSpec) -> Model:
     try:
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -115,7 +106,7 @@ def load_nnunet(spec: ModelSpec) -> NnUNetModel:
     from vesalius.inference.device import select_device
 
     device = select_device(spec.device)
-    folder = Path(spec.path)
+    folder = Backend.path(spec)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                 perform_everything_on_device=device.kind == "cuda",
                                 device=torch.device(device.torch_name), verbose=False,
@@ -123,3 +114,21 @@ def load_nnunet(spec: ModelSpec) -> NnUNetModel:
     predictor.initialize_from_trained_model_folder(
         str(folder), use_folds=spec.folds or available_folds(folder), checkpoint_name=spec.checkpoint)
     return NnUNetModel(spec, predictor, device)
+
+
+class NnUNetBackend(Backend):
+    """``nnunet``: a trained-model folder, its labels from ``dataset.json``."""
+
+    kind = "nnunet"
+
+    def weight_problems(self, spec: ModelSpec) -> list[str]:
+        return folder_problems(self.path(spec), spec.folds, spec.checkpoint)
+
+    def structures(self, spec: ModelSpec) -> Structures:
+        return nnunet_labels(spec)
+
+    def load(self, spec: ModelSpec) -> Model:
+        return load_nnunet(spec)
+
+
+backend = NnUNetBackend()

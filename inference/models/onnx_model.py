@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from vesalius.inference.models.registry import ModelSpec, label_defs
+from vesalius.inference.device import Device
+from vesalius.inference.models.spec import ModelSpec
+from vesalius.inference.models.torchscript import NetworkFileBackend
 
 
 class OnnxRunner:
@@ -19,7 +21,7 @@ class OnnxRunner:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = device.threads
-        providers = ["CPUExecutionProvider"]
+        providers: list[Any] = ["CPUExecutionProvider"]
         if device.kind == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index}))
         self.session = ort.InferenceSession(path, options, providers=providers)
@@ -33,15 +35,17 @@ class OnnxRunner:
         return torch.from_numpy(self.session.run(None, {self.input: array})[0])
 
 
-def load_onnx(spec: ModelSpec) -> Any:
-    from vesalius.inference.device import select_device
-    from vesalius.inference.models.network import NetworkModel
-    from vesalius.inference.models.torchscript import network_settings
+class OnnxBackend(NetworkFileBackend):
+    """``onnx``: one ``.onnx`` file, run by onnxruntime (float32)."""
 
-    device = select_device(spec.device)
-    labels, channels = label_defs(spec.labels, spec.label_map, spec.name)
-    preprocessing, window = network_settings(spec)
-    return NetworkModel(name=spec.name, version=spec.version or "1", labels=labels,
-                        channels=channels, preprocessing=preprocessing, window=window,
-                        runner=OnnxRunner(str(spec.path), device), device=device,
-                        precision="fp32", runner_on_device=False)
+    kind = "onnx"
+    runner_on_device = False
+
+    def runner(self, spec: ModelSpec, device: Device) -> Any:
+        return OnnxRunner(str(self.path(spec)), device)
+
+    def precision(self, spec: ModelSpec) -> str:
+        return "fp32"
+
+
+backend = OnnxBackend()

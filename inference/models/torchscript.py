@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from vesalius.inference.models.registry import ModelSpec, ModelSpecError, label_defs
+from vesalius.inference.device import Device
+from vesalius.inference.models import Model
+from vesalius.inference.models.backend import Backend
+from vesalius.inference.models.spec import ModelSpec, ModelSpecError
 
 DEFAULT_OVERLAP = 0.25
 
@@ -27,16 +30,40 @@ def network_settings(spec: ModelSpec) -> tuple[Any, Any]:
     return preprocessing, window
 
 
-def load_torchscript(spec: ModelSpec) -> Any:
-    import torch
+class NetworkFileBackend(Backend):
+    """A network in one weights file, its labels and pre-processing from the spec (TorchScript, ONNX)."""
 
-    from vesalius.inference.device import select_device
-    from vesalius.inference.models.network import NetworkModel
+    runner_on_device = True  # False: the runner moves data itself
 
-    device = select_device(spec.device)
-    labels, channels = label_defs(spec.labels, spec.label_map, spec.name)
-    preprocessing, window = network_settings(spec)
-    network = torch.jit.load(str(spec.path), map_location=device.torch_name).eval()
-    return NetworkModel(name=spec.name, version=spec.version or "1", labels=labels,
-                        channels=channels, preprocessing=preprocessing, window=window,
-                        runner=network, device=device, precision=spec.precision)
+    def runner(self, spec: ModelSpec, device: Device) -> Any:
+        """What maps a batch of patches to logits."""
+        raise NotImplementedError
+
+    def precision(self, spec: ModelSpec) -> str:
+        return spec.precision
+
+    def load(self, spec: ModelSpec) -> Model:
+        from vesalius.inference.device import select_device
+        from vesalius.inference.models.network import NetworkModel
+
+        device = select_device(spec.device)
+        labels, channels = self.structures(spec)
+        preprocessing, window = network_settings(spec)
+        return NetworkModel(name=spec.name, version=spec.version or "1", structures=labels,
+                            channels=channels, preprocessing=preprocessing, window=window,
+                            runner=self.runner(spec, device), device=device,
+                            precision=self.precision(spec), runner_on_device=self.runner_on_device)
+
+
+class TorchScriptBackend(NetworkFileBackend):
+    """``torchscript``: one ``.ts`` file, run by torch on the spec's device."""
+
+    kind = "torchscript"
+
+    def runner(self, spec: ModelSpec, device: Device) -> Any:
+        import torch
+
+        return torch.jit.load(str(self.path(spec)), map_location=device.torch_name).eval()
+
+
+backend = TorchScriptBackend()

@@ -5,7 +5,7 @@ folder (``TOTALSEG_HOME_DIR``, holding ``nnunet/results/Dataset*``; ``totalseg_i
 fills it) or the ``nnunet/results`` folder itself. The volume goes in as a NIfTI image with its
 RAS affine (TotalSegmentator reorients and resamples internally and returns the labels on the
 input grid); its class values map to our labels through its class map, coded by
-``dicom_out.codes_totalseg`` (SNOMED CT, after TotalSegmentator's own mapping table). Classes that
+``inference.terminology`` (SNOMED CT, after TotalSegmentator's own mapping table). Classes that
 are absent from a series produce no segment.
 """
 
@@ -18,8 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from vesalius.inference.models import Label
-from vesalius.inference.models.registry import ModelSpec, ModelSpecError, label_defs
+from vesalius.inference.models import Model
+from vesalius.inference.models.backend import Backend
+from vesalius.inference.models.output import to_label_map
+from vesalius.inference.models.spec import ModelSpec, ModelSpecError
+from vesalius.inference.models.structures import Structures, coded_structures
 from vesalius.inference.volume import Volume
 
 # nnU-Net dataset ids of the "total" task's weights: 5 parts at 1.5 mm, or one 3 mm model (--fast)
@@ -56,20 +59,20 @@ def class_map(task: str) -> dict[int, str]:
         if task != "total":
             raise ModelSpecError(f"TotalSegmentator task {task!r}: install vesalius[totalsegmentator] "
                                  "for its class map") from None
-        from vesalius.dicom_out.codes_totalseg import TOTAL_CLASSES
+        from vesalius.inference.terminology import TOTAL_CLASSES
 
         return dict(enumerate(TOTAL_CLASSES, start=1))
     return {int(k): str(v) for k, v in classes[task].items()}
 
 
-def totalseg_labels(spec: ModelSpec) -> tuple[tuple[Label, ...], dict[int, int]]:
+def totalseg_labels(spec: ModelSpec) -> Structures:
     classes = dict(spec.labels) or class_map(spec.task)
     if spec.roi_subset:
         unknown = sorted(set(spec.roi_subset) - set(classes.values()))
         if unknown:
             raise ModelSpecError(f"model {spec.name!r}: roi_subset names unknown classes {unknown}")
         classes = {v: n for v, n in classes.items() if n in spec.roi_subset}
-    return label_defs(classes, spec.label_map, spec.name)
+    return coded_structures(classes, spec.label_map, spec.name)
 
 
 def totalseg_input(volume: Volume) -> Any:
@@ -82,17 +85,6 @@ def totalseg_input(volume: Volume) -> Any:
                            LPS_TO_RAS @ volume.affine)
 
 
-def to_label_map(result: Any, channels: dict[int, int], shape: tuple[int, ...]) -> np.ndarray:
-    """TotalSegmentator's multilabel NIfTI (on our grid) -> uint8 label values."""
-    data = np.asanyarray(result.dataobj)
-    if data.shape != tuple(shape):
-        raise RuntimeError(f"TotalSegmentator returned shape {data.shape}, the volume is {tuple(shape)}")
-    lut = np.zeros(max(int(data.max(initial=0)), max(channels, default=0)) + 1, dtype=np.uint8)
-    for value, ours in channels.items():
-        lut[value] = ours
-    return lut[data.astype(np.int64)]
-
-
 class TotalSegmentatorModel:
     family = "ai"
 
@@ -100,7 +92,7 @@ class TotalSegmentatorModel:
         self.spec = spec
         self.name = spec.name
         self.version = spec.version or _package_version()
-        self.labels, self.channels = totalseg_labels(spec)
+        self.structures, self.channels = totalseg_labels(spec)
         self.device = device
 
     def predict(self, volume: Volume) -> np.ndarray:
@@ -114,7 +106,8 @@ class TotalSegmentatorModel:
                 roi_subset=list(self.spec.roi_subset) or None, quiet=True,
                 device="gpu" if self.device.kind == "cuda" else "cpu",
                 nr_thr_resamp=self.device.threads, nr_thr_saving=1)
-        return to_label_map(result, self.channels, volume.array.shape)
+        return to_label_map("TotalSegmentator", np.asanyarray(result.dataobj), self.channels,
+                            volume.array.shape)
 
 
 def _package_version() -> str:
@@ -126,7 +119,7 @@ def _package_version() -> str:
         return "2"
 
 
-def load_totalsegmentator(spec: ModelSpec) -> TotalSegmentatorModel:
+def load_totalsegmentator(spec: ModelSpec) -> Model:
     try:
         import totalsegmentator  # noqa: F401
     except ImportError as err:
@@ -134,7 +127,7 @@ def load_totalsegmentator(spec: ModelSpec) -> TotalSegmentatorModel:
                              "(pip install 'vesalius[totalsegmentator]')") from err
     from vesalius.inference.device import select_device
 
-    path = Path(spec.path)
+    path = Backend.path(spec)
     results = results_dir(path)
     # Point TotalSegmentator at the local weights before it looks anywhere else, and keep it
     # offline: no usage statistics sent from a hospital network.
@@ -159,3 +152,21 @@ def offline_config(home: Path) -> Path:
         values["send_usage_stats"] = False
         config.write_text(json.dumps(values, indent=2))
     return config
+
+
+class TotalSegmentatorBackend(Backend):
+    """``totalsegmentator``: its weights folder, its class map (or ``roi_subset`` of it)."""
+
+    kind = "totalsegmentator"
+
+    def weight_problems(self, spec: ModelSpec) -> list[str]:
+        return weights_problems(self.path(spec), spec.task, spec.fast)
+
+    def structures(self, spec: ModelSpec) -> Structures:
+        return totalseg_labels(spec)
+
+    def load(self, spec: ModelSpec) -> Model:
+        return load_totalsegmentator(spec)
+
+
+backend = TotalSegmentatorBackend()

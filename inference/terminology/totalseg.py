@@ -1,13 +1,13 @@
 """TotalSegmentator ``total`` task (v2, 117 classes) -> coded meaning and colour.
 
-(Maintained with dicom_out/: the terms, codes and colours of every output object depend on it;
-``TOTALSEG_TERMS`` is the interface, ``codes.term_for`` reads it after its own table.)
+(The terms, codes and colours of every output object depend on it; ``TOTALSEG_TERMS`` is the
+interface, ``terminology.term_for`` reads it after our own table, ``anatomy``.)
 
 Which concept each class gets follows TotalSegmentator's own SNOMED CT mapping
 (resources/totalsegmentator_snomed_mapping.csv), with these corrections so every code is current
 and, where the DICOM standard lists the concept, a member of CID 7151 with the standard's meaning:
 
-- category: CID 7150 "Anatomical Structure" is SCT 91723000, not 123037004 (see ``codes``);
+- category: CID 7150 "Anatomical Structure" is SCT 91723000, not 123037004 (see ``term``);
   "Morphologically Abnormal Structure" (49755003) is the kidney cysts' category, with the kidney
   as Anatomic Region and the side as its modifier;
 - subclavian arteries: 29700009 is *Right* subclavian artery in SNOMED CT; both sides use
@@ -28,12 +28,12 @@ import colorsys
 
 from pydicom.sr.coding import Code
 
-from vesalius.dicom_out.codes import (
+from vesalius.inference.terminology.anatomy import TERMS
+from vesalius.inference.terminology.term import (
     ANATOMICAL_STRUCTURE,
     LEFT,
     MORPHOLOGICALLY_ABNORMAL,
     RIGHT,
-    TERMS,
     Term,
 )
 

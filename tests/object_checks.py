@@ -2,8 +2,7 @@
 
 dciodvfy validates attributes module by module; it does not decode mesh index lists, count
 surfaces against their references, follow a SEG's frames back to the source slices or walk an SR
-content tree against TID 1500. These do, so tests (and an operator debugging a viewer complaint)
-can assert them on any object we write.
+content tree against TID 1500. These do, so tests can assert them on any object we write.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from pydicom.multival import MultiValue
 from vesalius.dicom_out.encapsulated_stl import ENCAPSULATED_STL_STORAGE
 from vesalius.dicom_out.seg import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE
 from vesalius.dicom_out.surface_segmentation import SURFACE_SEGMENTATION_STORAGE
+from vesalius.inference.surfaces import edge_counts
 
 
 def _consecutive(numbers: Sequence[int], what: str) -> list[str]:
@@ -102,13 +102,6 @@ def seg_problems(ds: pydicom.Dataset, sources: Sequence[pydicom.Dataset]) -> lis
     return problems
 
 
-def _edge_counts(triangles: np.ndarray) -> np.ndarray:
-    edges = np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]])
-    edges.sort(axis=1)
-    _, counts = np.unique(edges, axis=0, return_counts=True)
-    return counts
-
-
 def surface_segmentation_problems(ds: pydicom.Dataset) -> list[str]:
     """A Surface Segmentation's internal consistency.
 
@@ -164,7 +157,7 @@ def surface_segmentation_problems(ds: pydicom.Dataset) -> list[str]:
             problems.append(f"{where}: triangle indices {indices.min()}..{indices.max()} "
                             f"outside 1..{n}")
             continue
-        counts = _edge_counts(indices.reshape(-1, 3).astype(np.int64))
+        counts = edge_counts(indices.reshape(-1, 3).astype(np.int64))
         closed, manifold = bool((counts >= 2).all()), bool((counts == 2).all())
         if surface.FiniteVolume == "YES" and not closed:
             problems.append(f"{where}: Finite Volume YES but the mesh has boundary edges")

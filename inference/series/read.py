@@ -1,0 +1,145 @@
+"""Reading a series: files -> image instances -> checked slices -> one decoded, ordered volume.
+
+- every transfer syntax pydicom decodes (uncompressed, deflated, RLE, JPEG, JPEG-LS, JPEG 2000);
+- the same SOP Instance UID twice is read once; non-image instances and localizers are left out;
+- pixels are decoded (in threads) only for the slices kept, in stack order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels.processing import apply_modality_lut
+
+from vesalius.inference.series.frames import Slice, frame_slices, instance_name, is_localizer
+from vesalius.inference.series.geometry import stack_geometry
+from vesalius.inference.volume import Volume, VolumeError
+
+# Storage SOP classes that carry pixel data but are not slices of an image volume.
+_NON_IMAGE_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+        "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation
+        "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+        "1.2.840.10008.5.1.4.1.1.104.3",  # Encapsulated STL
+        "1.2.840.10008.5.1.4.1.1.104.4",  # Encapsulated OBJ
+        "1.2.840.10008.5.1.4.1.1.104.5",  # Encapsulated MTL
+    }
+)
+
+
+def load_series(paths: Sequence[str | Path]) -> Volume:
+    """Read a series from files and place it in space; raises VolumeError when it cannot.
+
+    Non-image instances (SR, SEG, PR, ...) and localizers among ``paths`` are ignored, and an
+    instance given twice is read once; the remaining slices (single-frame images or the frames of
+    multi-frame ones) must form one stack whose geometry is checked rather than assumed.
+    """
+    images = [ds for ds in _unique(_read_all(paths)) if _is_image(ds)]
+    if not images:
+        raise VolumeError("the series contains no image instances")
+    _refuse_unsupported(images)
+    slices = [piece for ds in images for piece in frame_slices(ds)]
+    kept = [piece for piece in slices if not is_localizer(piece)]
+    if not kept:
+        raise VolumeError(f"the series holds only localizer images ({len(slices)})")
+    order, affine = stack_geometry([piece.header for piece in kept])
+    kept = [kept[i] for i in order]
+    array = _decode_all(kept)
+    for ds in images:
+        del ds.PixelData
+    return Volume(array=array, affine=affine, sources=tuple(piece.header for piece in kept))
+
+
+def _read_all(paths: Sequence[str | Path]) -> list[pydicom.Dataset]:
+    """Whole files (pixel bytes stay encoded until we know which instances we keep)."""
+
+    def read(path: str | Path) -> pydicom.Dataset:
+        try:
+            return pydicom.dcmread(path)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise VolumeError(f"cannot read {Path(path).name} as DICOM: {exc}") from exc
+
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        return list(pool.map(read, paths))
+
+
+def _workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _unique(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """One dataset per SOP Instance UID: an instance sent or copied twice is the same image."""
+    seen: set[str] = set()
+    unique = []
+    for ds in datasets:
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if uid and uid in seen:
+            continue
+        seen.add(uid)
+        unique.append(ds)
+    return unique
+
+
+def _is_image(ds: pydicom.Dataset) -> bool:
+    return (
+        "PixelData" in ds
+        and "Rows" in ds
+        and str(ds.get("SOPClassUID", "")) not in _NON_IMAGE_SOP_CLASSES
+    )
+
+
+def _refuse_unsupported(images: list[pydicom.Dataset]) -> None:
+    series = {str(ds.get("SeriesInstanceUID", "")) for ds in images}
+    if len(series) > 1:
+        raise VolumeError(f"mixed SeriesInstanceUID: {len(series)} series among the instances")
+    for ds in images:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+            raise VolumeError(
+                f"multi-frame instance {instance_name(ds)} has no per-frame geometry (functional groups); "
+                "only enhanced/legacy-converted multi-frame images can be placed in space"
+            )
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise VolumeError(
+                f"colour images are not supported (PhotometricInterpretation "
+                f"{ds.get('PhotometricInterpretation', '?')})"
+            )
+    frames = {str(ds.get("FrameOfReferenceUID", "")) for ds in images}
+    if "" in frames:
+        raise VolumeError("missing FrameOfReferenceUID: the series is not placed in patient space")
+    if len(frames) > 1:
+        raise VolumeError(f"mixed FrameOfReferenceUID: {len(frames)} frames of reference")
+
+
+def _decode_all(slices: list[Slice]) -> np.ndarray:
+    """Modality values (rescale / Modality LUT applied) as float32, one instance per thread."""
+    first = slices[0].header
+    out = np.empty((len(slices), int(first.Rows), int(first.Columns)), dtype=np.float32)
+    by_instance: dict[int, list[int]] = {}
+    for index, piece in enumerate(slices):
+        by_instance.setdefault(id(piece.pixels), []).append(index)
+
+    def decode(indices: list[int]) -> None:
+        ds = slices[indices[0]].pixels
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # any decoder failure is a refusal with the reason
+            syntax = ds.file_meta.get("TransferSyntaxUID", "?") if "file_meta" in ds else "?"
+            raise VolumeError(
+                f"cannot decode pixel data of instance {instance_name(ds)} (transfer syntax {syntax}): "
+                f"{exc}"
+            ) from exc
+        for index in indices:
+            piece = slices[index]
+            frame = pixels if piece.frame is None or pixels.ndim == 2 else pixels[piece.frame]
+            out[index] = apply_modality_lut(frame, piece.header)
+
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        list(pool.map(decode, by_instance.values()))
+    return out

@@ -1,0 +1,33 @@
+"""The HTTP application: an app factory over the store, so a dashboard can mount its own router."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, Router
+
+from vesalius.node.api.auth import TokenGuard, Tokens
+from vesalius.node.api.metrics import metrics_endpoint
+from vesalius.node.api.routes import action_routes, listing_routes, public_routes
+from vesalius.node.audit import Audit
+from vesalius.node.store import Store
+
+
+def create_app(store: Store, tokens: Tokens, trail: Audit, *, metrics_public: bool = True) -> Starlette:
+    """Public routes first; everything else (including unknown paths) behind the token guard."""
+    metrics = Route("/metrics", metrics_endpoint(store))
+    protected: list[BaseRoute] = [*listing_routes(store), *action_routes(store, trail)]
+    public: list[BaseRoute] = list(public_routes(store))
+    (public if metrics_public else protected).append(metrics)
+    guard = Middleware(TokenGuard, tokens=tokens, trail=trail)
+    guarded = Mount("", app=Router(protected), middleware=[guard])
+    return Starlette(routes=[*public, guarded], exception_handlers={HTTPException: json_error})
+
+
+async def json_error(request: Request, exc: Exception) -> Response:
+    """404, 405 and the like as JSON, like every other answer of the API."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
