@@ -98,6 +98,8 @@ def series_files(folder: Path) -> list[Path]:
 
 
 def _process(args: argparse.Namespace) -> int:
+    from pydicom.misc import is_dicom
+
     from vesalius.inference.models.registry import ModelSpecError, configure
     from vesalius.inference.volume import VolumeError
     from vesalius.inference.volume_files import is_volume_file
@@ -110,6 +112,10 @@ def _process(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure(config.models, config.gpu_jobs_per_device)
     volume_file = source.is_file() and is_volume_file(source)
+    if source.is_file() and not volume_file and not is_dicom(source):
+        print(f"vesalius process: {source.name} is neither DICOM nor NIfTI/NRRD "
+              "(.nii, .nii.gz, .nrrd, .nhdr)", file=sys.stderr)
+        return 2
     files = series_files(source) if source.is_dir() else [source]
     if not files:
         print(f"vesalius process: no DICOM files in {source}", file=sys.stderr)
@@ -126,8 +132,9 @@ def _process(args: argparse.Namespace) -> int:
             summary = run_pipeline_on_file(source, args.out, args.model, modality=args.modality)
         else:
             summary = run_pipeline(files, args.out, args.model, result_key=key)
-    except VolumeError as err:
-        print(f"vesalius process: cannot place the series in space: {err}", file=sys.stderr)
+    except VolumeError as err:  # a volume file's reasons name the file
+        what = "" if volume_file else "cannot place the series in space: "
+        print(f"vesalius process: {what}{err}", file=sys.stderr)
         return 1
     except ModelSpecError as err:
         print(f"vesalius process: {err}", file=sys.stderr)

@@ -107,3 +107,21 @@ def test_nrrd_of_the_ge_slices_gives_the_dicom_labels(shared_data: Path, tmp_pat
     assert summary["input"]["label_map"] == "labels.nrrd"
     assert not list((tmp_path / "out").rglob("*.dcm"))
     assert pydicom.misc.is_dicom(slices[0])  # the slices were the DICOM input
+
+
+def test_one_file_inputs_and_unreadable_volumes(shared_data: Path, tmp_path: Path) -> None:
+    one = vesalius_process(str(shared_data / "ct-3slice-ge" / "02.dcm"), "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout)["shape"][0] == 1 and (tmp_path / "one" / "seg.dcm").is_file()
+    label_map = vesalius_process(str(shared_data / "ct-3slice-ge" / "heart_seg.nrrd"), "--out",
+                                 str(tmp_path / "nrrd"))
+    assert label_map.returncode == 0, label_map.stderr  # any NRRD volume reads (a label map is no CT)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not gzip at all")
+    result = vesalius_process(str(broken), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "vesalius process: cannot read broken.nii.gz as NIfTI" in result.stderr
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    result = vesalius_process(str(notes), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "notes.txt is neither DICOM nor NIfTI/NRRD" in result.stderr
