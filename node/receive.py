@@ -50,7 +50,7 @@ HEADER_DEFER_SIZE = 4096  # values larger than this stay on disk while the heade
 # pynetdicom, as acceptor, takes the first of OUR transfer syntaxes that the requestor offers in a
 # presentation context (presentation.negotiate_as_acceptor). So the order below is the choice made
 # when a modality offers several in one context: the lossless compressions we decode first (the
-# bytes as the modality holds them, a third of the spool), then uncompressed Explicit and Implicit
+# bytes as the modality holds them, 2.5-3 times smaller), then uncompressed Explicit and Implicit
 # VR Little Endian, and only then syntaxes that may be lossy (accepting lossy JPEG when the
 # modality also offers uncompressed could discard data the modality has), syntaxes we cannot
 # decode, and the retired big endian. Everything stays accepted when it is the only one offered.
