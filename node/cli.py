@@ -83,37 +83,66 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def series_files(folder: Path) -> list[Path]:
-    """Every regular, non-hidden file under ``folder`` (DICOM files need no extension)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """The DICOM files under ``folder``, hidden ones left out (DICOM files need no extension).
+    Others (an NRRD label map, a README beside the slices) are skipped with a log line."""
+    from pydicom.misc import is_dicom
+
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if is_dicom(path):  # the DICM prefix, as load_series (pydicom.dcmread) requires
+            files.append(path)
+        else:
+            logging.getLogger("vesalius.process").info("skipping %s: not a DICOM file",
+                                                       path.relative_to(folder))
+    return files
 
 
 def _process(args: argparse.Namespace) -> int:
+    from pydicom.misc import is_dicom
+
     from vesalius.inference.models.registry import ModelSpecError, configure
     from vesalius.inference.volume import VolumeError
-    from vesalius.node.pipeline import run_pipeline
+    from vesalius.inference.volume_files import is_volume_file
+    from vesalius.node.pipeline import run_pipeline, run_pipeline_on_file
 
-    folder = Path(args.series_dir)
-    if not folder.is_dir():
-        print(f"vesalius process: {folder} is not a folder", file=sys.stderr)
+    source = Path(args.input)
+    if not source.exists():
+        print(f"vesalius process: {source} does not exist", file=sys.stderr)
         return 2
     config = load_config(args.config)
     configure(config.models, config.gpu_jobs_per_device)
-    files = series_files(folder)
+    volume_file = source.is_file() and is_volume_file(source)
+    if source.is_file() and not volume_file and not is_dicom(source):
+        print(f"vesalius process: {source.name} is neither DICOM nor NIfTI/NRRD "
+              "(.nii, .nii.gz, .nrrd, .nhdr)", file=sys.stderr)
+        return 2
+    files = series_files(source) if source.is_dir() else [source]
+    if not files:
+        print(f"vesalius process: no DICOM files in {source}", file=sys.stderr)
+        return 1
     key = ""
-    if args.rule and files:  # the UIDs the node writes for this study-level rule
+    if args.rule and not volume_file:  # the UIDs the node writes for this study-level rule
         import pydicom
 
         from vesalius.node.series import result_key
 
         key = result_key(str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), args.rule)
     try:
-        summary = run_pipeline(files, args.out, args.model, result_key=key)
-    except VolumeError as err:
-        print(f"vesalius process: cannot place the series in space: {err}", file=sys.stderr)
+        if volume_file:
+            summary = run_pipeline_on_file(source, args.out, args.model, modality=args.modality)
+        else:
+            summary = run_pipeline(files, args.out, args.model, result_key=key)
+    except VolumeError as err:  # a volume file's reasons name the file
+        what = "" if volume_file else "cannot place the series in space: "
+        print(f"vesalius process: {what}{err}", file=sys.stderr)
         return 1
     except ModelSpecError as err:
         print(f"vesalius process: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a model refusing the input (builtin_ct on an MR): one line, not a traceback
+        logging.getLogger("vesalius.process").debug("process failed", exc_info=True)
+        print(f"vesalius process: model {args.model} failed: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -171,7 +200,7 @@ def _status(args: argparse.Namespace) -> int:
         for item in study["selection"]:
             print(f"    {item['rule']}  {item['series_instance_uid']}  {item['reason']}")
     columns = {
-        "series": ("series_instance_uid", "modality", "instances", "state", "calling_ae"),
+        "series": ("series_instance_uid", "modality", "instances", "state", "calling_ae", "reason"),
         "jobs": ("id", "series_instance_uid", "model", "state", "attempts", "error"),
         "deliveries": ("id", "job_id", "destination", "state", "attempts", "error"),
     }
@@ -321,8 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help=f"model for every rule (default builtin_ct): {MODEL_FORMS}")
     serve.set_defaults(func=_serve)
 
-    process = sub.add_parser("process", help="process one series folder offline")
-    process.add_argument("series_dir", help="folder holding the files of one series")
+    process = sub.add_parser("process", help="process one series folder, DICOM file, or NIfTI/NRRD volume "
+                             "offline")
+    process.add_argument("input", metavar="SERIES_DIR_OR_FILE",
+                         help="a folder holding the DICOM files of one series (other files are skipped), "
+                         "one DICOM file (a multi-frame series), or a NIfTI (.nii, .nii.gz) or NRRD (.nrrd, "
+                         ".nhdr) volume: then the label map is written in the same format, no DICOM objects")
+    process.add_argument("--modality", default="CT", choices=("CT", "MR"),
+                         help="what a NIfTI/NRRD volume holds (the file does not say; default CT)")
     process.add_argument("--out", required=True, help="folder for the output objects and meshes")
     process.add_argument("--model", default="builtin_ct", help=f"{MODEL_FORMS} (default builtin_ct)")
     process.add_argument("--config", help="TOML configuration file (for its [[models]])")

@@ -14,9 +14,13 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vesalius.node.paths import inside, safe_name
+
+if TYPE_CHECKING:
+    from vesalius.inference.volume import Volume
+    from vesalius.inference.volume_files import VolumeFile
 
 # The DICOM objects of a job, by role; Encapsulated STL instances go to STL_DIR/<structure>.dcm.
 OUTPUT_FILES = {"seg": "seg.dcm", "seg_labelmap": "seg_labelmap.dcm",
@@ -42,8 +46,33 @@ class StageTimer:
 
 def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: str,
                  max_triangles: int = 100_000, result_key: str = "") -> dict[str, Any]:
-    """Process one series into ``out_dir`` (replaced atomically) and return the summary.
+    """Process one DICOM series into ``out_dir`` (replaced atomically) and return the summary.
     ``result_key`` (a study-level rule's) makes the output UIDs per study and rule."""
+    from vesalius.inference.series import load_series
+
+    timer = StageTimer()
+    with timer.stage("volume"):
+        volume = load_series(paths)
+    return _process(volume, None, timer, out_dir, model_name, max_triangles, result_key)
+
+
+def run_pipeline_on_file(path: str | Path, out_dir: str | Path, model_name: str, modality: str = "CT",
+                         max_triangles: int = 100_000) -> dict[str, Any]:
+    """Process a NIfTI or NRRD volume (research data) into ``out_dir``: the label map in the
+    input's format and layout, the meshes and the summary; no DICOM objects (there is no DICOM
+    source for them to reference)."""
+    from vesalius.inference.volume_files import read_volume_file
+
+    timer = StageTimer()
+    with timer.stage("volume"):
+        volume_file = read_volume_file(path, modality)
+    return _process(volume_file.volume, volume_file, timer, out_dir, model_name, max_triangles, "")
+
+
+def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, out_dir: str | Path,
+             model_name: str, max_triangles: int, result_key: str) -> dict[str, Any]:
+    """Labels, meshes, measures and the output files of a volume; DICOM objects only for a DICOM
+    series (``volume_file`` None), else the label map beside the input's format."""
     # Imported here, not at module level, so the listener process never loads VTK, highdicom and
     # the models: only the worker processes (and `vesalius process`) pay for them.
     from vesalius.dicom_out.encapsulated_stl import build_encapsulated_stls
@@ -56,13 +85,11 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
     from vesalius.inference.measures import measure, not_found
     from vesalius.inference.models.registry import resolve
-    from vesalius.inference.series import load_series
     from vesalius.inference.surfaces import build_meshes
+    from vesalius.inference.volume_files import label_map_name
 
-    timer = StageTimer()
     out = Path(out_dir)
-    with timer.stage("volume"):
-        volume = load_series(paths)
+    dicom = volume_file is None
     model = resolve(model_name)  # loaded once per process, reused by every later job
     with timer.stage("model"):
         label_map = model.predict(volume)
@@ -86,31 +113,34 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
     with timer.stage("writers"), ThreadPoolExecutor(3) as pool:  # nothing found: no objects
         # the 3D preview renders (VTK, off-screen) while the other objects are written
         preview = pool.submit(lambda: write("preview", build_preview(
-            volume, meshes, measurements, algorithm))) if meshes else None
-        if measurements:  # the two SEGs in parallel: numpy and highdicom release the GIL often
+            volume, meshes, measurements, algorithm))) if meshes and dicom else None
+        if measurements and dicom:  # the two SEGs in parallel: numpy and highdicom release the GIL often
             labelmap = pool.submit(lambda: write("seg_labelmap", build_seg(
                 volume, label_map, model.structures, algorithm, segmentation_type=LABELMAP)))
             seg = write("seg", build_seg(volume, label_map, model.structures, algorithm))
             # the SR references the BINARY SEG: the one every destination receives
             write("sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map))
-        if meshes:
+        if meshes and dicom:
             write("surface_segmentation", build_surface_segmentation(volume, meshes, algorithm, seg=seg))
-        stls = build_encapsulated_stls(volume, meshes, algorithm, seg=seg) if meshes else []
-        (tmp / STL_DIR).mkdir()
-        for mesh, ds in zip(meshes, stls, strict=True):
+        stls = build_encapsulated_stls(volume, meshes, algorithm, seg=seg) if meshes and dicom else []
+        if dicom:
+            (tmp / STL_DIR).mkdir()
+        for mesh, ds in zip(meshes if dicom else [], stls, strict=True):
             ds.save_as(inside(tmp / STL_DIR, f"{safe_name(mesh.label.name)}.dcm"), enforce_file_format=True)
         mesh_files = [write_stl(m, inside(tmp / "meshes", f"{safe_name(m.label.name)}.stl")).name
                       for m in meshes]
         if meshes:
             write_glb(meshes, tmp / GLB_FILE)
-        if measurements:
+        if measurements and dicom:
             labelmap.result()
         if preview is not None:
             preview.result()
+        if volume_file is not None:  # research input: the label map in its own format, on its own grid
+            volume_file.write_label_map(label_map, tmp / label_map_name(volume_file.path))
     objects = {key: objects[key] for key in OUTPUT_FILES if key in objects}  # a stable order
     summary = {
-        "series_instance_uid": volume.series_uid,
-        "study_instance_uid": volume.study_uid,
+        "series_instance_uid": volume.series_uid if dicom else None,
+        "study_instance_uid": volume.study_uid if dicom else None,
         "model": {"name": model.name, "version": model.version},
         "shape": list(volume.array.shape),
         "spacing_mm": [round(float(s), 4) for s in volume.spacing],
@@ -118,7 +148,7 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
                           "sop_instance_uid": str(ds.SOPInstanceUID),
                           "series_instance_uid": str(ds.SeriesInstanceUID)}
                     for key, ds in objects.items()},
-        "encapsulated_stl": [f"{STL_DIR}/{safe_name(m.label.name)}.dcm" for m in meshes],
+        "encapsulated_stl": [f"{STL_DIR}/{safe_name(m.label.name)}.dcm" for m in meshes] if dicom else [],
         "meshes": [f"meshes/{name}" for name in mesh_files] + ([GLB_FILE] if meshes else []),
         # at reported precision; "complete": false when the scan cuts the structure
         "structures": [
@@ -131,6 +161,9 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
         "not_found": [label.name for label in not_found(model.structures, measurements)],
         "stages_s": timer.seconds,
     }
+    if volume_file is not None:
+        summary["input"] = {"file": volume_file.path.name, "modality": volume.modality,
+                            "label_map": label_map_name(volume_file.path)}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     _replace_dir(tmp, out)
     return summary

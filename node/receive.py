@@ -47,6 +47,31 @@ REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 UID_SHAPE = re.compile(r"[0-9]+(\.[0-9]+)*")
 MAX_UID_LENGTH = 64
 HEADER_DEFER_SIZE = 4096  # values larger than this stay on disk while the header is checked
+# pynetdicom, as acceptor, takes the first of OUR transfer syntaxes that the requestor offers in a
+# presentation context (presentation.negotiate_as_acceptor). So the order below is the choice made
+# when a modality offers several in one context: the lossless compressions we decode first (the
+# bytes as the modality holds them, 2.5-3 times smaller), then uncompressed Explicit and Implicit
+# VR Little Endian, and only then syntaxes that may be lossy (accepting lossy JPEG when the
+# modality also offers uncompressed could discard data the modality has), syntaxes we cannot
+# decode, and the retired big endian. Everything stays accepted when it is the only one offered.
+LOSSLESS_COMPRESSED_SYNTAXES = (
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless Only
+    "1.2.840.10008.1.2.4.202",  # HTJ2K with RPCL Options Lossless Only
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (SV1)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+)
+UNCOMPRESSED_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # Explicit, Implicit VR LE
+BIG_ENDIAN = "1.2.840.10008.1.2.2"
+ACCEPTED_SYNTAXES = (
+    *LOSSLESS_COMPRESSED_SYNTAXES, *UNCOMPRESSED_SYNTAXES,
+    *(uid for uid in ALL_TRANSFER_SYNTAXES
+      if uid not in {*LOSSLESS_COMPRESSED_SYNTAXES, *UNCOMPRESSED_SYNTAXES, BIG_ENDIAN}),
+    BIG_ENDIAN,
+)
 
 
 def uid_problem(keyword: str, value: object) -> str:
@@ -233,7 +258,7 @@ def build_ae(config: Config, receiver: Receiver,
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         if context.abstract_syntax is not None:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, list(ACCEPTED_SYNTAXES))
     pdu_limits.install()
     pdu_limits.set_max_dataset_bytes(ae, config.max_instance_mb * 2**20)
     receive_data_sets_into(receiver.store.incoming_dir)

@@ -29,6 +29,11 @@ PROCESSABLE_SOP_CLASSES = frozenset(
 )
 
 
+# How a study rule's reason for a matching series it did not choose goes on (node.store's series
+# listing tells "not chosen" from "no rule matches" by it).
+RANKED_LOWER = "the chosen series ranks higher on"
+
+
 @dataclass(frozen=True)
 class Route:
     rule: str
@@ -204,7 +209,7 @@ def select_series(rule: Rule, study: Sequence[SeriesFacts]) -> Selection:
             on = next((names[i] for i in range(len(best)) if best[i] != mine[i]), "series UID order")
             decisions[other.series_instance_uid] = Decision(
                 other.series_instance_uid, False,
-                f"skipped: {other.describe()}; the chosen series ranks higher on {on}")
+                f"skipped: {other.describe()}; {RANKED_LOWER} {on}")
     for series in chosen:
         decisions[series.series_instance_uid] = Decision(series.series_instance_uid, True,
                                                          f"chosen: {series.describe()}")

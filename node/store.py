@@ -105,10 +105,22 @@ ADDED_COLUMNS = (
     ("jobs", "result_key", "TEXT"),  # NULL: results per series; 'study/<uid>/<rule>' per study+rule
 )
 
+# A complete series that no job came of once its study was selected is only stored: the listing
+# says 'stored' with the reason (the database keeps 'complete': study completion counts on it).
+# A study rule's preference skip ends in routing.RANKED_LOWER; any other skip is a rule not matching.
+_UNPROCESSED = ("s.state='complete' AND NOT EXISTS (SELECT 1 FROM jobs j WHERE "
+                "j.series_instance_uid=s.series_instance_uid) AND EXISTS (SELECT 1 FROM studies st WHERE "
+                "st.study_instance_uid=s.study_instance_uid AND st.selected_at >= s.completed_at)")
+_NOT_CHOSEN = ("EXISTS (SELECT 1 FROM selections x WHERE x.series_instance_uid=s.series_instance_uid "
+               "AND x.reason LIKE '%ranks higher on%')")
+SERIES_STATE = (f"CASE WHEN {_UNPROCESSED} THEN 'stored' ELSE s.state END AS state, "
+                f"CASE WHEN {_UNPROCESSED} THEN CASE WHEN {_NOT_CHOSEN} THEN 'not chosen: another series "
+                "of the study ranks higher' ELSE 'no rule matches' END END AS reason")
 LISTINGS = {
     "series": "SELECT series_instance_uid, study_instance_uid, modality, series_description, calling_ae, "
-              "state, (SELECT COUNT(*) FROM instances i WHERE i.series_instance_uid=s.series_instance_uid) "
-              "AS instances, last_received, completed_at FROM series s ORDER BY last_received DESC LIMIT ?",
+              f"{SERIES_STATE}, (SELECT COUNT(*) FROM instances i WHERE "
+              "i.series_instance_uid=s.series_instance_uid) AS instances, last_received, completed_at "
+              "FROM series s ORDER BY last_received DESC LIMIT ?",
     "jobs": "SELECT id, series_instance_uid, rule, model, destinations, state, attempts, error, stages, "
             "created_at, updated_at, result_key FROM jobs ORDER BY id DESC LIMIT ?",
     "deliveries": "SELECT id, job_id, destination, state, attempts, error, next_try_at, updated_at "

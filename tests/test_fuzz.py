@@ -134,5 +134,5 @@ def test_node_still_processes_after_fuzzing(fuzz_node: tuple[NodeProcess, Path],
     phantom = write_phantom_series(tmp_path / "after", shape=(4, 32, 32), spacing=(2, 2, 2),
                                    objects=[Cylinder((0, 0, 0), (0, 0, 1), 20, 10, 40)])
     storescu(phantom.paths, node.port)
-    wait_for(lambda: any(s["series_instance_uid"] == phantom.series_uid and s["state"] == "complete"
+    wait_for(lambda: any(s["series_instance_uid"] == phantom.series_uid and s["state"] == "stored"
                          and s["instances"] == 4 for s in node.get("/series")), 20, "the valid series")

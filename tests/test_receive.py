@@ -41,7 +41,7 @@ def test_series_stored_durably_then_complete(node: NodeProcess, tmp_path: Path) 
     phantom = small_series(tmp_path / "s", n=8)
     result = storescu(phantom.paths, node.port)
     assert "Status" not in result.stderr or "Success" in result.stderr
-    row = wait_for(lambda: (r := series_row(node, phantom.series_uid)) and r["state"] == "complete" and r,
+    row = wait_for(lambda: (r := series_row(node, phantom.series_uid)) and r["state"] == "stored" and r,
                    15, "the series to complete")
     assert row["instances"] == 8 and row["calling_ae"] == "SCANNER" and row["modality"] == "CT"
     spooled = sorted((node.data_dir / "spool" / phantom.study_uid / phantom.series_uid).glob("*.dcm"))
@@ -59,7 +59,7 @@ def test_duplicate_instance_is_stored_once(node: NodeProcess, tmp_path: Path) ->
     phantom = small_series(tmp_path / "d", n=3)
     storescu([*phantom.paths, phantom.paths[0]], node.port)
     storescu([phantom.paths[1]], node.port)
-    row = wait_for(lambda: (r := series_row(node, phantom.series_uid)) and r["state"] == "complete" and r,
+    row = wait_for(lambda: (r := series_row(node, phantom.series_uid)) and r["state"] == "stored" and r,
                    15, "the series to complete")
     assert row["instances"] == 3
 
@@ -114,7 +114,7 @@ def test_series_open_across_associations_completes_after_stability_timeout(
         for path in phantom.paths:
             assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
         # the association stays open: only the stability timeout (3 s here) can complete the series
-        row = wait_for(lambda: (r := series_row(node, phantom.series_uid)) and r["state"] == "complete" and r,
+        row = wait_for(lambda: (r := series_row(node, phantom.series_uid)) and r["state"] == "stored" and r,
                        15, "completion by stability timeout")
         completed, last = (datetime.fromisoformat(row[k]) for k in ("completed_at", "last_received"))
         assert (completed - last).total_seconds() >= 3

@@ -164,7 +164,7 @@ def test_node_on_a_small_disk_frees_oldest_and_keeps_receiving(tmp_path: Path) -
         inside = Path(f"/proc/{node.proc.pid}/root") / data.relative_to("/")
         for s in series[:3]:
             storescu(s.paths, node.port)
-            wait_for(lambda s=s: any(r["series_instance_uid"] == s.series_uid and r["state"] == "complete"
+            wait_for(lambda s=s: any(r["series_instance_uid"] == s.series_uid and r["state"] == "stored"
                                      for r in node.get("/series")), 30, "the series to complete")
         assert len(node.get("/series")) == 3  # free space is above the mark: nothing removed
         ballast = inside / "ballast"
