@@ -104,8 +104,10 @@ class NodeProcess:
     ae_title: str = "VESALIUS"
 
     def token(self) -> str:
-        """The node's own API token (``local``), created in its data folder at first start."""
-        return (self.data_dir / "http.token").read_text().strip()
+        """The node's own API token (``local``), created in its data folder at first start; read
+        through the node's own root, so a node in a private mount (a small tmpfs) works too."""
+        return (Path(f"/proc/{self.proc.pid}/root") / self.data_dir.resolve().relative_to("/")
+                / "http.token").read_text().strip()
 
     def request(self, path: str, method: str = "GET", token: str | None = "") -> tuple[int, Any]:
         """(status, body) of one request; ``token`` "" = the node's own, None = no Authorization."""
