@@ -115,9 +115,9 @@ def _truth(reference: np.ndarray, class_names: Path, name: str) -> np.ndarray:
     return np.isin(reference, totalseg_label_values(class_names, *REFERENCE_PARTS[name]))
 
 
-# measured: lung_left 0.959, lung_right 0.970, bone 0.793
+# measured: lung_left 0.959, lung_right 0.970, bone 0.875 (0.793 before 3D-enclosed marrow)
 @pytest.mark.parametrize("name,value,minimum", [
-    ("lung_left", LUNG_LEFT, 0.93), ("lung_right", LUNG_RIGHT, 0.94), ("bone", BONE, 0.76)])
+    ("lung_left", LUNG_LEFT, 0.93), ("lung_right", LUNG_RIGHT, 0.94), ("bone", BONE, 0.85)])
 def test_dice_against_totalsegmentator(real_ct, name: str, value: int, minimum: float) -> None:
     volume, reference, class_names = real_ct
     label_map = resolve("builtin_ct").predict(volume)
@@ -138,21 +138,46 @@ def test_left_lung_is_patient_left_in_any_storage_order(real_ct) -> None:
         assert dice(label_map == LUNG_LEFT, left) > 0.9
 
 
-def test_contrast_enhanced_vessels_and_kidneys_are_not_bone(real_ct) -> None:
+def _enhanced(array: np.ndarray, reference: np.ndarray, class_names: Path) -> np.ndarray:
     """The example is unenhanced: add arterial/portal-phase enhancement to the reference organs."""
-    volume, reference, class_names = real_ct
     values = dict(aorta=300.0, kidney_=250.0, inferior_vena_cava=150.0,
                   portal_vein_and_splenic_vein=180.0, liver=60.0, spleen=80.0)
-    enhanced = volume.array.copy()
+    enhanced = array.copy()
     for name, boost in values.items():
         enhanced[np.isin(reference, totalseg_label_values(class_names, name))] += boost
+    return enhanced
+
+
+def test_contrast_enhanced_vessels_and_kidneys_are_not_bone(real_ct) -> None:
+    volume, reference, class_names = real_ct
+    enhanced = _enhanced(volume.array, reference, class_names)
     label_map = resolve("builtin_ct").predict(Volume(enhanced, volume.affine, volume.sources))
     for name in ("aorta", "kidney_"):
         organ = np.isin(reference, totalseg_label_values(class_names, name))
         assert organ.sum() > 500
         assert float((label_map[organ] == BONE).mean()) < 0.05, name
     bone = np.isin(reference, totalseg_label_values(class_names, *BONE_CLASSES))
-    assert dice(label_map == BONE, bone) >= 0.74
+    assert dice(label_map == BONE, bone) >= 0.84  # measured 0.873
+
+
+def test_enhanced_aorta_touching_the_spine_at_fine_resolution_is_not_bone(real_ct) -> None:
+    """Resampled to 1 mm pixels, the enhanced aorta joins a vertebra's dense component.
+
+    The whole-component vessel test cannot fire then (it labelled all of the aorta bone); the thick
+    part of the component that is never as dense as cortex is found and removed instead.
+    """
+    from scipy import ndimage
+
+    volume, reference, class_names = real_ct
+    fine = ndimage.zoom(volume.array, (1, 3, 3), order=1).astype(np.float32)
+    fine_reference = ndimage.zoom(reference, (1, 3, 3), order=0)
+    affine = volume.affine @ np.diag([1.0, 1 / 3, 1 / 3, 1.0])
+    enhanced = _enhanced(fine, fine_reference, class_names)
+    label_map = resolve("builtin_ct").predict(Volume(enhanced, affine, volume.sources))
+    aorta = np.isin(fine_reference, totalseg_label_values(class_names, "aorta"))
+    assert float((label_map[aorta] == BONE).mean()) < 0.15  # measured 0.05
+    vertebrae = np.isin(fine_reference, totalseg_label_values(class_names, "vertebrae_"))
+    assert float((label_map[vertebrae] == BONE).mean()) > 0.85  # measured 0.92
 
 
 def test_full_resolution_ge_slices_against_reference_labels(shared_data: Path) -> None:
@@ -169,7 +194,7 @@ def test_full_resolution_ge_slices_against_reference_labels(shared_data: Path) -
     liver, heart, spine = reference("liver"), reference("heart"), reference("spine")
     assert _share(label_map, liver, BODY) > 0.98  # soft tissue: inside the body, not lung or bone
     assert _share(label_map, heart, BODY) > 0.95
-    assert _share(label_map, spine, BONE) > 0.65  # measured 0.71 (low-density marrow is missed)
+    assert _share(label_map, spine, BONE) > 0.75  # measured 0.79 (0.71 before enclosed marrow)
     # the heart lies to the patient's left, like the left lung; the liver to the right
     x = volume.affine[0, 3] + np.einsum("i,ijkl->jkl", volume.affine[0, :3],
                                         np.indices(label_map.shape))
