@@ -164,7 +164,8 @@ def test_enhanced_aorta_touching_the_spine_at_fine_resolution_is_not_bone(real_c
     """Resampled to 1 mm pixels, the enhanced aorta joins a vertebra's dense component.
 
     The whole-component vessel test cannot fire then (it labelled all of the aorta bone); the thick
-    part of the component that is never as dense as cortex is found and removed instead.
+    part of the component that is never as dense as cortex is found and removed instead. Resampled
+    3 mm data is blurrier than a real 1 mm scan (rib cortex is less dense), so it is a hard case.
     """
     from scipy import ndimage
 
@@ -178,6 +179,11 @@ def test_enhanced_aorta_touching_the_spine_at_fine_resolution_is_not_bone(real_c
     assert float((label_map[aorta] == BONE).mean()) < 0.15  # measured 0.05
     vertebrae = np.isin(fine_reference, totalseg_label_values(class_names, "vertebrae_"))
     assert float((label_map[vertebrae] == BONE).mean()) > 0.85  # measured 0.92
+    # max pooling widens thin ribs: their thickness is measured on the mean HU (0.19 before)
+    ribs = np.isin(fine_reference, totalseg_label_values(class_names, "rib_"))
+    assert float((label_map[ribs] == BONE).mean()) > 0.6  # measured 0.675
+    bone = np.isin(fine_reference, totalseg_label_values(class_names, *BONE_CLASSES))
+    assert dice(label_map == BONE, bone) >= 0.80  # measured 0.834 (0.675 before)
 
 
 def test_full_resolution_ge_slices_against_reference_labels(shared_data: Path) -> None:

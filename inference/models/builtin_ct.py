@@ -318,7 +318,7 @@ def _bone(
     keep = [value for value in cored if not (
         sizes[value] * voxel_ml >= MIN_VESSEL_ML
         and _looks_like_vessel(components[objects[value - 1]] == value,
-                               peak[objects[value - 1]], spacing)
+                               peak[objects[value - 1]], coarse[objects[value - 1]], spacing)
     )]
     bone = np.isin(components, keep)
     if not bone.any():
@@ -380,11 +380,16 @@ def _marrow(bone: np.ndarray, coarse: np.ndarray, spacing: np.ndarray, planar: n
     return np.asarray((dense | (sealed & (coarse > MARROW_HU))) & ~bone, bool)
 
 
-def _looks_like_vessel(mask: np.ndarray, peak: np.ndarray, spacing: np.ndarray) -> bool:
-    """Thick and never as dense as cortex: contrast-filled vessels, enhancing kidneys."""
+def _looks_like_vessel(
+    mask: np.ndarray, peak: np.ndarray, coarse: np.ndarray, spacing: np.ndarray
+) -> bool:
+    """Thick and never as dense as cortex: contrast-filled vessels, enhancing kidneys.
+
+    Thickness is measured on the mean HU: max pooling of fine pixels widens a thin rib by a voxel.
+    """
     if np.percentile(peak[mask], 99) >= VESSEL_P99_HU:
         return False
-    return _max_inscribed_radius_mm(mask, spacing) >= VESSEL_MIN_THICKNESS_MM
+    return _max_inscribed_radius_mm(mask & (coarse > BONE_LOW_HU), spacing) >= VESSEL_MIN_THICKNESS_MM
 
 
 def _max_inscribed_radius_mm(mask: np.ndarray, spacing: np.ndarray) -> float:
