@@ -216,3 +216,21 @@ def test_refuses_non_ct() -> None:
     mr = Volume(np.zeros((2, 4, 4), np.float32), np.eye(4), (header, header))
     with pytest.raises(ValueError, match="CT only, this series is MR"):
         resolve("builtin_ct").predict(mr)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_fill_holes_matches_scipy(axis: int) -> None:
+    """The labelling shortcut fills what ``ndimage.binary_fill_holes`` fills, planar or in 3D."""
+    from scipy import ndimage
+
+    from vesalius.inference.models.builtin_ct import _fill_holes, _planar_structure
+
+    rng = np.random.default_rng(axis)
+    filled = 0
+    for _ in range(10):
+        mask = ndimage.binary_dilation(rng.random((12, 20, 24)) > 0.93)
+        for structure in (None, _planar_structure(axis)):
+            expected = ndimage.binary_fill_holes(mask, structure=structure)
+            assert np.array_equal(_fill_holes(mask, structure), expected)
+            filled += int((expected & ~mask).sum())
+    assert filled > 0  # the masks had holes to fill
