@@ -183,8 +183,37 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
+BONE_GROUPS = {"vertebrae": ("vertebrae_",), "ribs": ("rib_",)}
+
+
+def bone_group_scores(
+    bone: np.ndarray, reference: np.ndarray, label_map_path: str | Path
+) -> dict[str, float]:
+    """Precision and recall of a bone mask per bone group (vertebrae, ribs).
+
+    Recall: the share of the group's reference voxels in ``bone``. Precision: the share of
+    ``bone`` voxels whose nearest reference bone voxel is in the group that are reference bone.
+    """
+    truth = np.isin(reference, totalseg_label_values(label_map_path, *BONE_CLASSES))
+    if not truth.any():
+        return {}
+    nearest = ndimage.distance_transform_edt(~truth, return_distances=False, return_indices=True)
+    nearest_label = reference[tuple(nearest)]
+    scores = {}
+    for group, parts in BONE_GROUPS.items():
+        values = totalseg_label_values(label_map_path, *parts)
+        member = np.isin(reference, values)
+        claimed = bone & np.isin(nearest_label, values)
+        scores[f"bone_{group}_recall"] = float(bone[member].mean()) if member.any() else 1.0
+        scores[f"bone_{group}_precision"] = float(truth[claimed].mean()) if claimed.any() else 1.0
+    return scores
+
+
 def builtin_ct_dice(data_dir: str | Path, work_dir: str | Path) -> dict[str, float]:
-    """Dice of builtin_ct against TotalSegmentator on the example CT, per comparable structure."""
+    """Dice of builtin_ct against TotalSegmentator on the example CT, per comparable structure.
+
+    Also the bone groups' precision and recall (``bone_group_scores``), for the report only.
+    """
     from vesalius.inference.models.registry import resolve
     from vesalius.inference.series import load_series
 
@@ -202,6 +231,8 @@ def builtin_ct_dice(data_dir: str | Path, work_dir: str | Path) -> dict[str, flo
         truth = np.isin(reference, totalseg_label_values(class_names, *parts))
         if truth.any():
             scores[label.name] = dice(label.mask(label_map), truth)
+    bone = next(label for label in model.structures if label.name == "bone").mask(label_map)
+    scores.update(bone_group_scores(bone, reference, class_names))
     body = model.structures[0].mask(label_map)
     scores["body_recall_of_reference_organs"] = float(body[reference > 0].mean())
     return scores

@@ -115,9 +115,9 @@ def _truth(reference: np.ndarray, class_names: Path, name: str) -> np.ndarray:
     return np.isin(reference, totalseg_label_values(class_names, *REFERENCE_PARTS[name]))
 
 
-# measured: lung_left 0.959, lung_right 0.970, bone 0.793
+# measured: lung_left 0.959, lung_right 0.970, bone 0.875 (0.793 before 3D-enclosed marrow)
 @pytest.mark.parametrize("name,value,minimum", [
-    ("lung_left", LUNG_LEFT, 0.93), ("lung_right", LUNG_RIGHT, 0.94), ("bone", BONE, 0.76)])
+    ("lung_left", LUNG_LEFT, 0.93), ("lung_right", LUNG_RIGHT, 0.94), ("bone", BONE, 0.85)])
 def test_dice_against_totalsegmentator(real_ct, name: str, value: int, minimum: float) -> None:
     volume, reference, class_names = real_ct
     label_map = resolve("builtin_ct").predict(volume)
@@ -138,21 +138,52 @@ def test_left_lung_is_patient_left_in_any_storage_order(real_ct) -> None:
         assert dice(label_map == LUNG_LEFT, left) > 0.9
 
 
-def test_contrast_enhanced_vessels_and_kidneys_are_not_bone(real_ct) -> None:
+def _enhanced(array: np.ndarray, reference: np.ndarray, class_names: Path) -> np.ndarray:
     """The example is unenhanced: add arterial/portal-phase enhancement to the reference organs."""
-    volume, reference, class_names = real_ct
     values = dict(aorta=300.0, kidney_=250.0, inferior_vena_cava=150.0,
                   portal_vein_and_splenic_vein=180.0, liver=60.0, spleen=80.0)
-    enhanced = volume.array.copy()
+    enhanced = array.copy()
     for name, boost in values.items():
         enhanced[np.isin(reference, totalseg_label_values(class_names, name))] += boost
+    return enhanced
+
+
+def test_contrast_enhanced_vessels_and_kidneys_are_not_bone(real_ct) -> None:
+    volume, reference, class_names = real_ct
+    enhanced = _enhanced(volume.array, reference, class_names)
     label_map = resolve("builtin_ct").predict(Volume(enhanced, volume.affine, volume.sources))
     for name in ("aorta", "kidney_"):
         organ = np.isin(reference, totalseg_label_values(class_names, name))
         assert organ.sum() > 500
         assert float((label_map[organ] == BONE).mean()) < 0.05, name
     bone = np.isin(reference, totalseg_label_values(class_names, *BONE_CLASSES))
-    assert dice(label_map == BONE, bone) >= 0.74
+    assert dice(label_map == BONE, bone) >= 0.84  # measured 0.873
+
+
+def test_enhanced_aorta_touching_the_spine_at_fine_resolution_is_not_bone(real_ct) -> None:
+    """Resampled to 1 mm pixels, the enhanced aorta joins a vertebra's dense component.
+
+    The whole-component vessel test cannot fire then (it labelled all of the aorta bone); the thick
+    part of the component that is never as dense as cortex is found and removed instead. Resampled
+    3 mm data is blurrier than a real 1 mm scan (rib cortex is less dense), so it is a hard case.
+    """
+    from scipy import ndimage
+
+    volume, reference, class_names = real_ct
+    fine = ndimage.zoom(volume.array, (1, 3, 3), order=1).astype(np.float32)
+    fine_reference = ndimage.zoom(reference, (1, 3, 3), order=0)
+    affine = volume.affine @ np.diag([1.0, 1 / 3, 1 / 3, 1.0])
+    enhanced = _enhanced(fine, fine_reference, class_names)
+    label_map = resolve("builtin_ct").predict(Volume(enhanced, affine, volume.sources))
+    aorta = np.isin(fine_reference, totalseg_label_values(class_names, "aorta"))
+    assert float((label_map[aorta] == BONE).mean()) < 0.15  # measured 0.05
+    vertebrae = np.isin(fine_reference, totalseg_label_values(class_names, "vertebrae_"))
+    assert float((label_map[vertebrae] == BONE).mean()) > 0.85  # measured 0.92
+    # max pooling widens thin ribs: their thickness is measured on the mean HU (0.19 before)
+    ribs = np.isin(fine_reference, totalseg_label_values(class_names, "rib_"))
+    assert float((label_map[ribs] == BONE).mean()) > 0.6  # measured 0.675
+    bone = np.isin(fine_reference, totalseg_label_values(class_names, *BONE_CLASSES))
+    assert dice(label_map == BONE, bone) >= 0.80  # measured 0.834 (0.675 before)
 
 
 def test_full_resolution_ge_slices_against_reference_labels(shared_data: Path) -> None:
@@ -169,7 +200,7 @@ def test_full_resolution_ge_slices_against_reference_labels(shared_data: Path) -
     liver, heart, spine = reference("liver"), reference("heart"), reference("spine")
     assert _share(label_map, liver, BODY) > 0.98  # soft tissue: inside the body, not lung or bone
     assert _share(label_map, heart, BODY) > 0.95
-    assert _share(label_map, spine, BONE) > 0.65  # measured 0.71 (low-density marrow is missed)
+    assert _share(label_map, spine, BONE) > 0.75  # measured 0.79 (0.71 before enclosed marrow)
     # the heart lies to the patient's left, like the left lung; the liver to the right
     x = volume.affine[0, 3] + np.einsum("i,ijkl->jkl", volume.affine[0, :3],
                                         np.indices(label_map.shape))
@@ -185,3 +216,21 @@ def test_refuses_non_ct() -> None:
     mr = Volume(np.zeros((2, 4, 4), np.float32), np.eye(4), (header, header))
     with pytest.raises(ValueError, match="CT only, this series is MR"):
         resolve("builtin_ct").predict(mr)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_fill_holes_matches_scipy(axis: int) -> None:
+    """The labelling shortcut fills what ``ndimage.binary_fill_holes`` fills, planar or in 3D."""
+    from scipy import ndimage
+
+    from vesalius.inference.models.builtin_ct import _fill_holes, _planar_structure
+
+    rng = np.random.default_rng(axis)
+    filled = 0
+    for _ in range(10):
+        mask = ndimage.binary_dilation(rng.random((12, 20, 24)) > 0.93)
+        for structure in (None, _planar_structure(axis)):
+            expected = ndimage.binary_fill_holes(mask, structure=structure)
+            assert np.array_equal(_fill_holes(mask, structure), expected)
+            filled += int((expected & ~mask).sum())
+    assert filled > 0  # the masks had holes to fill

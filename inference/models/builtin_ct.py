@@ -24,15 +24,20 @@ AIR_HU = -400.0  # lung parenchyma and gas inside the body
 AIRWAY_HU = (-950.0, -975.0, -990.0)  # pure air, tried from loosest until it stops leaking
 BONE_LOW_HU = 150.0  # hysteresis: bone grows into this ...
 BONE_CORE_HU = 300.0  # ... from voxels this dense
-TRABECULAR_HU = 100.0  # enclosed marrow/trabecular bone denser than this belongs to bone
+TRABECULAR_HU = 100.0  # marrow/trabecular bone enclosed in one plane denser than this is bone
 BONE_CLOSING_MM = 3.0  # closes gaps in thin cortex before finding what it encloses
+MARROW_HU = 60.0  # marrow enclosed in 3D and in its plane denser than this is bone (the spinal
+# canal's cord and fluid, < 40 HU, are enclosed too once the arches are closed: only HU keeps them out)
+MARROW_CLOSING_MM = 15.0  # seals leaky vertebral cortex (vessel foramina) in 3D ...
+MARROW_PLANAR_CLOSING_MM = 18.0  # ... and within each slice (discs lie between, not inside)
 POOL_MM = 3.0  # segmentation runs on a grid pooled to about this voxel size
 LUNG_MEDIAN_HU = (-945.0, -600.0)  # lung parenchyma; gas (bowel, stomach) below, fat rims above
 MIN_LUNG_ML = 5.0
 MAX_AIRWAYS_ML = 250.0  # trachea + main bronchi; more means the growth leaked into the lungs
 MAX_TRACHEA_CM2 = 8.0  # cross-section of the trachea (with margin) where it leaves the top slice
 MAX_TRACHEA_OFF_MIDLINE_MM = 30.0
-BONE_GROW_HU = 100.0  # next to bone, trabecular bone and partial-volume cortex ...
+BONE_GROW_HU = 100.0  # full-resolution edge voxels of bone blocks at most this dense are not bone
+BONE_EDGE_HU = 115.0  # next to bone, trabecular bone and partial-volume cortex ...
 BONE_GROW_VOXELS = 1.5  # ... within this many (largest) voxel sizes, at least 3 mm, belong to it
 VESSEL_P99_HU = 550.0  # thick components never this dense are contrast vessels / organs
 VESSEL_MIN_THICKNESS_MM = 5.0
@@ -141,7 +146,8 @@ def _refine_edges(
     def cortex(blocks: np.ndarray, h: np.ndarray, _) -> None:
         blocks[(blocks == BONE) & (h <= BONE_GROW_HU)] = BODY
 
-    refine(bone, cortex)
+    # only blocks on bone's outer edge: marrow that cortex encloses stays bone
+    refine(bone & ~ndimage.binary_erosion(bone, border_value=1), cortex)
     return np.ascontiguousarray(full[: hu.shape[0], : hu.shape[1], : hu.shape[2]])
 
 
@@ -312,24 +318,90 @@ def _bone(
     keep = [value for value in cored if not (
         sizes[value] * voxel_ml >= MIN_VESSEL_ML
         and _looks_like_vessel(components[objects[value - 1]] == value,
-                               peak[objects[value - 1]], spacing)
+                               peak[objects[value - 1]], coarse[objects[value - 1]], spacing)
     )]
     bone = np.isin(components, keep)
-    # marrow and trabecular bone enclosed by cortex, but not the spinal canal
-    closing = max(1, round(BONE_CLOSING_MM / float(spacing.min())))
-    closed = _morphology(ndimage.binary_closing, bone, closing)
-    enclosed = ndimage.binary_fill_holes(closed, structure=planar) & ~bone
-    bone |= enclosed & (coarse > TRABECULAR_HU)
+    if not bone.any():
+        return bone
+    # an enhanced vessel touching bone joins its component: remove its thick part, and keep the
+    # marrow and edge growth below out of it
+    vessel = ndimage.binary_dilation(_thick_vessel_parts(bone, peak, spacing))
+    bone &= ~vessel
+    box = _bounding_box(bone, round(MARROW_PLANAR_CLOSING_MM / float(spacing.min())) + 2)
+    bone[box] |= _marrow(bone[box], coarse[box], spacing, planar) & ~vessel[box]
     reach = max(3.0, BONE_GROW_VOXELS * float(spacing.max()))
-    near = ndimage.distance_transform_edt(~bone, sampling=spacing) <= reach
-    return bone | (near & (coarse > BONE_GROW_HU) & body)
+    near = ndimage.distance_transform_edt(~bone[box], sampling=spacing) <= reach
+    bone[box] |= near & (coarse[box] > BONE_EDGE_HU) & body[box] & ~vessel[box]
+    return bone
 
 
-def _looks_like_vessel(mask: np.ndarray, peak: np.ndarray, spacing: np.ndarray) -> bool:
-    """Thick and never as dense as cortex: contrast-filled vessels, enhancing kidneys."""
+def _fill_holes(mask: np.ndarray, structure: np.ndarray | None) -> np.ndarray:
+    """``ndimage.binary_fill_holes`` by labelling the background once (it dilates step by step).
+
+    The outside reaches in through the faces of the axes the structure connects along.
+    """
+    background, _ = ndimage.label(~mask, structure)
+    axes = [a for a in range(3) if structure is None or np.take(structure, 0, axis=a).any()]
+    faces = [background.take(end, axis) for axis in axes for end in (0, -1)]
+    outside = np.unique(np.concatenate([face.ravel() for face in faces]))
+    return np.asarray(mask | ((background > 0) & ~np.isin(background, outside)), bool)
+
+
+def _thick_vessel_parts(bone: np.ndarray, peak: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Thick parts never as dense as cortex inside bone components: enhanced vessels touching bone."""
+    box = _bounding_box(bone, 1)
+    steps = max(1, round(VESSEL_MIN_THICKNESS_MM / float(spacing.min())))
+    opened = ndimage.binary_opening(bone[box], iterations=steps)
+    parts, count = ndimage.label(opened)
+    vessel = np.zeros(bone.shape, bool)
+    if count == 0:
+        return vessel
+    index = np.arange(1, count + 1)
+    p99 = ndimage.labeled_comprehension(peak[box], parts, index,
+                                        lambda v: np.percentile(v, 99), float, 0.0)
+    vessel[box] = np.isin(parts, index[p99 < VESSEL_P99_HU])
+    return vessel
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """The slices around ``mask``'s voxels, widened by ``margin`` (for cheap morphology)."""
+    nonzero = np.nonzero(mask)
+    return tuple(
+        slice(max(0, int(i.min()) - margin), min(n, int(i.max()) + margin + 1))
+        for i, n in zip(nonzero, mask.shape, strict=True)
+    )
+
+
+def _marrow(bone: np.ndarray, coarse: np.ndarray, spacing: np.ndarray, planar: np.ndarray) -> np.ndarray:
+    """Marrow and trabecular bone that cortex encloses, not the spinal canal or the discs.
+
+    Dense marrow (> TRABECULAR_HU) counts when a slightly closed cortex rings it in its plane.
+    Less dense marrow (> MARROW_HU, above cord and fluid) must be sealed in 3D by a strongly
+    closed cortex, and ringed within its own slice, which discs between vertebrae are not.
+    """
+    def closed(millimetres: float, structure: np.ndarray | None) -> np.ndarray:
+        steps = max(1, round(millimetres / float(spacing.min())))
+        padded = np.pad(bone, steps, mode="edge")  # structures cut by the volume edge stay open
+        inner = (slice(steps, -steps),) * 3
+        return ndimage.binary_closing(padded, structure, iterations=steps)[inner]
+
+    ringed = _fill_holes(closed(BONE_CLOSING_MM, None), planar)
+    dense = ringed & (coarse > TRABECULAR_HU)
+    sealed = _fill_holes(closed(MARROW_CLOSING_MM, None), None)
+    sealed &= _fill_holes(closed(MARROW_PLANAR_CLOSING_MM, planar), planar)
+    return np.asarray((dense | (sealed & (coarse > MARROW_HU))) & ~bone, bool)
+
+
+def _looks_like_vessel(
+    mask: np.ndarray, peak: np.ndarray, coarse: np.ndarray, spacing: np.ndarray
+) -> bool:
+    """Thick and never as dense as cortex: contrast-filled vessels, enhancing kidneys.
+
+    Thickness is measured on the mean HU: max pooling of fine pixels widens a thin rib by a voxel.
+    """
     if np.percentile(peak[mask], 99) >= VESSEL_P99_HU:
         return False
-    return _max_inscribed_radius_mm(mask, spacing) >= VESSEL_MIN_THICKNESS_MM
+    return _max_inscribed_radius_mm(mask & (coarse > BONE_LOW_HU), spacing) >= VESSEL_MIN_THICKNESS_MM
 
 
 def _max_inscribed_radius_mm(mask: np.ndarray, spacing: np.ndarray) -> float:
