@@ -136,7 +136,7 @@ def test_sr_flags_the_cut_structure_and_reports_rounded_values(slab, tmp_path) -
     algorithm = Algorithm("builtin_ct", "1")
     seg = build_seg(volume, labels, SLAB_LABELS, algorithm)
     path = tmp_path / "sr.dcm"
-    build_sr(volume, seg, results, algorithm).save_as(path, enforce_file_format=True)
+    build_sr(volume, seg, results, algorithm, label_map=labels).save_as(path, enforce_file_format=True)
     assert_dciodvfy_clean(path)
     numbers = segment_numbers(seg)
     names = {item.SegmentNumber: str(item.SegmentLabel) for item in seg.SegmentSequence}
