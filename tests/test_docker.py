@@ -55,7 +55,7 @@ def test_entrypoint_is_a_valid_serve_command_with_a_valid_config(dockerfile: Doc
     copies = [shlex.split(v) for v in instructions(dockerfile, "COPY")]
     copied = {parts[-1]: parts[0] for parts in copies if len(parts) == 2}  # destination: source
     config = load_config(ROOT / copied[args.config])
-    assert config.host == "0.0.0.0"
+    assert config.host == config.http_host == "0.0.0.0"  # inside the container: reachable through -p
     assert sorted(int(p) for v in instructions(dockerfile, "EXPOSE") for p in v.split()) == sorted(
         [config.port, config.http_port]) == sorted([DEFAULT_PORT, DEFAULT_HTTP_PORT])
 
