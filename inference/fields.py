@@ -25,20 +25,48 @@ class FieldError(ValueError):
     """A value does not fit its field; the message starts with the key (``roi_size: ...``)."""
 
 
-def from_table(cls: type[T], table: Any) -> T:
-    """``cls(**table)`` after refusing unknown and missing keys and turning lists into tuples."""
-    if not isinstance(table, Mapping):
-        raise FieldError(f": expected a table, got {type(table).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    for key in table:
-        if key not in fields:
-            raise FieldError(f"{key}: unknown key (allowed: {', '.join(sorted(fields))})")
-    for name, f in fields.items():
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if name not in table and required:
-            raise FieldError(f"{name}: required")
-    values = {key: tuple(v) if isinstance(v, list) else v for key, v in table.items()}
-    return cls(**values)
+def from_table(cls: type[T], table: Any, where: str = "") -> T:
+    """``cls(**table)`` after refusing unknown and missing keys and turning TOML values into the
+    fields' types: lists into tuples, a lone string into a one-string tuple, strings into paths,
+    integers into floats. ``where`` (``rules[0]``) prefixes every error's key."""
+    try:
+        if not isinstance(table, Mapping):
+            raise FieldError(f": expected a table, got {type(table).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+        for key in table:
+            if key not in fields:
+                raise FieldError(f"{key}: unknown key (allowed: {', '.join(sorted(fields))})")
+        for name in required_keys(cls):
+            if name not in table:
+                raise FieldError(f"{name}: required")
+        hints = typing.get_type_hints(cls)
+        return cls(**{key: _convert(v, hints[key]) for key, v in table.items()})
+    except FieldError as err:
+        if not where:
+            raise
+        text = str(err)
+        raise type(err)(f"{where}{text}" if text.startswith(":") else f"{where}.{text}") from None
+
+
+def required_keys(cls: type) -> list[str]:
+    """The fields a table must give (those without a default)."""
+    return [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING]
+
+
+def _convert(value: Any, kind: Any) -> Any:
+    """A TOML value in the form its annotation wants, where the conversion cannot lose anything."""
+    kinds = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, str):
+        if Path in kinds:
+            return Path(value)
+        if tuple[str, ...] in kinds and str not in kinds and len(kinds) == 1:
+            return (value,)
+    if type(value) is int and float in kinds and int not in kinds:
+        return float(value)
+    return value
 
 
 def check_types(instance: Any) -> None:

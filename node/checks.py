@@ -1,65 +1,61 @@
-"""Typed reads of configuration values, each failure a ConfigError naming the key: shared by the
-node's configuration and the destination kinds, which parse their own tables."""
+"""What the node's configuration sections share: ConfigError, and the checks that types cannot say.
+
+Every section is a frozen dataclass whose ``__post_init__`` calls ``inference.fields.check_types``
+(each value against its annotation) and then these checks on the already-typed values; each raises
+a FieldError naming the field, which ``fields.from_table`` prefixes with where the table was
+(``destinations[1].port: ...``).
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+
+from vesalius.inference.fields import FieldError
 
 
-class ConfigError(ValueError):
+class ConfigError(FieldError):
     """A configuration problem; the message names the key and what is wrong."""
 
 
-def check_type(key: str, value: Any, expected: type | tuple[type, ...]) -> Any:
-    if isinstance(value, bool) and expected in (int, float, (int, float)):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if not isinstance(value, expected):
-        names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
-        raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def strings(key: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    check_type(key, value, list)
-    return tuple(check_type(f"{key}[{i}]", v, str) for i, v in enumerate(value))
-
-
-def known(section: str, table: dict[str, Any], allowed: set[str]) -> None:
-    for key in table:
-        if key not in allowed:
-            where = f"{section}.{key}" if section else key
-            raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(allowed))})")
-
-
-def ae_title(key: str, value: Any) -> str:
-    check_type(key, value, str)
+def ae_title(key: str, value: str) -> None:
     if not 0 < len(value) <= 16 or "\\" in value or not value.isprintable():
-        raise ConfigError(f"{key}: an AE title is 1-16 printable characters, got {value!r}")
-    return str(value)
+        raise FieldError(f"{key}: an AE title is 1-16 printable characters, got {value!r}")
 
 
-def port(key: str, value: Any) -> int:
-    check_type(key, value, int)
+def port(key: str, value: int) -> None:
     if not 0 <= value <= 65535:
-        raise ConfigError(f"{key}: port must be 0-65535, got {value}")
-    return int(value)
+        raise FieldError(f"{key}: port must be 0-65535, got {value}")
 
 
-def positive(key: str, value: Any) -> float:
-    check_type(key, value, (int, float))
+def positive(key: str, value: float) -> None:
     if value <= 0:
-        raise ConfigError(f"{key}: must be > 0, got {value}")
-    return float(value)
+        raise FieldError(f"{key}: must be > 0, got {value}")
 
 
-def existing_file(key: str, value: Any, base: Path | None = None) -> Path:
-    """A file that must exist (certificates, keys); relative paths start at ``base``."""
-    path = Path(check_type(key, value, str))
-    if base is not None and not path.is_absolute():
-        path = base / path
-    if not path.is_file():
-        raise ConfigError(f"{key}: no such file {str(path)!r}")
-    return path
+def not_negative(key: str, value: float) -> None:
+    if value < 0:
+        raise FieldError(f"{key}: must be >= 0, got {value}")
+
+
+def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise FieldError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+
+
+def regex(key: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise FieldError(f"{key}: not a valid regular expression: {err}") from None
+
+
+def existing_file(key: str, path: Path | None) -> None:
+    """A file that must exist (certificates, keys); None passes."""
+    if path is not None and not path.is_file():
+        raise FieldError(f"{key}: no such file {str(path)!r}")
+
+
+def under(base: Path | None, path: Path) -> Path:
+    """A configured path: relative ones start at ``base`` (the config file's folder) when given."""
+    return path if path.is_absolute() or base is None else base / path

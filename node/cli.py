@@ -45,16 +45,31 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def check_models(config: Config) -> None:
-    """Every model a rule names must resolve and have its weights: a ConfigError at start-up,
-    not a failed first job."""
+    """Every model a rule names must resolve, have its runtime installed and its weights, and
+    every structure a destination selects must be one its models produce: a ConfigError at
+    start-up, not a failed first job or an STL never sent."""
+    from vesalius.inference.models.backend import declared_labels
     from vesalius.inference.models.registry import ModelSpecError, check
 
-    specs = config.models
+    produced: dict[str, set[str]] = {}  # rule model -> the structure names it produces
     for i, rule in enumerate(config.rules):
         try:
-            check(rule.model, specs)
-        except ModelSpecError as err:
+            specs = check(rule.model, config.models)
+            produced[rule.model] = {label.name for spec in specs for label in declared_labels(spec)}
+        except (ModelSpecError, ValueError, OSError, KeyError) as err:
             raise ConfigError(f"rules[{i}].model: {err}") from err
+    every = set().union(*produced.values())
+    for i, destination in enumerate(config.destinations):
+        wanted = destination.encapsulated_stl
+        if not isinstance(wanted, tuple):
+            continue
+        models = [r.model for r in config.rules if destination.name in config.destination_names(r)]
+        known = set().union(*(produced[m] for m in models)) if models else every
+        unknown = [name for name in wanted if name not in known]
+        if unknown:
+            which = f"models {', '.join(dict.fromkeys(models))}" if models else "the routed models"
+            raise ConfigError(f"destinations[{i}].encapsulated_stl: {', '.join(map(repr, unknown))} is not a "
+                              f"structure {which} produce (known: {', '.join(sorted(known)) or 'none'})")
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -72,13 +87,20 @@ def _models(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
     else:
         for row in rows:
-            state = "weights present" if row["weights_present"] else "WEIGHTS MISSING"
+            state = ("RUNTIME MISSING" if not row["runtime_installed"] else
+                     "weights present" if row["weights_present"] else "WEIGHTS MISSING")
             where = f" {row['path']}" if row["path"] else ""
             print(f"{row['name']}  [{row['kind']}{where}]  device={row['device']}  {state}")
             if row["labels"]:
                 print(f"    labels: {', '.join(row['labels'])}")
             for problem in row["problems"]:
                 print(f"    problem: {problem}")
+    if not all(row["runtime_installed"] for row in rows):
+        for row in rows:
+            if not row["runtime_installed"]:
+                print(f"vesalius models: {row['kind']}:{row['path'] or row['name']} {row['problems'][0]}",
+                      file=sys.stderr)
+        return 2
     return 0 if all(row["weights_present"] for row in rows) else 1
 
 

@@ -22,7 +22,8 @@ from typing import Any
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
-from vesalius.node.checks import ConfigError
+from vesalius.inference.fields import FieldError, check_types
+from vesalius.node.checks import ConfigError, existing_file
 
 log = logging.getLogger("vesalius.tls")
 
@@ -38,6 +39,14 @@ class ListenerTLS:
     ca_certificates: Path | None = None  # CAs that sign the clients' certificates
     require_client_certificate: bool = True  # mutual TLS: clients without a trusted certificate are refused
 
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise FieldError("ca_certificates: required with require_client_certificate = true "
+                             "(the CAs whose client certificates are trusted)")
+        for name in ("certificate", "private_key", "ca_certificates"):
+            existing_file(name, getattr(self, name))
+
 
 @dataclass(frozen=True)
 class ClientTLS:
@@ -47,6 +56,13 @@ class ClientTLS:
     certificate: Path | None = None
     private_key: Path | None = None
     verify_hostname: bool = True
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        for name in ("ca_certificates", "certificate", "private_key"):
+            existing_file(name, getattr(self, name))
+        if (self.certificate is None) != (self.private_key is None):
+            raise FieldError("certificate: mutual TLS needs both tls_certificate and tls_private_key")
 
 
 def _load_chain(context: ssl.SSLContext, certificate: Path, private_key: Path | None, what: str) -> None:

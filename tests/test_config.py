@@ -50,15 +50,15 @@ max_attempts = 3
     ("toml", "message"),
     [
         ("colour = 1", "colour: unknown key"),
-        ("port = 'x'", "port: expected int"),
+        ("port = 'x'", "port: expected an integer"),
         ("port = 70000", "port: port must be 0-65535"),
         ("ae_title = 'MUCH_TOO_LONG_AE_TITLE'", "ae_title: an AE title is 1-16"),
         ("quiet_period = -1", "quiet_period: must be > 0"),
         ("[[destinations]]\nae_title = 'P'\nhost = 'h'", "destinations[0].port: required"),
         ("[[rules]]\nseries_description = '(('", "rules[0].series_description: not a valid regular"),
         ("[[rules]]\ndestinations = ['nowhere']", "rules[0].destinations: unknown destination 'nowhere'"),
-        ("[[rules]]\nmodel = 3", "rules[0].model: expected str"),
-        ("[retry]\nmax_attempts = true", "retry.max_attempts: expected a number"),
+        ("[[rules]]\nmodel = 3", "rules[0].model: expected a string"),
+        ("[retry]\nmax_attempts = true", "retry.max_attempts: expected an integer, got True"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, toml: str, message: str) -> None:
@@ -123,7 +123,7 @@ def test_destination_kinds() -> None:
         ({"kind": "dicomweb", "url": "http://h/x"}, 'destinations[0].name: required for kind = "dicomweb"'),
         ({"name": "w", "kind": "dicomweb", "url": "ftp://h/x"},
          "destinations[0].url: expected the DICOMweb root"),
-        ({"name": "w", "kind": "dicomweb", "url": 5}, "destinations[0].url: expected str"),
+        ({"name": "w", "kind": "dicomweb", "url": 5}, "destinations[0].url: expected a string"),
         ({"name": "w", "kind": "dicomweb", "url": "http://h/x", "port": 104},
          'destinations[0].port: only for kind = "dicom"'),
         ({"ae_title": "P", "host": "h", "port": 1, "url": "http://h/x"},
@@ -147,9 +147,9 @@ def test_output_switches_per_destination() -> None:
     assert (pacs.labelmap, pacs.encapsulated_stl, pacs.surfaces, pacs.sr) == (True, ("bone",), True, True)
     assert (lab.labelmap, lab.encapsulated_stl, lab.sr) == (False, True, False)
     assert (pacs.preview, lab.preview) == (True, False)  # the 3D preview: on unless switched off
-    with pytest.raises(ConfigError, match=r"destinations\[0\].labelmap: expected bool"):
+    with pytest.raises(ConfigError, match=r"destinations\[0\].labelmap: expected true or false"):
         parse_config({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "labelmap": "yes"}]})
-    with pytest.raises(ConfigError, match=r"destinations\[0\].encapsulated_stl\[0\]: expected str"):
+    with pytest.raises(ConfigError, match=r"destinations\[0\].encapsulated_stl: expected true or false or"):
         parse_config({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "encapsulated_stl": [1]}]})
 
 
@@ -173,3 +173,127 @@ def test_models_section_and_default_rule_model(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text('[[rules]]\nmodel = "nowhere"\n')
     with pytest.raises(ConfigError, match=r"rules\[0\].model: .*nowhere"):
         load_config(tmp_path / "bad.toml")
+
+
+# --- configuration that refuses what cannot work (issue 13) --------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["yes", 1, ["bone", 2], {"bone": True}])
+def test_encapsulated_stl_is_true_false_or_names(value: object) -> None:
+    """A string was once iterated as structure names: no STL was ever sent."""
+    with pytest.raises(ConfigError) as err:
+        parse_config({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "encapsulated_stl": value}]})
+    assert str(err.value).startswith(
+        "destinations[0].encapsulated_stl: expected true or false or a list of strings, got ")
+
+
+def test_selected_structures_must_be_produced_by_the_routed_models() -> None:
+    from vesalius.inference.models.builtin_ct import BuiltinCT
+    from vesalius.node.cli import check_models
+
+    produced = sorted(label.name for label in BuiltinCT.structures)
+    check_models(parse_config({"destinations": [
+        {"ae_title": "P", "host": "h", "port": 1, "encapsulated_stl": ["bone"]}]}))
+    unrouted = {"ae_title": "Q", "host": "h", "port": 2, "encapsulated_stl": ["bones"]}
+    for data in ({"destinations": [unrouted]},  # routed by the default rule (all destinations)
+                 {"destinations": [{"ae_title": "P", "host": "h", "port": 1}, unrouted],
+                  "rules": [{"name": "ct", "destinations": ["P"]}]}):  # routed by no rule: all models
+        with pytest.raises(ConfigError) as err:
+            check_models(parse_config(data))
+        which = "the routed models" if "rules" in data else "models builtin_ct"
+        assert str(err.value) == (f"destinations[{len(data['destinations']) - 1}].encapsulated_stl: 'bones' "
+                                  f"is not a structure {which} produce (known: {', '.join(produced)})")
+
+
+# One wrong type per section: every section is checked by its fields' annotations.
+@pytest.mark.parametrize(("data", "message"), [
+    ({"host": 1}, "host: expected a string, got 1"),
+    ({"data_dir": 5}, "data_dir: expected a path, got 5"),
+    ({"allowed_calling_aes": [1]}, "allowed_calling_aes: expected a list of strings, got (1,)"),
+    ({"idle_timeout": "1"}, "idle_timeout: expected a number, got '1'"),
+    ({"rules": [{"modality": 1}]}, "rules[0].modality: expected a list of strings, got 1"),
+    ({"rules": [{"min_slices": 1.5}]}, "rules[0].min_slices: expected an integer, got 1.5"),
+    ({"rules": [{"prefer": ["thinnest", 3]}]}, "rules[0].prefer: expected a list of strings"),
+    ({"rules": [{"trigger": True}]}, "rules[0].trigger: expected a string, got True"),
+    ({"rules": ["ct"]}, "rules[0]: expected a table, got str"),
+    ({"retry": {"base_delay": "5s"}}, "retry.base_delay: expected a number, got '5s'"),
+    ({"retry": 3}, "retry: expected a table, got int"),
+    ({"retention": {"spool_days": [7]}}, "retention.spool_days: expected a number, got (7,)"),
+    ({"tls": {"certificate": 1, "private_key": "k", "require_client_certificate": False}, "tls_port": 2762},
+     "tls.certificate: expected a path, got 1"),
+    ({"tls": {"certificate": "c", "private_key": "k", "require_client_certificate": "no"}, "tls_port": 2762},
+     "tls.require_client_certificate: expected true or false, got 'no'"),
+    ({"http_tokens": [{"name": "a", "token": 12345678901234567}]},
+     "http_tokens[0].token: expected a string, got 12345678901234567"),
+    ({"destinations": [{"ae_title": "P", "host": "h", "port": "104"}]},
+     "destinations[0].port: expected an integer, got '104'"),
+    ({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "sr": "no"}]},
+     "destinations[0].sr: expected true or false, got 'no'"),
+    ({"destinations": [{"name": "w", "kind": "dicomweb", "url": "http://h/x", "timeout": "30"}]},
+     "destinations[0].timeout: expected a number, got '30'"),
+    ({"destinations": [{"name": "f", "kind": "folder", "path": "out", "deidentify": True}]},
+     "destinations[0].deidentify: expected a string, got True"),
+    ({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "tls": True, "tls_verify_hostname": 1}]},
+     "destinations[0].tls_verify_hostname: expected true or false, got 1"),
+    ({"models": [{"name": "m", "kind": "onnx", "path": "m.onnx", "fast": "yes"}]},
+     "models[0].fast: expected true or false, got 'yes'"),
+])
+def test_a_wrong_type_in_any_section_names_its_key(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_sections_validate_however_they_are_built() -> None:
+    """The dataclasses check themselves: code building a section gets the same checks as TOML."""
+    from vesalius.inference.fields import FieldError
+    from vesalius.node.config import Retry, Rule
+
+    with pytest.raises(FieldError, match=r"^max_delay: must be > 0, got 0"):
+        Retry(max_delay=0)
+    with pytest.raises(FieldError, match=r"^kernel: not a valid regular expression"):
+        Rule(name="r", kernel="((")
+    with pytest.raises(FieldError, match=r"^ae_title: an AE title is 1-16"):
+        Destination("p", "", "h", 1)
+
+
+# A launcher that makes torch and MONAI unimportable, as on a node installed without the `ai` extra.
+WITHOUT_AI = ("import sys; sys.modules.update(torch=None, monai=None)\n"
+              "from vesalius.node.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+
+
+@pytest.mark.parametrize("command", ["models", "serve", "process"])
+def test_a_model_whose_runtime_is_missing_names_the_extra(tmp_path: Path, command: str) -> None:
+    import subprocess
+    import sys
+
+    from tests.phantoms import Sphere, write_phantom_series
+    from tests.test_models_registry import write_bundle_skeleton
+
+    bundle = write_bundle_skeleton(tmp_path / "m")  # weights present: only the runtime is missing
+    write_phantom_series(tmp_path / "series", shape=(2, 8, 8), objects=[Sphere((0, 0, 0), 2, 100)])
+    reference = f"bundle:{bundle}"
+    args = {"models": ["models", "--model", reference],
+            "serve": ["serve", "--model", reference, "--port", "0", "--http-port", "0",
+                      "--data-dir", str(tmp_path / "data")],
+            "process": ["process", str(tmp_path / "series"), "--out", str(tmp_path / "out"),
+                        "--model", reference]}[command]
+    result = subprocess.run([sys.executable, "-c", WITHOUT_AI, *args], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "needs MONAI and torch: pip install 'vesalius[ai]'" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    if command == "models":
+        assert "RUNTIME MISSING" in result.stdout
+
+
+def test_each_runtime_kind_names_its_extra() -> None:
+    from vesalius.inference.models.backend import backend_for
+    from vesalius.inference.models.kinds import BACKEND_MODULES
+
+    extras = {kind: backend_for(kind).extra for kind in BACKEND_MODULES}
+    assert extras == {"builtin": "", "bundle": "ai", "torchscript": "ai", "onnx": "ai", "nnunet": "nnunet",
+                      "totalsegmentator": "totalsegmentator"}
+    assert backend_for("builtin").runtime_problems() == []
+    assert backend_for("bundle").runtime_problems() == []  # the test environment has the ai extra

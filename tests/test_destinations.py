@@ -35,7 +35,7 @@ def test_unknown_kind_lists_the_known_ones() -> None:
 @pytest.mark.parametrize(("table", "message"), [
     ({"kind": "folder", "path": "out"}, 'destinations[0].name: required for kind = "folder"'),
     ({"kind": "folder", "name": "f"}, 'destinations[0].path: required for kind = "folder"'),
-    ({"kind": "folder", "name": "f", "path": 3}, "destinations[0].path: expected str"),
+    ({"kind": "folder", "name": "f", "path": 3}, "destinations[0].path: expected a path"),
     ({"kind": "folder", "name": "f", "path": " "}, "destinations[0].path: must not be empty"),
     ({"kind": "folder", "name": "f", "path": "out", "host": "h"},
      'destinations[0].host: only for kind = "dicom"'),

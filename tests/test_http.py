@@ -144,8 +144,8 @@ def test_token_configuration_is_checked() -> None:
            ({"http_tokens": [{"name": "a", "token": "x" * 20}, {"name": "a", "token": "y" * 20}]}, "unique"),
            ({"http_tokens": [{"name": "local", "token": "x" * 20}]}, "not 'local'"),
            ({"http_tokens": [{"name": "a", "secret": "x"}]}, "unknown key"),
-           ({"metrics_public": "no"}, "metrics_public: expected bool"),
-           ({"http_host": 1}, "http_host: expected str")]
+           ({"metrics_public": "no"}, "metrics_public: expected true or false"),
+           ({"http_host": 1}, "http_host: expected a string")]
     for table, message in bad:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             parse_config(table)

@@ -318,9 +318,9 @@ def test_allow_list_binds_ae_titles_to_hosts(tmp_path: Path) -> None:
     ({"max_pdu": 0}, "max_pdu: must be 4096-268435456 bytes"),
     ({"max_pdu": 2**40}, "max_pdu: must be"),
     ({"max_associations": 0}, "max_associations: must be > 0"),
-    ({"max_associations_per_peer": "8"}, "max_associations_per_peer: expected int"),
+    ({"max_associations_per_peer": "8"}, "max_associations_per_peer: expected an integer"),
     ({"idle_timeout": -1}, "idle_timeout: must be > 0"),
-    ({"max_instance_mb": 1.5}, "max_instance_mb: expected int"),
+    ({"max_instance_mb": 1.5}, "max_instance_mb: expected an integer"),
     ({"allowed_calling_aes": ["CT1@not-an-address"]}, "allowed_calling_aes[0]: expected AE or AE@IP"),
     ({"allowed_calling_aes": ["@10.0.0.1"]}, "allowed_calling_aes[0]: an AE title is 1-16"),
 ])

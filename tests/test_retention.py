@@ -193,7 +193,7 @@ def test_retention_config_is_validated() -> None:
     assert config.retention == Retention(spool_days=3.0, free_space_high_water_mb=2000)
     for bad, words in (({"spool_day": 3}, "retention.spool_day: unknown key"),
                        ({"results_days": -1}, "retention.results_days: must be >= 0"),
-                       ({"free_space_high_water_mb": 1.5}, "expected int"),
+                       ({"free_space_high_water_mb": 1.5}, "expected an integer"),
                        ({"interval": "often"}, "retention.interval: expected")):
         try:
             parse_config({"retention": bad})

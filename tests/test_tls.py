@@ -242,7 +242,7 @@ def test_relative_certificate_paths_start_at_the_config_file(tmp_path: Path, pki
     ({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "tls_ca_certificates": "ca.pem"}]},
      "destinations[0].tls_ca_certificates: only with tls = true"),
     ({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "tls": "yes"}]},
-     "destinations[0].tls: expected bool"),
+     "destinations[0].tls: expected true or false"),
     ({"destinations": [{"ae_title": "P", "host": "h", "port": 1, "tls": True,
                         "tls_ca_certificates": "/nowhere.pem"}]},
      "destinations[0].tls_ca_certificates: no such file"),

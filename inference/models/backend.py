@@ -1,6 +1,8 @@
 """What every model kind declares (``Backend``) and how a kind finds its backend (``backend_for``).
 
-A backend says three things about a spec of its kind: what its weights need (checked at start-up
+A backend says four things about a spec of its kind: which modules it runs on and which extra
+installs them (``requires``, ``extra``; checked with ``find_spec``, nothing imported), what its
+weights need (checked at start-up
 without importing torch), which structures it will produce (read from its metadata files), and
 how to load it. The kinds themselves are listed once, in ``kinds.BACKEND_MODULES``.
 """
@@ -8,6 +10,7 @@ how to load it. The kinds themselves are listed once, in ``kinds.BACKEND_MODULES
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 from vesalius.inference.models import Label, Model
@@ -20,6 +23,16 @@ class Backend:
     """One model kind. Subclasses set ``kind`` and override ``load`` (and what else differs)."""
 
     kind: str = ""
+    requires: tuple[str, ...] = ()  # top-level modules the kind imports to run, e.g. ("monai", "torch")
+    extra: str = ""  # the vesalius extra that installs them, e.g. "ai"
+
+    def runtime_problems(self) -> list[str]:
+        """What is missing to run this kind (empty when its modules are installed); imports nothing."""
+        missing = [name for name in self.requires if _missing(name)]
+        if not missing:
+            return []
+        names = " and ".join(_PRETTY.get(n, n) for n in missing)
+        return [f"needs {names}: pip install 'vesalius[{self.extra}]'"]
 
     def weight_problems(self, spec: ModelSpec) -> list[str]:
         """What is missing for ``spec`` to load (empty when its files are in place); never imports torch.
@@ -53,6 +66,18 @@ class Backend:
         if spec.path is None:  # ModelSpec refuses this for every kind that has a path
             raise ModelSpecError(f"model {spec.name!r}: no path for kind {spec.kind!r}")
         return spec.path
+
+
+_PRETTY = {"monai": "MONAI", "torch": "torch", "onnxruntime": "onnxruntime", "nnunetv2": "nnU-Net (nnunetv2)",
+           "totalsegmentator": "TotalSegmentator"}
+
+
+def _missing(module: str) -> bool:
+    """Not importable: not installed, or blocked (``sys.modules[name] = None``)."""
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
 
 
 def backend_for(kind: str) -> Backend:

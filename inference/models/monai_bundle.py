@@ -130,6 +130,8 @@ class BundleBackend(Backend):
     """``bundle``: a MONAI bundle folder with its own pre-processing, inferer and channel names."""
 
     kind = "bundle"
+    requires = ("monai", "torch")
+    extra = "ai"
 
     def weight_problems(self, spec: ModelSpec) -> list[str]:
         return bundle_problems(self.path(spec))

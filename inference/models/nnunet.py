@@ -120,6 +120,8 @@ class NnUNetBackend(Backend):
     """``nnunet``: a trained-model folder, its labels from ``dataset.json``."""
 
     kind = "nnunet"
+    requires = ("nnunetv2", "monai", "torch")
+    extra = "nnunet"
 
     def weight_problems(self, spec: ModelSpec) -> list[str]:
         return folder_problems(self.path(spec), spec.folds, spec.checkpoint)

@@ -39,6 +39,7 @@ class OnnxBackend(NetworkFileBackend):
     """``onnx``: one ``.onnx`` file, run by onnxruntime (float32)."""
 
     kind = "onnx"
+    requires = ("onnxruntime", "monai", "torch")
     runner_on_device = False
 
     def runner(self, spec: ModelSpec, device: Device) -> Any:

@@ -12,8 +12,9 @@ A routing rule or ``--model`` names a model in one of three ways:
 
 ``resolve`` loads a model the first time it is asked for and keeps it for the life of the
 process (a worker), so weights are read and moved to the GPU once, not per job. ``check``
-verifies that the weights exist without loading torch, for a clear error at start-up. What each
-kind loads and needs is its backend's business (``backend.backend_for``).
+verifies that the kind's runtime is installed and the weights exist without loading torch, for a
+clear error at start-up. What each kind loads and needs is its backend's business
+(``backend.backend_for``).
 """
 
 from __future__ import annotations
@@ -142,31 +143,35 @@ def _load_cached(spec: ModelSpec) -> Model:
 
 
 def load(spec: ModelSpec) -> Model:
-    """Build the model of one spec (no caching); missing weights raise ModelSpecError."""
+    """Build the model of one spec (no caching); a missing runtime or missing weights raise
+    ModelSpecError."""
     backend = backend_for(spec.kind)
-    problems = backend.weight_problems(spec)
+    problems = backend.runtime_problems() or backend.weight_problems(spec)
     if problems:
         raise ModelSpecError(f"model {spec.name!r}: " + "; ".join(problems))
     return backend.load(spec)
 
 
 def check(reference: str, specs: Mapping[str, ModelSpec] | None = None) -> list[ModelSpec]:
-    """The specs ``reference`` names, after checking their weights; ModelSpecError otherwise.
+    """The specs ``reference`` names, after checking their runtime and weights; ModelSpecError otherwise.
 
     Cheap (reads no weights, imports no torch): run at start-up for every model a rule names, so
     a missing file stops the node with a clear message instead of failing the first job.
     """
     parts = expand(reference, _SPECS if specs is None else specs)
     for spec in parts:
-        problems = backend_for(spec.kind).weight_problems(spec)
+        backend = backend_for(spec.kind)
+        problems = backend.runtime_problems() or backend.weight_problems(spec)
         if problems:
             raise ModelSpecError(f"model {reference!r} ({spec.kind} {spec.name}): " + "; ".join(problems))
     return parts
 
 
 def describe(spec: ModelSpec) -> dict[str, Any]:
-    """What ``vesalius models`` shows: kind, path, labels, device, weights present (no loading)."""
+    """What ``vesalius models`` shows: kind, path, labels, device, runtime installed, weights present
+    (no loading)."""
     backend = backend_for(spec.kind)
+    runtime = backend.runtime_problems()
     problems = backend.weight_problems(spec)
     labels: list[str] = []
     if not problems:
@@ -176,7 +181,7 @@ def describe(spec: ModelSpec) -> dict[str, Any]:
             problems = [str(err)]
     return {"name": spec.name, "kind": spec.kind, "path": str(spec.path) if spec.path else None,
             "device": backend.device(spec), "labels": labels, "weights_present": not problems,
-            "problems": problems}
+            "runtime_installed": not runtime, "problems": runtime + problems}
 
 
 def specs_for(references: Iterable[str], specs: Mapping[str, ModelSpec]) -> list[ModelSpec]:

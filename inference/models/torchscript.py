@@ -34,6 +34,8 @@ class NetworkFileBackend(Backend):
     """A network in one weights file, its labels and pre-processing from the spec (TorchScript, ONNX)."""
 
     runner_on_device = True  # False: the runner moves data itself
+    requires: tuple[str, ...] = ("monai", "torch")  # the sliding-window inferer and its tensors
+    extra = "ai"
 
     def runner(self, spec: ModelSpec, device: Device) -> Any:
         """What maps a batch of patches to logits."""

@@ -158,6 +158,8 @@ class TotalSegmentatorBackend(Backend):
     """``totalsegmentator``: its weights folder, its class map (or ``roi_subset`` of it)."""
 
     kind = "totalsegmentator"
+    requires = ("totalsegmentator", "monai", "torch")
+    extra = "totalsegmentator"
 
     def weight_problems(self, spec: ModelSpec) -> list[str]:
         return weights_problems(self.path(spec), spec.task, spec.fast)

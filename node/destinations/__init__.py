@@ -1,9 +1,10 @@
 """Destinations: where results go, one registered kind per way of getting them there.
 
-A kind is a frozen dataclass subclassing ``Destination`` with its own typed settings, the parsing of
-its ``[[destinations]]`` table (``from_table``) and its ``send``. ``@register`` makes it known by its
-``kind`` string; ``parse_destination`` picks the class from a table's ``kind`` key. The built-in
-kinds (``dicom``, ``dicomweb``, ``folder``) are registered when this package is imported.
+A kind is a frozen dataclass subclassing ``Destination`` with its own typed settings (checked by
+their annotations and ``__post_init__``, as every configuration section is) and its ``send``.
+``@register`` makes it known by its ``kind`` string; ``parse_destination`` picks the class from a
+table's ``kind`` key and builds it with ``inference.fields.from_table``. The built-in kinds
+(``dicom``, ``dicomweb``, ``folder``) are registered when this package is imported.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from __future__ import annotations
 import io
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import pydicom
 from pydicom.dataset import Dataset
 
-from vesalius.node.checks import ConfigError, check_type, known, positive, strings
+from vesalius.inference.fields import FieldError, check_types, from_table, required_keys
+from vesalius.node.checks import ConfigError, positive
 
 DEIDENTIFY_PROFILES = ("", "basic")  # "": send the objects as written
 DEIDENTIFY_OPTIONS = ("retain_longitudinal_dates", "retain_patient_characteristics")
@@ -60,15 +62,25 @@ class Destination(ABC):
     surfaces: bool = True
     sr: bool = True
     preview: bool = True  # the 3D preview images (Multi-frame True Color Secondary Capture)
-    max_attempts: int = 0  # delivery tries before "failed"; 0: [retry] max_attempts
+    max_attempts: int | None = None  # delivery tries before "failed"; None: [retry] max_attempts
     # PS3.15 Basic Application Level Confidentiality Profile on what is sent (node/deidentify.py)
     deidentify: str = ""  # "" or "basic"
     deidentify_options: tuple[str, ...] = ()  # from DEIDENTIFY_OPTIONS
 
-    COMMON_KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"name", "kind", "labelmap", "encapsulated_stl", "surfaces", "sr", "preview", "max_attempts",
-         "deidentify", "deidentify_options"})
-    KEYS: ClassVar[frozenset[str]] = frozenset()  # the kind's own table keys
+    TABLE_KEYS: ClassVar[frozenset[str]] = frozenset()  # table keys that are not fields (``prepare``)
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.max_attempts is not None:
+            positive("max_attempts", self.max_attempts)
+        if self.deidentify not in DEIDENTIFY_PROFILES:
+            raise FieldError(f"deidentify: expected \"basic\" (or \"\" for none), got {self.deidentify!r}")
+        for option in self.deidentify_options:
+            if option not in DEIDENTIFY_OPTIONS:
+                raise FieldError(f"deidentify_options: unknown option {option!r} "
+                                 f"(known: {', '.join(DEIDENTIFY_OPTIONS)})")
+        if self.deidentify_options and not self.deidentify:
+            raise FieldError("deidentify_options: only with deidentify = \"basic\"")
 
     @property
     @abstractmethod
@@ -81,9 +93,16 @@ class Destination(ABC):
         return f"{self.name} ({self.kind} {self.address})"
 
     @classmethod
-    @abstractmethod
-    def from_table(cls, key: str, table: dict[str, Any], base: Path | None = None) -> Destination:
-        """The destination a ``[[destinations]]`` table describes (ConfigError naming the key)."""
+    def own_keys(cls) -> frozenset[str]:
+        """The table keys of this kind that other kinds do not have."""
+        common = {f.name for f in fields(Destination)}
+        return frozenset({f.name for f in fields(cls)} - common) | cls.TABLE_KEYS
+
+    @classmethod
+    def prepare(cls, table: dict[str, Any], base: Path | None) -> dict[str, Any]:
+        """The table as the fields take it: defaults that depend on other keys, relative paths
+        from ``base``, nested settings from flat keys. The default: the table as it is."""
+        return table
 
     @abstractmethod
     def send_objects(self, objects: Sequence[Outgoing], calling_ae: str) -> None:
@@ -125,61 +144,29 @@ def register(cls: D) -> D:
     return cls
 
 
-def common_settings(key: str, table: dict[str, Any], cls: type[Destination]) -> dict[str, Any]:
-    """Check the table's keys against the kind's own and the common ones, and read the common
-    settings; a key that belongs to another kind says which."""
-    allowed = set(cls.KEYS | Destination.COMMON_KEYS)
-    for name in table:
-        if name not in allowed:
-            owners = [k for k, c in sorted(KINDS.items()) if name in c.KEYS]
-            if owners:
-                kinds = " or ".join(f'kind = "{k}"' for k in owners)
-                raise ConfigError(f"{key}.{name}: only for {kinds} "
-                                  f"(kind = \"{cls.kind}\" has {', '.join(sorted(cls.KEYS))})")
-            known(key, table, allowed)
-    values: dict[str, Any] = {}
-    if "name" in table:
-        values["name"] = check_type(f"{key}.name", table["name"], str)
-    if "max_attempts" in table:
-        attempts = check_type(f"{key}.max_attempts", table["max_attempts"], int)
-        values["max_attempts"] = int(positive(f"{key}.max_attempts", attempts))
-    for name in ("labelmap", "surfaces", "sr", "preview"):
-        if name in table:
-            values[name] = check_type(f"{key}.{name}", table[name], bool)
-    if "encapsulated_stl" in table:
-        value = table["encapsulated_stl"]
-        values["encapsulated_stl"] = value if isinstance(value, bool) else strings(
-            f"{key}.encapsulated_stl", value)
-    if "deidentify" in table:
-        profile = check_type(f"{key}.deidentify", table["deidentify"], str)
-        if profile not in DEIDENTIFY_PROFILES:
-            raise ConfigError(f"{key}.deidentify: expected \"basic\" (or \"\" for none), got {profile!r}")
-        values["deidentify"] = profile
-    if "deidentify_options" in table:
-        options = strings(f"{key}.deidentify_options", table["deidentify_options"])
-        for option in options:
-            if option not in DEIDENTIFY_OPTIONS:
-                raise ConfigError(f"{key}.deidentify_options: unknown option {option!r} "
-                                  f"(known: {', '.join(DEIDENTIFY_OPTIONS)})")
-        if options and not values.get("deidentify"):
-            raise ConfigError(f"{key}.deidentify_options: only with deidentify = \"basic\"")
-        values["deidentify_options"] = options
-    return values
-
-
-def require(key: str, table: dict[str, Any], names: Sequence[str], kind: str) -> None:
-    for name in names:
-        if name not in table:
-            raise ConfigError(f'{key}.{name}: required for kind = "{kind}"')
-
-
 def parse_destination(key: str, table: Any, base: Path | None = None) -> Destination:
-    """The destination of one ``[[destinations]]`` table, by its ``kind`` (default "dicom")."""
-    check_type(key, table, dict)
-    kind = check_type(f"{key}.kind", table.get("kind", "dicom"), str)
-    if kind not in KINDS:
+    """The destination of one ``[[destinations]]`` table, by its ``kind`` (default "dicom"); a key
+    that belongs to another kind says which."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: expected a table, got {table!r}")
+    kind = table.get("kind", "dicom")
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ConfigError(f"{key}.kind: expected one of {', '.join(sorted(KINDS))}, got {kind!r}")
-    return KINDS[kind].from_table(key, table, base)
+    cls = KINDS[kind]
+    for name in table:
+        owners = [k for k, c in sorted(KINDS.items()) if name in c.own_keys() and c is not cls]
+        if owners and name not in cls.own_keys():
+            kinds = " or ".join(f'kind = "{k}"' for k in owners)
+            raise ConfigError(f"{key}.{name}: only for {kinds} "
+                              f"(kind = \"{cls.kind}\" has {', '.join(sorted(cls.own_keys()))})")
+    try:
+        values = cls.prepare({k: v for k, v in table.items() if k != "kind"}, base)
+        for name in sorted(required_keys(cls), key=lambda n: n == "name"):  # a kind's own keys first
+            if name not in values:
+                raise FieldError(f'{name}: required for kind = "{kind}"')
+        return from_table(cls, values)
+    except FieldError as err:
+        raise ConfigError(f"{key}{err}" if str(err).startswith(":") else f"{key}.{err}") from None
 
 
 from vesalius.node.destinations import dicom, dicomweb, folder  # noqa: E402, F401  (registers them)

@@ -12,15 +12,9 @@ from typing import Any, ClassVar
 from pydicom.uid import UID
 from pynetdicom import AE
 
-from vesalius.node.checks import ConfigError, ae_title, check_type, existing_file, port, positive
-from vesalius.node.destinations import (
-    DeliveryError,
-    Destination,
-    Outgoing,
-    common_settings,
-    register,
-    require,
-)
+from vesalius.inference.fields import FieldError, from_table
+from vesalius.node.checks import ConfigError, ae_title, not_negative, port, positive, under
+from vesalius.node.destinations import DeliveryError, Destination, Outgoing, register
 from vesalius.node.tls import ClientTLS, client_context
 
 log = logging.getLogger("vesalius.send")
@@ -33,20 +27,24 @@ OPTIONAL_SOP_CLASSES = frozenset({UID("1.2.840.10008.5.1.4.1.1.66.7"),  # Label 
 TLS_KEYS = ("tls_ca_certificates", "tls_certificate", "tls_private_key", "tls_verify_hostname")
 
 
-def parse_tls(key: str, table: dict[str, Any], base: Path | None) -> ClientTLS | None:
-    """``tls = true`` and its tls_* keys (which need it); relative files start at ``base``."""
-    tls = check_type(f"{key}.tls", table.get("tls", False), bool)
-    if not tls:
-        for name in TLS_KEYS:
-            if name in table:
-                raise ConfigError(f"{key}.{name}: only with tls = true")
-        return None
-    files = {name: existing_file(f"{key}.tls_{name}", table[f"tls_{name}"], base)
-             for name in ("ca_certificates", "certificate", "private_key") if f"tls_{name}" in table}
-    if ("certificate" in files) != ("private_key" in files):
-        raise ConfigError(f"{key}.tls_certificate: mutual TLS needs both tls_certificate and tls_private_key")
-    verify = check_type(f"{key}.tls_verify_hostname", table.get("tls_verify_hostname", True), bool)
-    return ClientTLS(**files, verify_hostname=verify)
+def parse_tls(table: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    """``tls = true`` and its flat tls_* keys (which need it) as one ClientTLS; relative files
+    start at ``base``."""
+    settings = {name.removeprefix("tls_"): table.pop(name) for name in TLS_KEYS if name in table}
+    tls = table.pop("tls", False)
+    if tls is False:
+        if settings:
+            raise FieldError(f"tls_{next(iter(settings))}: only with tls = true")
+        return table
+    if tls is not True:
+        raise FieldError(f"tls: expected true or false, got {tls!r}")
+    for name in ("ca_certificates", "certificate", "private_key"):
+        if isinstance(settings.get(name), str):
+            settings[name] = str(under(base, Path(settings[name])))
+    try:
+        return {**table, "tls": from_table(ClientTLS, settings)}
+    except FieldError as err:
+        raise FieldError(f"tls_{err}") from None
 
 
 @register
@@ -55,8 +53,7 @@ class DicomDestination(Destination):
     """A DICOM peer (a PACS) receiving our objects by C-STORE."""
 
     kind: ClassVar[str] = "dicom"
-    KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"ae_title", "host", "port", "max_pdu", "timeout", "tls", *TLS_KEYS})
+    TABLE_KEYS: ClassVar[frozenset[str]] = frozenset(TLS_KEYS)
     ae_title: str
     host: str
     port: int
@@ -75,22 +72,23 @@ class DicomDestination(Destination):
         if not match:
             raise ConfigError(f"destination {text!r}: expected AE@HOST:PORT, e.g. PACS@10.0.0.5:104")
         ae, host, number = match.groups()
-        return cls(ae, ae, host, int(number))
+        try:
+            return cls(ae, ae, host, int(number))
+        except FieldError as err:
+            raise ConfigError(f"destination {text!r}: {err}") from None
 
     @classmethod
-    def from_table(cls, key: str, table: dict[str, Any], base: Path | None = None) -> DicomDestination:
-        common = common_settings(key, table, cls)
-        require(key, table, ("ae_title", "host", "port"), cls.kind)
-        ae = ae_title(f"{key}.ae_title", table["ae_title"])
-        return cls(
-            common.pop("name", ae), ae,
-            check_type(f"{key}.host", table["host"], str),
-            port(f"{key}.port", table["port"]),
-            max_pdu=int(check_type(f"{key}.max_pdu", table.get("max_pdu", 0), int)),
-            timeout=positive(f"{key}.timeout", table.get("timeout", 30.0)),
-            tls=parse_tls(key, table, base),
-            **common,
-        )
+    def prepare(cls, table: dict[str, Any], base: Path | None) -> dict[str, Any]:
+        if "ae_title" in table:
+            table = {"name": table["ae_title"], **table}  # named after its AE title by default
+        return parse_tls(table, base)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ae_title("ae_title", self.ae_title)
+        port("port", self.port)
+        not_negative("max_pdu", self.max_pdu)
+        positive("timeout", self.timeout)
 
     def check(self) -> None:
         if self.tls is not None:

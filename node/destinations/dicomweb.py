@@ -18,18 +18,11 @@ import urllib.request
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from vesalius.node.checks import ConfigError, check_type, positive
-from vesalius.node.destinations import (
-    DeliveryError,
-    Destination,
-    Outgoing,
-    common_settings,
-    register,
-    require,
-)
+from vesalius.inference.fields import FieldError
+from vesalius.node.checks import positive
+from vesalius.node.destinations import DeliveryError, Destination, Outgoing, register
 
 TRANSIENT_HTTP = {408, 429}
 FAILED_SOP_SEQUENCE = "00081198"
@@ -88,7 +81,6 @@ class DicomwebDestination(Destination):
     credentials in the URL's userinfo go as HTTP Basic auth."""
 
     kind: ClassVar[str] = "dicomweb"
-    KEYS: ClassVar[frozenset[str]] = frozenset({"url", "timeout"})
     url: str
     timeout: float = 30.0  # s for the whole HTTP request
 
@@ -96,16 +88,13 @@ class DicomwebDestination(Destination):
     def address(self) -> str:
         return _without_credentials(self.url)
 
-    @classmethod
-    def from_table(cls, key: str, table: dict[str, Any], base: Path | None = None) -> DicomwebDestination:
-        common = common_settings(key, table, cls)
-        require(key, table, ("name", "url"), cls.kind)
-        url = check_type(f"{key}.url", table["url"], str)
-        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
-            raise ConfigError(f"{key}.url: expected the DICOMweb root as http(s)://host[:port]/path, "
-                              f"got {_without_credentials(url)!r}")
-        return cls(common.pop("name"), url.rstrip("/"),
-                   timeout=positive(f"{key}.timeout", table.get("timeout", 30.0)), **common)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", self.url):
+            raise FieldError(f"url: expected the DICOMweb root as http(s)://host[:port]/path, "
+                             f"got {_without_credentials(self.url)!r}")
+        object.__setattr__(self, "url", self.url.rstrip("/"))
+        positive("timeout", self.timeout)
 
     def send_objects(self, objects: Sequence[Outgoing], calling_ae: str) -> None:
         stow_rs(self.url, [o.data for o in objects], self.timeout)

@@ -14,15 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vesalius.node.checks import ConfigError, check_type
-from vesalius.node.destinations import (
-    DeliveryError,
-    Destination,
-    Outgoing,
-    common_settings,
-    register,
-    require,
-)
+from vesalius.inference.fields import FieldError
+from vesalius.node.checks import ConfigError
+from vesalius.node.destinations import DeliveryError, Destination, Outgoing, register
 from vesalius.node.store import write_durably
 
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -50,7 +44,6 @@ class FolderDestination(Destination):
     """A local folder; relative paths start at the working directory (as data_dir does)."""
 
     kind: ClassVar[str] = "folder"
-    KEYS: ClassVar[frozenset[str]] = frozenset({"path"})
     path: Path
 
     @property
@@ -58,13 +51,10 @@ class FolderDestination(Destination):
         return str(self.path)
 
     @classmethod
-    def from_table(cls, key: str, table: dict[str, Any], base: Path | None = None) -> FolderDestination:
-        common = common_settings(key, table, cls)
-        require(key, table, ("name", "path"), cls.kind)
-        path = check_type(f"{key}.path", table["path"], str)
-        if not path.strip():
-            raise ConfigError(f"{key}.path: must not be empty")
-        return cls(common.pop("name"), Path(path), **common)
+    def prepare(cls, table: dict[str, Any], base: Path | None) -> dict[str, Any]:
+        if isinstance(table.get("path"), str) and not table["path"].strip():
+            raise FieldError("path: must not be empty")
+        return table
 
     def check(self) -> None:
         if self.path.exists() and not self.path.is_dir():
