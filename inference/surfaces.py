@@ -196,7 +196,31 @@ def _oriented(
     if np.einsum("ij,ij->i", p0, np.cross(p1, p2)).sum() < 0:  # inside out: flip all
         oriented = oriented[:, ::-1].copy()
         vertex_normals = -vertex_normals
-    return points, vertex_normals, oriented
+    return points, _unit_normals(points, oriented, vertex_normals), oriented
+
+
+def _unit_normals(points: np.ndarray, triangles: np.ndarray, normals: np.ndarray) -> np.ndarray:
+    """Every normal a unit vector: VTK leaves a zero normal where the faces around a vertex cancel
+    (a pinch left by decimation, zero-area triangles). Such a vertex takes the normal of its largest
+    incident face; one with only zero-area faces points away from the mesh's centre."""
+    length = np.linalg.norm(normals, axis=1)
+    bad = length < 0.5
+    if not bad.any():
+        return normals
+    normals = normals.copy()
+    p0, p1, p2 = (points[triangles[:, i]] for i in range(3))
+    face = np.cross(p1 - p0, p2 - p0)  # outward, twice the area long
+    area = np.linalg.norm(face, axis=1)
+    best = np.zeros(len(points))
+    for corner in range(3):
+        for t in np.flatnonzero(bad[triangles[:, corner]]):
+            v = triangles[t, corner]
+            if area[t] > best[v]:
+                best[v], normals[v] = area[t], face[t] / area[t]
+    still = bad & (best == 0)
+    away = points[still] - points.mean(axis=0)
+    normals[still] = away / np.maximum(np.linalg.norm(away, axis=1, keepdims=True), 1e-12)
+    return normals
 
 
 def edge_counts(triangles: np.ndarray) -> np.ndarray:

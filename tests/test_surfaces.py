@@ -160,3 +160,22 @@ def test_open_mesh_is_reported_open() -> None:
 
     assert _topology(mesh.triangles) == (True, True)
     assert _topology(mesh.triangles[1:]) == (False, False)
+
+
+def test_a_vertex_whose_faces_cancel_gets_a_unit_outward_normal() -> None:
+    """Where the faces around a vertex cancel (a pinch decimation can leave), VTK gives a zero
+    normal; ours is a unit vector: its largest face's, or away from the centre without one."""
+    from vesalius.inference.surfaces import _unit_normals
+
+    # a tetrahedron, outward winding; vertex 0's normal zeroed as VTK leaves it; vertex 4 sits on
+    # zero-area faces only
+    points = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0],
+                       [2.0, 2.0, 2.0]])
+    triangles = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3], [4, 4, 4]])
+    normals = np.array([[0.0, 0.0, 0.0], *np.eye(3), [0.0, 0.0, 0.0]])
+    fixed = _unit_normals(points, triangles, normals)
+    assert np.allclose(np.linalg.norm(fixed, axis=1), 1.0)
+    assert np.allclose(fixed[1:4], normals[1:4])  # good normals stay as they are
+    assert fixed[0] @ (points[0] - points[:4].mean(axis=0)) > 0  # outward
+    assert fixed[0].tolist() in ([0.0, 0.0, -1.0], [0.0, -1.0, 0.0], [-1.0, 0.0, 0.0])  # a face's
+    assert fixed[4] @ (points[4] - points.mean(axis=0)) > 0
