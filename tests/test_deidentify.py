@@ -227,7 +227,7 @@ def test_delivery_deidentified_to_research_originals_to_pacs(tmp_path: Path) -> 
         assert not list(node.data_dir.glob(".deid-*"))  # the de-identified copies are gone
     received = [pydicom.dcmread(p) for p in research.files()]
     originals = [pydicom.dcmread(p) for p in pacs.files()]
-    assert len(received) == len(originals) == 3
+    assert len(received) == len(originals) == 4  # SEG, Surface Segmentation, SR, 3D preview
     assert {ds.PatientID for ds in originals} == {"PHANTOM1"}
     assert {ds.StudyInstanceUID for ds in originals} == {series.study_uid}
     for ds in received:

@@ -24,6 +24,9 @@ from tests.phantoms import Cylinder, write_phantom_series
 CHEST = [Cylinder((0, 0, 0), (0, 0, 1), 70, 80, 40), Cylinder((0, 40, 0), (0, 0, 1), 10, 60, 700)]
 
 
+RESULTS = 4  # what a destination receives by default: SEG, Surface Segmentation, SR, 3D preview
+
+
 def phantom(folder: Path, slices: int = 30):
     return write_phantom_series(folder, shape=(slices, 96, 96), spacing=(3, 1.8, 1.8), objects=CHEST)
 
@@ -66,9 +69,9 @@ def test_kill_mid_association_keeps_every_acknowledged_instance(tmp_path: Path) 
         # may have none yet (never acknowledged: the scanner sends it again)
         assert acknowledged <= rows[0]["instances"] <= len(stored)
         storescu(series.paths, node.port)  # the scanner sends the series again
-        wait_for(lambda: len(pacs_uids(pacs, series.study_uid)) >= 3, 180, "the results")
+        wait_for(lambda: len(pacs_uids(pacs, series.study_uid)) >= RESULTS, 180, "the results")
         wait_for(node.delivered, 60, "deliveries done")
-        assert len(set(pacs_uids(pacs, series.study_uid))) == 3
+        assert len(set(pacs_uids(pacs, series.study_uid))) == RESULTS
 
 
 def test_kill_during_the_job_then_restart_delivers_once(tmp_path: Path) -> None:
@@ -80,12 +83,12 @@ def test_kill_during_the_job_then_restart_delivers_once(tmp_path: Path) -> None:
             wait_for(lambda: "job start" in node.log(), 60, "the job to start")
             kill_node(node)
         with vesalius_node(tmp_path, data_dir=data, destinations=[pacs.address]) as node:
-            wait_for(lambda: len(pacs_uids(pacs, series.study_uid)) >= 3, 180, "the results")
+            wait_for(lambda: len(pacs_uids(pacs, series.study_uid)) >= RESULTS, 180, "the results")
             wait_for(lambda: node.delivered(1), 60, "deliveries done")
             assert "resuming 1 interrupted job" in node.log()
             jobs = node.jobs()
         assert len(jobs) == 1 and jobs[0]["state"] == "done"
-        assert len(set(pacs_uids(pacs, series.study_uid))) == 3
+        assert len(set(pacs_uids(pacs, series.study_uid))) == RESULTS
 
 
 def test_kill_during_sending_then_restart_resends_the_same_uids(tmp_path: Path) -> None:
@@ -117,7 +120,7 @@ def test_kill_during_sending_then_restart_resends_the_same_uids(tmp_path: Path) 
             wait_for(lambda: node.delivered(1), 120, "the resend")
     finally:
         server.shutdown()
-    assert len(set(received)) == 3 and len(received) > 3
+    assert len(set(received)) == RESULTS and len(received) > RESULTS
 
 
 def test_worker_killed_job_retried_listener_keeps_serving(tmp_path: Path) -> None:
@@ -132,7 +135,7 @@ def test_worker_killed_job_retried_listener_keeps_serving(tmp_path: Path) -> Non
             os.kill(pid, signal.SIGKILL)
         subprocess.run(["echoscu", "-aec", "VESALIUS", "127.0.0.1", str(node.port)], check=True,
                        env=DCMTK_ENV, timeout=30)
-        wait_for(lambda: len(pacs_uids(pacs, series.study_uid)) >= 3, 180, "the results after a retry")
+        wait_for(lambda: len(pacs_uids(pacs, series.study_uid)) >= RESULTS, 180, "the results after a retry")
         job = node.jobs()[0]
         assert job["state"] == "done" and job["attempts"] == 2
         assert "worker process died" in node.log()
