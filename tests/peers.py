@@ -198,3 +198,21 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def send_raw(port: int, path: Path, calling_ae: str = "SENDER") -> int:
+    """Send a file's bytes as they are (no re-encoding: hostile or broken data sets stay so) to
+    the node at ``port`` and return the C-STORE status."""
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="VESALIUS")
+    assert assoc.is_established, "the node stopped accepting associations"
+    try:
+        status = assoc.send_c_store(path)
+        assert "Status" in status, "the node sent no answer"
+        return int(status.Status)
+    finally:
+        assoc.release()

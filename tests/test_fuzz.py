@@ -16,10 +16,8 @@ import pynetdicom._config
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import AE
 
-from tests.peers import NodeProcess, storescu, vesalius_node, wait_for
+from tests.peers import NodeProcess, send_raw, storescu, vesalius_node, wait_for
 from tests.phantoms import Cylinder, write_phantom_series
 
 VALID_STATUSES = {0x0000, 0xA700, 0xA900, 0xC000, 0xC211}  # success, or a failure the standard names
@@ -43,20 +41,6 @@ def fuzz_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodePr
     with vesalius_node(tmp, config='[[rules]]\nname = "none"\nmodality = ["NONE"]\n') as node:
         ROOTS.append((outer, files_beside_data(outer, node.data_dir)))
         yield node, phantom.paths[0]
-
-
-def send_raw(port: int, path: Path) -> int:
-    """Send a file's bytes as they are (no re-encoding) and return the C-STORE status."""
-    ae = AE(ae_title="FUZZER")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="VESALIUS")
-    assert assoc.is_established, "the node stopped accepting associations"
-    try:
-        status = assoc.send_c_store(path)
-        assert "Status" in status, "the node sent no answer"
-        return int(status.Status)
-    finally:
-        assoc.release()
 
 
 UID_KEYWORDS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
@@ -117,7 +101,7 @@ def test_every_mutated_instance_gets_an_answer(fuzz_node: tuple[NodeProcess, Pat
             pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID  # noqa: B018
         except Exception:
             return  # pydicom cannot write or read this mutation: no sender could send it
-        SENT.append(send_raw(node.port, path))
+        SENT.append(send_raw(node.port, path, "FUZZER"))
         assert SENT[-1] in VALID_STATUSES
 
 

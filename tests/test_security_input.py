@@ -15,10 +15,9 @@ from pathlib import Path
 import pydicom
 import pynetdicom._config
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pydicom.uid import CTImageStorage, generate_uid
 
-from tests.peers import NodeProcess, storescu, vesalius_node, wait_for
+from tests.peers import NodeProcess, send_raw, storescu, vesalius_node, wait_for
 from tests.phantoms import Cylinder, write_phantom_series
 from vesalius.node.paths import UnsafePath, inside, safe_name, uid_file_name
 
@@ -49,20 +48,6 @@ def files_outside(root: Path, data_dir: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file() and data_dir not in p.parents}
 
 
-def send_file(port: int, path: Path) -> int:
-    """Send the file's bytes as they are (its meta keeps a valid SOP Instance UID for the command)."""
-    ae = AE(ae_title="HOSTILE")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="VESALIUS")
-    assert assoc.is_established, "the node stopped accepting associations"
-    try:
-        status = assoc.send_c_store(path)
-        assert "Status" in status, "the node sent no answer"
-        return int(status.Status)
-    finally:
-        assoc.release()
-
-
 def with_uid(seed: Path, keyword: str, value: str, out: Path) -> Path:
     ds = pydicom.dcmread(seed)
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -84,7 +69,7 @@ def test_hostile_uid_is_refused_and_nothing_escapes(node_and_seed: tuple[NodePro
     source = with_uid(seed, keyword, HOSTILE[case], tmp / f"{case}-{keyword}.dcm")
     before = files_outside(tmp, node.data_dir)
     spool_before = {p for p in (node.data_dir / "spool").rglob("*") if p.is_file()}
-    assert send_file(node.port, source) == 0xC000
+    assert send_raw(node.port, source, "HOSTILE") == 0xC000
     assert files_outside(tmp, node.data_dir) - before == set()  # nothing written beside the data folder
     assert not Path(f"/tmp/{ESCAPE_MARK}").exists()
     assert not (tmp.parent / ESCAPE_MARK).exists() and not (tmp.parent.parent / ESCAPE_MARK).exists()
@@ -102,7 +87,7 @@ def test_irregular_uids_are_stored_under_hashed_names(node_and_seed: tuple[NodeP
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = "1.2.03.4", "1.2.03.5", "1.2.03.6 "
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.save_as(tmp / "irregular.dcm", enforce_file_format=False)
-    assert send_file(node.port, tmp / "irregular.dcm") == 0x0000
+    assert send_raw(node.port, tmp / "irregular.dcm", "HOSTILE") == 0x0000
     db = sqlite3.connect(node.data_dir / "vesalius.sqlite")
     (path, series), = db.execute("SELECT path, series_instance_uid FROM instances "
                                  "WHERE sop_instance_uid='1.2.03.6'").fetchall()
