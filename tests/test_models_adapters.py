@@ -100,8 +100,11 @@ def test_totalsegmentator_weights_layout(tmp_path: Path) -> None:
     assert "Dataset297" in weights_problems(home, fast=True)[0]
     config = offline_config(home)
     assert json.loads(config.read_text())["send_usage_stats"] is False
-    spec = spec_from_path_form(f"totalsegmentator:{home}")
-    assert check(f"totalsegmentator:{home}") == [spec]
+    # the weights are right; TotalSegmentator itself is not installed here: only that is named
+    with pytest.raises(ModelSpecError) as refused:
+        check(f"totalsegmentator:{home}")
+    assert "pip install 'vesalius[totalsegmentator]'" in str(refused.value)
+    assert "Dataset" not in str(refused.value)
 
 
 def test_totalsegmentator_classes_are_its_own_and_all_coded(shared_data: Path) -> None:

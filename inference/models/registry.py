@@ -161,7 +161,7 @@ def check(reference: str, specs: Mapping[str, ModelSpec] | None = None) -> list[
     parts = expand(reference, _SPECS if specs is None else specs)
     for spec in parts:
         backend = backend_for(spec.kind)
-        problems = backend.runtime_problems() or backend.weight_problems(spec)
+        problems = backend.runtime_problems() + backend.weight_problems(spec)  # all at once
         if problems:
             raise ModelSpecError(f"model {reference!r} ({spec.kind} {spec.name}): " + "; ".join(problems))
     return parts
