@@ -10,7 +10,6 @@ pages load their scripts from "/". So a small HTTP server of our own serves the 
 from __future__ import annotations
 
 import http.server
-import json
 import mimetypes
 import threading
 import urllib.error
@@ -20,8 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import ROOT, free_port
-from tests.orthanc_peer import OrthancProcess, orthanc_config, plugin_library
-from tests.peers import running, wait_for
+from tests.orthanc_peer import OrthancProcess, orthanc_config, plugin_library, running_orthanc
 
 OHIF_DIST = ROOT / "tests" / "ohif" / "node_modules" / "@ohif" / "app" / "dist"
 OHIF_VERSION = "3.13.2"  # tests/ohif/package.json pins the same
@@ -137,19 +135,5 @@ def orthanc_dicomweb(tmp: Path) -> Iterator[OrthancProcess]:
     config = orthanc_config(tmp, http_port, dicom_port, vesalius=None, modalities={})
     config["Plugins"] = [str(plugin_library("libOrthancDicomWeb"))]
     del config["PythonScript"], config["PythonVerbose"]
-    config_path = tmp / f"orthanc-{http_port}.json"
-    config_path.write_text(json.dumps(config, indent=1))
-    log_path = tmp / f"orthanc-{http_port}.log"
-    with running(["Orthanc", str(config_path)], log_path) as proc:
-        server = OrthancProcess(http_port, dicom_port, config["DicomAet"], log_path, proc)
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"Orthanc exited with {proc.returncode}:\n{server.log()[-3000:]}")
-            try:
-                return "dicom-web" in server.get("/plugins")
-            except OSError:
-                return False
-
-        wait_for(ready, 30, "Orthanc's REST API")
+    with running_orthanc(tmp, config, plugin="dicom-web") as server:
         yield server

@@ -137,6 +137,14 @@ def orthanc_server(tmp: Path, *, vesalius: dict[str, Any] | None,
     http_port, dicom_port = http_port or free_port(), dicom_port or free_port()
     config = orthanc_config(tmp, http_port, dicom_port, vesalius=vesalius, modalities=modalities or {},
                             stable_age=stable_age, base=base)
+    with running_orthanc(tmp, config, plugin="python") as server:
+        yield server
+
+
+@contextmanager
+def running_orthanc(tmp: Path, config: dict[str, Any], plugin: str) -> Iterator[OrthancProcess]:
+    """Orthanc with ``config`` as a child process, ready when its REST API lists ``plugin``."""
+    http_port, dicom_port = config["HttpPort"], config["DicomPort"]
     config_path = tmp / f"orthanc-{http_port}.json"
     config_path.write_text(json.dumps(config, indent=1))
     log_path = tmp / f"orthanc-{http_port}.log"
@@ -147,7 +155,7 @@ def orthanc_server(tmp: Path, *, vesalius: dict[str, Any] | None,
             if proc.poll() is not None:
                 raise AssertionError(f"Orthanc exited with {proc.returncode}:\n{server.log()[-3000:]}")
             try:
-                return "python" in server.get("/plugins")
+                return plugin in server.get("/plugins")
             except OSError:
                 return False
 
