@@ -80,10 +80,12 @@ def _value_mask(label_map: np.ndarray, values: Sequence[int]) -> Callable[[], np
 
 
 def concept_of_name(name: str) -> Concept | None:
-    """The coded concept our terminology gives a label name (ours or TotalSegmentator's)."""
+    """The coded concept our terminology gives a label name (ours or TotalSegmentator's; also
+    written with capitals or spaces: "Liver", "urinary bladder")."""
     from vesalius.inference.terminology import all_terms
 
-    term = all_terms().get(name)
+    terms = all_terms()
+    term = terms.get(name) or terms.get(name.strip().lower().replace(" ", "_"))
     if term is None:
         return None
     return (term.type.scheme_designator, term.type.value, term.modifier.value if term.modifier else None)
