@@ -109,15 +109,17 @@ def evaluate_cohort(pred_dir: str | Path, ref_dir: str | Path, mapping: Structur
 
 
 def summarise(evaluations: list[Evaluation]) -> list[dict[str, Any]]:
-    """Per structure (in first-seen order) and figure: n, mean, median, q1, q3, iqr over the
-    cases where it is not null; ``flagged`` counts the cases where it was (empty masks)."""
-    names: dict[str, list[dict[str, Any]]] = {}
+    """Per structure (by coded concept, else by name; in first-seen order, named as first seen) and
+    figure: n, mean, median, q1, q3, iqr over the cases where it is not null; ``flagged`` counts the
+    cases flagged (empty masks)."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
     for evaluation in evaluations:
         for row in evaluation.structures:
-            names.setdefault(row["name"], []).append(row)
+            key = tuple(row["concept"]) if row["concept"] else row["name"].lower()
+            groups.setdefault(key, []).append(row)
     out = []
-    for name, rows in names.items():
-        item: dict[str, Any] = {"name": name, "cases": len(rows),
+    for rows in groups.values():
+        item: dict[str, Any] = {"name": rows[0]["name"], "concept": rows[0]["concept"], "cases": len(rows),
                                 "flagged": sum(1 for r in rows if r["flag"])}
         for figure in FIGURES:
             values = np.array([r[figure] for r in rows if r[figure] is not None], float)

@@ -19,7 +19,8 @@ FIGURES = ("dice", "iou", "sensitivity", "precision", "hd95_mm", "hausdorff_mm",
 @dataclass(frozen=True)
 class Evaluation:
     """The figures of one case: one row per matched structure (``FIGURES``, ``flag``, how it was
-    matched), the names left unmatched on either side, and whether REF was resampled."""
+    matched, its coded ``concept`` [scheme, type, laterality] when known), the names left unmatched
+    on either side, and whether REF was resampled."""
 
     structures: tuple[dict[str, Any], ...]
     resampled: bool
@@ -60,7 +61,9 @@ def evaluate(pred: LabelImage | str | Path, ref: LabelImage | str | Path, mappin
                                                    mapped(ref_image, mapping).structures)
     rows = []
     for p, r, how in matched:
-        row = {"name": p.name, "reference_name": r.name, "matched_by": how}
+        concept = p.concept or r.concept
+        row = {"name": p.name, "reference_name": r.name, "matched_by": how,
+               "concept": list(concept) if concept else None}
         row.update(figures(p.mask(), r.mask(), pred_image.spacing, pred_image.voxel_ml))
         rows.append(row)
     return Evaluation(tuple(rows), resampled, tuple(unmatched_pred), tuple(unmatched_ref),
