@@ -54,6 +54,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     _nifti(label_map, volume.affine, ref / "only-theirs.nii.gz")
     for extra in (*pred.glob("*-labels.json"), *ref.glob("*-labels.json")):
         extra.unlink()  # the cohort's one labels file is given on the command line
+    (ref / "ct-slice.dcm").write_bytes(series.paths[0].read_bytes())  # DICOM, but not a segmentation
     return pred, ref, labels
 
 

@@ -74,6 +74,8 @@ def test_post_evaluate_stores_the_figures_with_the_job(finished) -> None:
     job = next(j for j in node.jobs() if j["id"] == job_id)
     assert job["evaluation"]["id"] == body["id"] and job["evaluation"]["figures"] == body["figures"]
     assert job["evaluation"]["evaluated_at"] == body["evaluated_at"]
+    in_study = node.get(f"/jobs?study={volume.study_uid}")
+    assert [j["evaluation"]["id"] for j in in_study if j["id"] == job_id] == [body["id"]]
     assert not list((node.data_dir / ".evaluate-incoming").iterdir())  # the upload is not kept
 
 

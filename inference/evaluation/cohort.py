@@ -12,7 +12,7 @@ import numpy as np
 from vesalius.inference.evaluation.compare import FIGURES, Evaluation, evaluate
 from vesalius.inference.evaluation.labels import EvaluationError
 from vesalius.inference.evaluation.match import StructureMap
-from vesalius.inference.evaluation.read import SUMMARY_FILE, is_results_folder
+from vesalius.inference.evaluation.read import SEGMENTATION_SOP_CLASSES, SUMMARY_FILE, is_results_folder
 from vesalius.inference.volume_files import SUFFIXES, is_volume_file
 
 
@@ -31,7 +31,9 @@ def is_cohort(folder: Path) -> bool:
 
 
 def cases(folder: Path) -> list[Case]:
-    """The cases of a cohort folder: SEG and NIfTI/NRRD files, and results folders, one level deep."""
+    """The cases of a cohort folder: SEG and NIfTI/NRRD files, and results folders, one level deep
+    (other DICOM objects, such as the CT slices, and other files are not cases)."""
+    import pydicom
     from pydicom.misc import is_dicom
 
     found = []
@@ -41,7 +43,11 @@ def cases(folder: Path) -> list[Case]:
         elif path.is_file() and is_volume_file(path):
             found.append(Case(path, None, _stem(path.name)))
         elif path.is_file() and is_dicom(path):
-            found.append(Case(path, _seg_series(path), _stem(path.name)))
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            if str(header.get("SOPClassUID", "")) in SEGMENTATION_SOP_CLASSES:
+                referenced = header.get("ReferencedSeriesSequence")
+                uid = str(referenced[0].SeriesInstanceUID) if referenced else None
+                found.append(Case(path, uid, _stem(path.name)))
     return found
 
 
@@ -58,14 +64,6 @@ def _summary_series(folder: Path) -> str | None:
 
     uid = json.loads((folder / SUMMARY_FILE).read_text()).get("series_instance_uid")
     return str(uid) if uid else None
-
-
-def _seg_series(path: Path) -> str | None:
-    import pydicom
-
-    header = pydicom.dcmread(path, stop_before_pixels=True)
-    referenced = header.get("ReferencedSeriesSequence")
-    return str(referenced[0].SeriesInstanceUID) if referenced else None
 
 
 def paired(pred: list[Case], ref: list[Case]) -> tuple[list[tuple[Case, Case]], list[Case], list[Case]]:
