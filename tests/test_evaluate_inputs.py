@@ -174,10 +174,13 @@ def test_a_map_groups_reference_structures_and_the_unmatched_are_listed(chest, t
     assert [r["name"] for r in without.structures] == ["Body"]
     assert set(without.unmatched_pred) == {"Left lung", "Right lung"}
     assert set(without.unmatched_ref) == {"lung_lower_lobe_left", "lung_upper_lobe_left", "spleen"}
-    grouped = evaluate(seg, nifti, {"lung_left": ("lung_*_lobe_left",)}, ref_labels=labels)
+    mapping = {"lung_left": ("lung_*_lobe_left",), "liver": ("liver*",)}
+    grouped = evaluate(seg, nifti, mapping, ref_labels=labels)
     row = grouped.structure("Left lung")
+    assert grouped.structure("lung_left") is row  # by the reference's name too
     assert (row["reference_name"], row["matched_by"], row["dice"]) == ("lung_left", "concept", 1.0)
     assert grouped.unmatched_pred == ("Right lung",) and grouped.unmatched_ref == ("spleen",)
+    assert grouped.notes == ("map target 'liver' matches no structure on either side",)
 
 
 def test_values_without_a_name_are_noted_and_a_missing_labels_file_names_by_value(chest, tmp_path) -> None:

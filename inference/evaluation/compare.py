@@ -31,10 +31,11 @@ class Evaluation:
     notes: tuple[str, ...] = field(default=())
 
     def structure(self, name: str) -> dict[str, Any]:
-        """The row of one structure, by its (prediction's) name, case-insensitively."""
-        for row in self.structures:
-            if row["name"].lower() == name.lower():
-                return row
+        """The row of one structure, by its prediction's (else its reference's) name, case-insensitively."""
+        for key in ("name", "reference_name"):  # the prediction's name first, then the reference's
+            for row in self.structures:
+                if row[key].lower() == name.lower():
+                    return row
         raise KeyError(f"no structure {name!r} was compared (compared: "
                        f"{', '.join(r['name'] for r in self.structures) or 'none'})")
 
@@ -57,8 +58,12 @@ def evaluate(pred: LabelImage | str | Path, ref: LabelImage | str | Path, mappin
     pred_image = reordered(pred) if isinstance(pred, LabelImage) else read_label_image(pred, pred_labels)
     ref_image = reordered(ref) if isinstance(ref, LabelImage) else read_label_image(ref, ref_labels)
     ref_image, resampled = on_grid(pred_image, ref_image)
-    matched, unmatched_pred, unmatched_ref = pairs(mapped(pred_image, mapping).structures,
-                                                   mapped(ref_image, mapping).structures)
+    pred_structures = mapped(pred_image, mapping).structures
+    ref_structures = mapped(ref_image, mapping).structures
+    matched, unmatched_pred, unmatched_ref = pairs(pred_structures, ref_structures)
+    present = {s.name for s in (*pred_structures, *ref_structures)}
+    unused = tuple(f"map target {target!r} matches no structure on either side"
+                   for target in (mapping or {}) if target not in present)
     rows = []
     for p, r, how in matched:
         concept = p.concept or r.concept
@@ -67,4 +72,4 @@ def evaluate(pred: LabelImage | str | Path, ref: LabelImage | str | Path, mappin
         row.update(figures(p.mask(), r.mask(), pred_image.spacing, pred_image.voxel_ml))
         rows.append(row)
     return Evaluation(tuple(rows), resampled, tuple(unmatched_pred), tuple(unmatched_ref),
-                      pred_image.source, ref_image.source, pred_image.notes + ref_image.notes)
+                      pred_image.source, ref_image.source, pred_image.notes + ref_image.notes + unused)

@@ -1,7 +1,7 @@
 """An evaluation (one case, or a cohort) as a terminal table, CSV, or one self-contained HTML page.
 
 The page has no external reference (no script, font or image fetched): the plots are SVG drawn by
-matplotlib (Agg, in memory) and written into the page, so a radiologist can open it offline.
+matplotlib (in memory, text as paths) and written into the page, so a radiologist can open it offline.
 """
 
 from __future__ import annotations
@@ -99,10 +99,7 @@ def _svg(figure: Any) -> str:
 
 
 def _plots(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # a Figure of its own: no pyplot, no GUI backend, no global state
 
     plots = []
     names = list(dict.fromkeys(r["name"] for r in rows))
