@@ -84,6 +84,26 @@ def test_a_box_against_itself_shifted_by_one_voxel(spacing: tuple[float, float, 
             assert got["hd95_mm"] == pytest.approx(spacing[axis], abs=1e-4)  # a third of the contour
 
 
+def test_hausdorff_is_the_one_simpleitk_computes_between_the_voxel_sets() -> None:
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(2)
+    for spacing in ((1.0, 1.0, 1.0), (2.5, 0.7, 0.9)):
+        a = np.zeros((24, 30, 30), bool)
+        b = np.zeros_like(a)
+        a[4:14, 5:25, 8:22] = rng.random((10, 20, 14)) > 0.3  # ragged, with islands and holes
+        b[8:20, 4:22, 3:20] = rng.random((12, 18, 17)) > 0.4
+        images = []
+        for mask in (a, b):
+            image = sitk.GetImageFromArray(mask.astype(np.uint8))
+            image.SetSpacing(spacing[::-1])
+            images.append(image)
+        reference = sitk.HausdorffDistanceImageFilter()
+        reference.Execute(*images)
+        got = figures(a, b, np.array(spacing), 0.001)
+        assert got["hausdorff_mm"] == pytest.approx(reference.GetHausdorffDistance(), abs=1e-4)
+
+
 def test_overlap_is_the_voxel_count_definition() -> None:
     rng = np.random.default_rng(1)
     a = np.zeros((30, 30, 30), bool)
