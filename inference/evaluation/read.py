@@ -143,8 +143,14 @@ def read_seg(path: Path) -> LabelImage:
     numbers = [int(n) for n in seg.segment_numbers]
     parts = {n: _parts(seg.get_segment_description(n)) for n in numbers}
 
+    labelmap: list[np.ndarray] = []  # a LABELMAP SEG's segment numbers per voxel, decoded once
+
     def loader(segments: tuple[int, ...]) -> Any:
         def mask() -> np.ndarray:
+            if seg.segmentation_type == hd.seg.SegmentationTypeValues.LABELMAP:
+                if not labelmap:
+                    labelmap.append(seg.get_volume(combine_segments=True).match_geometry(geometry).array)
+                return np.isin(labelmap[0], segments)
             volume = seg.get_volume(segment_numbers=list(segments), combine_segments=False)
             volume = volume.match_geometry(geometry)
             array = volume.array
