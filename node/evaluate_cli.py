@@ -44,6 +44,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from vesalius.inference.evaluation import EvaluationError, evaluate, evaluate_cohort, is_cohort, read_map
     from vesalius.inference.evaluation.report import table, to_csv, to_html
+    from vesalius.node.checks import ConfigError
 
     wanted = 1 if args.job is not None else 2
     if len(args.paths) != wanted:
@@ -73,6 +74,14 @@ def run(args: argparse.Namespace) -> int:
                               ref_labels=args.ref_labels).to_json()
     except EvaluationError as err:
         print(f"vesalius evaluate: {err}", file=sys.stderr)
+        return 1
+    except ConfigError:
+        raise  # main() reports it (no data folder for --job)
+    except Exception as err:  # a library failing on these inputs: one line (-v adds the traceback)
+        import logging
+
+        logging.getLogger("vesalius.evaluate").debug("evaluate failed", exc_info=True)
+        print(f"vesalius evaluate: the evaluation failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     if args.report:
         Path(args.report).write_text(to_html(result), encoding="utf-8")

@@ -63,14 +63,15 @@ def evaluate_job(store: Store, job_id: int, reference: Path, reference_name: str
     """Compare the job's SEG with ``reference`` and keep the figures with the job: the stored
     evaluation (``id``, ``reference``, ``evaluated_at``, ``figures``). An EvaluationError (frames
     of reference differ, unreadable reference) becomes NotEvaluable 422."""
-    from vesalius.inference.evaluation import EvaluationError, evaluate
+    from vesalius.inference.evaluation import EvaluationError, evaluate, read_label_image
 
     seg = job_segmentation(store, job_id)
-    try:
-        evaluation = evaluate(seg, reference, mapping, ref_labels=ref_labels)
+    try:  # each side named as the operator knows it (not by a temporary file's name)
+        pred = dataclasses.replace(read_label_image(seg), source=f"job {job_id}")
+        ref = dataclasses.replace(read_label_image(reference, ref_labels), source=reference_name)
+        evaluation = evaluate(pred, ref, mapping)
     except EvaluationError as err:
         raise NotEvaluable(422, str(err)) from err
-    evaluation = dataclasses.replace(evaluation, pred=f"job {job_id}", ref=reference_name)
     return record(store, job_id, reference_name, evaluation.to_json(), via)
 
 

@@ -119,7 +119,8 @@ def test_a_seg_series_in_the_spool_is_a_reference_and_refusals_say_why(finished)
                                              objects=[BODY, *LUNGS]).paths)
     status, body = node.request(f"/jobs/{job_id}/evaluate", "POST", data=_seg_bytes(other, _truth(other))[0],
                                 content_type="application/dicom", timeout=120)
-    assert status == 422 and "different frames of reference" in body["error"]
+    assert status == 422 and "different frames of reference: job " in body["error"]
+    assert "sent with the request in" in body["error"] and "reference-" not in body["error"]
     actions = [e for e in map(json.loads, (node.data_dir / "audit.jsonl").read_text().splitlines())
                if e["event"] == "Operator Action" and e["details"].get("command") == "evaluate"]
     statuses = [e["details"]["status"] for e in actions]
@@ -149,3 +150,5 @@ def test_vesalius_evaluate_job_and_status_show_the_figures(finished, capsys) -> 
     assert "no job 999999" in capsys.readouterr().err
     assert main(["evaluate", "--job", str(job_id), str(reference), str(reference),
                  "--data-dir", str(node.data_dir)]) == 2
+    assert main(["evaluate", "--job", str(job_id), str(reference), "--data-dir", str(tmp / "ct")]) == 2
+    assert "no Vesalius database" in capsys.readouterr().err

@@ -9,6 +9,7 @@ SEG series the node already holds in its spool. Audited like retry and resend, w
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -29,6 +30,8 @@ from vesalius.node.evaluations import (
     spooled_reference,
 )
 from vesalius.node.store import Store
+
+log = logging.getLogger("vesalius.api")
 
 MAX_REFERENCE_BYTES = 256 * 2**20  # a BINARY SEG of 100+ structures on a 512x512x600 CT stays below
 MAX_JSON_BYTES = 4096
@@ -87,9 +90,14 @@ def _uploaded_seg(path: Path) -> tuple[str, str | None]:
                                 "preamble is expected)") from None
     if str(header.get("SOPClassUID", "")) not in SEGMENTATION_SOP_CLASSES:
         raise NotEvaluable(415, "the request body is DICOM but not a Segmentation")
-    sop, series = str(header.get("SOPInstanceUID", "")), str(header.get("SeriesInstanceUID", ""))
-    safe = [uid if UID.fullmatch(uid) and len(uid) <= 64 else "(irregular UID)" for uid in (sop, series)]
-    return f"SEG {safe[0]} sent with the request", safe[1] if UID.fullmatch(series) else None
+    sop, series = (_uid(header.get(key)) for key in ("SOPInstanceUID", "SeriesInstanceUID"))
+    return f"SEG {sop or '(irregular SOP Instance UID)'} sent with the request", series
+
+
+def _uid(value: object) -> str | None:
+    """A received UID, if it is one (only then may it reach the store and the audit trail)."""
+    text = str(value or "")
+    return text if len(text) <= 64 and UID.fullmatch(text) else None
 
 
 def evaluate_routes(store: Store, trail: audit.Audit) -> list[Route]:
@@ -116,6 +124,10 @@ def evaluate_routes(store: Store, trail: audit.Audit) -> list[Route]:
             code = 200
         except NotEvaluable as err:
             code, body = err.status, {"error": str(err)}
+        except Exception as err:  # a library failing on these masks: an answer and a log line, not a 500 page
+            log.error("evaluating job %s failed: %s", job_id, type(err).__name__)
+            log.debug("evaluation failed", exc_info=True)
+            code, body = 500, {"error": f"the evaluation failed ({type(err).__name__}); see the node's log"}
         finally:
             if upload is not None:
                 upload.unlink(missing_ok=True)
