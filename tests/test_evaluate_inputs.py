@@ -248,3 +248,26 @@ def test_a_results_folder_of_a_nifti_input_is_read_by_the_labels_of_its_summary(
     assert "body" in evaluation.unmatched_pred  # TotalSegmentator has no body
     masks = {s.name: s.mask() for s in read_label_image(tmp_path / "out").structures}
     assert masks["lung_left"].any() and not (masks["lung_left"] & ~masks["body"]).any()
+
+
+def test_a_fractional_seg_counts_the_voxels_at_one_half_or_more(chest, tmp_path: Path) -> None:
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    from vesalius.dicom_out.seg import segment_description
+    from vesalius.dicom_out.sources import source_headers
+
+    volume, label_map, _ = chest
+    lung = label_map == 2
+    halo = np.roll(lung, 2, axis=2) & ~lung
+    fraction = np.where(lung, 0.8, np.where(halo, 0.3, 0.0)).astype(np.float32)
+    seg = hd.seg.Segmentation(
+        source_images=source_headers(volume), pixel_array=fraction, segmentation_type="FRACTIONAL",
+        segment_descriptions=[segment_description(1, Label(2, "lung_left"), volume, ALGORITHM)],
+        series_instance_uid=generate_uid(), series_number=1, sop_instance_uid=generate_uid(),
+        instance_number=1, manufacturer="test", manufacturer_model_name="test", software_versions="1",
+        device_serial_number="1")
+    seg.save_as(tmp_path / "fractional.dcm", enforce_file_format=True)
+    binary = _seg(volume, label_map, tmp_path / "binary.dcm")
+    row = evaluate(tmp_path / "fractional.dcm", binary).structure("Left lung")
+    assert row["dice"] == 1.0 and row["volume_pred_ml"] == row["volume_ref_ml"]
