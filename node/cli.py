@@ -234,6 +234,10 @@ def _status(args: argparse.Namespace) -> int:
                 from vesalius.node.evaluations import headline
 
                 print(f"    {headline(row['evaluation'])}")
+            if row.get("correction"):  # a radiologist's correction received back (issue 16)
+                from vesalius.node.corrections import headline as correction_headline
+
+                print(f"    {correction_headline(row['correction'])}")
     return 0
 
 
@@ -442,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vesalius.node.evaluate_cli import add_parser as add_evaluate
 
     add_evaluate(sub)  # vesalius evaluate (issue 15): its code is node/evaluate_cli.py
+    from vesalius.node.cases_cli import add_parser as add_cases
+
+    add_cases(sub)  # vesalius cases (issue 16): its code is node/cases_cli.py
     return parser
 
 

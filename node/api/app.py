@@ -11,6 +11,7 @@ from starlette.routing import BaseRoute, Mount, Route, Router
 
 from vesalius.node.api.auth import TokenGuard, Tokens
 from vesalius.node.api.evaluate import evaluate_routes
+from vesalius.node.api.learning import correction_routes
 from vesalius.node.api.metrics import metrics_endpoint
 from vesalius.node.api.routes import action_routes, listing_routes, public_routes
 from vesalius.node.audit import Audit
@@ -22,6 +23,7 @@ def create_app(store: Store, tokens: Tokens, trail: Audit, *, metrics_public: bo
     metrics = Route("/metrics", metrics_endpoint(store))
     protected: list[BaseRoute] = [*listing_routes(store), *action_routes(store, trail)]
     protected += evaluate_routes(store, trail)  # POST /jobs/{id}/evaluate (issue 15)
+    protected += correction_routes(store)  # GET /corrections, /cases (issue 16)
     public: list[BaseRoute] = list(public_routes(store))
     (public if metrics_public else protected).append(metrics)
     guard = Middleware(TokenGuard, tokens=tokens, trail=trail)
