@@ -449,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vesalius.node.cases_cli import add_parser as add_cases
 
     add_cases(sub)  # vesalius cases (issue 16): its code is node/cases_cli.py
+    from vesalius.node.train_cli import add_parser as add_train
+
+    add_train(sub)  # vesalius train (issue 16): its code is node/train_cli.py
     return parser
 
 
