@@ -41,7 +41,8 @@ def _lps_axes(volume: Volume, array: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def _grey(values: np.ndarray, modality: str) -> np.ndarray:
     low, high = CT_WINDOW if modality == "CT" else tuple(np.percentile(values, (1, 99)))
     scaled = (values.astype(np.float32) - low) / max(float(high - low), 1e-6)
-    return np.clip(scaled * 255, 0, 255).astype(np.uint8)
+    grey: np.ndarray = np.clip(scaled * 255, 0, 255).astype(np.uint8)
+    return grey
 
 
 def _slices(lps: np.ndarray, centre: Sequence[int]) -> dict[str, np.ndarray]:
@@ -70,7 +71,8 @@ def write_thumbnails(volume: Volume, label_map: np.ndarray, structures: Sequence
             drawn[label.value] = True
     shown = drawn[labels]
     found = np.argwhere(shown)
-    centre = found.mean(axis=0).round().astype(int) if len(found) else np.array(image.shape) // 2
+    middle = found.mean(axis=0).round() if len(found) else np.array(image.shape) // 2
+    centre = [int(v) for v in middle]
     grey_views = _slices(_grey(image, volume.modality), centre)
     label_views, shown_views = _slices(labels, centre), _slices(shown, centre)
     folder.mkdir(parents=True, exist_ok=True)

@@ -467,7 +467,8 @@ class Store:
     def listing_sql(what: str, limit: int, study: str | None = None,
                     **filters: str | float | None) -> tuple[str, list[Any]]:
         """The SQL and parameters of one listing page (the listings have no WHERE of their own)."""
-        conditions, params = [], []
+        conditions: list[str] = []
+        params: list[Any] = []
         if study is not None:
             conditions.append(STUDY_FILTERS[what])
             params.append(study)

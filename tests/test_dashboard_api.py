@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from vesalius.node.api import HttpServer, Tokens, create_app
+from vesalius.node.api.results import job_detail
 from vesalius.node.audit import OPERATOR_ACTION, Audit, read_events
+from vesalius.node.config import ConfigError, parse_config
 from vesalius.node.store import SeriesInfo, Store, record_progress
 
 TOKEN = "dashboard-test-token-0123456789"
@@ -165,6 +167,16 @@ def test_result_files_are_served_by_name_from_inside_the_jobs_folder_only(api: A
         assert api.call(f"/jobs/{job}/files/{name}")[0] == 404, name
     assert api.call(f"/jobs/{job}/files/meshes/liver.stl", token=None)[0] == 401
     assert api.call("/jobs/99999999")[0] == 404
+
+
+def test_the_job_page_links_the_study_in_ohif_when_configured(api: Api) -> None:
+    config = parse_config({"dashboard": {"ohif_url": "https://viewer.example.org/ohif/"}})
+    assert config.dashboard.ohif_url == "https://viewer.example.org/ohif/"
+    with pytest.raises(ConfigError, match="ohif_url"):
+        parse_config({"dashboard": {"ohif_url": "javascript:alert(1)"}})
+    detail = job_detail(api.store, 1, config.dashboard.ohif_url)
+    assert detail is not None
+    assert detail["ohif"] == f"https://viewer.example.org/ohif/viewer?StudyInstanceUIDs={detail['study_instance_uid']}"
 
 
 def test_processing_a_stored_series_again_is_audited_and_only_with_a_node_model(api: Api) -> None:

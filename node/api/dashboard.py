@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 WEB = Path(__file__).parent / "web"
 THREE = WEB / "node_modules" / "three"
@@ -38,7 +38,7 @@ class Assets(StaticFiles):
     """Static files with the page's security headers and no caching (a new version shows at once)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def with_headers(message: dict) -> None:  # type: ignore[type-arg]
+        async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
                 message["headers"] += [(b"x-content-type-options", b"nosniff"),
