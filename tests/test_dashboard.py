@@ -196,7 +196,6 @@ def test_dashboard_lists_the_jobs_with_their_states_in_plain_words(dashboard: Da
     tab.locator("#filter-state").select_option("")
     tab.locator("#filters button").click()
     tab.locator(f'#jobs tr[data-job="{dashboard.jobs["phantom"]}"]').wait_for()
-    screenshot(tab, "dashboard.png", dashboard.tmp)
     assert not tab.errors  # type: ignore[attr-defined]
     tab.context.close()
 
@@ -236,8 +235,9 @@ def test_job_page_shows_every_structure_in_its_colour_and_hiding_one_removes_it(
     assert {"seg.dcm", "sr.dcm", "meshes/structures.glb", "meshes/lung_left.stl"} <= files
     with tab.expect_download() as download:
         tab.locator('a[data-file="meshes/lung_left.stl"]').click()
-    folder = Path(dashboard.node.data_dir) / "results"
-    on_disk = next(folder.rglob("lung_left.stl"))
+    [folder] = [f.parent for f in (Path(dashboard.node.data_dir) / "results").rglob("summary.json")
+                if json.loads(f.read_text())["series_instance_uid"] == summary["series_instance_uid"]]
+    on_disk = folder / "meshes" / "lung_left.stl"
     assert Path(download.value.path()).read_bytes() == on_disk.read_bytes()
     assert not tab.errors  # type: ignore[attr-defined]
     tab.context.close()
@@ -263,6 +263,7 @@ def test_the_page_shows_a_running_job_stage_by_stage_without_reloading(dashboard
                                   objects=CHEST)
     storescu(series.paths, dashboard.node.port, calling="SLOWSCANNER")
     tab.locator("#jobs .job-state").filter(has_text="running: stage 2 of 5 (model)").wait_for()
+    screenshot(tab, "dashboard.png", dashboard.tmp)  # the README's: a job running, two done
     job = int(tab.locator("#jobs tr.job-running").first.get_attribute("data-job") or 0)
     tab.locator(f'#jobs tr[data-job="{job}"] .job-state').filter(has_text="done").wait_for(timeout=240_000)
     assert tab.evaluate("window.notReloaded") is True

@@ -183,6 +183,7 @@ def test_processing_a_stored_series_again_is_audited_and_only_with_a_node_model(
     store = api.store
     uid = "1.2.826.0.1.99"
     store.store_instance(series(uid), "1.2.826.0.2.99", b"DICM" * 40, "SCANNER")
+    assert api.call("/series/models")[1] == {"models": ["builtin_ct", "other"]}
     status, body, _ = api.call(f"/series/{uid}/process", "POST", {"model": "bundle:/tmp/anything"})
     assert status == 400 and "builtin_ct" in body["error"]
     status, body, _ = api.call(f"/series/{uid}/process", "POST", {"model": "other"})

@@ -160,7 +160,8 @@ def action_routes(store: Store, trail: audit.Audit) -> list[Route]:
 
 
 def process_routes(store: Store, trail: audit.Audit, models: tuple[str, ...]) -> list[Route]:
-    """POST /series/{uid}/process {"model": name}: process a stored series again, with its last
+    """GET /series/models: the models a series can be processed with; POST /series/{uid}/process
+    {"model": name}: process a stored series again, with its last
     job's model and destinations unless another of the node's ``models`` is named; audited.
     Only a configured model name is accepted: a client never names a path."""
     async def process(request: Request) -> JSONResponse:
@@ -181,7 +182,10 @@ def process_routes(store: Store, trail: audit.Audit, models: tuple[str, ...]) ->
             job=answer.get("job"), model=answer.get("model"), status=code)
         return JSONResponse(answer, status_code=code)
 
-    return [Route("/series/{uid}/process", process, methods=["POST"])]
+    def allowed(request: Request) -> JSONResponse:
+        return JSONResponse({"models": list(models)})
+
+    return [Route("/series/models", allowed), Route("/series/{uid}/process", process, methods=["POST"])]
 
 
 def queue_again(store: Store, uid: str, model: str | None,

@@ -102,7 +102,7 @@ function when(iso) {
   return h('span', { title: iso || '' }, localTime(iso), iso ? h('span', { class: 'muted' }, ` (${age(iso)})`) : '');
 }
 
-const short = (uid) => (uid && uid.length > 22 ? `…${uid.slice(-20)}` : uid || '–');
+const short = (uid) => h('span', { class: 'uid', title: uid || '' }, uid && uid.length > 22 ? `…${uid.slice(-20)}` : uid || '–');
 
 // --- states in plain words -------------------------------------------------------------------------
 
@@ -179,19 +179,18 @@ function filterForm(models) {
       view.refresh();
     },
   }, h('label', {}, 'State ', state), h('label', {}, 'AE ', ae), h('label', {}, 'From ', since),
-  h('label', {}, 'to ', until), h('button', { type: 'submit' }, 'Filter'),
-  models.length ? h('span', { class: 'muted' }, ` models: ${models.join(', ')}`) : '');
+  h('label', {}, 'to ', until), h('button', { type: 'submit' }, 'Filter'));
 }
 
 function listPage() {
   let shown = '';
-  let models = [];
+  let models = null; // the node's models, for "Process again"
   async function refresh() {
     const before = filters.before.length ? filters.before[filters.before.length - 1] : '';
+    if (models === null) models = (await json('/series/models')).models;
     const [studies, series, jobs, deliveries] = await Promise.all([
       json(`/studies?${query()}`), json(`/series?${query()}`),
       json(`/jobs?${query({ state: filters.state, before })}`), json(`/deliveries?${query()}`)]);
-    models = [...new Set(jobs.map((j) => j.model))];
     const text = JSON.stringify([studies, series, jobs, deliveries, filters]);
     if (text === shown) return; // nothing changed: keep the page (and what the user is typing) as it is
     shown = text;
@@ -221,7 +220,7 @@ function listPage() {
     const studyRows = studies.map((st) => h('tr', {},
       h('td', { title: st.study_instance_uid }, short(st.study_instance_uid)), h('td', {}, st.series),
       h('td', {}, when(st.selected_at)),
-      h('td', {}, h('ul', { class: 'reasons' }, st.selection.map((x) => h('li', {}, `${x.rule}: ${short(x.series_instance_uid)} ${x.decision} — ${x.reason}`))))));
+      h('td', {}, h('ul', { class: 'reasons' }, st.selection.map((x) => h('li', {}, `${x.rule}: `, short(x.series_instance_uid), ` — ${x.reason}`))))));
     const pager = h('p', { class: 'pager' },
       h('button', { type: 'button', id: 'newer', disabled: !filters.before.length, onclick: () => { filters.before.pop(); refresh(); } }, '← Newer'),
       ' ', h('button', { type: 'button', id: 'older', disabled: jobs.length < 50, onclick: () => { filters.before.push(jobs[jobs.length - 1].id); refresh(); } }, 'Older →'));
