@@ -210,6 +210,14 @@ def test_job_page_shows_every_structure_in_its_colour_and_hiding_one_removes_it(
     everything = canvas_png(tab)
     screenshot(tab, "job.png", dashboard.tmp)
     assert lit_fraction(everything) > 0.1  # not blank
+    # seen from the front: the patient's right on the viewer's left, head up, A and P end-on (hidden)
+    where = {axis: tab.locator(f'.orientation[data-axis="{axis}"]').bounding_box() for axis in "LRSIAP"}
+    assert where["R"]["x"] < where["L"]["x"] and where["S"]["y"] < where["I"]["y"], where
+    assert not tab.locator('.orientation[data-axis="A"]').is_visible()
+    tab.locator("#view-left").click()  # from the patient's left: anterior on the viewer's left
+    where = {axis: tab.locator(f'.orientation[data-axis="{axis}"]').bounding_box() for axis in "AP"}
+    assert where["A"]["x"] < where["P"]["x"], where
+    tab.locator('#view-anterior').click()
     tab.locator('input[data-structure="body"]').uncheck()  # the see-through body tints what it holds
     before = colour_counts(canvas_png(tab), colours)
     assert all(before[n] > 200 for n in ("lung_left", "lung_right", "bone")), before
