@@ -429,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--config", help="TOML configuration file (for [retention] and data_dir)")
     clean.add_argument("--data-dir", help="the node's data folder (default ./vesalius-data)")
     clean.set_defaults(func=_cleanup)
+
+    from vesalius.node.evaluate_cli import add_parser as add_evaluate
+
+    add_evaluate(sub)  # vesalius evaluate (issue 15): its code is node/evaluate_cli.py
     return parser
 
 

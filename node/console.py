@@ -105,8 +105,17 @@ def status_text(report: dict[str, list[dict[str, Any]]]) -> str:
             ("deliveries", ("DELIVERY", "JOB", "DESTINATION", "STATE", "TRIES", "NEXT TRY", "CAUSE"),
              deliveries)):
         out.append(f"{title} ({len(rows)})")
-        if rows:
-            out += aligned(headers, rows)
+        if not rows:
+            continue
+        lines = aligned(headers, rows)
+        out.append(lines[0])
+        for i, line in enumerate(lines[1:]):
+            out.append(line)
+            evaluation = report[title][i].get("evaluation") if title == "jobs" else None
+            if evaluation:  # the job's latest `vesalius evaluate` figures
+                from vesalius.node.evaluations import headline
+
+                out.append(f"    {headline(evaluation)}")
     return "\n".join(out)
 
 

@@ -44,8 +44,9 @@ class StageTimer:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        if self.on_stage is not None:
-            self.on_stage(name, STAGES.index(name) + 1, len(STAGES))
+        if self.on_stage is not None:  # a stage not in STAGES (yet) is counted, never an error
+            n = STAGES.index(name) + 1 if name in STAGES else len(self.seconds) + 1
+            self.on_stage(name, n, max(len(STAGES), n))
         start = time.perf_counter()
         try:
             yield
@@ -177,6 +178,9 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     if volume_file is not None:
         summary["input"] = {"file": volume_file.path.name, "modality": volume.modality,
                             "label_map": label_map_name(volume_file.path)}
+        # the label map's values: what `vesalius evaluate` reads it by (includes: the body holds the lungs)
+        summary["labels"] = [{"value": label.value, "name": label.name, "includes": list(label.includes)}
+                             for label in model.structures]
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     _replace_dir(tmp, out)
     return summary
