@@ -11,6 +11,7 @@ no UID, name, ID, birth date or accession number. Rows in the ``cases`` table ma
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,35 +51,39 @@ def make_case(store: Store, correction: dict[str, Any]) -> int:
         labels[str(value)] = {"name": name, "concept": list(concept) if concept else None}
     header = pydicom.dcmread(store.series_paths(source)[0], stop_before_pixels=True)
     facts = _facts(store, source)
-    with store.transaction() as db:
-        anonymous = deidentify([header], DeidMapping(db), ("retain_longitudinal_dates",))[0]
-        cur = db.execute("INSERT INTO cases (correction_series_uid, job_id, patient, folder, modality, "
-                         "manufacturer, scanner_model, body_part, slice_thickness, contrast, structures, "
-                         "model, model_version, agreement, created_at) "
-                         "VALUES (?,?,?,'',?,?,?,?,?,?,?,?,?,?,?)",
-                         (correction["series_instance_uid"], correction["job_id"], str(anonymous.PatientID),
-                          _text(header.get("Modality")), _text(header.get("Manufacturer")),
-                          _text(header.get("ManufacturerModelName")), _text(header.get("BodyPartExamined")),
-                          facts.get("slice_thickness") or None, int(bool(facts.get("contrast"))),
-                          json.dumps([m[0] for m in masks]), correction["model"], correction["model_version"],
-                          agreement(correction["structures"]),
-                          datetime.now(UTC).isoformat(timespec="seconds")))
-        case_id = int(cur.lastrowid or 0)
-        folder = store.data_dir / CASES_DIR / f"case-{case_id:06d}"
-        db.execute("UPDATE cases SET folder=? WHERE id=?", (str(folder), case_id))
-        row = dict(db.execute("SELECT * FROM cases WHERE id=?", (case_id,)).fetchone())
-        tmp = folder.with_name(f".{folder.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    # the volumes first, outside the transaction (seconds of writing must not hold the database)
+    tmp = store.data_dir / CASES_DIR / f".incoming-{secrets.token_hex(8)}"
+    tmp.mkdir(parents=True)
+    try:
         write_nifti(volume.array.astype(np.int16 if volume.modality == "CT" else np.float32), volume.affine,
                     tmp / IMAGE_FILE)
         write_nifti(label_map, volume.affine, tmp / LABEL_FILE)
-        meta = {**_public(row), "study_date": str(anonymous.get("StudyDate", "")), "labels": labels,
-                "corrections": correction["structures"], "deidentification": "PS3.15 basic profile, "
-                "retain longitudinal temporal information (modified dates)"}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        with store.transaction() as db:
+            anonymous = deidentify([header], DeidMapping(db), ("retain_longitudinal_dates",))[0]
+            cur = db.execute("INSERT INTO cases (correction_series_uid, job_id, patient, folder, modality, "
+                             "manufacturer, scanner_model, body_part, slice_thickness, contrast, structures, "
+                             "model, model_version, agreement, created_at) "
+                             "VALUES (?,?,?,'',?,?,?,?,?,?,?,?,?,?,?)",
+                             (correction["series_instance_uid"], correction["job_id"],
+                              str(anonymous.PatientID), _text(header.get("Modality")),
+                              _text(header.get("Manufacturer")), _text(header.get("ManufacturerModelName")),
+                              _text(header.get("BodyPartExamined")), facts.get("slice_thickness") or None,
+                              int(bool(facts.get("contrast"))), json.dumps([m[0] for m in masks]),
+                              correction["model"], correction["model_version"],
+                              agreement(correction["structures"]),
+                              datetime.now(UTC).isoformat(timespec="seconds")))
+            case_id = int(cur.lastrowid or 0)
+            folder = store.data_dir / CASES_DIR / f"case-{case_id:06d}"
+            db.execute("UPDATE cases SET folder=? WHERE id=?", (str(folder), case_id))
+            row = dict(db.execute("SELECT * FROM cases WHERE id=?", (case_id,)).fetchone())
+            meta = {**_public(row), "study_date": str(anonymous.get("StudyDate", "")), "labels": labels,
+                    "corrections": correction["structures"], "deidentification": "PS3.15 basic profile, "
+                    "retain longitudinal temporal information (modified dates)"}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+            shutil.rmtree(folder, ignore_errors=True)  # a case of a rolled-back attempt
+            tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return case_id
 
 
