@@ -213,8 +213,11 @@ def _status(args: argparse.Namespace) -> int:
 
     store = _store(args)
     report = {what: listing(store, what, args.limit) for what in ("studies", "series", "jobs", "deliveries")}
+    from vesalius.node.pull.jobs import listing as pull_listing
+
+    pulls = pull_listing(store, args.limit)
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(json.dumps({**report, "pulls": pulls}, indent=1))
         return 0
     print(f"studies ({len(report['studies'])})")
     for study in report.pop("studies"):  # each with why its series were chosen or skipped
@@ -230,6 +233,10 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{what} ({len(rows)})")
         for row in rows:
             print("  " + "  ".join(str(row[c]) if row[c] is not None else "-" for c in columns[what]))
+    print(f"pulls ({len(pulls)})")
+    for pull in pulls:  # studies per state: queried, retrieving, received, processed, failed, cancelled
+        counts = "  ".join(f"{k}={v}" for k, v in pull["studies"].items() if v)
+        print(f"  {pull['id']}  {pull['source']}  {pull['state']}  {counts}  {pull['error'] or ''}".rstrip())
     return 0
 
 
@@ -434,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--config", help="TOML configuration file (for [retention] and data_dir)")
     clean.add_argument("--data-dir", help="the node's data folder (default ./vesalius-data)")
     clean.set_defaults(func=_cleanup)
+
+    from vesalius.node.pull.command import add_parser as add_pull_parser
+
+    add_pull_parser(sub)  # `vesalius pull` (node/pull/command.py)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -16,10 +18,12 @@ from vesalius.node.audit import Audit
 from vesalius.node.store import Store
 
 
-def create_app(store: Store, tokens: Tokens, trail: Audit, *, metrics_public: bool = True) -> Starlette:
-    """Public routes first; everything else (including unknown paths) behind the token guard."""
+def create_app(store: Store, tokens: Tokens, trail: Audit, *, metrics_public: bool = True,
+               extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+    """Public routes first; everything else (including unknown paths and ``extra_routes``, the
+    routes of other modules such as node.api.pull) behind the token guard."""
     metrics = Route("/metrics", metrics_endpoint(store))
-    protected: list[BaseRoute] = [*listing_routes(store), *action_routes(store, trail)]
+    protected: list[BaseRoute] = [*listing_routes(store), *action_routes(store, trail), *extra_routes]
     public: list[BaseRoute] = list(public_routes(store))
     (public if metrics_public else protected).append(metrics)
     guard = Middleware(TokenGuard, tokens=tokens, trail=trail)
