@@ -34,7 +34,8 @@ class QRSCP:
 
     def move_requests(self) -> list[float]:
         """When dcmqrscp received each C-MOVE request (seconds since midnight, from its log)."""
-        return [_seconds(t) for t in re.findall(r"^(\d\d:\d\d:\d\d\.\d+) .*Received Move SCP:", self.log(), re.M)]
+        found = re.findall(r"^(\d\d:\d\d:\d\d\.\d+) .*Received Move SCP:", self.log(), re.M)
+        return [_seconds(t) for t in found]
 
     def stores_acknowledged(self) -> int:
         """C-STORE sub-operations the move destination acknowledged with success."""

@@ -69,8 +69,7 @@ class DimseClient:
         assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, **kwargs)
         if not assoc.is_established:
             why = ("rejected the association" if assoc.is_rejected else
-                   "aborted the association" if assoc.is_aborted else
-                   "did not answer (connection refused or timed out)")
+                   f"could not be reached or did not answer within {source.timeout:g} s")
             raise SourceError(f"{source.address} {why}")
         return assoc
 
