@@ -343,3 +343,16 @@ def test_retrieval_waits_for_its_window(tmp_path: Path) -> None:
             assert cli(node, "--pause", "1").returncode == 0
             assert pull_state(node, 1)["state"] == "paused"
         assert qr.move_requests() == []
+
+
+def test_the_documented_sources_are_valid() -> None:
+    """The commented [[sources]] examples of docs/vesalius.example.toml, uncommented, parse."""
+    import tomllib
+
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "vesalius.example.toml").read_text()
+    block = text[text.index("# [[sources]]"):text.index("# Which completed series become jobs.")]
+    lines = [line.removeprefix("# ") for line in block.splitlines() if line.startswith("# ")]
+    config = parse_config(tomllib.loads("\n".join(lines)))
+    assert [(s.kind, s.name) for s in config.sources] == [("dimse", "pacs"), ("dicomweb", "web")]
