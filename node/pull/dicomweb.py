@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from vesalius.node import ingest
 from vesalius.node.pull.dimse import SourceError
-from vesalius.node.pull.query import PullQuery, SeriesMatch, StudyMatch, clean_uid
+from vesalius.node.pull.query import PullQuery, SeriesMatch, StudyMatch, clean_code, clean_date, clean_uid
 from vesalius.node.sources import DicomwebSource
 from vesalius.node.store import Store
 
@@ -73,7 +73,7 @@ class DicomwebClient:
             for answer in answers:
                 study_uid = clean_uid(answer.get("StudyInstanceUID"))
                 if study_uid is not None:
-                    found[study_uid] = StudyMatch(study_uid, str(answer.get("StudyDate", "") or ""),
+                    found[study_uid] = StudyMatch(study_uid, clean_date(answer.get("StudyDate")),
                                                   str(answer.get("StudyDescription", "") or ""))
         return [StudyMatch(s.study_uid, s.study_date, s.description, tuple(self.series(s.study_uid)))
                 for s in found.values()]
@@ -86,8 +86,8 @@ class DicomwebClient:
             if uid is None:
                 continue
             count = answer.get("NumberOfSeriesRelatedInstances")
-            found.append(SeriesMatch(uid, str(answer.get("Modality", "") or ""),
-                                     str(answer.get("BodyPartExamined", "") or ""),
+            found.append(SeriesMatch(uid, clean_code(answer.get("Modality")),
+                                     clean_code(answer.get("BodyPartExamined")),
                                      str(answer.get("SeriesDescription", "") or ""),
                                      int(count) if count not in (None, "") else None))
         return found
@@ -120,4 +120,6 @@ class DicomwebClient:
             outcome = ingest.store_file(store, path, f"dicomweb:{self.source.name}"[:64], min_free_bytes)
             if outcome.status != ingest.SUCCESS:
                 raise SourceError(f"{self.source.address}: instance refused: {outcome.problem}")
-        store.mark_released([series_uid])  # as when a sender's association ends
+
+    def close(self) -> None:
+        """Nothing to end: each request ends by itself within ``timeout``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from pynetdicom.sop_class import (
 )
 
 from vesalius.node import ingest
-from vesalius.node.pull.query import PullQuery, SeriesMatch, StudyMatch, clean_uid
+from vesalius.node.pull.query import PullQuery, SeriesMatch, StudyMatch, clean_code, clean_date, clean_uid
 from vesalius.node.receive import SpoolFile
 from vesalius.node.sources import DimseSource
 from vesalius.node.store import Store
@@ -57,6 +58,8 @@ class DimseClient:
         self.calling_ae = source.calling_ae or node_ae_title
         self.move_destination = source.move_destination or node_ae_title
         self.whole_series = True  # one series-level C-MOVE/C-GET retrieves a series at once
+        self._open: set[Association] = set()
+        self._lock = threading.Lock()
 
     def _ae(self) -> AE:
         ae = AE(ae_title=self.calling_ae)
@@ -71,7 +74,23 @@ class DimseClient:
             why = ("rejected the association" if assoc.is_rejected else
                    f"could not be reached or did not answer within {source.timeout:g} s")
             raise SourceError(f"{source.address} {why}")
+        with self._lock:
+            self._open.add(assoc)
         return assoc
+
+    def _done(self, assoc: Association) -> None:
+        with self._lock:
+            self._open.discard(assoc)
+        if assoc.is_established:
+            assoc.release()
+
+    def close(self) -> None:
+        """Abort the associations still open (the node is stopping): a retrieval cut short is
+        taken up at the next start."""
+        with self._lock:
+            open_now = list(self._open)
+        for assoc in open_now:
+            assoc.abort()
 
     def _find(self, identifier: Dataset) -> list[Dataset]:
         ae = self._ae()
@@ -89,7 +108,7 @@ class DimseClient:
                 elif code not in PENDING and code != 0:
                     raise SourceError(f"{self.source.address}: C-FIND {status_text(code)}")
         finally:
-            assoc.release()
+            self._done(assoc)
         return found
 
     def studies(self, query: PullQuery) -> list[StudyMatch]:
@@ -106,7 +125,7 @@ class DimseClient:
             for answer in self._find(ds):
                 study_uid = clean_uid(answer.get("StudyInstanceUID"))
                 if study_uid is not None:
-                    found[study_uid] = StudyMatch(study_uid, str(answer.get("StudyDate", "") or ""),
+                    found[study_uid] = StudyMatch(study_uid, clean_date(answer.get("StudyDate")),
                                                   str(answer.get("StudyDescription", "") or ""))
         return [StudyMatch(s.study_uid, s.study_date, s.description, tuple(self.series(s.study_uid)))
                 for s in found.values()]
@@ -124,8 +143,8 @@ class DimseClient:
             if uid is None:
                 continue
             count = answer.get("NumberOfSeriesRelatedInstances")
-            found.append(SeriesMatch(uid, str(answer.get("Modality", "") or ""),
-                                     str(answer.get("BodyPartExamined", "") or ""),
+            found.append(SeriesMatch(uid, clean_code(answer.get("Modality")),
+                                     clean_code(answer.get("BodyPartExamined")),
                                      str(answer.get("SeriesDescription", "") or ""),
                                      int(count) if count not in (None, "") else None))
         return found
@@ -151,7 +170,7 @@ class DimseClient:
             ds.QueryRetrieveLevel = "IMAGE"
             ds.SOPInstanceUID = sop_uids[0] if len(sop_uids) == 1 else sop_uids
         if self.source.retrieve == "get":
-            self._get(ds, store, series_uid, min_free_bytes)
+            self._get(ds, store, min_free_bytes)
         else:
             self._move(ds)
 
@@ -164,9 +183,9 @@ class DimseClient:
                                           StudyRootQueryRetrieveInformationModelMove)
             self._final(responses, "C-MOVE")
         finally:
-            assoc.release()
+            self._done(assoc)
 
-    def _get(self, identifier: Dataset, store: Store, series_uid: str, min_free_bytes: int) -> None:
+    def _get(self, identifier: Dataset, store: Store, min_free_bytes: int) -> None:
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
         contexts = StoragePresentationContexts[:127 - 1]  # 128 contexts at most, one is C-GET's
@@ -187,8 +206,7 @@ class DimseClient:
         try:
             self._final(assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet), "C-GET")
         finally:
-            assoc.release()
-            store.mark_released([series_uid])  # as when a sender's association ends
+            self._done(assoc)
         if refused:
             raise SourceError(f"{len(refused)} instance(s) refused: {refused[0]}")
 

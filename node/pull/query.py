@@ -147,6 +147,18 @@ class StudyMatch:
                 if all(s.instances is not None for s in self.series) else None}
 
 
+def clean_date(value: Any) -> str:
+    """A StudyDate a source answered, kept only when it is one (YYYYMMDD)."""
+    text = str(value or "").strip()
+    return text if DATE.fullmatch(text) else ""
+
+
+def clean_code(value: Any) -> str:
+    """A code string a source answered (Modality, BodyPartExamined), kept only when it is one."""
+    text = str(value or "").strip().upper()
+    return text if re.fullmatch(r"[A-Z0-9_ ]{1,16}", text) else ""
+
+
 def clean_uid(value: Any) -> str | None:
     """A UID a source answered, or None when it is not one (such answers are skipped)."""
     text = str(value or "").rstrip("\x00 ")

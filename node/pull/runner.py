@@ -35,6 +35,7 @@ class Client(Protocol):
     def instances(self, study_uid: str, series_uid: str) -> list[str]: ...
     def retrieve(self, store: Store, study_uid: str, series_uid: str, sop_uids: list[str] | None,
                  min_free_bytes: int = 0) -> None: ...
+    def close(self) -> None: ...
 
 
 def client_for(source: Source, node_ae_title: str) -> Client:
@@ -97,6 +98,8 @@ class PullRunner:
     def shutdown(self) -> None:
         for pool in self.pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
+        for client in self.clients.values():
+            client.close()
         self.thread.join(timeout=2)
 
     def tick(self) -> None:
@@ -241,6 +244,7 @@ class PullRunner:
                 if not self._running(job_id) or not pace.wait(1, self.stopping):
                     return None
                 client.retrieve(self.store, study_uid, series_uid, [uid], self.min_free_bytes)
+        self.store.mark_released([series_uid])  # C-GET, WADO-RS: as when a sender's association ends
         absent = len(set(expected) - self._stored(series_uid))
         return f"{absent} of {len(expected)} instances did not arrive" if absent else ""
 
