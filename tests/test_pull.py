@@ -321,6 +321,22 @@ def test_a_source_that_does_not_answer_fails_the_job_with_the_reason(tmp_path: P
             assert "failed" in listed.stdout and "did not answer within 2 s" in listed.stdout
 
 
+def test_a_move_that_times_out_fails_each_study_with_the_reason(tmp_path: Path) -> None:
+    """dcmqrscp answers the queries, but its C-STORE sub-operations go to a port that never
+    answers: no C-MOVE answer comes within the source's timeout (and, dcmqrscp still busy with
+    that, no C-FIND answer for the next study)."""
+    series = [study(tmp_path / f"s{i}", "20250101", slices=2, seed=i) for i in range(2)]
+    with silent_listener() as mute, dcmqrscp(tmp_path / "qr", [p for s in series for p in s.paths],
+                                             {"VESALIUS": ("127.0.0.1", mute)}) as qr:
+        with vesalius_node(tmp_path, config=sources_toml({**qr.table, "timeout": 2})) as node:
+            assert cli(node, "dcmqr").returncode == 0
+            done = wait_for(lambda: finished(node, 1), 120, "the pull job to finish")
+            assert study_states(done) == {s.study_uid: "failed" for s in series}, done
+            assert all("got no answer in 2 s" in s["reason"] for s in done["study_list"]), done
+            assert any("C-MOVE got no answer" in s["reason"] for s in done["study_list"]), done
+            assert done["error"] == "2 of 2 studies failed"
+
+
 def test_unknown_sources_and_bad_queries_are_refused_over_http(tmp_path: Path) -> None:
     config = sources_toml({"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 1})
     with vesalius_node(tmp_path, config=config) as node:
