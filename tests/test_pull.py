@@ -5,6 +5,7 @@ request (with its time) and every C-STORE sub-operation the node acknowledged.""
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -228,6 +229,8 @@ preview = false
                 [sys.executable, "-m", "vesalius.node.cli", "status", "--json", "--data-dir",
                  str(node.data_dir)], capture_output=True, text=True, timeout=60)
             assert json.loads(status_json.stdout)["pulls"][0]["studies"]["processed"] == 2
+            for identifying in ("PHANTOM1", "ACC0001", "Phantom^Test"):
+                assert identifying not in node.log() and identifying not in json.dumps(node.get("/pulls"))
 
 
 def test_c_get_and_dicomweb_sources_pull_through_the_same_checks(tmp_path: Path) -> None:
@@ -349,7 +352,9 @@ def test_unknown_sources_and_bad_queries_are_refused_over_http(tmp_path: Path) -
 def test_retrieval_waits_for_its_window(tmp_path: Path) -> None:
     hour = datetime.now().hour
     closed = f"{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00"  # two hours from now
-    with dcmqrscp(tmp_path / "qr", study(tmp_path / "s", "20250101").paths, {}) as qr:
+    phantom = study(tmp_path / "s", "20250101")
+    study_uid = phantom.study_uid
+    with dcmqrscp(tmp_path / "qr", phantom.paths, {}) as qr:
         config = sources_toml({**qr.table, "window": closed})
         with vesalius_node(tmp_path, config=config) as node:
             assert cli(node, "dcmqr").returncode == 0
@@ -358,6 +363,16 @@ def test_retrieval_waits_for_its_window(tmp_path: Path) -> None:
             assert queried["state"] == "running"
             assert cli(node, "--pause", "1").returncode == 0
             assert pull_state(node, 1)["state"] == "paused"
+            assert node.request("/pulls/1/resume", method="POST") == (200, {"pull": 1, "state": "running"})
+            assert node.request("/pulls/1/cancel", method="POST") == (200, {"pull": 1, "state": "cancelled"})
+            assert node.request("/pulls/1/resume", method="POST")[0] == 409
+            assert study_states(pull_state(node, 1)) == {study_uid: "cancelled"}
+            trail = [json.loads(line) for line in (node.data_dir / "audit.jsonl").read_text().splitlines()]
+            actions = [(e["user"], e["details"]["command"], e["details"]["status"]) for e in trail
+                       if e["event"] == "Operator Action"]
+            assert actions == [(getpass.getuser(), "pull", 200), (getpass.getuser(), "pull pause", 200),
+                                   ("local", "pull resume", 200), ("local", "pull cancel", 200),
+                                   ("local", "pull resume", 409)], actions
         assert qr.move_requests() == []
 
 
