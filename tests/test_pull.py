@@ -183,7 +183,17 @@ def test_pause_resume_cancel_move_a_job_between_states(tmp_path: Path) -> None:
     assert jobs.act(store, job, "cancel") == (200, {"pull": job, "state": "cancelled"})
     assert jobs.job(store, job)["study_list"][0]["state"] == "cancelled"  # type: ignore[index]
     assert jobs.act(store, job, "pause")[0] == 409
+    assert jobs.act(store, job, "retry")[0] == 409  # a cancelled job stays so
     assert jobs.act(store, 999, "cancel")[0] == 404
+    failed = jobs.create_job(store, "archive", PullQuery(), "tester")
+    with store.transaction() as db:
+        db.execute("INSERT INTO pull_studies (job_id, study_instance_uid, state, reason, updated_at) "
+                   "VALUES (?, '1.3', 'failed', 'C-MOVE refused', 0), (?, '1.4', 'processed', NULL, 0)",
+                   (failed, failed))
+        db.execute("UPDATE pull_jobs SET state='done', error='1 of 2 studies failed' WHERE id=?", (failed,))
+    assert jobs.act(store, failed, "retry") == (200, {"pull": failed, "state": "running"})
+    assert {s["study_instance_uid"]: s["state"] for s in jobs.studies(store, failed)} == {
+        "1.3": "queried", "1.4": "processed"}
 
 
 # --- Orthanc: C-FIND + C-MOVE, C-GET, QIDO-RS + WADO-RS ------------------------------------------
@@ -258,7 +268,8 @@ def test_c_get_and_dicomweb_sources_pull_through_the_same_checks(tmp_path: Path)
             assert {j["state"] for j in node.jobs()} == {"done"}
 
 
-def test_an_archive_that_refuses_the_move_fails_each_study_with_its_reason(tmp_path: Path) -> None:
+def test_an_archive_that_refuses_the_move_fails_the_study_with_its_reason_until_retried(
+        tmp_path: Path) -> None:
     with archive(tmp_path, free_port()) as orthanc:
         series = study(tmp_path / "a", "20250310")
         orthanc.upload(series.paths)
@@ -272,6 +283,12 @@ def test_an_archive_that_refuses_the_move_fails_each_study_with_its_reason(tmp_p
             assert done["state"] == "done" and done["error"] == "1 of 1 studies failed"
             shown = cli(node, "--show", "1")
             assert "failed" in shown.stdout and "C-MOVE" in shown.stdout
+            # the archive learns where NOBODY is; a retry fetches the study and it is processed
+            orthanc.request("PUT", "/modalities/nobody",
+                            json.dumps(["NOBODY", "127.0.0.1", node.port]).encode())
+            assert cli(node, "--retry", "1").returncode == 0
+            done = wait_for(lambda: finished(node, 1), PULL_TIMEOUT, "the retried pull job to finish")
+            assert study_states(done) == {series.study_uid: "processed"} and done["error"] is None, done
 
 
 # --- dcmqrscp: restart without fetching twice, the rate, a source that times out ----------------

@@ -58,6 +58,8 @@ def add_parser(sub: Any) -> None:
     what.add_argument("--pause", type=int, metavar="JOB", help="stop starting retrievals of this job")
     what.add_argument("--resume", type=int, metavar="JOB", help="go on with a paused job")
     what.add_argument("--cancel", type=int, metavar="JOB", help="retrieve nothing more for this job")
+    what.add_argument("--retry", type=int, metavar="JOB", help="retrieve the failed studies of a finished "
+                      "job again (or run its failed query again)")
     pull.add_argument("--json", action="store_true", help="machine-readable output")
     pull.add_argument("--config", help="TOML configuration file (its [[sources]] and data_dir)")
     pull.add_argument("--data-dir", help="the node's data folder (default: the configuration's)")
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     data_dir = Path(args.data_dir or config.data_dir)
     if args.list or args.show is not None or any(
-            v is not None for v in (args.pause, args.resume, args.cancel)):
+            v is not None for v in (args.pause, args.resume, args.cancel, args.retry)):
         if not (data_dir / "vesalius.sqlite").exists():
             raise ConfigError(f"--data-dir: no Vesalius database in {data_dir}")
         store = Store(data_dir)
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
                    + (f"  {s['reason']}" if s["reason"] else "")
                    for s in found["study_list"]]))
             return 0
-        action, job_id = next((a, v) for a in ("pause", "resume", "cancel")
+        action, job_id = next((a, v) for a in ("pause", "resume", "cancel", "retry")
                               if (v := getattr(args, a)) is not None)
         status, answer = jobs.act(store, job_id, action)
         from vesalius.node.audit import Audit

@@ -17,6 +17,7 @@ ACTIONS = {  # action -> (states it applies to, the state it leaves)
     "pause": (("queued", "running"), "paused"),
     "resume": (("paused",), "running"),
     "cancel": (("queued", "running", "paused"), "cancelled"),
+    "retry": (("done", "failed"), "running"),  # its failed studies (or its failed query) once more
 }
 
 
@@ -29,8 +30,9 @@ def create_job(store: Store, source: str, query: PullQuery, requested_by: str) -
 
 
 def act(store: Store, job_id: int, action: str) -> tuple[int, dict[str, Any]]:
-    """Pause, resume or cancel a job: (HTTP-like status, answer). Cancelling marks the studies
-    not yet received cancelled; a retrieval in flight stops after its current exchange."""
+    """Pause, resume, cancel or retry a job: (HTTP-like status, answer). Cancelling marks the
+    studies not yet received cancelled; a retrieval in flight stops after its current exchange.
+    Retrying a finished job queues its failed studies again (only what is missing is fetched)."""
     allowed, new_state = ACTIONS[action]
     now = time.time()
     with store.transaction() as db:
@@ -40,9 +42,14 @@ def act(store: Store, job_id: int, action: str) -> tuple[int, dict[str, Any]]:
         if row["state"] not in allowed:
             return 409, {"error": f"pull job {job_id} is {row['state']}; {action} applies to "
                                   f"{' or '.join(allowed)} jobs"}
-        if action == "resume":  # a job paused before its query ran still needs it
+        if action in ("resume", "retry"):  # a job paused (or failed) before its query ran still needs it
             queried = db.execute("SELECT 1 FROM pull_studies WHERE job_id=? LIMIT 1", (job_id,)).fetchone()
             new_state = "running" if queried else "queued"
+        if action == "retry":
+            for table in ("pull_studies", "pull_series"):
+                db.execute(f"UPDATE {table} SET state='queried', reason=NULL, updated_at=? "
+                           "WHERE job_id=? AND state='failed'", (now, job_id))
+            db.execute("UPDATE pull_jobs SET error=NULL WHERE id=?", (job_id,))
         db.execute("UPDATE pull_jobs SET state=?, updated_at=? WHERE id=?", (new_state, now, job_id))
         if action == "cancel":
             for table in ("pull_studies", "pull_series"):
