@@ -131,6 +131,8 @@ def test_query_checks_its_values_and_keeps_identifying_criteria_out_of_listings(
     with pytest.raises(FieldError, match="date_from"):
         PullQuery(date_from="2025-01-01")
     with pytest.raises(FieldError, match="date_to"):
+        PullQuery(date_to="20250230")
+    with pytest.raises(FieldError, match="date_to"):
         PullQuery(date_from="20250201", date_to="20250101")
     with pytest.raises(FieldError, match="study_uids"):
         PullQuery(study_uids=("1.2.x",))
@@ -404,3 +406,24 @@ def test_the_documented_sources_are_valid() -> None:
     lines = [line.removeprefix("# ") for line in block.splitlines() if line.startswith("# ")]
     config = parse_config(tomllib.loads("\n".join(lines)))
     assert [(s.kind, s.name) for s in config.sources] == [("dimse", "pacs"), ("dicomweb", "web")]
+
+
+def test_the_command_names_what_is_wrong(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(sources_toml({"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 1}))
+
+    def pull(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vesalius.node.cli", "pull", *args, "--config",
+                               str(config), "--data-dir", str(tmp_path / "data")],
+                              capture_output=True, text=True, timeout=60)
+
+    missing = pull("pacs")
+    assert missing.returncode == 2 and "no Vesalius database" in missing.stderr  # none made by mistake
+    assert not (tmp_path / "data").exists()
+    Store(tmp_path / "data")
+    unknown = pull("elsewhere")
+    assert unknown.returncode == 2 and "no source 'elsewhere'" in unknown.stderr and "pacs" in unknown.stderr
+    bad = pull("pacs", "--from", "2025-13-01")
+    assert bad.returncode == 2 and "--from: expected a date" in bad.stderr, bad.stderr
+    assert pull("--show", "5").returncode == 1
+    assert pull("pacs", "--json").returncode == 0 and pull("--list", "--json").stdout.count('"id"') == 1

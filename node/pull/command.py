@@ -77,7 +77,10 @@ def _query(args: argparse.Namespace) -> Any:
                             "study_uids": args.study_uids, "limit": args.limit})
     except FieldError as err:
         key, _, rest = str(err).partition(":")
-        raise ConfigError(f"--{key.replace('_', '-')}:{rest}") from None
+        key = key.split("[")[0]
+        flags = {"date_from": "from", "date_to": "to", "study_uids": "study-uid"}
+        flag = flags.get(key, key.replace("_", "-"))
+        raise ConfigError(f"--{flag}:{rest}") from None
 
 
 def _print(args: argparse.Namespace, value: Any, text: str) -> None:
@@ -91,10 +94,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     data_dir = Path(args.data_dir or config.data_dir)
+    if not args.dry_run and not (data_dir / "vesalius.sqlite").exists():  # the node's, not a new one
+        raise ConfigError(f"--data-dir: no Vesalius database in {data_dir}")
     if args.list or args.show is not None or any(
             v is not None for v in (args.pause, args.resume, args.cancel, args.retry)):
-        if not (data_dir / "vesalius.sqlite").exists():
-            raise ConfigError(f"--data-dir: no Vesalius database in {data_dir}")
         store = Store(data_dir)
         if args.list:
             rows = jobs.listing(store)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 from vesalius.inference.fields import FieldError, check_types, from_table
@@ -45,8 +46,8 @@ class PullQuery:
         one_of("level", self.level, LEVELS)
         for name in ("date_from", "date_to"):
             value = getattr(self, name)
-            if value and not DATE.fullmatch(value):
-                raise FieldError(f"{name}: expected YYYYMMDD, got {value!r}")
+            if value and not is_date(value):
+                raise FieldError(f"{name}: expected a date as YYYYMMDD, got {value!r}")
         if self.date_from and self.date_to and self.date_from > self.date_to:
             raise FieldError(f"date_to: {self.date_to} is before date_from {self.date_from}")
         for i, uid in enumerate(self.study_uids):
@@ -111,6 +112,17 @@ class PullQuery:
         return StudyMatch(study.study_uid, study.study_date, study.description, tuple(pulled))
 
 
+def is_date(text: str) -> bool:
+    """YYYYMMDD, and a day of the calendar."""
+    if not DATE.fullmatch(text):
+        return False
+    try:
+        datetime.strptime(text, "%Y%m%d")
+    except ValueError:
+        return False
+    return True
+
+
 def _wildcard(pattern: str, value: str) -> bool:
     """DICOM wildcard matching (PS3.4 C.2.2.2.4): ``*`` any run, ``?`` one character."""
     regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
@@ -150,7 +162,7 @@ class StudyMatch:
 def clean_date(value: Any) -> str:
     """A StudyDate a source answered, kept only when it is one (YYYYMMDD)."""
     text = str(value or "").strip()
-    return text if DATE.fullmatch(text) else ""
+    return text if is_date(text) else ""
 
 
 def clean_code(value: Any) -> str:
