@@ -37,6 +37,18 @@ class QRSCP:
         found = re.findall(r"^(\d\d:\d\d:\d\d\.\d+) .*Received Move SCP:", self.log(), re.M)
         return [_seconds(t) for t in found]
 
+    def most_moves_at_once(self) -> int:
+        """The most C-MOVE requests dcmqrscp was answering at the same time (from its log: each
+        starts with "Received Move SCP:" and ends with its final, non-pending response)."""
+        most = now = 0
+        for line in self.log().splitlines():
+            if "Received Move SCP:" in line:
+                now += 1
+                most = max(most, now)
+            elif re.search(r"Move SCP Response \d+ \[status: (?!Pending)", line):
+                now -= 1
+        return most
+
     def stores_acknowledged(self) -> int:
         """C-STORE sub-operations the move destination acknowledged with success."""
         return len(re.findall(r"Move SCP: Received Store SCU RSP \[Status=Success\]", self.log()))

@@ -329,6 +329,7 @@ def test_instances_per_second_spaces_the_c_move_requests(tmp_path: Path) -> None
         assert len(moves) == 4
         most_in_a_second = max(sum(1 for t in moves if start <= t < start + 1.0) for start in moves)
         assert most_in_a_second <= 2, moves  # 1 at this rate; 4 without it would fit in a second
+        assert qr.most_moves_at_once() == 1  # max_concurrent = 1
 
 
 def test_a_source_that_does_not_answer_fails_the_job_with_the_reason(tmp_path: Path) -> None:
