@@ -270,6 +270,27 @@ def test_c_get_and_dicomweb_sources_pull_through_the_same_checks(tmp_path: Path)
             assert {j["state"] for j in node.jobs()} == {"done"}
 
 
+def test_c_get_and_wado_rs_refuse_an_instance_over_max_instance_mb(tmp_path: Path) -> None:
+    node_port = free_port()
+    with archive(tmp_path, node_port) as orthanc:
+        big = write_phantom_series(tmp_path / "big", shape=(1, 800, 800), spacing=(5.0, 0.3, 0.3),
+                                   objects=CHEST)  # 1.3 MB
+        orthanc.upload(big.paths)
+        config = "max_instance_mb = 1\n" + sources_toml(
+            {"name": "get", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port,
+             "retrieve": "get", "timeout": 5},
+            {"name": "web", "kind": "dicomweb", "url": f"{orthanc.url}/dicom-web"})
+        with vesalius_node(tmp_path, port=node_port, config=config) as node:
+            for job, source in enumerate(("get", "web"), start=1):
+                assert cli(node, source).returncode == 0
+                done = wait_for(lambda j=job: finished(node, j), 120, f"pull job {job}")
+                row = done["study_list"][0]
+                assert row["state"] == "failed", done
+            assert "larger than max_instance_mb" in row["reason"], row  # WADO-RS: by its Content-Length
+            assert instance_count(node.data_dir) == 0
+            assert not any((node.data_dir / "spool" / ".incoming").iterdir())
+
+
 def test_an_archive_that_refuses_the_move_fails_the_study_with_its_reason_until_retried(
         tmp_path: Path) -> None:
     with archive(tmp_path, free_port()) as orthanc:

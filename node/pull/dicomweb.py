@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import tempfile
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,44 @@ SERIES_FIELDS = ("SeriesInstanceUID", "Modality", "BodyPartExamined", "SeriesDes
                  "NumberOfSeriesRelatedInstances")
 
 
-def _client(source: DicomwebSource) -> DICOMwebClient:
+class TooLarge(requests.RequestException):
+    """An answer announced (Content-Length) larger than the node takes for one instance."""
+
+
+def _bounded_session(max_bytes: int) -> requests.Session:
+    """A session refusing an answer over ``max_bytes``: before reading it when its Content-Length
+    says so, else as soon as that many bytes came (requests runs response hooks before it reads a
+    body, and reads it through ``raw.stream``, which the hook wraps with a count)."""
+    session = requests.Session()
+
+    def check(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        if not max_bytes:
+            return
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > max_bytes:
+            response.close()
+            raise TooLarge(f"an answer of {int(length) // 2**20} MB is larger than max_instance_mb")
+        stream = getattr(response.raw, "stream", None)
+        if stream is None:
+            return
+
+        def counted(*args: Any, **kwargs: Any) -> Iterator[bytes]:
+            total = 0
+            for chunk in stream(*args, **kwargs):
+                total += len(chunk)
+                if total > max_bytes:
+                    response.close()
+                    raise TooLarge(f"an answer of more than {max_bytes // 2**20} MB is larger than "
+                                   "max_instance_mb")
+                yield chunk
+
+        response.raw.stream = counted
+
+    session.hooks["response"].append(check)
+    return session
+
+
+def _client(source: DicomwebSource, max_bytes: int = 0) -> DICOMwebClient:
     """A client for the source's root; userinfo in the URL becomes Basic auth, not part of the URL."""
     parts = urllib.parse.urlsplit(source.url)
     headers = {}
@@ -40,7 +78,7 @@ def _client(source: DicomwebSource) -> DICOMwebClient:
     host = parts.hostname or ""
     netloc = host + (f":{parts.port}" if parts.port is not None else "")
     return DICOMwebClient(urllib.parse.urlunsplit(parts._replace(netloc=netloc)), headers=headers,
-                          timeout=source.timeout)
+                          timeout=source.timeout, session=_bounded_session(max_bytes))
 
 
 def _dataset(answer: dict[str, Any]) -> Dataset:
@@ -48,14 +86,16 @@ def _dataset(answer: dict[str, Any]) -> Dataset:
 
 
 class DicomwebClient:
-    def __init__(self, source: DicomwebSource, node_ae_title: str = "") -> None:
+    def __init__(self, source: DicomwebSource, max_instance_bytes: int = 0) -> None:
         self.source = source
-        self.client = _client(source)
+        self.client = _client(source, max_instance_bytes)
         self.whole_series = False  # WADO-RS one instance at a time
 
     def _ask(self, what: str, call: Any, **kwargs: Any) -> list[Dataset]:
         try:
             return [_dataset(a) for a in call(**kwargs, get_remaining=True)]
+        except TooLarge as err:
+            raise SourceError(f"{self.source.address}: {what} refused: {err}") from None
         except requests.HTTPError as err:
             code = err.response.status_code if err.response is not None else "?"
             raise SourceError(f"{self.source.address}: {what} answered HTTP {code}") from None
@@ -104,6 +144,8 @@ class DicomwebClient:
         for sop_uid in sop_uids if sop_uids is not None else self.instances(study_uid, series_uid):
             try:
                 ds = self.client.retrieve_instance(study_uid, series_uid, sop_uid)
+            except TooLarge as err:
+                raise SourceError(f"{self.source.address}: WADO-RS refused: {err}") from None
             except requests.HTTPError as err:
                 code = err.response.status_code if err.response is not None else "?"
                 raise SourceError(f"{self.source.address}: WADO-RS answered HTTP {code}") from None

@@ -24,9 +24,9 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from vesalius.node import ingest
+from vesalius.node import ingest, pdu_limits
 from vesalius.node.pull.query import PullQuery, SeriesMatch, StudyMatch, clean_code, clean_date, clean_uid
-from vesalius.node.receive import SpoolFile
+from vesalius.node.receive import SpoolFile, _discard_partial_data_set
 from vesalius.node.sources import DimseSource
 from vesalius.node.store import Store
 
@@ -53,8 +53,9 @@ class DimseClient:
     """Queries and retrieves from one ``DimseSource`` as ``calling_ae``; C-MOVE names
     ``move_destination`` (the node's AE title unless the source configures another)."""
 
-    def __init__(self, source: DimseSource, node_ae_title: str) -> None:
+    def __init__(self, source: DimseSource, node_ae_title: str, max_instance_bytes: int = 0) -> None:
         self.source = source
+        self.max_instance_bytes = max_instance_bytes  # C-GET: a larger data set closes the association
         self.calling_ae = source.calling_ae or node_ae_title
         self.move_destination = source.move_destination or node_ae_title
         self.whole_series = True  # one series-level C-MOVE/C-GET retrieves a series at once
@@ -188,6 +189,8 @@ class DimseClient:
     def _get(self, identifier: Dataset, store: Store, min_free_bytes: int) -> None:
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        pdu_limits.install()
+        pdu_limits.set_max_dataset_bytes(ae, self.max_instance_bytes)  # as the listener bounds C-STORE
         contexts = StoragePresentationContexts[:127 - 1]  # 128 contexts at most, one is C-GET's
         roles = []
         for context in contexts:
@@ -202,7 +205,11 @@ class DimseClient:
                 refused.append(outcome.problem)
             return outcome.status
 
-        assoc = self._associate(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        def on_close(event: evt.Event) -> None:  # cut short (max_instance_mb, a drop): no half file left
+            _discard_partial_data_set(event.assoc)
+
+        assoc = self._associate(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store),
+                                                                 (evt.EVT_CONN_CLOSE, on_close)])
         try:
             self._final(assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet), "C-GET")
         finally:

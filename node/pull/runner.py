@@ -38,11 +38,13 @@ class Client(Protocol):
     def close(self) -> None: ...
 
 
-def client_for(source: Source, node_ae_title: str) -> Client:
+def client_for(source: Source, node_ae_title: str, max_instance_bytes: int = 0) -> Client:
+    """The client of a source's kind; ``max_instance_bytes`` bounds one instance retrieved by C-GET
+    or WADO-RS (C-MOVE's arrive through the listener, bounded by max_instance_mb already)."""
     if isinstance(source, DimseSource):
-        return DimseClient(source, node_ae_title)
+        return DimseClient(source, node_ae_title, max_instance_bytes)
     assert isinstance(source, DicomwebSource)
-    return DicomwebClient(source, node_ae_title)
+    return DicomwebClient(source, max_instance_bytes)
 
 
 def matches(source: Source, query: PullQuery, node_ae_title: str) -> list[StudyMatch]:
@@ -79,7 +81,8 @@ class PullRunner:
         self.stopping = stopping
         self.clock = clock  # local time of day, for the sources' windows
         self.sources = {s.name: s for s in config.sources}
-        self.clients = {s.name: client_for(s, config.ae_title) for s in config.sources}
+        self.clients = {s.name: client_for(s, config.ae_title, config.max_instance_mb * 2**20)
+                        for s in config.sources}
         self.paces = {s.name: Pace(s.instances_per_second) for s in config.sources}
         self.pools = {s.name: ThreadPoolExecutor(s.max_concurrent, thread_name_prefix=f"pull-{s.name}")
                       for s in config.sources}
