@@ -233,6 +233,10 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{what} ({len(rows)})")
         for row in rows:
             print("  " + "  ".join(str(row[c]) if row[c] is not None else "-" for c in columns[what]))
+            if row.get("evaluation"):  # the job's latest `vesalius evaluate` figures
+                from vesalius.node.evaluations import headline
+
+                print(f"    {headline(row['evaluation'])}")
     print(f"pulls ({len(pulls)})")
     for pull in pulls:  # studies per state: queried, retrieving, received, processed, failed, cancelled
         counts = "  ".join(f"{k}={v}" for k, v in pull["studies"].items() if v)
@@ -442,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--data-dir", help="the node's data folder (default ./vesalius-data)")
     clean.set_defaults(func=_cleanup)
 
+    from vesalius.node.evaluate_cli import add_parser as add_evaluate
+
+    add_evaluate(sub)  # vesalius evaluate (issue 15): its code is node/evaluate_cli.py
     from vesalius.node.pull.command import add_parser as add_pull_parser
 
     add_pull_parser(sub)  # `vesalius pull` (node/pull/command.py)

@@ -164,6 +164,9 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     if volume_file is not None:
         summary["input"] = {"file": volume_file.path.name, "modality": volume.modality,
                             "label_map": label_map_name(volume_file.path)}
+        # the label map's values: what `vesalius evaluate` reads it by (includes: the body holds the lungs)
+        summary["labels"] = [{"value": label.value, "name": label.name, "includes": list(label.includes)}
+                             for label in model.structures]
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     _replace_dir(tmp, out)
     return summary

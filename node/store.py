@@ -116,13 +116,30 @@ _NOT_CHOSEN = ("EXISTS (SELECT 1 FROM selections x WHERE x.series_instance_uid=s
 SERIES_STATE = (f"CASE WHEN {_UNPROCESSED} THEN 'stored' ELSE s.state END AS state, "
                 f"CASE WHEN {_UNPROCESSED} THEN CASE WHEN {_NOT_CHOSEN} THEN 'not chosen: another series "
                 "of the study ranks higher' ELSE 'no rule matches' END END AS reason")
+# --- evaluations (issue 15): a job's figures against a reference (`vesalius evaluate`) ------------
+EVALUATION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS evaluations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    reference TEXT NOT NULL,                      -- what it was compared with: a SEG's UID, a file name
+    figures TEXT NOT NULL,                        -- JSON of inference.evaluation.Evaluation.to_json()
+    via TEXT NOT NULL,                            -- http | cli
+    evaluated_at TEXT NOT NULL                    -- ISO 8601 UTC
+);
+CREATE INDEX IF NOT EXISTS evaluations_job ON evaluations(job_id);
+"""
+# (no ORDER BY inside: Store.listing puts a study's WHERE before the listing's first ORDER BY)
+LATEST_EVALUATION = ("(SELECT json_object('id', e.id, 'reference', e.reference, 'evaluated_at', "
+                     "e.evaluated_at, 'figures', json(e.figures)) FROM evaluations e WHERE e.id=(SELECT "
+                     "MAX(x.id) FROM evaluations x WHERE x.job_id=jobs.id))")
 LISTINGS = {
     "series": "SELECT series_instance_uid, study_instance_uid, modality, series_description, calling_ae, "
               f"{SERIES_STATE}, (SELECT COUNT(*) FROM instances i WHERE "
               "i.series_instance_uid=s.series_instance_uid) AS instances, last_received, completed_at "
               "FROM series s ORDER BY last_received DESC LIMIT ?",
     "jobs": "SELECT id, series_instance_uid, rule, model, destinations, state, attempts, error, stages, "
-            "created_at, updated_at, result_key FROM jobs ORDER BY id DESC LIMIT ?",
+            "created_at, updated_at, result_key, "
+            f"{LATEST_EVALUATION} AS evaluation FROM jobs ORDER BY id DESC LIMIT ?",
     "deliveries": "SELECT id, job_id, destination, state, attempts, error, next_try_at, updated_at "
                   "FROM deliveries ORDER BY id DESC LIMIT ?",
     "studies": "SELECT st.study_instance_uid, st.selected_at, "
@@ -201,7 +218,7 @@ class Store:
         self.results_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.data_dir / "vesalius.sqlite"
         self._local = threading.local()
-        self._connection().executescript(SCHEMA + PRIVACY_SCHEMA)  # its own transaction
+        self._connection().executescript(SCHEMA + PRIVACY_SCHEMA + EVALUATION_SCHEMA)  # its own transaction
         self._migrate()
 
     def _migrate(self) -> None:

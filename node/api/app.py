@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, Router
 
 from vesalius.node.api.auth import TokenGuard, Tokens
+from vesalius.node.api.evaluate import evaluate_routes
 from vesalius.node.api.metrics import metrics_endpoint
 from vesalius.node.api.routes import action_routes, listing_routes, public_routes
 from vesalius.node.audit import Audit
@@ -24,6 +25,7 @@ def create_app(store: Store, tokens: Tokens, trail: Audit, *, metrics_public: bo
     routes of other modules such as node.api.pull) behind the token guard."""
     metrics = Route("/metrics", metrics_endpoint(store))
     protected: list[BaseRoute] = [*listing_routes(store), *action_routes(store, trail), *extra_routes]
+    protected += evaluate_routes(store, trail)  # POST /jobs/{id}/evaluate (issue 15)
     public: list[BaseRoute] = list(public_routes(store))
     (public if metrics_public else protected).append(metrics)
     guard = Middleware(TokenGuard, tokens=tokens, trail=trail)

@@ -14,7 +14,7 @@ from vesalius.node import audit
 from vesalius.node.store import LISTINGS, Store
 
 TIME_COLUMNS = ("last_received", "completed_at", "created_at", "updated_at", "next_try_at")
-JSON_COLUMNS = ("destinations", "stages")
+JSON_COLUMNS = ("destinations", "stages", "evaluation")
 
 
 def shaped(row: dict[str, Any]) -> dict[str, Any]:
