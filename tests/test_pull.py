@@ -449,3 +449,41 @@ def test_the_command_names_what_is_wrong(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--from: expected a date" in bad.stderr, bad.stderr
     assert pull("--show", "5").returncode == 1
     assert pull("pacs", "--json").returncode == 0 and pull("--list", "--json").stdout.count('"id"') == 1
+
+
+def test_evaluate_against_scores_each_study_and_writes_the_cohort_report(tmp_path: Path) -> None:
+    """The archive holds a CT study and its "radiologist's" SEG (here the same model's, made
+    offline: every structure must score Dice 1); the pull scores the node's result against it."""
+    from pydicom.uid import generate_uid
+
+    from vesalius.node.pipeline import OUTPUT_FILES, run_pipeline
+
+    node_port = free_port()
+    series = study(tmp_path / "ct", "20250310", slices=8)
+    run_pipeline(series.paths, tmp_path / "offline", "builtin_ct")
+    reference = pydicom.dcmread(tmp_path / "offline" / OUTPUT_FILES["seg"])
+    reference.SeriesDescription = "Radiologist contours"
+    reference.SeriesInstanceUID, reference.SOPInstanceUID = generate_uid(), generate_uid()
+    reference.file_meta.MediaStorageSOPInstanceUID = reference.SOPInstanceUID
+    reference.save_as(tmp_path / "reference.dcm", enforce_file_format=True)
+    with archive(tmp_path, node_port) as orthanc:
+        orthanc.upload([*series.paths, tmp_path / "reference.dcm"])
+        config = sources_toml({"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                               "port": orthanc.dicom_port})
+        with vesalius_node(tmp_path, port=node_port, config=config) as node:
+            result = cli(node, "pacs", "--modality", "CT", "--level", "series",
+                         "--evaluate-against", "radiologist*")
+            assert result.returncode == 0, result.stderr
+            done = wait_for(lambda: finished(node, 1), PULL_TIMEOUT, "the pull job to finish")
+            row = done["study_list"][0]
+            assert row["state"] == "processed" and "evaluated" in row["reason"], row
+            assert row["series"] == 2  # the CT series and its reference, which came along
+            jobs_done = node.jobs()
+            assert len(jobs_done) == 1 and jobs_done[0]["evaluation"]["reference"].startswith("series ")
+            report = json.loads((node.data_dir / "pulls" / "1" / "cohort.json").read_text())
+            assert len(report["cases"]) == 1 and report["structures"]
+            scored = [s for s in report["structures"] if s["dice"] is not None]
+            assert scored and all(s["dice"]["mean"] == pytest.approx(1.0) for s in scored), report
+
+            assert done["report"] == str(node.data_dir.resolve() / "pulls" / "1" / "cohort.html")
+            assert "<html" in Path(done["report"]).read_text()

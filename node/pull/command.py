@@ -52,6 +52,9 @@ def add_parser(sub: Any) -> None:
                       help="only these studies (repeatable)")
     pull.add_argument("--limit", type=int, default=0, help="at most this many studies, oldest first")
     pull.add_argument("--dry-run", action="store_true", help="list the matching studies; pull nothing")
+    pull.add_argument("--evaluate-against", default="", metavar="PATTERN",
+                      help="score each processed study's results against its SEG series whose description "
+                      "matches PATTERN (vesalius evaluate); a cohort report is written at the end")
     what = pull.add_mutually_exclusive_group()
     what.add_argument("--list", action="store_true", help="list the pull jobs with their study counts")
     what.add_argument("--show", type=int, metavar="JOB", help="one pull job with each study's state")
@@ -74,7 +77,8 @@ def _query(args: argparse.Namespace) -> Any:
                             "date_to": args.date_to or "", "study_description": args.study_description,
                             "series_description": args.series_description, "body_part": args.body_part,
                             "accession_number": args.accession_number, "patient_id": args.patient_id,
-                            "study_uids": args.study_uids, "limit": args.limit})
+                            "study_uids": args.study_uids, "limit": args.limit,
+                            "evaluate_against": args.evaluate_against})
     except FieldError as err:
         key, _, rest = str(err).partition(":")
         key = key.split("[")[0]

@@ -76,7 +76,9 @@ def listing(store: Store, limit: int = 500) -> list[dict[str, Any]]:
 def _shaped(store: Store, row: Any) -> dict[str, Any]:
     counts = {r["state"]: r["n"] for r in store.query(
         "SELECT state, COUNT(*) AS n FROM pull_studies WHERE job_id=? GROUP BY state", (row["id"],))}
+    report = store.data_dir / "pulls" / str(int(row["id"])) / "cohort.html"  # node.pull.cohort
     return {"id": row["id"], "source": row["source"], "query": PullQuery.from_json(row["query"]).shown(),
+            "report": str(report) if report.is_file() else None,
             "state": row["state"], "error": row["error"], "requested_by": row["requested_by"],
             "studies": {s: int(counts.get(s, 0)) for s in STUDY_STATES},
             "created_at": audit.utc_iso(row["created_at"]), "updated_at": audit.utc_iso(row["updated_at"])}

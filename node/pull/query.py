@@ -40,6 +40,8 @@ class PullQuery:
     patient_id: str = ""
     study_uids: tuple[str, ...] = ()
     limit: int = 0  # at most this many studies (the oldest first); 0: all that match
+    # cohort outputs (node.pull.cohort): the Series Description of the reference SEG in each study
+    evaluate_against: str = ""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -60,7 +62,8 @@ class PullQuery:
             raise FieldError(f"limit: must be >= 0, got {self.limit}")
         object.__setattr__(self, "modality", tuple(m.upper() for m in self.modality))
         object.__setattr__(self, "body_part", tuple(b.upper() for b in self.body_part))
-        for name in ("study_description", "series_description", "accession_number", "patient_id"):
+        for name in ("study_description", "series_description", "accession_number", "patient_id",
+                     "evaluate_against"):
             if any(c in getattr(self, name) for c in "\\\x00\r\n"):
                 raise FieldError(f"{name}: no backslash or control characters")
 
@@ -91,7 +94,7 @@ class PullQuery:
         if study.study_date and self.date_to and study.study_date > self.date_to:
             return False
         return not (self.study_description and study.description
-                    and not _wildcard(self.study_description, study.description))
+                    and not wildcard(self.study_description, study.description))
 
     def series_matches(self, series: SeriesMatch) -> bool:
         if self.modality and series.modality.upper() not in self.modality:
@@ -99,7 +102,11 @@ class PullQuery:
         if self.body_part and series.body_part.upper() not in self.body_part:
             return False
         return not (self.series_description
-                    and not _wildcard(self.series_description, series.description))
+                    and not wildcard(self.series_description, series.description))
+
+    def is_reference(self, series: SeriesMatch) -> bool:
+        """A SEG series named by ``evaluate_against``."""
+        return series.modality == "SEG" and wildcard(self.evaluate_against, series.description)
 
     def select(self, study: StudyMatch) -> StudyMatch | None:
         """The study with the series to pull, or None when it does not match."""
@@ -109,6 +116,8 @@ class PullQuery:
         if not wanted:
             return None
         pulled = wanted if self.level == "series" else study.series
+        if self.evaluate_against and self.level == "series":  # the reference comes along
+            pulled = [s for s in study.series if s in wanted or self.is_reference(s)]
         return StudyMatch(study.study_uid, study.study_date, study.description, tuple(pulled))
 
 
@@ -123,7 +132,7 @@ def is_date(text: str) -> bool:
     return True
 
 
-def _wildcard(pattern: str, value: str) -> bool:
+def wildcard(pattern: str, value: str) -> bool:
     """DICOM wildcard matching (PS3.4 C.2.2.2.4): ``*`` any run, ``?`` one character."""
     regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
     return re.fullmatch(regex, value.strip(), re.IGNORECASE | re.DOTALL) is not None

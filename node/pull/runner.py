@@ -261,8 +261,9 @@ class PullRunner:
         """A received study is processed once it was selected after its last instance arrived and
         none of its jobs is queued or running; failed when one of them failed."""
         for row in self.store.query(
-                "SELECT p.job_id, p.study_instance_uid, p.received_at, st.selected_at FROM pull_studies p "
-                "JOIN studies st USING (study_instance_uid) WHERE p.state='received' "
+                "SELECT p.job_id, p.study_instance_uid, p.received_at, st.selected_at, pj.query "
+                "FROM pull_studies p JOIN studies st USING (study_instance_uid) "
+                "JOIN pull_jobs pj ON pj.id=p.job_id WHERE p.state='received' "
                 "AND st.selected_at >= p.received_at"):
             jobs = self.store.query(
                 "SELECT id, state, error FROM jobs WHERE series_instance_uid IN (SELECT series_instance_uid "
@@ -275,17 +276,32 @@ class PullRunner:
                 self._set("pull_studies", row["job_id"], row["study_instance_uid"], "failed",
                           f"job {failed[0]['id']} failed: {failed[0]['error']}")
             else:
-                self._set("pull_studies", row["job_id"], row["study_instance_uid"], "processed",
-                          f"{len(jobs)} job(s) done" if jobs else "stored: no rule matches its series")
+                reason = f"{len(jobs)} job(s) done" if jobs else "stored: no rule matches its series"
+                pattern = PullQuery.from_json(row["query"]).evaluate_against
+                if pattern:  # cohort outputs: score what was made against the study's reference
+                    from vesalius.node.pull.cohort import evaluate_study
+
+                    reason += "; " + evaluate_study(self.store, row["study_instance_uid"],
+                                                    [j["id"] for j in jobs], pattern)
+                self._set("pull_studies", row["job_id"], row["study_instance_uid"], "processed", reason)
 
     def _finish_jobs(self) -> None:
-        for job in self.store.query("SELECT id FROM pull_jobs WHERE state='running'"):
+        for job in self.store.query("SELECT id, query FROM pull_jobs WHERE state='running'"):
             counts = {r["state"]: r["n"] for r in self.store.query(
                 "SELECT state, COUNT(*) AS n FROM pull_studies WHERE job_id=? GROUP BY state", (job["id"],))}
             if any(counts.get(s) for s in ("queried", "retrieving", "received")):
                 continue
             failed = counts.get("failed", 0)
             error = f"{failed} of {sum(counts.values())} studies failed" if failed else None
+            if PullQuery.from_json(job["query"]).evaluate_against:
+                from vesalius.node.pull.cohort import write_report
+
+                try:
+                    folder = write_report(self.store, job["id"])
+                    log.info("pull job %d: cohort report in %s", job["id"], folder)
+                except Exception as err:  # the job is done all the same; the reason is shown with it
+                    log.exception("pull job %d: cohort report failed", job["id"])
+                    error = "; ".join(filter(None, [error, f"cohort report failed ({type(err).__name__})"]))
             with self.store.transaction() as db:
                 db.execute("UPDATE pull_jobs SET state='done', error=?, updated_at=? WHERE id=? "
                            "AND state='running'", (error, time.time(), job["id"]))
