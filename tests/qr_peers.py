@@ -49,6 +49,10 @@ class QRSCP:
                 now -= 1
         return most
 
+    def stores_sent(self, since: int = 0) -> int:
+        """C-STORE sub-operation requests dcmqrscp sent, in its log from character ``since`` on."""
+        return len(re.findall(r"Store SCU RQ: MsgID", self.log()[since:]))
+
     def stores_acknowledged(self) -> int:
         """C-STORE sub-operations the move destination acknowledged with success."""
         return len(re.findall(r"Move SCP: Received Store SCU RSP \[Status=Success\]", self.log()))
