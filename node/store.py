@@ -632,3 +632,42 @@ def removal_of_spool(store: Store, series_uid: str) -> sqlite3.Row | None:
     rows = store.query("SELECT * FROM removals WHERE kind='spool' AND series_instance_uid=? "
                        "ORDER BY id DESC LIMIT 1", (series_uid,))
     return rows[0] if rows else None
+
+
+# --- pull jobs (issue 19): what `vesalius pull` asked for and how far each study got ---------
+PULL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pull_jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL,                         -- a [[sources]] name
+    query TEXT NOT NULL,                          -- JSON of node.pull.query.PullQuery
+    state TEXT NOT NULL DEFAULT 'queued',         -- queued | running | paused | done | cancelled | failed
+    error TEXT,
+    requested_by TEXT NOT NULL,                   -- OS user or token name
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pull_studies (
+    job_id INTEGER NOT NULL REFERENCES pull_jobs(id),
+    study_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queried',        -- queried | retrieving | received | processed |
+                                                  -- failed | cancelled
+    reason TEXT,
+    study_date TEXT NOT NULL DEFAULT '',
+    modalities TEXT NOT NULL DEFAULT '',          -- of the series to pull, e.g. 'CT'
+    received_at REAL,                             -- its last instance arrived (processed means after it)
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (job_id, study_instance_uid)
+);
+CREATE TABLE IF NOT EXISTS pull_series (
+    job_id INTEGER NOT NULL REFERENCES pull_jobs(id),
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queried',        -- queried | retrieving | received | failed
+    reason TEXT,
+    modality TEXT NOT NULL DEFAULT '',
+    expected INTEGER,                             -- instances the source lists
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (job_id, series_instance_uid)
+);
+"""
+SCHEMA += PULL_SCHEMA

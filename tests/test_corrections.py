@@ -27,6 +27,7 @@ from vesalius.inference.models import Label
 from vesalius.inference.series import load_series
 from vesalius.inference.volume import Volume
 from vesalius.node.cli import main
+from vesalius.node.destinations.dicomweb import multipart_related
 from vesalius.node.store import Store
 
 BODY = Cylinder((0, 0, 0), (0, 0, 1), 55, 300, 40)
@@ -213,3 +214,19 @@ def test_each_correction_is_a_deidentified_case(chest, sent, capsys, tmp_path) -
 def _cases(node: NodeProcess, capsys) -> list[dict]:
     main(["cases", "list", "--json", "--data-dir", str(node.data_dir)])
     return json.loads(capsys.readouterr().out)
+
+
+def test_a_correction_sent_with_stow_rs_is_recognised_too(chest) -> None:
+    node, job, volume, tmp = chest
+    label_map = _job_label_map(Path(Store(node.data_dir).job(job["id"])["result_dir"]), volume)
+    label_map[label_map == 2] = 1  # the left lung deleted
+    data = _correction(volume, label_map, 20)
+    uid = str(pydicom.dcmread(io.BytesIO(data)).SeriesInstanceUID)
+    body, content_type = multipart_related([data])
+    status, answer = node.request(f"/studies/{volume.study_uid}", "POST", data=body,
+                                  content_type=content_type)
+    assert status == 200, answer
+    correction = _wait_correction(node, uid)
+    assert correction["state"] == "recognised" and correction["job_id"] == job["id"]
+    assert {s["name"]: s["verdict"] for s in correction["structures"]}["Left lung"] == "rejected"
+    assert len(node.jobs()) == 1

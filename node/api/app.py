@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -21,11 +23,13 @@ from vesalius.node.store import Store
 
 
 def create_app(store: Store, tokens: Tokens, trail: Audit, *, metrics_public: bool = True,
-               models: tuple[str, ...] = (), ohif_url: str = "") -> Starlette:
-    """Public routes first; everything else (including unknown paths) behind the token guard.
+               models: tuple[str, ...] = (), ohif_url: str = "",
+               extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+    """Public routes first; everything else (including unknown paths and ``extra_routes``, the
+    routes of other modules such as node.api.pull) behind the token guard.
     ``models``: what the dashboard may process a series with; ``ohif_url``: its OHIF links."""
     metrics = Route("/metrics", metrics_endpoint(store))
-    protected: list[BaseRoute] = [*listing_routes(store), *action_routes(store, trail)]
+    protected: list[BaseRoute] = [*listing_routes(store), *action_routes(store, trail), *extra_routes]
     protected += [*result_routes(store, ohif_url), *process_routes(store, trail, models)]
     protected += evaluate_routes(store, trail)  # POST /jobs/{id}/evaluate (issue 15)
     protected += correction_routes(store)  # GET /corrections, /cases (issue 16)
