@@ -440,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     from vesalius.node.evaluate_cli import add_parser as add_evaluate
 
     add_evaluate(sub)  # vesalius evaluate (issue 15): its code is node/evaluate_cli.py
+    from vesalius.node.cases_cli import add_parser as add_cases
+
+    add_cases(sub)  # vesalius cases (issue 16): its code is node/cases_cli.py
+    from vesalius.node.train_cli import add_parser as add_train
+
+    add_train(sub)  # vesalius train (issue 16): its code is node/train_cli.py
     from vesalius.node.pull.command import add_parser as add_pull_parser
 
     add_pull_parser(sub)  # `vesalius pull` (node/pull/command.py)

@@ -149,6 +149,17 @@ class Retention:
 
 
 @dataclass(frozen=True)
+class Learning:
+    """Corrections coming back and the case library (docs/learning.md)."""
+
+    corrections: bool = True  # recognise received SEGs that correct our jobs, and score them
+    case_library: bool = True  # each recognised correction becomes a de-identified case (data_dir/cases)
+
+    def __post_init__(self) -> None:
+        check_types(self)
+
+
+@dataclass(frozen=True)
 class Dashboard:
     """The web page the node serves at / (node/api/dashboard.py, docs/dashboard.md)."""
 
@@ -191,6 +202,7 @@ class Config:
     rules: tuple[Rule, ...] = (Rule(name="ct"),)
     retry: Retry = field(default_factory=Retry)
     retention: Retention = field(default_factory=Retention)
+    learning: Learning = field(default_factory=Learning)
     sources: tuple[Source, ...] = ()  # [[sources]]: archives `vesalius pull` queries (docs/pull.md)
     max_stow_mb: int = 4096  # the largest STOW-RS request body (POST /studies) accepted
     dashboard: Dashboard = field(default_factory=Dashboard)
@@ -308,7 +320,8 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
         if "tls" in data:
             files = ("certificate", "private_key", "ca_certificates")
             values["tls"] = from_table(ListenerTLS, _relative(data["tls"], files, base), "tls")
-        for key, cls in (("retry", Retry), ("retention", Retention), ("dashboard", Dashboard)):
+        for key, cls in (("retry", Retry), ("retention", Retention), ("dashboard", Dashboard),
+                         ("learning", Learning)):
             if key in data:
                 values[key] = from_table(cls, data[key], key)
         return from_table(Config, values)

@@ -40,6 +40,7 @@ class Node:
         self.pull = PullRunner(self.store, config, self.stopping)
         self._completion = threading.Thread(target=self._complete_series, name="series", daemon=True)
         self._retention = threading.Thread(target=self._clean_up, name="retention", daemon=True)
+        self._learning = threading.Thread(target=self._recognise_corrections, name="corrections", daemon=True)
         self.dicom_server: ThreadedAssociationServer | None = None
         self.tls_server: ThreadedAssociationServer | None = None
         self.http_server: HttpServer | None = None
@@ -69,6 +70,8 @@ class Node:
         self.runner.start()
         self.sender.thread.start()
         self._completion.start()
+        if self.config.learning.corrections:
+            self._learning.start()
         self.pull.thread.start()
         if self.config.retention.interval > 0:
             self._retention.start()
@@ -98,6 +101,17 @@ class Node:
                     self.job_wake.set()
             except Exception:  # keep serving; the next tick tries again
                 log.exception("series completion failed")
+
+    def _recognise_corrections(self) -> None:
+        """Received SEG series that correct our jobs (node/corrections.py), off the completion thread:
+        scoring one reads both segmentations."""
+        from vesalius.node.corrections import recognise_pending
+
+        while not self.stopping.wait(1.0):
+            try:
+                recognise_pending(self.store, make_cases=self.config.learning.case_library)
+            except Exception:  # keep serving; the next tick tries again
+                log.exception("recognising corrections failed")
 
     def _clean_up(self) -> None:
         """Retention (node/retention.py) at start-up, then every [retention] interval."""
