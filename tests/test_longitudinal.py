@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sqlite3
 import urllib.request
 from collections.abc import Iterator
@@ -171,3 +172,39 @@ def test_no_patient_identifier_is_stored_or_answered(run: Run) -> None:
     with sqlite3.connect(run.node.data_dir / "vesalius.sqlite") as db:  # the de-identification pseudonym
         mapped = dict(db.execute("SELECT original, pseudonym FROM deid_map WHERE kind='patient_id'"))
     assert mapped[PATIENT_A] == first and mapped[PATIENT_B] == other
+
+
+def test_job_page_plots_the_history_in_the_browser(run: Run) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_dashboard import CHROMIUM, CHROMIUM_FLAGS, WAIT_MS
+
+    url = f"http://127.0.0.1:{run.node.http_port}"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            tab = browser.new_page()
+            tab.set_default_timeout(WAIT_MS)
+            errors: list[str] = []
+            tab.on("pageerror", lambda e: errors.append(str(e)))
+            tab.goto(url + "/")
+            tab.locator("#token").fill(run.node.token())
+            tab.locator("#login-submit").click()
+            tab.goto(f"{url}/#/job/{run.jobs['later']['id']}")
+            tab.locator("#history svg.history-plot").first.wait_for()
+            plots = tab.locator("#history figure")
+            structures = {h["structure"] for h in run.jobs["later"]["history"]}
+            assert plots.count() == len(structures)
+            for i in range(plots.count()):  # two studies: two points, this job's filled
+                assert plots.nth(i).locator("circle").count() == 2
+            bone = tab.locator("#history figcaption", has_text="bone").inner_text()
+            first_bone = next(s for s in run.jobs["first"]["summary"]["structures"] if s["name"] == "bone")
+            shown = re.search(rf"{FIRST_DATE} ([0-9.]+) ml", bone)
+            assert shown is not None and float(shown[1]) == first_bone["volume_ml"], bone
+            # the other patient has one study: no plot
+            tab.goto(f"{url}/#/job/{run.jobs['other']['id']}")
+            tab.locator("#measurements").wait_for()
+            assert tab.locator("#history").count() == 0
+            assert not errors, errors
+        finally:
+            browser.close()
