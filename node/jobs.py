@@ -182,7 +182,8 @@ class JobRunner:
         log.info("job start job=%d series=%s model=%s instances=%d attempt=%d",
                  job_id, series_uid, model, len(paths), job["attempts"])
         # the patient's earlier volumes, looked up here: the worker has no store
-        study = longitudinal.safely("find the series' patient", longitudinal.study_of, self.store, series_uid)
+        study = (longitudinal.safely("find the patient", longitudinal.study_of, self.store, series_uid)
+                 if self.config.learning.longitudinal else None)
         priors = (longitudinal.safely("look up priors", longitudinal.priors, self.store, study)
                   if study else None)
         try:

@@ -20,6 +20,7 @@ import pydicom
 import pytest
 
 from tests.dicom_checks import assert_dciodvfy_clean
+from tests.object_checks import sr_problems
 from tests.peers import NodeProcess, storescu, vesalius_node, wait_for
 from tests.phantoms import Cylinder, PhantomSeries, write_phantom_series
 from vesalius.dicom_out.sr import PRIOR_VOLUME, PRIVATE_SCHEME, STUDY_DATE, VOLUME, VOLUME_CHANGE
@@ -135,8 +136,10 @@ def test_later_sr_carries_the_prior_volume_its_date_and_the_change(run: Run) -> 
     assert scheme.CodingSchemeDesignator == PRIVATE_SCHEME
 
 
-def test_the_sr_with_priors_passes_dciodvfy(run: Run) -> None:
+def test_the_sr_with_priors_passes_dciodvfy_and_our_tree_checks(run: Run) -> None:
     assert_dciodvfy_clean(run.sr_paths["later"])
+    seg = pydicom.dcmread(io.BytesIO(_file(run.node, run.jobs["later"]["id"], "seg.dcm")))
+    assert sr_problems(run.srs["later"], seg) == []
 
 
 def test_no_prior_for_a_first_study_or_another_patient(run: Run) -> None:
@@ -208,3 +211,23 @@ def test_job_page_plots_the_history_in_the_browser(run: Run) -> None:
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_switched_off_the_node_records_nothing_and_the_sr_has_no_prior(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp = tmp_path_factory.mktemp("longitudinal-off")
+    studies = [phantom(tmp / "first", PATIENT_A, FIRST_DATE, 8),
+               phantom(tmp / "later", PATIENT_A, LATER_DATE, 12)]
+    with vesalius_node(tmp, config="[learning]\nlongitudinal = false\n") as node:
+        for series in studies:
+            storescu(series.paths, node.port)
+            uid = series.series_uid
+            wait_for(lambda uid=uid: any(j["series_instance_uid"] == uid and j["state"] == "done"
+                                         for j in node.jobs()), 180, "the job")
+        later = next(j for j in node.jobs() if j["series_instance_uid"] == studies[1].series_uid)
+        sr = pydicom.dcmread(io.BytesIO(_file(node, later["id"], "sr.dcm")))
+        assert node.get(f"/jobs/{later['id']}")["history"] == []
+    groups = numbers_by_finding(sr)
+    assert groups and all(_key(PRIOR_VOLUME) not in items for items in groups.values())
+    with sqlite3.connect(node.data_dir / "vesalius.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM volume_history").fetchone() == (0,)
