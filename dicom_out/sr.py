@@ -13,11 +13,13 @@ both groups at that region, and without one it fails on the report altogether.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -50,6 +52,32 @@ SQUARE_CENTIMETER = codes.UCUM.SquareCentimeter
 HOUNSFIELD_UNIT = codes.UCUM.HounsfieldUnit
 NO_UNIT = Code("1", "UCUM", "no units")
 
+# Longitudinal follow-up (the node's volume history): no DCM or SCT concept names "the value of this
+# measurement in a prior study" or "its change since then", so these two are private codes of the
+# scheme 99VES (docs/outputs.md), declared in the SR's Coding Scheme Identification Sequence; the
+# prior study's date is the standard DCM 111060 "Study Date", a property of the prior volume.
+PRIVATE_SCHEME = "99VES"
+PRIOR_VOLUME = Code("PRIORVOL", PRIVATE_SCHEME, "Volume in prior study")
+VOLUME_CHANGE = Code("VOLCHANGE", PRIVATE_SCHEME, "Volume change since prior study")
+STUDY_DATE = codes.DCM.StudyDate  # DCM 111060
+
+
+@dataclass(frozen=True)
+class Prior:
+    """A structure's volume in an earlier study of the same patient, and that study's date."""
+
+    volume_ml: float
+    study_date: str  # DICOM DA, YYYYMMDD
+
+
+def concept_key(name: str) -> str:
+    """How priors are keyed: the structure's coded concept (type, laterality, region where it has
+    them), so two model versions (or models) naming it differently still follow one structure."""
+    term = term_for(name)
+    parts = (term.type, term.modifier, term.region, term.region_modifier)
+    return "/".join(f"{code.scheme_designator}:{code.value}" for code in parts if code is not None)
+
+
 _PROCEDURES = {
     "CT": codes.LN.CTUnspecifiedBodyRegion,
     "MR": codes.LN.MRIUnspecifiedBodyRegion,
@@ -66,13 +94,29 @@ def _intensity(modality: str) -> tuple[Code, Code] | None:
     return None
 
 
+def _prior_measurements(volume_ml: float, prior: Prior,
+                        algorithm_id: hd.sr.AlgorithmIdentification) -> list[hd.sr.Measurement]:
+    """The prior volume (with its study's date as a property) and the change to this one."""
+    before = hd.sr.Measurement(name=PRIOR_VOLUME, value=round(prior.volume_ml, 1), unit=MILLILITER)
+    item = before[0]
+    item.ContentSequence = hd.sr.ContentSequence([hd.sr.DateContentItem(
+        name=STUDY_DATE, value=prior.study_date,
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES)], is_root=False)
+    change = hd.sr.Measurement(name=VOLUME_CHANGE, value=round(volume_ml - prior.volume_ml, 1),
+                               unit=MILLILITER, algorithm_id=algorithm_id)
+    return [before, change]
+
+
 def _measurements(measurement: Measurement, modality: str,
-                  algorithm_id: hd.sr.AlgorithmIdentification) -> list[hd.sr.Measurement]:
+                  algorithm_id: hd.sr.AlgorithmIdentification,
+                  prior: Prior | None = None) -> list[hd.sr.Measurement]:
     measurement = measurement.rounded()  # 0.1 mL, 0.1 cm2, 1 HU: no digits the voxels cannot tell
     items = [
         hd.sr.Measurement(name=VOLUME, value=float(measurement.volume_ml), unit=MILLILITER,
                           algorithm_id=algorithm_id),
     ]
+    if prior is not None:
+        items += _prior_measurements(float(measurement.volume_ml), prior, algorithm_id)
     if measurement.surface_area_cm2 is not None:
         items.append(hd.sr.Measurement(name=AREA, value=float(measurement.surface_area_cm2),
                                        unit=SQUARE_CENTIMETER, algorithm_id=algorithm_id))
@@ -143,7 +187,8 @@ def _location_group(volume: Volume, label_map: np.ndarray, counts: np.ndarray, l
 
 
 def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measurement],
-             algorithm: Algorithm, *, label_map: np.ndarray) -> pydicom.Dataset:
+             algorithm: Algorithm, *, label_map: np.ndarray,
+             priors: Mapping[str, Prior] | None = None) -> pydicom.Dataset:
     """A Comprehensive 3D SR measurement report on the SEG's segments, with derived UIDs.
 
     ``label_map`` is the model's label array the SEG was made from; it places each structure's
@@ -153,7 +198,11 @@ def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measur
     defined for Segmentation Storage, and dciodvfy rejects it on a Label Map Segmentation; so the
     report always travels with the BINARY SEG, and a Label Map SEG is an addition, never a
     replacement.
+
+    ``priors`` (by ``concept_key`` of a structure's type) are the volumes of an earlier study of
+    the same patient: a structure with one carries it, its date and the change (docs/outputs.md).
     """
+    priors = priors or {}
     if seg.SOPClassUID != SEGMENTATION_STORAGE:
         raise ValueError("the SR references the BINARY SEG (Segmentation Storage); "
                          f"got SOP class {seg.SOPClassUID}")
@@ -188,7 +237,8 @@ def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measur
             finding_sites=[hd.sr.FindingSite(anatomic_location=term.type,
                                              laterality=term.modifier)],
             algorithm_id=algorithm_id,
-            measurements=_measurements(measurement, volume.modality, algorithm_id),
+            measurements=_measurements(measurement, volume.modality, algorithm_id,
+                                       priors.get(concept_key(measurement.label.name))),
             qualitative_evaluations=completeness_evaluations(measurement) or None,
         ))
         groups.append(_location_group(volume, label_map, counts, measurement.label,
@@ -220,4 +270,14 @@ def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measur
     sr.SoftwareVersions = SOFTWARE_VERSION
     sr.DeviceSerialNumber = DEVICE_SERIAL_NUMBER
     name_series(sr, algorithm, "sr")
+    if any(concept_key(m.label.name) in priors for m in measurements):
+        sr.CodingSchemeIdentificationSequence = [_private_scheme()]
     return sr
+
+
+def _private_scheme() -> Dataset:
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "Vesalius longitudinal measurements"
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    return item

@@ -154,6 +154,7 @@ class Learning:
 
     corrections: bool = True  # recognise received SEGs that correct our jobs, and score them
     case_library: bool = True  # each recognised correction becomes a de-identified case (data_dir/cases)
+    longitudinal: bool = True  # keep each structure's volume per pseudonymous patient; priors in the SR
 
     def __post_init__(self) -> None:
         check_types(self)

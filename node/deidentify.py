@@ -190,13 +190,18 @@ class _Deidentifier:
 
     def pseudonym(self, keyword: str, value: str) -> str:
         if keyword == "PatientID":
-            return self.mapping.pseudonym("patient_id", value, lambda: f"VES{_code()}")
+            return patient_pseudonym(self.mapping, value)
         if keyword == "PatientName":
             return self.mapping.pseudonym("patient_name", json.dumps([self.patient_id, value]),
                                           lambda: f"ANON^{_code()}")
         if not value:  # no accession number: nothing to hide
             return value
         return self.mapping.pseudonym("accession", value, _code)
+
+
+def patient_pseudonym(mapping: Mapping, patient_id: str) -> str:
+    """The consistent pseudonym of a Patient ID (what the history and the case library key on)."""
+    return mapping.pseudonym("patient_id", patient_id, lambda: f"VES{_code()}")
 
 
 def deidentify(datasets: Sequence[Dataset], mapping: Mapping,

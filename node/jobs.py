@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vesalius.inference.volume import VolumeError
-from vesalius.node import audit
+from vesalius.node import audit, longitudinal
 from vesalius.node.audit import Audit
 from vesalius.node.config import Config
 from vesalius.node.paths import inside, uid_file_name
@@ -84,7 +84,7 @@ def _warm_up(models: tuple[str, ...] = ()) -> None:
 
 
 def _run_reporting_stages(paths: list[str], out: str, model: str, result_key: str, db_path: str,
-                          job_id: int) -> dict[str, Any]:
+                          job_id: int, priors: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """In the worker: the pipeline, each stage's start written to the job's row as it happens,
     so /jobs and the dashboard show "running: stage n of m" live."""
     def on_stage(stage: str, n: int, of: int) -> None:
@@ -93,7 +93,7 @@ def _run_reporting_stages(paths: list[str], out: str, model: str, result_key: st
         except sqlite3.Error as err:  # progress is for display only: never the reason a job fails
             log.warning("job %d: could not record its progress: %s", job_id, err)
 
-    return run_pipeline(paths, out, model, result_key=result_key, on_stage=on_stage)
+    return run_pipeline(paths, out, model, result_key=result_key, on_stage=on_stage, priors=priors)
 
 
 def _folder(name: str) -> str:
@@ -181,10 +181,15 @@ class JobRunner:
         out = result_dir_for(self.store, series_uid, model, result_key)
         log.info("job start job=%d series=%s model=%s instances=%d attempt=%d",
                  job_id, series_uid, model, len(paths), job["attempts"])
+        # the patient's earlier volumes, looked up here: the worker has no store
+        study = (longitudinal.safely("find the patient", longitudinal.study_of, self.store, series_uid)
+                 if self.config.learning.longitudinal else None)
+        priors = (longitudinal.safely("look up priors", longitudinal.priors, self.store, study)
+                  if study else None)
         try:
             with self._pool_lock:
                 future = self._pool.submit(_run_reporting_stages, paths, str(out), model, result_key,
-                                           str(self.store.db_path), job_id)
+                                           str(self.store.db_path), job_id, priors)
             summary = future.result()
         except Exception as err:
             if self.stop.is_set():  # the node is stopping and ended the worker: not the job's fault
@@ -196,6 +201,9 @@ class JobRunner:
         # a series where the model found nothing has no objects to deliver
         destinations = json.loads(job["destinations"]) if summary["objects"] else []
         self.store.finish_job(job_id, out, summary["stages_s"], destinations)
+        if study is not None:
+            longitudinal.safely("record the volumes", longitudinal.record, self.store, job_id, study,
+                                summary["structures"])
         self._audit(job, audit.SUCCESS, summary)
         self.on_done()
         log.info("job done job=%d series=%s stages=%s deliveries=%d",

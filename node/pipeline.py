@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,15 +56,17 @@ class StageTimer:
 
 def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: str,
                  max_triangles: int = 100_000, result_key: str = "",
-                 on_stage: OnStage | None = None) -> dict[str, Any]:
+                 on_stage: OnStage | None = None,
+                 priors: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Process one DICOM series into ``out_dir`` (replaced atomically) and return the summary.
-    ``result_key`` (a study-level rule's) makes the output UIDs per study and rule."""
+    ``result_key`` (a study-level rule's) makes the output UIDs per study and rule. ``priors``
+    (node.longitudinal.priors: plain data, by structure concept) go into the SR."""
     from vesalius.inference.series import load_series
 
     timer = StageTimer(on_stage)
     with timer.stage("volume"):
         volume = load_series(paths)
-    return _process(volume, None, timer, out_dir, model_name, max_triangles, result_key)
+    return _process(volume, None, timer, out_dir, model_name, max_triangles, result_key, priors)
 
 
 def run_pipeline_on_file(path: str | Path, out_dir: str | Path, model_name: str, modality: str = "CT",
@@ -81,7 +83,8 @@ def run_pipeline_on_file(path: str | Path, out_dir: str | Path, model_name: str,
 
 
 def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, out_dir: str | Path,
-             model_name: str, max_triangles: int, result_key: str) -> dict[str, Any]:
+             model_name: str, max_triangles: int, result_key: str,
+             priors: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Labels, meshes, measures and the output files of a volume; DICOM objects only for a DICOM
     series (``volume_file`` None), else the label map beside the input's format."""
     # Imported here, not at module level, so the listener process never loads VTK, highdicom and
@@ -91,7 +94,7 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     from vesalius.dicom_out.identity import ARTIFICIAL_INTELLIGENCE, MORPHOLOGICAL_OPERATIONS, Algorithm
     from vesalius.dicom_out.preview import build_preview
     from vesalius.dicom_out.seg import LABELMAP, build_seg
-    from vesalius.dicom_out.sr import build_sr
+    from vesalius.dicom_out.sr import Prior, build_sr, concept_key
     from vesalius.dicom_out.stl import write_stl
     from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
     from vesalius.dicom_out.thumbnails import write_thumbnails
@@ -131,7 +134,9 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
                 volume, label_map, model.structures, algorithm, segmentation_type=LABELMAP)))
             seg = write("seg", build_seg(volume, label_map, model.structures, algorithm))
             # the SR references the BINARY SEG: the one every destination receives
-            write("sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map))
+            write("sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map, priors={
+                concept: Prior(float(p["volume_ml"]), str(p["study_date"]))
+                for concept, p in (priors or {}).items()}))
         if meshes and dicom:
             write("surface_segmentation", build_surface_segmentation(volume, meshes, algorithm, seg=seg))
         stls = build_encapsulated_stls(volume, meshes, algorithm, seg=seg) if meshes and dicom else []
@@ -166,7 +171,8 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
         "thumbnails": [f"{THUMBNAIL_DIR}/{path.name}" for path in thumbnails],
         # at reported precision; "complete": false when the scan cuts the structure
         "structures": [
-            {"name": m.label.name, "voxels": m.voxel_count, "volume_ml": m.volume_ml,
+            {"name": m.label.name, "concept": concept_key(m.label.name), "voxels": m.voxel_count,
+             "volume_ml": m.volume_ml,
              "surface_area_cm2": m.surface_area_cm2, "mean": m.mean, "std": m.std,
              "complete": not m.incomplete}
             for m in (measurement.rounded() for measurement in measurements)

@@ -671,3 +671,21 @@ CREATE TABLE IF NOT EXISTS pull_series (
 );
 """
 SCHEMA += PULL_SCHEMA
+
+# --- longitudinal (issue 16): each structure's volume per pseudonymous patient (node.longitudinal)
+LONGITUDINAL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS volume_history (
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    patient TEXT NOT NULL,                        -- pseudonym (deid_map patient_id), never the Patient ID
+    study_instance_uid TEXT NOT NULL,
+    study_date TEXT NOT NULL,                     -- YYYYMMDD, the study's own date
+    structure TEXT NOT NULL,                      -- the model's name for it
+    concept TEXT NOT NULL,                        -- its coded concept, scheme:value (what priors match on)
+    volume_ml REAL NOT NULL,
+    complete INTEGER NOT NULL,                    -- 0: the scan cuts the structure
+    recorded_at REAL NOT NULL,
+    PRIMARY KEY (job_id, structure)
+);
+CREATE INDEX IF NOT EXISTS volume_history_patient ON volume_history(patient, concept, study_date);
+"""
+SCHEMA += LONGITUDINAL_SCHEMA

@@ -24,6 +24,7 @@ from tests.ohif_peer import ohif_server, orthanc_dicomweb
 from tests.peers import wait_for
 from tests.phantoms import write_phantom_series
 from tests.test_e2e import CHEST
+from vesalius.dicom_out.sr import concept_key
 from vesalius.inference.terminology import term_for
 from vesalius.node.pipeline import run_pipeline
 
@@ -46,7 +47,10 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
     tmp = tmp_path_factory.mktemp("ohif")
     series = write_phantom_series(tmp / "ct", shape=(40, 100, 100), spacing=(3.0, 2.0, 2.0),
                                   objects=CHEST)
-    summary = run_pipeline(series.paths, tmp / "out", "builtin_ct")
+    # with a prior study's volumes (node.longitudinal): the report carries them and still opens
+    priors = {concept_key(name): {"volume_ml": 1.0, "study_date": "20250101"}
+              for name in ("body", "lung_left", "lung_right", "bone")}
+    summary = run_pipeline(series.paths, tmp / "out", "builtin_ct", priors=priors)
     ours = [tmp / "out" / name for name in ("seg.dcm", "seg_labelmap.dcm", "sr.dcm")]
     with orthanc_dicomweb(tmp) as orthanc, ohif_server(orthanc.url) as url, sync_playwright() as pw:
         orthanc.upload([*series.paths, *ours])

@@ -16,6 +16,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from vesalius.node.api.routes import shaped
+from vesalius.node.longitudinal import history
 from vesalius.node.paths import inside
 from vesalius.node.store import Store
 
@@ -48,8 +49,9 @@ def _result_dir(store: Store, job: Any) -> Path | None:
 
 
 def job_detail(store: Store, job_id: int, ohif_url: str = "") -> dict[str, Any] | None:
-    """The job row, its deliveries, its summary (model, structures, stage timings), its files
-    and the OHIF link, as the job page shows them; None when there is no such job."""
+    """The job row, its deliveries, its summary (model, structures, stage timings), its files,
+    the patient's volume history and the OHIF link, as the job page shows them; None when there
+    is no such job."""
     rows = store.listing("jobs", 1, before=job_id + 1)
     if not rows or rows[0]["id"] != job_id:
         return None
@@ -63,6 +65,7 @@ def job_detail(store: Store, job_id: int, ohif_url: str = "") -> dict[str, Any] 
     if "summary.json" in files:
         detail["summary"] = json.loads(files["summary.json"].read_text())
     detail["files"] = [{"name": name, "bytes": path.stat().st_size} for name, path in files.items()]
+    detail["history"] = history(store, job_id)  # the patient's volumes over time: dates and numbers only
     study = detail.get("study_instance_uid")
     detail["ohif"] = (f"{ohif_url.rstrip('/')}/viewer?{urllib.parse.urlencode({'StudyInstanceUIDs': study})}"
                       if ohif_url and study else None)

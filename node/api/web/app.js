@@ -271,6 +271,40 @@ function measurements(summary) {
     summary.not_found.length ? h('p', { class: 'muted' }, `Not found in this series: ${summary.not_found.join(', ')}`) : '');
 }
 
+// The patient's volume of each structure over time (pseudonymous: dates and volumes only),
+// one small inline SVG line per structure; this job's point is filled.
+function svg(tag, attributes = {}, ...children) {
+  const element = document.createElementNS('http://www.w3.org/2000/svg', tag);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
+  for (const child of children.flat()) element.append(child instanceof Node ? child : String(child));
+  return element;
+}
+
+function historyPlot(entry, jobId) {
+  const [width, height, pad] = [260, 90, 18];
+  const days = entry.points.map((p) => Date.UTC(+p.study_date.slice(0, 4), +p.study_date.slice(4, 6) - 1, +p.study_date.slice(6, 8)));
+  const volumes = entry.points.map((p) => p.volume_ml);
+  const [d0, d1] = [Math.min(...days), Math.max(...days)];
+  const [v0, v1] = [Math.min(...volumes), Math.max(...volumes)];
+  const x = (d) => pad + (d1 > d0 ? (d - d0) / (d1 - d0) : 0.5) * (width - 2 * pad);
+  const y = (v) => height - pad - (v1 > v0 ? (v - v0) / (v1 - v0) : 0.5) * (height - 2 * pad);
+  const xy = entry.points.map((p, i) => [x(days[i]), y(p.volume_ml)]);
+  return svg('svg', { width, height, viewBox: `0 0 ${width} ${height}`, class: 'history-plot', role: 'img', 'aria-label': `${entry.structure} volume over time` },
+    svg('polyline', { points: xy.map(([a, b]) => `${a},${b}`).join(' '), fill: 'none', stroke: 'currentColor' }),
+    entry.points.map((p, i) => svg('circle', { cx: xy[i][0], cy: xy[i][1], r: 3, stroke: 'currentColor', fill: p.job_id === jobId ? 'currentColor' : 'white' },
+      svg('title', {}, `${p.study_date}: ${p.volume_ml} ml`))),
+    svg('text', { x: 2, y: 12, 'font-size': 10, fill: 'currentColor' }, `${v1} ml`),
+    svg('text', { x: 2, y: height - 2, 'font-size': 10, fill: 'currentColor' }, `${v0} ml`));
+}
+
+function volumeHistory(job) {
+  const entries = (job.history || []).filter((e) => e.points.length > 1);
+  if (!entries.length) return '';
+  return h('section', { id: 'history' }, h('h2', {}, 'Volume over time (this patient)'),
+    h('div', { class: 'thumbs' }, entries.map((e) => h('figure', {}, historyPlot(e, job.id),
+      h('figcaption', {}, `${e.structure}: ${e.points.map((p) => `${p.study_date} ${p.volume_ml} ml`).join(' → ')}`)))));
+}
+
 function downloads(job) {
   const names = job.files.map((f) => f.name);
   const group = (title, picked) => (picked.length ? h('div', {}, h('h3', {}, title),
@@ -307,7 +341,7 @@ function jobPage(jobId) {
     if (summary && job.state === 'done') {
       const glb = job.files.find((f) => f.name.endsWith('.glb'));
       const viewer = h('section', { id: 'viewer-section' }, h('h2', {}, '3D'), glb ? h('div', { id: 'viewer' }) : h('p', { class: 'muted' }, 'No structure was found: no 3D model.'));
-      parts.push(viewer, measurements(summary), await thumbnails(job),
+      parts.push(viewer, measurements(summary), volumeHistory(job), await thumbnails(job),
         h('section', {}, h('h2', {}, 'Stage timings'), table(['Stage', 'Seconds'], Object.entries(summary.stages_s).map(([k, v]) => h('tr', {}, h('td', {}, k), h('td', {}, v.toFixed(2)))), { id: 'stages' })),
         downloads(job));
       main.replaceChildren(...parts);
