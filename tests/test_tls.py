@@ -113,6 +113,8 @@ def test_series_in_over_tls_results_out_over_tls(tmp_path: Path, pki: Pki) -> No
             as node:
         storescu(paths, tls_port, calling="SCANNER", extra=tls_args(pki.scanner, pki.ca))
         wait_for(lambda: node.delivered(1), 240, "the results at storescp +tls")
+        # the delivery row is written before its log line: wait for the line, not only the row
+        wait_for(lambda: "delivery done" in node.log(), 30, "the delivery's log line")
         log = node.log()
         received = {str(pydicom.dcmread(p).SOPClassUID) for p in pacs.files()}
     assert received == {SEG, SURFACE, COMPREHENSIVE_3D_SR, PREVIEW}
