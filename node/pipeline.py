@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vesalius.inference.memory import release_free_memory
 from vesalius.node.paths import inside, safe_name
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class StageTimer:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
+            release_free_memory()  # the stage's freed temporaries, before the next stage's peak
 
 
 def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: str,
@@ -114,10 +116,12 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
         # the 3D preview renders (VTK, off-screen) while the other objects are written
         preview = pool.submit(lambda: write("preview", build_preview(
             volume, meshes, measurements, algorithm))) if meshes and dicom else None
-        if measurements and dicom:  # the two SEGs in parallel: numpy and highdicom release the GIL often
+        if measurements and dicom:
+            seg = write("seg", build_seg(volume, label_map, model.structures, algorithm))
+            # after the BINARY SEG, not beside it: their masks are the largest arrays of the job,
+            # and its RLE encoder holds the GIL, so side by side they only added up in memory
             labelmap = pool.submit(lambda: write("seg_labelmap", build_seg(
                 volume, label_map, model.structures, algorithm, segmentation_type=LABELMAP)))
-            seg = write("seg", build_seg(volume, label_map, model.structures, algorithm))
             # the SR references the BINARY SEG: the one every destination receives
             write("sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map))
         if meshes and dicom:

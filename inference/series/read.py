@@ -17,6 +17,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.processing import apply_modality_lut
 
+from vesalius.inference.memory import release_free_memory
 from vesalius.inference.series.frames import Slice, frame_slices, instance_name, is_localizer
 from vesalius.inference.series.geometry import stack_geometry
 from vesalius.inference.volume import Volume, VolumeError
@@ -54,6 +55,7 @@ def load_series(paths: Sequence[str | Path]) -> Volume:
     array = _decode_all(kept)
     for ds in images:
         del ds.PixelData
+    release_free_memory()  # the decoders' freed buffers, ~200 MB for 300 slices
     return Volume(array=array, affine=affine, sources=tuple(piece.header for piece in kept))
 
 
