@@ -186,7 +186,7 @@ def values_per_slice(label_map: np.ndarray) -> np.ndarray:
 def _binary_stack(label_map: np.ndarray, present: Sequence[Label],
                   slices_with: np.ndarray) -> np.ndarray:
     """The segments' 0/1 masks as a (slices, rows, cols, segments) uint8 view of one contiguous
-    mask per segment, each computed only over the slices its structure spans.
+    mask per segment, each written only over the slices and rows its structure spans.
 
     highdicom takes a frame of one segment from this view without a copy, and the zeros outside
     a structure's slices are never written (nor made resident: np.zeros maps them lazily).
@@ -195,7 +195,10 @@ def _binary_stack(label_map: np.ndarray, present: Sequence[Label],
     for segment, label in enumerate(present):
         slices = np.flatnonzero(slices_with[:, [label.value, *label.includes]].any(axis=1))
         first, last = int(slices[0]), int(slices[-1]) + 1
-        stack[segment, first:last] = label.mask(label_map[first:last])
+        mask = label.mask(label_map[first:last])
+        rows = np.flatnonzero(mask.any(axis=(0, 2)))  # pages of rows outside stay unwritten too
+        top, bottom = int(rows[0]), int(rows[-1]) + 1
+        stack[segment, first:last, top:bottom] = mask[:, top:bottom]
     return np.moveaxis(stack, 0, -1)
 
 
