@@ -49,6 +49,7 @@ LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 # every viewer. A BINARY frame costs rows*cols/8 bytes, so beyond this many frames (segments x
 # slices, ~330 MB at 512x512) the empty ones are left out and the file stays sendable.
 KEEP_EMPTY_FRAMES_UP_TO = 10_000
+SLICES_PER_BLOCK = 16  # masks are computed this many slices at a time (no full-volume temporary)
 
 
 def role_prefix(seg: pydicom.Dataset | None) -> str:
@@ -186,7 +187,7 @@ def values_per_slice(label_map: np.ndarray) -> np.ndarray:
 def _binary_stack(label_map: np.ndarray, present: Sequence[Label],
                   slices_with: np.ndarray) -> np.ndarray:
     """The segments' 0/1 masks as a (slices, rows, cols, segments) uint8 view of one contiguous
-    mask per segment, each written only over the slices and rows its structure spans.
+    mask per segment, each written only over the slices its structure spans.
 
     highdicom takes a frame of one segment from this view without a copy, and the zeros outside
     a structure's slices are never written (nor made resident: np.zeros maps them lazily).
@@ -194,11 +195,9 @@ def _binary_stack(label_map: np.ndarray, present: Sequence[Label],
     stack = np.zeros((len(present), *label_map.shape), np.uint8)
     for segment, label in enumerate(present):
         slices = np.flatnonzero(slices_with[:, [label.value, *label.includes]].any(axis=1))
-        first, last = int(slices[0]), int(slices[-1]) + 1
-        mask = label.mask(label_map[first:last])
-        rows = np.flatnonzero(mask.any(axis=(0, 2)))  # pages of rows outside stay unwritten too
-        top, bottom = int(rows[0]), int(rows[-1]) + 1
-        stack[segment, first:last, top:bottom] = mask[:, top:bottom]
+        for start in range(int(slices[0]), int(slices[-1]) + 1, SLICES_PER_BLOCK):  # small temporaries
+            end = min(start + SLICES_PER_BLOCK, int(slices[-1]) + 1)
+            stack[segment, start:end] = label.mask(label_map[start:end])
     return np.moveaxis(stack, 0, -1)
 
 

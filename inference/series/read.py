@@ -42,6 +42,13 @@ def load_series(paths: Sequence[str | Path]) -> Volume:
     instance given twice is read once; the remaining slices (single-frame images or the frames of
     multi-frame ones) must form one stack whose geometry is checked rather than assumed.
     """
+    try:
+        return _load(paths, allow_int16=True)
+    except _OutOfInt16:  # an integer rescale whose values leave int16 (rare): read again, in float32
+        return _load(paths, allow_int16=False)
+
+
+def _load(paths: Sequence[str | Path], allow_int16: bool) -> Volume:
     images = [ds for ds in _unique(_read_all(paths)) if _is_image(ds)]
     if not images:
         raise VolumeError("the series contains no image instances")
@@ -52,10 +59,8 @@ def load_series(paths: Sequence[str | Path]) -> Volume:
         raise VolumeError(f"the series holds only localizer images ({len(slices)})")
     order, affine = stack_geometry([piece.header for piece in kept])
     kept = [kept[i] for i in order]
-    try:
-        array = _decode_all(kept, integer=all(_integer_intercept(p.header) is not None for p in kept))
-    except _OutOfInt16:  # an integer rescale whose values leave int16: decode again, in float32
-        array = _decode_all(kept, integer=False)
+    integer = allow_int16 and all(_integer_intercept(piece.header) is not None for piece in kept)
+    array = _decode_all(kept, integer=integer)
     for ds in images:
         if "PixelData" in ds:  # the localizers'; the decoded instances gave theirs up already
             del ds.PixelData
@@ -140,18 +145,6 @@ def _integer_intercept(header: pydicom.Dataset) -> int | None:
     return int(intercept) if slope == 1 and intercept.is_integer() else None
 
 
-def _fits_int16(header: pydicom.Dataset) -> bool:
-    """Whether every value the header allows (Bits Stored, signedness, intercept) fits int16."""
-    intercept = _integer_intercept(header)
-    bits = int(header.get("BitsStored", 16) or 16)
-    if intercept is None or bits > 16:
-        return False
-    signed = int(header.get("PixelRepresentation", 0) or 0) == 1
-    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    limits = np.iinfo(np.int16)
-    return bool(limits.min <= low + intercept and high + intercept <= limits.max)
-
-
 def _decode_all(slices: list[Slice], integer: bool) -> np.ndarray:
     """Modality values (rescale / Modality LUT applied), one instance per thread: int16 when
     ``integer`` (half the memory of float32, and exact), float32 otherwise. An instance's pixel
@@ -185,8 +178,7 @@ def _decode_all(slices: list[Slice], integer: bool) -> np.ndarray:
             if low < limits.min or high > limits.max:
                 raise _OutOfInt16
             out[index] = frame.astype(np.int32) + intercept  # checked above: it fits
-        if integer and all(_fits_int16(slices[i].header) for i in indices):
-            del ds.PixelData  # and pydicom's cached pixel array with it: no fallback can need it
+        del ds.PixelData  # and pydicom's cached pixel array with it (a fallback reads the files again)
 
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         list(pool.map(decode, by_instance.values()))
