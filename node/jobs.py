@@ -170,7 +170,8 @@ class JobRunner:
                  job_id, series_uid, model, len(paths), job["attempts"])
         try:
             with self._pool_lock:
-                future = self._pool.submit(run_pipeline, paths, str(out), model, result_key=result_key)
+                future = self._pool.submit(run_pipeline, paths, str(out), model, result_key=result_key,
+                                           labelmap=self._wants_labelmap(job))
             summary = future.result()
         except Exception as err:
             if self.stop.is_set():  # the node is stopping and ended the worker: not the job's fault
@@ -186,6 +187,11 @@ class JobRunner:
         self.on_done()
         log.info("job done job=%d series=%s stages=%s deliveries=%d",
                  job_id, series_uid, summary["stages_s"], len(destinations))
+
+    def _wants_labelmap(self, job: sqlite3.Row) -> bool:
+        """Whether a destination of the job takes the Label Map SEG: only then is it written."""
+        names = set(json.loads(job["destinations"]))
+        return any(d.labelmap for d in self.config.destinations if d.name in names)
 
     def _job_failed(self, job: sqlite3.Row, err: Exception) -> None:
         if isinstance(err, VolumeError):  # the series itself is the problem: retrying cannot help

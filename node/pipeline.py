@@ -47,15 +47,16 @@ class StageTimer:
 
 
 def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: str,
-                 max_triangles: int = 100_000, result_key: str = "") -> dict[str, Any]:
+                 max_triangles: int = 100_000, result_key: str = "", labelmap: bool = True) -> dict[str, Any]:
     """Process one DICOM series into ``out_dir`` (replaced atomically) and return the summary.
-    ``result_key`` (a study-level rule's) makes the output UIDs per study and rule."""
+    ``result_key`` (a study-level rule's) makes the output UIDs per study and rule; ``labelmap``
+    False leaves out the Label Map SEG (no destination of the job takes it: 2-3 s of writing)."""
     from vesalius.inference.series import load_series
 
     timer = StageTimer()
     with timer.stage("volume"):
         volume = load_series(paths)
-    return _process(volume, None, timer, out_dir, model_name, max_triangles, result_key)
+    return _process(volume, None, timer, out_dir, model_name, max_triangles, result_key, labelmap)
 
 
 def run_pipeline_on_file(path: str | Path, out_dir: str | Path, model_name: str, modality: str = "CT",
@@ -72,7 +73,7 @@ def run_pipeline_on_file(path: str | Path, out_dir: str | Path, model_name: str,
 
 
 def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, out_dir: str | Path,
-             model_name: str, max_triangles: int, result_key: str) -> dict[str, Any]:
+             model_name: str, max_triangles: int, result_key: str, labelmap: bool = True) -> dict[str, Any]:
     """Labels, meshes, measures and the output files of a volume; DICOM objects only for a DICOM
     series (``volume_file`` None), else the label map beside the input's format."""
     # Imported here, not at module level, so the listener process never loads VTK, highdicom and
@@ -120,8 +121,9 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
             seg = write("seg", build_seg(volume, label_map, model.structures, algorithm))
             # after the BINARY SEG, not beside it: their masks are the largest arrays of the job,
             # and its RLE encoder holds the GIL, so side by side they only added up in memory
-            labelmap = pool.submit(lambda: write("seg_labelmap", build_seg(
-                volume, label_map, model.structures, algorithm, segmentation_type=LABELMAP)))
+            labelmap_seg = pool.submit(lambda: write("seg_labelmap", build_seg(
+                volume, label_map, model.structures, algorithm,
+                segmentation_type=LABELMAP))) if labelmap else None
             # the SR references the BINARY SEG: the one every destination receives
             write("sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map))
         if meshes and dicom:
@@ -135,8 +137,8 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
                       for m in meshes]
         if meshes:
             write_glb(meshes, tmp / GLB_FILE)
-        if measurements and dicom:
-            labelmap.result()
+        if measurements and dicom and labelmap_seg is not None:
+            labelmap_seg.result()
         if preview is not None:
             preview.result()
         if volume_file is not None:  # research input: the label map in its own format, on its own grid
