@@ -39,6 +39,7 @@ CHEST = [
     Cylinder((0, 110, 0), (0, 0, 1), 18, 400, 700),
     Sphere((30, 0, -120), 40, 60),
 ]
+SERIES_RULE = '[[rules]]\nname = "ct"\ntrigger = "series"\nselect = "all"\n'
 REAL_CT = ROOT.parent / "shared" / "data" / "totalseg-examples" / "example_ct.nii.gz"
 
 
@@ -123,6 +124,9 @@ def main() -> None:
     parser.add_argument("--j2k", action="store_true", help="send the series JPEG 2000 Lossless compressed")
     parser.add_argument("--series", type=int, default=1, help="this many series sent at once")
     parser.add_argument("--cache", type=Path, help="keep the written series here between runs")
+    parser.add_argument("--trigger", choices=("study", "series"), default="study",
+                        help="the rule's trigger: study (the default rule: waits study_quiet_period, 3 s, "
+                             "for the rest of the study) or series (processed once the series is complete)")
     parser.add_argument("--verbose", action="store_true", help="print the node's completion/job/send log")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -134,7 +138,9 @@ def main() -> None:
         extra = ["-xv"] if args.j2k else []  # propose JPEG 2000 Lossless
         print(f"load average before: {os.getloadavg()[0]:.2f} (2 cores)")
         warm_up = phantom_series(tmp / "warm-up", 8, 99)
-        with storescp(tmp / "pacs") as pacs, vesalius_node(tmp, destinations=[pacs.address]) as node:
+        rules = SERIES_RULE if args.trigger == "series" else ""
+        with storescp(tmp / "pacs") as pacs, \
+                vesalius_node(tmp, destinations=[pacs.address], config=rules) as node:
             # a small series first: the worker has imported its libraries and loaded the model
             storescu(warm_up, node.port, calling="WARMUP")
             wait_for(lambda: any(d["state"] == "done" for d in node.deliveries()), 600, "the warm-up")

@@ -114,11 +114,13 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
         return ds
 
     with timer.stage("writers"), ThreadPoolExecutor(3) as pool:  # nothing found: no objects
-        # the 3D preview renders (VTK, off-screen) while the other objects are written
+        if measurements and dicom:
+            seg = write("seg", build_seg(volume, label_map, model.structures, algorithm))
+        # the 3D preview renders (VTK, off-screen) while the other objects are written; after the
+        # BINARY SEG, whose masks are the job's largest arrays, so their memory does not add up
         preview = pool.submit(lambda: write("preview", build_preview(
             volume, meshes, measurements, algorithm))) if meshes and dicom else None
         if measurements and dicom:
-            seg = write("seg", build_seg(volume, label_map, model.structures, algorithm))
             # after the BINARY SEG, not beside it: their masks are the largest arrays of the job,
             # and its RLE encoder holds the GIL, so side by side they only added up in memory
             labelmap_seg = pool.submit(lambda: write("seg_labelmap", build_seg(
