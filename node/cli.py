@@ -125,6 +125,7 @@ def _process(args: argparse.Namespace) -> int:
     from vesalius.inference.models.registry import ModelSpecError, configure
     from vesalius.inference.volume import VolumeError
     from vesalius.inference.volume_files import is_volume_file
+    from vesalius.node.console import is_terminal, process_summary, stage_progress
     from vesalius.node.pipeline import run_pipeline, run_pipeline_on_file
 
     source = Path(args.input)
@@ -150,10 +151,12 @@ def _process(args: argparse.Namespace) -> int:
 
         key = result_key(str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), args.rule)
     try:
-        if volume_file:
-            summary = run_pipeline_on_file(source, args.out, args.model, modality=args.modality)
-        else:
-            summary = run_pipeline(files, args.out, args.model, result_key=key)
+        with stage_progress(is_terminal() and not args.json) as on_stage:
+            if volume_file:
+                summary = run_pipeline_on_file(source, args.out, args.model, modality=args.modality,
+                                               on_stage=on_stage)
+            else:
+                summary = run_pipeline(files, args.out, args.model, result_key=key, on_stage=on_stage)
     except VolumeError as err:  # a volume file's reasons name the file
         what = "" if volume_file else "cannot place the series in space: "
         print(f"vesalius process: {what}{err}", file=sys.stderr)
@@ -165,7 +168,7 @@ def _process(args: argparse.Namespace) -> int:
         logging.getLogger("vesalius.process").debug("process failed", exc_info=True)
         print(f"vesalius process: model {args.model} failed: {err}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2) if args.json else process_summary(summary, Path(args.out)))
     return 0
 
 
@@ -173,7 +176,7 @@ def _echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    from vesalius.node.destinations.dicom import DicomDestination
+    from vesalius.node.destinations.dicom import DicomDestination, connect_error
     from vesalius.node.tls import ClientTLS, client_context
 
     peer = DicomDestination.parse(args.peer)
@@ -190,7 +193,8 @@ def _echo(args: argparse.Namespace) -> int:
         tls_args = (client_context(tls, "--tls"), peer.host)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        print(f"C-ECHO {args.peer}: no association", file=sys.stderr)
+        cause = connect_error(peer.host, peer.port, 10.0)
+        print(f"C-ECHO {args.peer}: no association{': ' + cause if cause else ''}", file=sys.stderr)
         return 1
     status = assoc.send_c_echo()
     assoc.release()
@@ -216,20 +220,9 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    print(f"studies ({len(report['studies'])})")
-    for study in report.pop("studies"):  # each with why its series were chosen or skipped
-        print(f"  {study['study_instance_uid']}  {study['series']} series")
-        for item in study["selection"]:
-            print(f"    {item['rule']}  {item['series_instance_uid']}  {item['reason']}")
-    columns = {
-        "series": ("series_instance_uid", "modality", "instances", "state", "calling_ae", "reason"),
-        "jobs": ("id", "series_instance_uid", "model", "state", "attempts", "error"),
-        "deliveries": ("id", "job_id", "destination", "state", "attempts", "error"),
-    }
-    for what, rows in report.items():
-        print(f"{what} ({len(rows)})")
-        for row in rows:
-            print("  " + "  ".join(str(row[c]) if row[c] is not None else "-" for c in columns[what]))
+    from vesalius.node.console import status_text
+
+    print(status_text(report))
     return 0
 
 
@@ -385,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--config", help="TOML configuration file (for its [[models]])")
     process.add_argument("--rule", metavar="NAME", help="write the UIDs the node writes for this "
                          "study-level rule (per study and rule; default: per series)")
+    process.add_argument("--json", action="store_true", help="print the machine summary (summary.json) "
+                         "instead of the short one for people")
     process.set_defaults(func=_process)
 
     models = sub.add_parser("models", help="list the models with their labels, device and weights")
@@ -434,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--config", help="TOML configuration file (for [retention] and data_dir)")
     clean.add_argument("--data-dir", help="the node's data folder (default ./vesalius-data)")
     clean.set_defaults(func=_cleanup)
+
+    from vesalius.node.evaluate_cli import add_parser as add_evaluate
+
+    add_evaluate(sub)  # vesalius evaluate (issue 15): its code is node/evaluate_cli.py
     return parser
 
 

@@ -148,6 +148,18 @@ class Retention:
 
 
 @dataclass(frozen=True)
+class Dashboard:
+    """The web page the node serves at / (node/api/dashboard.py, docs/dashboard.md)."""
+
+    ohif_url: str = ""  # OHIF Viewer's base URL: the job page links /viewer?StudyInstanceUIDs=...; "" none
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.ohif_url and not re.fullmatch(r"https?://[^\s\"'<>]+", self.ohif_url):
+            raise FieldError(f"ohif_url: expected an http(s):// URL, got {self.ohif_url!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     ae_title: str = DEFAULT_AE_TITLE
     host: str = "0.0.0.0"
@@ -181,6 +193,7 @@ class Config:
     rules: tuple[Rule, ...] = (Rule(name="ct"),)
     retry: Retry = field(default_factory=Retry)
     retention: Retention = field(default_factory=Retention)
+    dashboard: Dashboard = field(default_factory=Dashboard)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -288,7 +301,7 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
         if "tls" in data:
             files = ("certificate", "private_key", "ca_certificates")
             values["tls"] = from_table(ListenerTLS, _relative(data["tls"], files, base), "tls")
-        for key, cls in (("retry", Retry), ("retention", Retention)):
+        for key, cls in (("retry", Retry), ("retention", Retention), ("dashboard", Dashboard)):
             if key in data:
                 values[key] = from_table(cls, data[key], key)
         return from_table(Config, values)

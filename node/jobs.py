@@ -25,7 +25,7 @@ from vesalius.node.audit import Audit
 from vesalius.node.config import Config
 from vesalius.node.paths import inside, uid_file_name
 from vesalius.node.pipeline import run_pipeline
-from vesalius.node.store import Store
+from vesalius.node.store import Store, record_progress
 
 if TYPE_CHECKING:
     from vesalius.inference.models.spec import ModelSpec
@@ -81,6 +81,19 @@ def _warm_up(models: tuple[str, ...] = ()) -> None:
             resolve(model)
         except Exception as err:  # reported by the job that uses it
             log.warning("worker could not preload model %s: %s", model, err)
+
+
+def _run_reporting_stages(paths: list[str], out: str, model: str, result_key: str, db_path: str,
+                          job_id: int, labelmap: bool = True) -> dict[str, Any]:
+    """In the worker: the pipeline, each stage's start written to the job's row as it happens,
+    so /jobs and the dashboard show "running: stage n of m" live."""
+    def on_stage(stage: str, n: int, of: int) -> None:
+        try:
+            record_progress(Path(db_path), job_id, stage, n, of)
+        except sqlite3.Error as err:  # progress is for display only: never the reason a job fails
+            log.warning("job %d: could not record its progress: %s", job_id, err)
+
+    return run_pipeline(paths, out, model, result_key=result_key, on_stage=on_stage, labelmap=labelmap)
 
 
 def _folder(name: str) -> str:
@@ -170,8 +183,8 @@ class JobRunner:
                  job_id, series_uid, model, len(paths), job["attempts"])
         try:
             with self._pool_lock:
-                future = self._pool.submit(run_pipeline, paths, str(out), model, result_key=result_key,
-                                           labelmap=self._wants_labelmap(job))
+                future = self._pool.submit(_run_reporting_stages, paths, str(out), model, result_key,
+                                           str(self.store.db_path), job_id, self._wants_labelmap(job))
             summary = future.result()
         except Exception as err:
             if self.stop.is_set():  # the node is stopping and ended the worker: not the job's fault

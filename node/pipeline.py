@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,16 +28,26 @@ OUTPUT_FILES = {"seg": "seg.dcm", "seg_labelmap": "seg_labelmap.dcm",
                 "surface_segmentation": "surfaces.dcm", "sr": "sr.dcm", "preview": "preview.dcm"}
 STL_DIR = "stl"
 GLB_FILE = "meshes/structures.glb"
+THUMBNAIL_DIR = "thumbnails"  # axial.png, coronal.png, sagittal.png: key slices with the labels drawn
+# The stages of a job, in order: progress reports "stage n of len(STAGES)".
+STAGES = ("volume", "model", "surfaces", "measures", "writers")
+# Told each stage's name, number (from 1) and the count, as the stage starts.
+OnStage = Callable[[str, int, int], None]
 
 
 class StageTimer:
-    """Wall-clock seconds per pipeline stage, for the job row, metrics and the benchmark."""
+    """Wall-clock seconds per pipeline stage, for the job row, metrics and the benchmark;
+    ``on_stage`` hears each stage start (the worker's live progress, the CLI's progress bar)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_stage: OnStage | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.on_stage = on_stage
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self.on_stage is not None:  # a stage not in STAGES (yet) is counted, never an error
+            n = STAGES.index(name) + 1 if name in STAGES else len(self.seconds) + 1
+            self.on_stage(name, n, max(len(STAGES), n))
         start = time.perf_counter()
         try:
             yield
@@ -47,26 +57,27 @@ class StageTimer:
 
 
 def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: str,
-                 max_triangles: int = 100_000, result_key: str = "", labelmap: bool = True) -> dict[str, Any]:
+                 max_triangles: int = 100_000, result_key: str = "",
+                 on_stage: OnStage | None = None, labelmap: bool = True) -> dict[str, Any]:
     """Process one DICOM series into ``out_dir`` (replaced atomically) and return the summary.
     ``result_key`` (a study-level rule's) makes the output UIDs per study and rule; ``labelmap``
     False leaves out the Label Map SEG (no destination of the job takes it: 2-3 s of writing)."""
     from vesalius.inference.series import load_series
 
-    timer = StageTimer()
+    timer = StageTimer(on_stage)
     with timer.stage("volume"):
         volume = load_series(paths)
     return _process(volume, None, timer, out_dir, model_name, max_triangles, result_key, labelmap)
 
 
 def run_pipeline_on_file(path: str | Path, out_dir: str | Path, model_name: str, modality: str = "CT",
-                         max_triangles: int = 100_000) -> dict[str, Any]:
+                         max_triangles: int = 100_000, on_stage: OnStage | None = None) -> dict[str, Any]:
     """Process a NIfTI or NRRD volume (research data) into ``out_dir``: the label map in the
     input's format and layout, the meshes and the summary; no DICOM objects (there is no DICOM
     source for them to reference)."""
     from vesalius.inference.volume_files import read_volume_file
 
-    timer = StageTimer()
+    timer = StageTimer(on_stage)
     with timer.stage("volume"):
         volume_file = read_volume_file(path, modality)
     return _process(volume_file.volume, volume_file, timer, out_dir, model_name, max_triangles, "")
@@ -86,6 +97,7 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     from vesalius.dicom_out.sr import build_sr
     from vesalius.dicom_out.stl import write_stl
     from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
+    from vesalius.dicom_out.thumbnails import write_thumbnails
     from vesalius.inference.measures import measure, not_found
     from vesalius.inference.models.registry import resolve
     from vesalius.inference.surfaces import build_meshes
@@ -139,6 +151,7 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
                       for m in meshes]
         if meshes:
             write_glb(meshes, tmp / GLB_FILE)
+        thumbnails = write_thumbnails(volume, label_map, model.structures, tmp / THUMBNAIL_DIR)
         if measurements and dicom and labelmap_seg is not None:
             labelmap_seg.result()
         if preview is not None:
@@ -158,6 +171,7 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
                     for key, ds in objects.items()},
         "encapsulated_stl": [f"{STL_DIR}/{safe_name(m.label.name)}.dcm" for m in meshes] if dicom else [],
         "meshes": [f"meshes/{name}" for name in mesh_files] + ([GLB_FILE] if meshes else []),
+        "thumbnails": [f"{THUMBNAIL_DIR}/{path.name}" for path in thumbnails],
         # at reported precision; "complete": false when the scan cuts the structure
         "structures": [
             {"name": m.label.name, "voxels": m.voxel_count, "volume_ml": m.volume_ml,
@@ -172,6 +186,9 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     if volume_file is not None:
         summary["input"] = {"file": volume_file.path.name, "modality": volume.modality,
                             "label_map": label_map_name(volume_file.path)}
+        # the label map's values: what `vesalius evaluate` reads it by (includes: the body holds the lungs)
+        summary["labels"] = [{"value": label.value, "name": label.name, "includes": list(label.includes)}
+                             for label in model.structures]
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     _replace_dir(tmp, out)
     return summary

@@ -50,8 +50,10 @@ class Node:
             log.info("resuming %d interrupted job(s)", requeued)
         receiver = Receiver(self.store, min_free_bytes=self.config.min_free_disk_mb * 2**20)
         ae, handlers = build_ae(self.config, receiver, audit.AssociationTally(self.audit))
+        models = tuple(dict.fromkeys([*(r.model for r in self.config.rules), *self.config.models]))
         self.http_server = HttpServer(create_app(self.store, self.tokens, self.audit,
-                                                 metrics_public=self.config.metrics_public),
+                                                 metrics_public=self.config.metrics_public, models=models,
+                                                 ohif_url=self.config.dashboard.ohif_url),
                                       self.config.http_host, self.config.http_port)
         dicom = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
         assert dicom is not None  # non-blocking: the server is returned

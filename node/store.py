@@ -103,11 +103,21 @@ CREATE TABLE IF NOT EXISTS selections (
 # Columns added to tables of SCHEMA, for databases created before them: (table, column, type).
 ADDED_COLUMNS = (
     ("jobs", "result_key", "TEXT"),  # NULL: results per series; 'study/<uid>/<rule>' per study+rule
+    ("jobs", "progress", "TEXT"),  # JSON {stage, n, of, started_at}: the stage a running job is in
     # ended associations that sent instances of the series, and whether the last one ended in a
     # normal release while no other association was sending it (node/series.py, quiet period)
     ("series", "associations", "INTEGER NOT NULL DEFAULT 0"),
     ("series", "released_normally", "INTEGER NOT NULL DEFAULT 0"),
 )
+# Indexes the dashboard's filtered, keyset-paginated listings need to stay fast at 100 000 jobs.
+LISTING_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
+CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_instance_uid, id);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, id);
+CREATE INDEX IF NOT EXISTS series_ae ON series(calling_ae, last_received);
+CREATE INDEX IF NOT EXISTS series_last ON series(last_received);
+"""
 
 # A complete series that no job came of once its study was selected is only stored: the listing
 # says 'stored' with the reason (the database keeps 'complete': study completion counts on it).
@@ -120,13 +130,32 @@ _NOT_CHOSEN = ("EXISTS (SELECT 1 FROM selections x WHERE x.series_instance_uid=s
 SERIES_STATE = (f"CASE WHEN {_UNPROCESSED} THEN 'stored' ELSE s.state END AS state, "
                 f"CASE WHEN {_UNPROCESSED} THEN CASE WHEN {_NOT_CHOSEN} THEN 'not chosen: another series "
                 "of the study ranks higher' ELSE 'no rule matches' END END AS reason")
+# --- evaluations (issue 15): a job's figures against a reference (`vesalius evaluate`) ------------
+EVALUATION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS evaluations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    reference TEXT NOT NULL,                      -- what it was compared with: a SEG's UID, a file name
+    figures TEXT NOT NULL,                        -- JSON of inference.evaluation.Evaluation.to_json()
+    via TEXT NOT NULL,                            -- http | cli
+    evaluated_at TEXT NOT NULL                    -- ISO 8601 UTC
+);
+CREATE INDEX IF NOT EXISTS evaluations_job ON evaluations(job_id);
+"""
+# (no ORDER BY inside: Store.listing puts a study's WHERE before the listing's first ORDER BY)
+LATEST_EVALUATION = ("(SELECT json_object('id', e.id, 'reference', e.reference, 'evaluated_at', "
+                     "e.evaluated_at, 'figures', json(e.figures)) FROM evaluations e WHERE e.id=(SELECT "
+                     "MAX(x.id) FROM evaluations x WHERE x.job_id=jobs.id))")
 LISTINGS = {
     "series": "SELECT series_instance_uid, study_instance_uid, modality, series_description, calling_ae, "
               f"{SERIES_STATE}, (SELECT COUNT(*) FROM instances i WHERE "
               "i.series_instance_uid=s.series_instance_uid) AS instances, last_received, completed_at "
               "FROM series s ORDER BY last_received DESC LIMIT ?",
     "jobs": "SELECT id, series_instance_uid, rule, model, destinations, state, attempts, error, stages, "
-            "created_at, updated_at, result_key FROM jobs ORDER BY id DESC LIMIT ?",
+            "created_at, updated_at, result_key, progress, (SELECT s.study_instance_uid FROM series s WHERE "
+            "s.series_instance_uid=jobs.series_instance_uid) AS study_instance_uid, (SELECT s.calling_ae "
+            "FROM series s WHERE s.series_instance_uid=jobs.series_instance_uid) AS calling_ae, "
+            f"{LATEST_EVALUATION} AS evaluation FROM jobs ORDER BY id DESC LIMIT ?",
     "deliveries": "SELECT id, job_id, destination, state, attempts, error, next_try_at, updated_at "
                   "FROM deliveries ORDER BY id DESC LIMIT ?",
     "studies": "SELECT st.study_instance_uid, st.selected_at, "
@@ -142,6 +171,22 @@ STUDY_FILTERS = {  # LISTINGS restricted to one study (the listings have no WHER
     "deliveries": "job_id IN (SELECT j.id FROM jobs j JOIN series s ON s.series_instance_uid="
                   "j.series_instance_uid WHERE s.study_instance_uid=?)",
     "studies": "st.study_instance_uid=?",
+}
+# The listings' filters (each one SQL condition with one parameter); ``before`` is the keyset cursor:
+# the id (jobs, deliveries) or time (series, studies) of the last row of the previous page.
+_BY_AE = "SELECT series_instance_uid FROM series WHERE calling_ae=?"
+LISTING_FILTERS: dict[str, dict[str, str]] = {
+    "series": {"state": f"(CASE WHEN {_UNPROCESSED} THEN 'stored' ELSE s.state END)=?",
+               "ae": "s.calling_ae=?", "since": "s.last_received>=?", "until": "s.last_received<?",
+               "before": "s.last_received<?"},
+    "jobs": {"state": "state=?", "ae": f"series_instance_uid IN ({_BY_AE})", "since": "created_at>=?",
+             "until": "created_at<?", "before": "id<?"},
+    "deliveries": {"job": "job_id=?", "state": "state=?",
+                   "ae": f"job_id IN (SELECT j.id FROM jobs j WHERE j.series_instance_uid IN ({_BY_AE}))",
+                   "since": "updated_at>=?", "until": "updated_at<?", "before": "id<?"},
+    "studies": {"ae": "EXISTS (SELECT 1 FROM series s WHERE s.study_instance_uid=st.study_instance_uid "
+                "AND s.calling_ae=?)", "since": "st.selected_at>=?", "until": "st.selected_at<?",
+                "before": "st.selected_at<?"},
 }
 JOB_STATES = ("queued", "running", "done", "failed")
 DELIVERY_STATES = ("pending", "done", "failed")
@@ -205,7 +250,7 @@ class Store:
         self.results_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.data_dir / "vesalius.sqlite"
         self._local = threading.local()
-        self._connection().executescript(SCHEMA + PRIVACY_SCHEMA)  # its own transaction
+        self._connection().executescript(SCHEMA + PRIVACY_SCHEMA + EVALUATION_SCHEMA)  # its own transaction
         self._migrate()
 
     def _migrate(self) -> None:
@@ -220,6 +265,7 @@ class Store:
             if new_selection:  # studies processed before study-level rules existed are not redone
                 tx.execute("INSERT OR IGNORE INTO studies SELECT study_instance_uid, MAX(completed_at) "
                            "FROM series WHERE state='complete' GROUP BY study_instance_uid")
+        db.executescript(LISTING_INDEXES)
 
     def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -330,7 +376,8 @@ class Store:
             row = db.execute("SELECT * FROM jobs WHERE state='queued' ORDER BY id LIMIT 1").fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET state='running', attempts=attempts+1, updated_at=? WHERE id=?",
+            db.execute("UPDATE jobs SET state='running', attempts=attempts+1, progress=NULL, updated_at=? "
+                       "WHERE id=?",
                        (time.time(), row["id"]))
             claimed: sqlite3.Row | None = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
             return claimed
@@ -425,20 +472,40 @@ class Store:
 
     # --- reporting -------------------------------------------------------------------------------
 
-    def listing(self, what: str, limit: int = 500, study: str | None = None) -> list[dict[str, Any]]:
+    def listing(self, what: str, limit: int = 500, study: str | None = None,
+                **filters: str | float | None) -> list[dict[str, Any]]:
         """The newest rows of 'series', 'jobs', 'deliveries' or 'studies' (with each study's
         selection reasons as a JSON list), for the API and `vesalius status`;
-        ``study`` keeps only the rows of that Study Instance UID."""
-        if study is None:
-            rows = [dict(r) for r in self.query(LISTINGS[what], (limit,))]
-        else:
-            sql = LISTINGS[what].replace(" ORDER BY", f" WHERE {STUDY_FILTERS[what]} ORDER BY", 1)
-            rows = [dict(r) for r in self.query(sql, (study, limit))]
+        ``study`` keeps only the rows of that Study Instance UID, ``filters`` (LISTING_FILTERS:
+        state, ae, since, until, before) narrow further; None means no filter."""
+        sql, params = self.listing_sql(what, limit, study=study, **filters)
+        rows = [dict(r) for r in self.query(sql, params)]
         for row in rows:
             if "selection" in row:  # the JSON list SQLite built, as a list
                 row["selection"] = sorted(json.loads(row["selection"]),
                                           key=lambda d: (d["rule"], d["decision"], d["series_instance_uid"]))
         return rows
+
+    @staticmethod
+    def listing_sql(what: str, limit: int, study: str | None = None,
+                    **filters: str | float | None) -> tuple[str, list[Any]]:
+        """The SQL and parameters of one listing page (the listings have no WHERE of their own)."""
+        conditions: list[str] = []
+        params: list[Any] = []
+        if study is not None:
+            conditions.append(STUDY_FILTERS[what])
+            params.append(study)
+        for name, value in filters.items():
+            if value is None:
+                continue
+            if name not in LISTING_FILTERS[what]:
+                raise ValueError(f"{what} cannot be filtered by {name}")
+            conditions.append(LISTING_FILTERS[what][name])
+            params.append(value)
+        sql = LISTINGS[what]
+        if conditions:
+            sql = sql.replace(" ORDER BY", f" WHERE {' AND '.join(conditions)} ORDER BY", 1)
+        return sql, [*params, limit]
 
     def counts(self, table: str, states: Sequence[str]) -> dict[str, int]:
         if table not in ("jobs", "deliveries", "series"):  # a table name cannot be an SQL parameter
@@ -446,6 +513,17 @@ class Store:
         found = {r["state"]: r["n"] for r in self.query(
             f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")}
         return {s: int(found.get(s, 0)) for s in states}
+
+
+def record_progress(db_path: Path, job_id: int, stage: str, n: int, of: int) -> None:
+    """A worker process says which stage a running job has started (its own short connection:
+    the worker holds no Store); the dashboard and /jobs read it while the job runs."""
+    progress = json.dumps({"stage": stage, "n": n, "of": of, "started_at": time.time()})
+    db = sqlite3.connect(db_path, timeout=30, isolation_level=None)
+    try:
+        db.execute("UPDATE jobs SET progress=? WHERE id=? AND state='running'", (progress, job_id))
+    finally:
+        db.close()
 
 
 # --- retention and de-identification (issue 9): their own tables ------------------------------

@@ -5,7 +5,9 @@
 - "Send to Vesalius": a button on the study and series pages of Orthanc Explorer, and the REST
   route ``POST /vesalius/send/{orthanc study or series id}`` behind it.
 - Status: ``GET /vesalius/status/{orthanc study or series id}`` shows what the plugin decided for
-  each series of the study and what the node received, ran and delivered for it.
+  each series of the study and what the node received, ran and delivered for it; the study page
+  of Orthanc Explorer shows the node's jobs for the study, each linked to its page on the node's
+  dashboard.
 
 Never sent, by either path: the node's own outputs (Manufacturer "Vesalius"), SEG, Surface
 Segmentation, SR, RT, encapsulated documents and presentation states, and derived images, so no
@@ -66,13 +68,15 @@ class Settings:
     modality: str  # the node's alias in Orthanc's DicomModalities
     node_http_url: str = ""  # the node's HTTP API, for the status route; "" = not queried
     node_http_token_file: str = ""  # file holding a bearer token of the node's API; read at each call
+    node_dashboard_url: str = ""  # the node's dashboard as browsers reach it; "" = node_http_url
     auto_forward: bool = True
     filter: Filter = field(default_factory=Filter)
     timeout: float = 10.0  # s for calls to the node's HTTP API
 
 
 FILTER_KEYS = {"Modalities", "BodyParts", "SeriesDescription", "MinInstances"}
-SETTINGS_KEYS = {"Modality", "NodeHttpUrl", "NodeHttpTokenFile", "AutoForward", "Filter", "Timeout"}
+SETTINGS_KEYS = {"Modality", "NodeHttpUrl", "NodeHttpTokenFile", "NodeDashboardUrl", "AutoForward", "Filter",
+                 "Timeout"}
 
 
 def _strings(key: str, value: Any) -> tuple[str, ...]:
@@ -103,6 +107,10 @@ def parse_settings(configuration: dict[str, Any]) -> Settings:
     url = section.get("NodeHttpUrl", "")
     if not isinstance(url, str) or (url and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url)):
         raise SettingsError(f"Vesalius.NodeHttpUrl: expected http(s)://host:port, got {url!r}")
+    dashboard = section.get("NodeDashboardUrl", "")
+    if not isinstance(dashboard, str) or (dashboard and not re.fullmatch(r"https?://[^/\s]+(/\S*)?",
+                                                                          dashboard)):
+        raise SettingsError(f"Vesalius.NodeDashboardUrl: expected http(s)://host:port, got {dashboard!r}")
     token_file = section.get("NodeHttpTokenFile", "")
     if not isinstance(token_file, str):
         raise SettingsError(f"Vesalius.NodeHttpTokenFile: expected a file path, got {token_file!r}")
@@ -134,6 +142,7 @@ def parse_settings(configuration: dict[str, Any]) -> Settings:
         modality=modality,
         node_http_url=url.rstrip("/"),
         node_http_token_file=token_file,
+        node_dashboard_url=(dashboard or url).rstrip("/"),
         auto_forward=auto,
         filter=Filter(
             modalities=_strings("Filter.Modalities", table.get("Modalities", ["CT"])),
@@ -357,7 +366,21 @@ def study_status(settings: Settings, resource_id: str) -> tuple[int, dict[str, A
                              for what in ("series", "jobs", "deliveries")}}
     except (OSError, ValueError) as err:
         status["node"] = {"reachable": False, "url": settings.node_http_url, "error": str(err)}
+        return 200, status
+    for job in status["node"]["jobs"]:  # what the study page shows: the state in words, a link
+        job["words"] = job_words(job)
+        job["page"] = f"{settings.node_dashboard_url}/#/job/{int(job['id'])}"
     return 200, status
+
+
+def job_words(job: dict[str, Any]) -> str:
+    """A node job's state as the node's dashboard says it."""
+    progress = job.get("progress") or {}
+    if job.get("state") == "running" and progress:
+        return f"running: stage {progress.get('n')} of {progress.get('of')} ({progress.get('stage')})"
+    if job.get("state") == "failed":
+        return f"failed: {job.get('error') or 'no reason recorded'}"
+    return str(job.get("state"))
 
 
 # --- Orthanc Explorer --------------------------------------------------------------------------------
@@ -396,6 +419,34 @@ EXPLORER_JS = r"""
   }
   vesaliusButtons('study');
   vesaliusButtons('series');
+
+  // The study page: the node's jobs for this study, each linked to its page on the dashboard.
+  $('#study').live('pagebeforeshow', function () {
+    if (!$.mobile.pageData) { return; }
+    var box = $('#vesalius-study-status');
+    if (box.length === 0) {
+      box = $('<div>').attr('id', 'vesalius-study-status').addClass('ui-body ui-body-e');
+      $('#study [data-role="content"]').first().prepend(box);
+    }
+    box.empty().append($('<b>').text('Vesalius: '), $('<span>').text('asking the node…'));
+    $.ajax({
+      url: '../vesalius/status/' + $.mobile.pageData.uuid, dataType: 'json',
+      success: function (s) {
+        box.empty().append($('<b>').text('Vesalius: '));
+        if (!s.node.reachable) {
+          box.append($('<span>').text('node not reachable (' + s.node.error + ')'));
+          return;
+        }
+        if (s.node.jobs.length === 0) { box.append($('<span>').text('no job for this study')); return; }
+        $.each(s.node.jobs, function (i, job) {
+          box.append($('<div>').addClass('vesalius-job').append(
+            $('<a>').attr('href', job.page).attr('target', '_blank').attr('rel', 'noopener')
+              .text('job #' + job.id), $('<span>').text(' ' + job.model + ': ' + job.words)));
+        });
+      },
+      error: function (xhr) { box.empty().text('Vesalius: status unavailable (' + xhr.status + ')'); }
+    });
+  });
 })();
 """
 

@@ -7,14 +7,13 @@ cd "$(dirname "$0")/.."
 extras="${1:-}"
 # Mesa's EGL and software rasteriser: the node renders the 3D preview off-screen at run time
 packages="dcmtk python3-venv libegl1 libegl-mesa0 libgl1-mesa-dri"
+# npm installs the dashboard's 3D view (three.js) that the node serves (NodeSource's nodejs
+# carries npm; Debian's own splits it into the npm package)
+command -v npm >/dev/null || packages="$packages npm"
 # the tests also need a real PACS: Orthanc with its Python and DICOMweb plugins
 [[ ",$extras," == *",test,"* ]] && packages="$packages orthanc orthanc-python orthanc-dicomweb"
-# ... and a real browser for the OHIF test (tests/test_ohif.py), plus npm to fetch OHIF's prebuilt
-# viewer (NodeSource's nodejs carries npm; Debian's own splits it into the npm package)
-if [[ ",$extras," == *",test,"* ]]; then
-    packages="$packages chromium"
-    command -v npm >/dev/null || packages="$packages npm"
-fi
+# ... and a real browser for the OHIF and dashboard tests (tests/test_ohif.py, tests/test_dashboard.py)
+[[ ",$extras," == *",test,"* ]] && packages="$packages chromium"
 if ! dpkg -s $packages >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
@@ -28,6 +27,10 @@ if ! dpkg -s $packages >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $packages >/dev/null
     [ -z "$own_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
 fi
+# The dashboard's three.js, pinned and integrity-checked by node/api/web/package-lock.json: a runtime
+# part of the node (it serves it; no CDN), so installed for every setup, once (then no network)
+[ -f node/api/web/node_modules/three/build/three.module.js ] ||
+    (cd node/api/web && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
 if [[ ",$extras," == *",test,"* ]]; then
     # OHIF Viewer's prebuilt dist, pinned and integrity-checked by tests/ohif/package-lock.json
     # (the lock lists only @ohif/app: its dependencies are built into dist, so none is installed)

@@ -109,13 +109,16 @@ class NodeProcess:
         return (Path(f"/proc/{self.proc.pid}/root") / self.data_dir.resolve().relative_to("/")
                 / "http.token").read_text().strip()
 
-    def request(self, path: str, method: str = "GET", token: str | None = "") -> tuple[int, Any]:
+    def request(self, path: str, method: str = "GET", token: str | None = "", data: bytes | None = None,
+                content_type: str | None = None, timeout: float = 5) -> tuple[int, Any]:
         """(status, body) of one request; ``token`` "" = the node's own, None = no Authorization."""
         headers = {} if token is None else {"Authorization": f"Bearer {token or self.token()}"}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method=method,
-                                     headers=headers)
+                                     headers=headers, data=data)
         try:
-            with urllib.request.urlopen(req, timeout=5) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 status, body = r.status, r.read().decode()
         except urllib.error.HTTPError as err:
             status, body = err.code, err.read().decode()

@@ -59,7 +59,7 @@ def test_a_bundle_runs_with_only_the_ai_extra(tmp_path: Path, ai_only_python: Pa
                  "print(*(m for m in ('pytest', 'hypothesis', 'trimesh') if u.find_spec(m)))"], 60)
     assert probe.stdout.split() == [], "the venv must hold the ai extra only, not the test extra"
     result = run([str(ai_only_python), "-m", "vesalius.node.cli", "process", str(series.paths[0].parent),
-                  "--out", str(tmp_path / "out"), "--model", f"bundle:{bundle}"], 600)
+                  "--out", str(tmp_path / "out"), "--model", f"bundle:{bundle}", "--json"], 600)
     summary = json.loads(result.stdout)
     assert summary["model"]["name"] == "tiny_phantom_segmentation"
     assert {s["name"] for s in summary["structures"]} == {"liver", "heart"}

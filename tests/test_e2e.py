@@ -173,7 +173,7 @@ def test_process_command_gives_the_same_objects(round_trip: RoundTrip, tmp_path:
     out = tmp_path / "out"
     # the node's default rule is study-level: its UIDs are per study and rule ("ct")
     command = [sys.executable, "-m", "vesalius.node.cli", "process", str(phantom.paths[0].parent),
-               "--out", str(out), "--rule", "ct"]
+               "--out", str(out), "--rule", "ct", "--json"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)

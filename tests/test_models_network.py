@@ -109,7 +109,7 @@ def test_onnx_export_through_vesalius_process(tmp_path: Path, bundle: Path, unse
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "vesalius.node.cli",
                              "process", str(unseen.paths[0].parent),
-                             "--out", str(out), "--model", f"onnx:{onnx}"],
+                             "--out", str(out), "--model", f"onnx:{onnx}", "--json"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)

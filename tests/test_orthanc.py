@@ -203,6 +203,8 @@ def test_status_route_shows_what_the_node_received_and_did(stack: Stack) -> None
     assert [s["series_instance_uid"] for s in status["node"]["series"]] == [stack.auto.series_uid]
     assert status["node"]["jobs"][0]["series_instance_uid"] == stack.auto.series_uid
     assert status["node"]["deliveries"][0]["destination"] == "orthanc"
+    job = status["node"]["jobs"][0]
+    assert job["words"] == "done" and job["page"] == f"http://127.0.0.1:{stack.node.http_port}/#/job/{job['id']}"
     assert {d["decision"] for d in status["forwarding"]} == {"sent", "skipped"}
     # a series id gives its study's status
     series_id = stack.orthanc.series_of(stack.study(stack.auto))[0]["ID"]
@@ -224,6 +226,28 @@ def test_routes_answer_errors_clearly(stack: Stack) -> None:
 def test_explorer_has_the_send_button(stack: Stack) -> None:
     script = stack.orthanc.request("GET", "/plugins/explorer.js")
     assert "Send to Vesalius" in script and "../vesalius/send/" in script
+
+
+def test_study_page_shows_the_nodes_jobs_linked_to_the_dashboard(stack: Stack) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_dashboard import CHROMIUM, CHROMIUM_FLAGS
+
+    study = stack.study(stack.auto)
+    job = wait_for(lambda: next((j for j in stack.status(stack.auto)["node"].get("jobs", [])
+                                 if j["state"] == "done"), None), RESULT_TIMEOUT, "the auto study's job")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(f"{stack.orthanc.url}/app/explorer.html#study?uuid={study}")
+            link = page.locator("#vesalius-study-status .vesalius-job a")
+            link.wait_for()
+            assert link.get_attribute("href") == job["page"] and link.inner_text() == f"job #{job['id']}"
+            assert "done" in page.locator("#vesalius-study-status").inner_text()
+        finally:
+            browser.close()
 
 
 def test_bad_settings_stop_orthanc_with_a_message_naming_the_key(tmp_path: Path) -> None:

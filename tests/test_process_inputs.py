@@ -21,7 +21,7 @@ from vesalius.node.pipeline import run_pipeline, run_pipeline_on_file
 
 
 def vesalius_process(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vesalius.node.cli", "process", *args],
+    return subprocess.run([sys.executable, "-m", "vesalius.node.cli", "process", "--json", *args],
                           capture_output=True, text=True, timeout=300)
 
 

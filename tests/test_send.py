@@ -79,6 +79,7 @@ def test_destination_down_then_back(tmp_path: Path, result_dir: Path) -> None:
         wait_for(lambda: delivery(store, delivery_id)["attempts"] >= 2, 20, "two failed tries")
         row = delivery(store, delivery_id)
         assert row["state"] == "pending" and "unreachable" in row["error"]
+        assert "Connection refused" in row["error"]  # the underlying cause, not only "no association"
         with storescp(tmp_path / "pacs", port=port) as pacs:
             wait_for(lambda: delivery(store, delivery_id)["state"] == "done", 20, "the delivery")
             received = {pydicom.dcmread(p).SOPInstanceUID for p in pacs.files()}

@@ -10,17 +10,24 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, Router
 
 from vesalius.node.api.auth import TokenGuard, Tokens
+from vesalius.node.api.dashboard import dashboard_routes
+from vesalius.node.api.evaluate import evaluate_routes
 from vesalius.node.api.metrics import metrics_endpoint
-from vesalius.node.api.routes import action_routes, listing_routes, public_routes
+from vesalius.node.api.results import result_routes
+from vesalius.node.api.routes import action_routes, listing_routes, process_routes, public_routes
 from vesalius.node.audit import Audit
 from vesalius.node.store import Store
 
 
-def create_app(store: Store, tokens: Tokens, trail: Audit, *, metrics_public: bool = True) -> Starlette:
-    """Public routes first; everything else (including unknown paths) behind the token guard."""
+def create_app(store: Store, tokens: Tokens, trail: Audit, *, metrics_public: bool = True,
+               models: tuple[str, ...] = (), ohif_url: str = "") -> Starlette:
+    """Public routes first; everything else (including unknown paths) behind the token guard.
+    ``models``: what the dashboard may process a series with; ``ohif_url``: its OHIF links."""
     metrics = Route("/metrics", metrics_endpoint(store))
     protected: list[BaseRoute] = [*listing_routes(store), *action_routes(store, trail)]
-    public: list[BaseRoute] = list(public_routes(store))
+    protected += [*result_routes(store, ohif_url), *process_routes(store, trail, models)]
+    protected += evaluate_routes(store, trail)  # POST /jobs/{id}/evaluate (issue 15)
+    public: list[BaseRoute] = [*public_routes(store), *dashboard_routes()]
     (public if metrics_public else protected).append(metrics)
     guard = Middleware(TokenGuard, tokens=tokens, trail=trail)
     guarded = Mount("", app=Router(protected), middleware=[guard])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,20 @@ def parse_tls(table: dict[str, Any], base: Path | None) -> dict[str, Any]:
         return {**table, "tls": from_table(ClientTLS, settings)}
     except FieldError as err:
         raise FieldError(f"tls_{err}") from None
+
+
+def connect_error(host: str, port: int, timeout: float) -> str:
+    """Why a TCP connection to the peer fails ("Connection refused", "timed out", a name that does
+    not resolve), or "" when it succeeds: pynetdicom reports a failed association without it."""
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 10.0)):
+            return ""
+    except socket.gaierror as err:
+        return f"cannot resolve {host}: {err.strerror}"
+    except TimeoutError:
+        return "connection timed out"
+    except OSError as err:
+        return err.strerror or type(err).__name__
 
 
 @register
@@ -116,8 +131,14 @@ class DicomDestination(Destination):
                 refused = {UID(cx.abstract_syntax or "").name for cx in assoc.rejected_contexts}
                 names = ", ".join(sorted(refused))
                 raise DeliveryError(f"destination does not accept {names}", permanent=True)
+            cause = connect_error(self.host, self.port, self.timeout)
+            if cause:  # the operator sees "Connection refused", "No route to host", a timeout...
+                where = f"{self.host}:{self.port}"
+                raise DeliveryError(f"no association: destination unreachable: {cause} ({where})",
+                                    permanent=False)
             how = " or the TLS handshake failed" if self.tls else ""
-            raise DeliveryError(f"no association (destination unreachable or aborted{how})", permanent=False)
+            raise DeliveryError("no association (the destination accepted the connection, then closed "
+                                f"it{how})", permanent=False)
         try:
             accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
             for ds in datasets:
