@@ -217,12 +217,19 @@ def _status(args: argparse.Namespace) -> int:
 
     store = _store(args)
     report = {what: listing(store, what, args.limit) for what in ("studies", "series", "jobs", "deliveries")}
+    from vesalius.node.pull.jobs import listing as pull_listing
+
+    pulls = pull_listing(store, args.limit)
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(json.dumps({**report, "pulls": pulls}, indent=1))
         return 0
     from vesalius.node.console import status_text
 
     print(status_text(report))
+    print(f"pulls ({len(pulls)})")
+    for pull in pulls:  # studies per state: queried, retrieving, received, processed, failed, cancelled
+        counts = "  ".join(f"{k}={v}" for k, v in pull["studies"].items() if v)
+        print(f"  {pull['id']}  {pull['source']}  {pull['state']}  {counts}  {pull['error'] or ''}".rstrip())
     return 0
 
 
@@ -433,6 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
     from vesalius.node.evaluate_cli import add_parser as add_evaluate
 
     add_evaluate(sub)  # vesalius evaluate (issue 15): its code is node/evaluate_cli.py
+    from vesalius.node.cases_cli import add_parser as add_cases
+
+    add_cases(sub)  # vesalius cases (issue 16): its code is node/cases_cli.py
+    from vesalius.node.train_cli import add_parser as add_train
+
+    add_train(sub)  # vesalius train (issue 16): its code is node/train_cli.py
+    from vesalius.node.pull.command import add_parser as add_pull_parser
+
+    add_pull_parser(sub)  # `vesalius pull` (node/pull/command.py)
     return parser
 
 

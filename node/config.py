@@ -21,6 +21,7 @@ from vesalius.inference.models.registry import ModelSpec, expand, parse_model_sp
 from vesalius.node.checks import ConfigError, ae_title, not_negative, one_of, port, positive, regex, under
 from vesalius.node.destinations import Destination, parse_destination
 from vesalius.node.destinations.dicom import DicomDestination
+from vesalius.node.sources import Source, parse_source
 from vesalius.node.tls import ListenerTLS
 
 DEFAULT_AE_TITLE = "VESALIUS"
@@ -148,6 +149,17 @@ class Retention:
 
 
 @dataclass(frozen=True)
+class Learning:
+    """Corrections coming back and the case library (docs/learning.md)."""
+
+    corrections: bool = True  # recognise received SEGs that correct our jobs, and score them
+    case_library: bool = True  # each recognised correction becomes a de-identified case (data_dir/cases)
+
+    def __post_init__(self) -> None:
+        check_types(self)
+
+
+@dataclass(frozen=True)
 class Dashboard:
     """The web page the node serves at / (node/api/dashboard.py, docs/dashboard.md)."""
 
@@ -193,6 +205,9 @@ class Config:
     rules: tuple[Rule, ...] = (Rule(name="ct"),)
     retry: Retry = field(default_factory=Retry)
     retention: Retention = field(default_factory=Retention)
+    learning: Learning = field(default_factory=Learning)
+    sources: tuple[Source, ...] = ()  # [[sources]]: archives `vesalius pull` queries (docs/pull.md)
+    max_stow_mb: int = 4096  # the largest STOW-RS request body (POST /studies) accepted
     dashboard: Dashboard = field(default_factory=Dashboard)
 
     def __post_init__(self) -> None:
@@ -225,6 +240,10 @@ class Config:
         if len(set(names)) != len(names):
             raise FieldError(f"destinations: names must be unique, got {names}")
         _check_references(self)
+        positive("max_stow_mb", self.max_stow_mb)
+        sources = [s.name for s in self.sources]
+        if len(set(sources)) != len(sources):
+            raise FieldError(f"sources: names must be unique, got {sources}")
 
     def destination_names(self, rule: Rule) -> tuple[str, ...]:
         return rule.destinations or tuple(d.name for d in self.destinations)
@@ -292,6 +311,9 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
             tables = _tables("destinations", data["destinations"])
             values["destinations"] = tuple(parse_destination(f"destinations[{i}]", t, base)
                                            for i, t in enumerate(tables))
+        if "sources" in data:
+            values["sources"] = tuple(parse_source(f"sources[{i}]", t, base)
+                                      for i, t in enumerate(_tables("sources", data["sources"])))
         if "http_tokens" in data:
             values["http_tokens"] = tuple(
                 from_table(HttpToken, _relative(t, ("token_file",), base), f"http_tokens[{i}]")
@@ -301,7 +323,8 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
         if "tls" in data:
             files = ("certificate", "private_key", "ca_certificates")
             values["tls"] = from_table(ListenerTLS, _relative(data["tls"], files, base), "tls")
-        for key, cls in (("retry", Retry), ("retention", Retention), ("dashboard", Dashboard)):
+        for key, cls in (("retry", Retry), ("retention", Retention), ("dashboard", Dashboard),
+                         ("learning", Learning)):
             if key in data:
                 values[key] = from_table(cls, data[key], key)
         return from_table(Config, values)

@@ -116,6 +116,11 @@ def status_text(report: dict[str, list[dict[str, Any]]]) -> str:
                 from vesalius.node.evaluations import headline
 
                 out.append(f"    {headline(evaluation)}")
+            correction = report[title][i].get("correction") if title == "jobs" else None
+            if correction:  # a radiologist's correction received back (issue 16)
+                from vesalius.node.corrections import headline as correction_headline
+
+                out.append(f"    {correction_headline(correction)}")
     return "\n".join(out)
 
 

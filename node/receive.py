@@ -9,7 +9,6 @@ bounds and refuses is in docs/input.md.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import sqlite3
 import tempfile
@@ -21,13 +20,11 @@ from typing import Any
 import pynetdicom._config
 import pynetdicom.dimse_messages
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.pixels.utils import get_expected_length
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from vesalius.node import pdu_limits
+from vesalius.node import ingest, pdu_limits
 from vesalius.node.admission import Admission, printable
 from vesalius.node.audit import AssociationTally
 from vesalius.node.config import Config
@@ -36,17 +33,12 @@ from vesalius.node.store import SeriesInfo, Store
 
 log = logging.getLogger("vesalius.receive")
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-# What can be a UID at all: digits in dot-separated components, at most 64 characters. Leading
-# zeros in a component break PS3.5 9.1 but are common from older modalities and harmless: such
-# UIDs are accepted and stored under a hashed file name (node.paths.uid_file_name).
-UID_SHAPE = re.compile(r"[0-9]+(\.[0-9]+)*")
-MAX_UID_LENGTH = 64
-HEADER_DEFER_SIZE = 4096  # values larger than this stay on disk while the header is checked
+# The checks and statuses every way in shares (node.ingest); named here too, as before.
+SUCCESS, OUT_OF_RESOURCES, DOES_NOT_MATCH_SOP_CLASS, CANNOT_UNDERSTAND = (
+    ingest.SUCCESS, ingest.OUT_OF_RESOURCES, ingest.DOES_NOT_MATCH_SOP_CLASS, ingest.CANNOT_UNDERSTAND)
+REQUIRED_UIDS, UID_SHAPE, MAX_UID_LENGTH = ingest.REQUIRED_UIDS, ingest.UID_SHAPE, ingest.MAX_UID_LENGTH
+HEADER_DEFER_SIZE = ingest.HEADER_DEFER_SIZE
+uid_problem = ingest.uid_problem
 # pynetdicom, as acceptor, takes the first of OUR transfer syntaxes that the requestor offers in a
 # presentation context (presentation.negotiate_as_acceptor). So the order below is the choice made
 # when a modality offers several in one context: the lossless compressions we decode first (the
@@ -72,26 +64,6 @@ ACCEPTED_SYNTAXES = (
       if uid not in {*LOSSLESS_COMPRESSED_SYNTAXES, *UNCOMPRESSED_SYNTAXES, BIG_ENDIAN}),
     BIG_ENDIAN,
 )
-
-
-def uid_problem(keyword: str, value: object) -> str:
-    """Why ``value`` cannot be a UID ("" when it can); never quotes the value itself."""
-    text = str(value if value is not None else "").rstrip("\x00 ")
-    if not text:
-        return f"missing {keyword}"
-    if len(text) > MAX_UID_LENGTH:
-        return f"{keyword} of {len(text)} characters is longer than {MAX_UID_LENGTH}"
-    if not UID_SHAPE.fullmatch(text):
-        return f"{keyword} is not a UID (only digits and dots, no empty component)"
-    return ""
-
-
-def _value_length(ds: Dataset, keyword: str) -> int:
-    """The length of a value as read, without loading a deferred one."""
-    element = ds.get_item(keyword)
-    if isinstance(element, RawDataElement):
-        return int(element.length)
-    return len(element.value)
 
 
 class Receiver:
@@ -157,22 +129,9 @@ class Receiver:
     @staticmethod
     def _problem(ds: Dataset, event: evt.Event) -> tuple[str, int]:
         """Why an instance cannot be accepted, without decoding its pixels ("" when it can)."""
-        for keyword in REQUIRED_UIDS:
-            problem = uid_problem(keyword, ds.get(keyword, ""))
-            if problem:
-                return problem, CANNOT_UNDERSTAND
-        command_class = str(event.request.AffectedSOPClassUID)
-        if str(ds.get("SOPClassUID", "")) != command_class:
-            sent = ds.get("SOPClassUID", "(none)")
-            return (f"SOP Class UID {printable(sent)} in the data set differs from "
-                    f"{command_class} in the command", DOES_NOT_MATCH_SOP_CLASS)
-        if "PixelData" in ds and not event.context.transfer_syntax.is_encapsulated:
-            expected = get_expected_length(ds, unit="bytes")
-            length = _value_length(ds, "PixelData")
-            if length not in (expected, expected + 1):  # +1: even-length padding
-                return (f"pixel data holds {length} bytes, Rows x Columns x "
-                        f"BitsAllocated needs {expected}", CANNOT_UNDERSTAND)
-        return "", SUCCESS
+        problem, status = ingest.instance_problem(ds, str(event.request.AffectedSOPClassUID),
+                                                  event.context.transfer_syntax.is_encapsulated)
+        return problem.replace(" announced", " in the command"), status
 
     def handle_rejected(self, event: evt.Event) -> None:
         log.warning("association from %s at %s rejected by pynetdicom",

@@ -40,7 +40,8 @@ DUE_SERIES = """SELECT * FROM series s WHERE state='receiving' AND (
                    OR (released_at IS NOT NULL AND ? - released_at >= ? AND ? - last_received >= ?)
                    OR ? - last_received >= ?)"""
 # Studies whose series are all complete, one of them completed since the study was last selected,
-# and nothing of which arrived (or was still being sent) for study_quiet_period.
+# and nothing of which arrived (or was still being sent) for study_quiet_period. A study a pull job
+# is still retrieving (node.pull) waits for the rest of it.
 DUE_STUDIES = """SELECT s.study_instance_uid FROM series s LEFT JOIN studies st USING (study_instance_uid)
                  {where} GROUP BY s.study_instance_uid
                  HAVING SUM(s.state != 'complete') = 0
@@ -48,7 +49,9 @@ DUE_STUDIES = """SELECT s.study_instance_uid FROM series s LEFT JOIN studies st 
                     AND ? - MAX(MAX(COALESCE(s.released_at, 0), s.last_received)) >= ?"""
 CHANGED_STUDIES = """WHERE s.study_instance_uid IN (SELECT c.study_instance_uid FROM series c
                      LEFT JOIN studies cs USING (study_instance_uid)
-                     WHERE c.state='complete' AND c.completed_at > COALESCE(cs.selected_at, -1))"""
+                     WHERE c.state='complete' AND c.completed_at > COALESCE(cs.selected_at, -1))
+                     AND s.study_instance_uid NOT IN (SELECT study_instance_uid FROM pull_studies
+                                                      WHERE state='retrieving')"""
 HEADER_TAGS = ["Modality", "ImageType", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness",
                "PixelSpacing", "ConvolutionKernel", "ContrastBolusAgent", "NumberOfFrames",
                "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"]

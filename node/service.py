@@ -7,11 +7,13 @@ import threading
 from importlib.metadata import version
 
 from pynetdicom.transport import ThreadedAssociationServer
+from starlette.routing import BaseRoute
 
 from vesalius.node import audit
 from vesalius.node.api import HttpServer, create_app, load_tokens
 from vesalius.node.config import Config, config_digest
 from vesalius.node.jobs import JobRunner
+from vesalius.node.pull.runner import PullRunner
 from vesalius.node.receive import Receiver, build_ae
 from vesalius.node.send import Sender
 from vesalius.node.series import complete_due_series, select_due_studies
@@ -35,8 +37,10 @@ class Node:
         self.runner = JobRunner(self.store, config, self.job_wake, self.stopping,
                                 on_done=self.send_wake.set, trail=self.audit)
         self.sender = Sender(self.store, config, self.send_wake, self.stopping, trail=self.audit)
+        self.pull = PullRunner(self.store, config, self.stopping)
         self._completion = threading.Thread(target=self._complete_series, name="series", daemon=True)
         self._retention = threading.Thread(target=self._clean_up, name="retention", daemon=True)
+        self._learning = threading.Thread(target=self._recognise_corrections, name="corrections", daemon=True)
         self.dicom_server: ThreadedAssociationServer | None = None
         self.tls_server: ThreadedAssociationServer | None = None
         self.http_server: HttpServer | None = None
@@ -53,7 +57,8 @@ class Node:
         models = tuple(dict.fromkeys([*(r.model for r in self.config.rules), *self.config.models]))
         self.http_server = HttpServer(create_app(self.store, self.tokens, self.audit,
                                                  metrics_public=self.config.metrics_public, models=models,
-                                                 ohif_url=self.config.dashboard.ohif_url),
+                                                 ohif_url=self.config.dashboard.ohif_url,
+                                                 extra_routes=self._extra_routes()),
                                       self.config.http_host, self.config.http_port)
         dicom = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
         assert dicom is not None  # non-blocking: the server is returned
@@ -65,6 +70,9 @@ class Node:
         self.runner.start()
         self.sender.thread.start()
         self._completion.start()
+        if self.config.learning.corrections:
+            self._learning.start()
+        self.pull.thread.start()
         if self.config.retention.interval > 0:
             self._retention.start()
         digest = config_digest(self.config)
@@ -78,6 +86,13 @@ class Node:
                  self.config.http_host, self.http_server.server_address[1], self.store.data_dir,
                  ", ".join(d.label for d in self.config.destinations) or "none", digest[:12])
 
+    def _extra_routes(self) -> list[BaseRoute]:
+        """Token-protected routes of their own modules: pull jobs and STOW-RS (issue 19)."""
+        from vesalius.node.api.pull import pull_routes
+        from vesalius.node.api.stow import stow_routes
+
+        return [*pull_routes(self.store, self.config, self.audit), *stow_routes(self.store, self.config)]
+
     def _complete_series(self) -> None:
         while not self.stopping.wait(0.2):
             try:
@@ -86,6 +101,17 @@ class Node:
                     self.job_wake.set()
             except Exception:  # keep serving; the next tick tries again
                 log.exception("series completion failed")
+
+    def _recognise_corrections(self) -> None:
+        """Received SEG series that correct our jobs (node/corrections.py), off the completion thread:
+        scoring one reads both segmentations."""
+        from vesalius.node.corrections import recognise_pending
+
+        while not self.stopping.wait(1.0):
+            try:
+                recognise_pending(self.store, make_cases=self.config.learning.case_library)
+            except Exception:  # keep serving; the next tick tries again
+                log.exception("recognising corrections failed")
 
     def _clean_up(self) -> None:
         """Retention (node/retention.py) at start-up, then every [retention] interval."""
@@ -108,6 +134,7 @@ class Node:
         for thread in listeners:
             thread.start()
         self.runner.shutdown()
+        self.pull.shutdown()
         for thread in listeners:
             thread.join(timeout=2)
         self.sender.thread.join(timeout=1)

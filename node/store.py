@@ -142,6 +142,47 @@ CREATE TABLE IF NOT EXISTS evaluations (
 );
 CREATE INDEX IF NOT EXISTS evaluations_job ON evaluations(job_id);
 """
+# --- learning (issue 16): corrections received back (node.corrections), the case library (node.cases)
+LEARNING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS corrections (
+    series_instance_uid TEXT PRIMARY KEY,         -- the received SEG series
+    sop_instance_uid TEXT,
+    source_series_uid TEXT,                       -- the series it segments (ReferencedSeriesSequence)
+    job_id INTEGER REFERENCES jobs(id),           -- the job it corrects (NULL: flagged, no job)
+    model TEXT,
+    model_version TEXT,                           -- the version that wrote the corrected result
+    state TEXT NOT NULL,                          -- recognised | flagged | ignored (ours)
+    verdict TEXT,                                 -- accepted | amended | rejected
+    reason TEXT,                                  -- why it was flagged or ignored
+    structures TEXT,                              -- JSON: per structure verdict, Dice, volume change
+    evaluation_id INTEGER,
+    recognised_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS corrections_job ON corrections(job_id);
+CREATE TABLE IF NOT EXISTS cases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    correction_series_uid TEXT NOT NULL UNIQUE REFERENCES corrections(series_instance_uid),
+    job_id INTEGER NOT NULL,
+    patient TEXT NOT NULL,                        -- pseudonym (deid_map), never the Patient ID
+    folder TEXT NOT NULL,                         -- under data_dir/cases
+    modality TEXT NOT NULL,
+    manufacturer TEXT NOT NULL,
+    scanner_model TEXT NOT NULL,
+    body_part TEXT NOT NULL,
+    slice_thickness REAL,
+    contrast INTEGER NOT NULL,
+    structures TEXT NOT NULL,                     -- JSON list of structure names
+    model TEXT NOT NULL,
+    model_version TEXT,
+    agreement REAL,                               -- mean Dice of ours against the correction
+    created_at TEXT NOT NULL                      -- ISO 8601 UTC
+);
+"""
+LATEST_CORRECTION = ("(SELECT json_object('series_instance_uid', c.series_instance_uid, 'verdict', "
+                     "c.verdict, 'model_version', c.model_version, 'structures', json(c.structures)) "
+                     "FROM corrections c WHERE c.state='recognised' AND c.job_id=jobs.id AND "
+                     "c.recognised_at=(SELECT MAX(y.recognised_at) FROM corrections y "
+                     "WHERE y.state='recognised' AND y.job_id=jobs.id))")
 # (no ORDER BY inside: Store.listing puts a study's WHERE before the listing's first ORDER BY)
 LATEST_EVALUATION = ("(SELECT json_object('id', e.id, 'reference', e.reference, 'evaluated_at', "
                      "e.evaluated_at, 'figures', json(e.figures)) FROM evaluations e WHERE e.id=(SELECT "
@@ -155,7 +196,8 @@ LISTINGS = {
             "created_at, updated_at, result_key, progress, (SELECT s.study_instance_uid FROM series s WHERE "
             "s.series_instance_uid=jobs.series_instance_uid) AS study_instance_uid, (SELECT s.calling_ae "
             "FROM series s WHERE s.series_instance_uid=jobs.series_instance_uid) AS calling_ae, "
-            f"{LATEST_EVALUATION} AS evaluation FROM jobs ORDER BY id DESC LIMIT ?",
+            f"{LATEST_EVALUATION} AS evaluation, {LATEST_CORRECTION} AS correction "
+            "FROM jobs ORDER BY id DESC LIMIT ?",
     "deliveries": "SELECT id, job_id, destination, state, attempts, error, next_try_at, updated_at "
                   "FROM deliveries ORDER BY id DESC LIMIT ?",
     "studies": "SELECT st.study_instance_uid, st.selected_at, "
@@ -250,7 +292,8 @@ class Store:
         self.results_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.data_dir / "vesalius.sqlite"
         self._local = threading.local()
-        self._connection().executescript(SCHEMA + PRIVACY_SCHEMA + EVALUATION_SCHEMA)  # its own transaction
+        self._connection().executescript(SCHEMA + PRIVACY_SCHEMA + EVALUATION_SCHEMA  # its own transaction
+                                         + LEARNING_SCHEMA)
         self._migrate()
 
     def _migrate(self) -> None:
@@ -596,3 +639,42 @@ def removal_of_spool(store: Store, series_uid: str) -> sqlite3.Row | None:
     rows = store.query("SELECT * FROM removals WHERE kind='spool' AND series_instance_uid=? "
                        "ORDER BY id DESC LIMIT 1", (series_uid,))
     return rows[0] if rows else None
+
+
+# --- pull jobs (issue 19): what `vesalius pull` asked for and how far each study got ---------
+PULL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pull_jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL,                         -- a [[sources]] name
+    query TEXT NOT NULL,                          -- JSON of node.pull.query.PullQuery
+    state TEXT NOT NULL DEFAULT 'queued',         -- queued | running | paused | done | cancelled | failed
+    error TEXT,
+    requested_by TEXT NOT NULL,                   -- OS user or token name
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pull_studies (
+    job_id INTEGER NOT NULL REFERENCES pull_jobs(id),
+    study_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queried',        -- queried | retrieving | received | processed |
+                                                  -- failed | cancelled
+    reason TEXT,
+    study_date TEXT NOT NULL DEFAULT '',
+    modalities TEXT NOT NULL DEFAULT '',          -- of the series to pull, e.g. 'CT'
+    received_at REAL,                             -- its last instance arrived (processed means after it)
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (job_id, study_instance_uid)
+);
+CREATE TABLE IF NOT EXISTS pull_series (
+    job_id INTEGER NOT NULL REFERENCES pull_jobs(id),
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queried',        -- queried | retrieving | received | failed
+    reason TEXT,
+    modality TEXT NOT NULL DEFAULT '',
+    expected INTEGER,                             -- instances the source lists
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (job_id, series_instance_uid)
+);
+"""
+SCHEMA += PULL_SCHEMA

@@ -130,8 +130,16 @@ def write_bundle_configs(folder: Path) -> None:
     (folder / "configs" / "metadata.json").write_text(json.dumps(metadata(), indent=2))
 
 
-def training_set(folder: Path, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pre-processed images (N, 1, X, Y, Z) and labels (N, X, Y, Z), cropped to a common size."""
+def grown(scene: Scene, mm: float) -> Scene:
+    """The scene with every object ``mm`` larger on each side (a systematic labelling error)."""
+    sphere, box = scene.sphere, scene.box
+    return Scene(Sphere(sphere.center, sphere.radius + mm, sphere.hu),
+                 Box(box.center, tuple(s + 2 * mm for s in box.size), box.hu), scene.background_hu)
+
+
+def training_set(folder: Path, count: int, seed: int, grow_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-processed images (N, 1, X, Y, Z) and labels (N, X, Y, Z), cropped to a common size;
+    ``grow_mm`` labels every structure that much too large."""
     import torch
     from monai.bundle import ConfigParser
     from monai.data import MetaTensor
@@ -151,7 +159,7 @@ def training_set(folder: Path, count: int, seed: int) -> tuple[np.ndarray, np.nd
                            meta={"original_channel_dim": "no_channel", "space": "RAS"})
         out = preprocessing({"image": image})["image"]
         ras_affine = np.asarray(out.affine, dtype=np.float64)
-        truth = scene.truth(grid_points(LPS_TO_RAS @ ras_affine, tuple(out.shape[1:])))
+        truth = grown(scene, grow_mm).truth(grid_points(LPS_TO_RAS @ ras_affine, tuple(out.shape[1:])))
         images.append(np.asarray(out.as_tensor().numpy(), np.float32))
         labels.append(truth)
     size = tuple(min(i.shape[d + 1] for i in images) for d in range(3))
@@ -161,14 +169,14 @@ def training_set(folder: Path, count: int, seed: int) -> tuple[np.ndarray, np.nd
             np.stack([t[c] for t, c in zip(labels, crop, strict=True)]))
 
 
-def train(folder: Path, steps: int = 150, seed: int = 0, batch: int = 4):
+def train(folder: Path, steps: int = 150, seed: int = 0, batch: int = 4, grow_mm: float = 0.0):
     """Train the bundle's network on random patches of a freshly generated training set."""
     import torch
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
 
     torch.manual_seed(seed)
-    images, labels = training_set(folder, count=10, seed=seed)
+    images, labels = training_set(folder, count=10, seed=seed, grow_mm=grow_mm)
     network = UNet(**{k: v for k, v in NETWORK.items() if k != "_target_"})
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimiser = torch.optim.Adam(network.parameters(), lr=5e-3)
@@ -191,13 +199,13 @@ def train(folder: Path, steps: int = 150, seed: int = 0, batch: int = 4):
     return network.eval()
 
 
-def build_bundle(folder: Path, steps: int = 150, seed: int = 0) -> Path:
-    """A trained bundle at ``folder``: configs + models/model.ts (TorchScript); also model.onnx
-    with its settings in model.json beside it, for the ONNX backend."""
+def build_bundle(folder: Path, steps: int = 150, seed: int = 0, grow_mm: float = 0.0) -> Path:
+    """A trained bundle at ``folder``: configs + models/model.ts (TorchScript); ``grow_mm``
+    trains it to segment every structure that much too large."""
     import torch
 
     write_bundle_configs(folder)
-    network = train(folder, steps=steps, seed=seed)
+    network = train(folder, steps=steps, seed=seed, grow_mm=grow_mm)
     torch.jit.script(network).save(str(folder / "models" / "model.ts"))
     return folder
 

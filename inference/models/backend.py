@@ -49,6 +49,11 @@ class Backend:
         """
         return coded_structures(spec.labels, spec.label_map, spec.name)
 
+    def revision(self, spec: ModelSpec) -> str:
+        """What, besides the spec, decides which weights load (a bundle's resolved version folder);
+        part of the loaded-model cache key."""
+        return ""
+
     def load(self, spec: ModelSpec) -> Model:
         """The model, ready to predict (weights read, moved to its device)."""
         raise NotImplementedError

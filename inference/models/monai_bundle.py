@@ -46,6 +46,43 @@ def bundle_problems(folder: Path) -> list[str]:
     return problems
 
 
+VERSIONS_DIR = "versions"  # BUNDLE/versions/X.Y.Z: the versions `vesalius train` accepted
+
+
+def bundle_version(folder: Path) -> str:
+    """The semantic version a bundle folder's metadata.json states."""
+    return str(_metadata(folder).get("version", "0.0.0"))
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """A semantic version as sortable numbers (non-numeric parts count 0)."""
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("+")[0].split("-")[0].split("."))
+
+
+def bundle_versions(root: Path) -> dict[str, Path]:
+    """Every version of a bundle: the folder itself and each accepted ``versions/X.Y.Z``."""
+    found = {bundle_version(root): root} if (root / "configs" / "metadata.json").is_file() else {}
+    versions = root / VERSIONS_DIR
+    for folder in sorted(versions.iterdir()) if versions.is_dir() else ():
+        if (folder / "configs" / "metadata.json").is_file() and not folder.name.startswith("."):
+            found[bundle_version(folder)] = folder
+    return found
+
+
+def bundle_folder(spec: ModelSpec) -> Path:
+    """The folder of the version the spec selects (``bundle_version``: "", "latest" or "X.Y.Z")."""
+    root = Backend.path(spec)
+    if not spec.bundle_version:
+        return root
+    versions = bundle_versions(root)
+    if spec.bundle_version == "latest":
+        return versions[max(versions, key=version_key)] if versions else root
+    if spec.bundle_version not in versions:
+        raise ModelSpecError(f"model {spec.name!r}: bundle_version {spec.bundle_version!r} is not one of "
+                             f"{', '.join(sorted(versions, key=version_key)) or 'none'} in {root}")
+    return versions[spec.bundle_version]
+
+
 def _metadata(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "configs" / "metadata.json").read_text())
 
@@ -54,7 +91,7 @@ def bundle_labels(spec: ModelSpec) -> Structures:
     """Labels from the spec's ``labels`` or the bundle's ``channel_def``, mapped to coded names."""
     names = dict(spec.labels)
     if not names:
-        meta = _metadata(Backend.path(spec))
+        meta = _metadata(bundle_folder(spec))
         try:
             channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
         except KeyError:
@@ -71,7 +108,7 @@ def load_bundle(spec: ModelSpec) -> Model:
     from vesalius.inference.device import select_device
     from vesalius.inference.models.network import NetworkModel, without_loader
 
-    folder = Backend.path(spec)
+    folder = bundle_folder(spec)
     device = select_device(spec.device)
     meta = _metadata(folder)
     parser = ConfigParser()
@@ -134,7 +171,14 @@ class BundleBackend(Backend):
     extra = "ai"
 
     def weight_problems(self, spec: ModelSpec) -> list[str]:
-        return bundle_problems(self.path(spec))
+        try:
+            return bundle_problems(bundle_folder(spec))
+        except ModelSpecError as err:
+            return [str(err)]
+
+    def revision(self, spec: ModelSpec) -> str:
+        """The folder a spec resolves to now: a newly accepted version is loaded on the next job."""
+        return str(bundle_folder(spec))
 
     def structures(self, spec: ModelSpec) -> Structures:
         return bundle_labels(spec)

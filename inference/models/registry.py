@@ -135,7 +135,7 @@ def resolve(reference: str) -> Model:
 
 
 def _load_cached(spec: ModelSpec) -> Model:
-    key = repr(spec)  # every setting, the kind, name and path included
+    key = repr(spec) + backend_for(spec.kind).revision(spec)  # every setting, and the version folder
     with _LOCK:
         if key not in _LOADED:
             _LOADED[key] = load(spec)

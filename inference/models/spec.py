@@ -48,6 +48,9 @@ class ModelSpec:
     roi_subset: tuple[str, ...] = ()  # totalsegmentator --roi_subset
     folds: tuple[int, ...] = ()  # nnunet: empty = every fold_N folder present
     checkpoint: str = "checkpoint_final.pth"  # nnunet
+    # bundle: "" the folder as given; "latest" the newest version `vesalius train` accepted
+    # (BUNDLE/versions/X.Y.Z, or the folder itself); "X.Y.Z" pins one (docs/learning.md)
+    bundle_version: str = ""
 
     def __post_init__(self) -> None:
         try:

@@ -49,6 +49,9 @@ class StoreCollector:
         for stage, values in sorted(totals.items()):
             stages.add_metric([stage], count_value=len(values), sum_value=sum(values))
         yield stages
+        from vesalius.node.corrections import agreement_metrics
+
+        yield from agreement_metrics(self.store)  # corrections (issue 16): agreement per model version
 
 
 def metrics_endpoint(store: Store) -> Callable[[Request], Response]:

@@ -17,7 +17,7 @@ from vesalius.node import audit
 from vesalius.node.store import DELIVERY_STATES, JOB_STATES, LISTING_FILTERS, LISTINGS, Store
 
 TIME_COLUMNS = ("last_received", "completed_at", "created_at", "updated_at", "next_try_at", "selected_at")
-JSON_COLUMNS = ("destinations", "stages", "progress", "evaluation")
+JSON_COLUMNS = ("destinations", "stages", "progress", "evaluation", "correction")
 MAX_LIMIT = 1000
 STATES = {"jobs": JOB_STATES, "deliveries": DELIVERY_STATES,
           "series": ("receiving", "complete", "stored")}

@@ -188,10 +188,10 @@ function listPage() {
   async function refresh() {
     const before = filters.before.length ? filters.before[filters.before.length - 1] : '';
     if (models === null) models = (await json('/series/models')).models;
-    const [studies, series, jobs, deliveries] = await Promise.all([
+    const [studies, series, jobs, deliveries, pulls] = await Promise.all([
       json(`/studies?${query()}`), json(`/series?${query()}`),
-      json(`/jobs?${query({ state: filters.state, before })}`), json(`/deliveries?${query()}`)]);
-    const text = JSON.stringify([studies, series, jobs, deliveries, filters]);
+      json(`/jobs?${query({ state: filters.state, before })}`), json(`/deliveries?${query()}`), json('/pulls')]);
+    const text = JSON.stringify([studies, series, jobs, deliveries, pulls, filters]);
     if (text === shown) return; // nothing changed: keep the page (and what the user is typing) as it is
     shown = text;
     const focused = document.activeElement && document.activeElement.id;
@@ -221,6 +221,15 @@ function listPage() {
       h('td', { title: st.study_instance_uid }, short(st.study_instance_uid)), h('td', {}, st.series),
       h('td', {}, when(st.selected_at)),
       h('td', {}, h('ul', { class: 'reasons' }, st.selection.map((x) => h('li', {}, `${x.rule}: `, short(x.series_instance_uid), ` — ${x.reason}`))))));
+    // pull jobs (docs/pull.md): studies per state, and the actions that apply to the job's state
+    const pullButton = (p, name, states) => h('button', { type: 'button', disabled: !states.includes(p.state),
+      onclick: () => action(`/pulls/${p.id}/${name}`) }, name[0].toUpperCase() + name.slice(1));
+    const pullRows = pulls.map((p) => h('tr', { 'data-pull': p.id, class: `pull-${p.state}` },
+      h('td', {}, `#${p.id}`), h('td', {}, p.source), h('td', {}, badge(p.state, p.error ? `${p.state}: ${p.error}` : p.state)),
+      h('td', { class: 'pull-studies' }, Object.entries(p.studies).filter(([, n]) => n).map(([s, n]) => `${s} ${n}`).join(', ') || '–'),
+      h('td', {}, when(p.created_at)),
+      h('td', {}, pullButton(p, 'pause', ['queued', 'running']), ' ', pullButton(p, 'resume', ['paused']), ' ',
+        pullButton(p, 'cancel', ['queued', 'running', 'paused']), ' ', pullButton(p, 'retry', ['done', 'failed']))));
     const pager = h('p', { class: 'pager' },
       h('button', { type: 'button', id: 'newer', disabled: !filters.before.length, onclick: () => { filters.before.pop(); refresh(); } }, '← Newer'),
       ' ', h('button', { type: 'button', id: 'older', disabled: jobs.length < 50, onclick: () => { filters.before.push(jobs[jobs.length - 1].id); refresh(); } }, 'Older →'));
@@ -229,7 +238,8 @@ function listPage() {
       h('section', {}, h('h2', {}, 'Jobs'), table(['Job', 'Study', 'Series', 'AE', 'Model', 'State', 'Created', 'Actions'], jobRows, { id: 'jobs' }), pager),
       h('section', {}, h('h2', {}, 'Series'), table(['Series', 'Study', 'Modality', 'Description', 'AE', 'Instances', 'State', 'Last received', ''], seriesRows, { id: 'series' })),
       h('section', {}, h('h2', {}, 'Studies'), table(['Study', 'Series', 'Selected', 'Why each series was chosen or skipped'], studyRows, { id: 'studies' })),
-      h('section', {}, h('h2', {}, 'Deliveries'), table(['Delivery', 'Job', 'Destination', 'State', 'Tries', 'Updated'], deliveryRows, { id: 'deliveries' })));
+      h('section', {}, h('h2', {}, 'Deliveries'), table(['Delivery', 'Job', 'Destination', 'State', 'Tries', 'Updated'], deliveryRows, { id: 'deliveries' })),
+      ...(pulls.length ? [h('section', {}, h('h2', {}, 'Pulls'), table(['Pull', 'Source', 'State', 'Studies', 'Created', 'Actions'], pullRows, { id: 'pulls' }))] : []));
     if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
   }
   return { kind: 'list', refresh };
