@@ -34,6 +34,7 @@ from vesalius.dicom_out.identity import (
     derived_uid,
     name_series,
 )
+from vesalius.dicom_out.seg_overlap import Segmentation
 from vesalius.dicom_out.sources import source_headers, tidy
 from vesalius.inference.models import Label
 from vesalius.inference.series import multiframe_source
@@ -48,6 +49,7 @@ LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 # every viewer. A BINARY frame costs rows*cols/8 bytes, so beyond this many frames (segments x
 # slices, ~330 MB at 512x512) the empty ones are left out and the file stays sendable.
 KEEP_EMPTY_FRAMES_UP_TO = 10_000
+SLICES_PER_BLOCK = 16  # masks are computed this many slices at a time (no full-volume temporary)
 
 
 def role_prefix(seg: pydicom.Dataset | None) -> str:
@@ -115,14 +117,16 @@ def build_seg(volume: Volume, label_map: np.ndarray, structures: Sequence[Label]
     if label_map.shape != volume.array.shape:
         raise ValueError(f"label map shape {label_map.shape} differs from the volume's "
                          f"{volume.array.shape}")
-    present = [label for label in structures if label.mask(label_map).any()]
+    slices_with = values_per_slice(label_map)
+    found = np.any(slices_with, axis=0)
+    present = [label for label in structures if found[[label.value, *label.includes]].any()]
     if not present:
         raise ValueError("no label has any voxel: there is nothing to write as a segmentation")
     descriptions = [segment_description(number, label, volume, algorithm)
                     for number, label in enumerate(present, start=1)]
     uid_kind = "seg" if segmentation_type == BINARY else "labelmap-seg"
     if segmentation_type == BINARY:
-        pixels = np.stack([label.mask(label_map) for label in present], axis=-1)
+        pixels = _binary_stack(label_map, present, slices_with)
         keep_empty = pixels.shape[0] * pixels.shape[-1] <= KEEP_EMPTY_FRAMES_UP_TO
         transfer_syntax = pydicom.uid.ExplicitVRLittleEndian
     else:
@@ -135,8 +139,10 @@ def build_seg(volume: Volume, label_map: np.ndarray, structures: Sequence[Label]
     multiframe = multiframe_source(volume)
     if multiframe is not None:  # an Enhanced CT/MR: one source, frames in its own frame order
         header, order = multiframe
-        source_images, pixels = [tidy(header)], pixels[order]
-    seg = hd.seg.Segmentation(
+        source_images = [tidy(header)]
+        pixels = (np.moveaxis(np.moveaxis(pixels, -1, 0)[:, order], 0, -1) if pixels.ndim == 4
+                  else pixels[order])  # a BINARY stack keeps each segment's frames contiguous
+    seg = Segmentation(
         source_images=source_images,
         pixel_array=pixels,  # (frames = source slices/frames, rows, cols[, segments])
         segmentation_type=segmentation_type,
@@ -172,12 +178,35 @@ def drop_background_segment(seg: pydicom.Dataset) -> None:
     seg.SegmentSequence = [item for item in seg.SegmentSequence if int(item.SegmentNumber) != 0]
 
 
+def values_per_slice(label_map: np.ndarray) -> np.ndarray:
+    """(slices, 256) bool: which label values occur in each slice (one bincount per slice)."""
+    return np.stack([np.bincount(plane.ravel(), minlength=256)[:256] > 0
+                     for plane in label_map.astype(np.uint8, copy=False)])
+
+
+def _binary_stack(label_map: np.ndarray, present: Sequence[Label],
+                  slices_with: np.ndarray) -> np.ndarray:
+    """The segments' 0/1 masks as a (slices, rows, cols, segments) uint8 view of one contiguous
+    mask per segment, each written only over the slices its structure spans.
+
+    highdicom takes a frame of one segment from this view without a copy, and the zeros outside
+    a structure's slices are never written (nor made resident: np.zeros maps them lazily).
+    """
+    stack = np.zeros((len(present), *label_map.shape), np.uint8)
+    for segment, label in enumerate(present):
+        slices = np.flatnonzero(slices_with[:, [label.value, *label.includes]].any(axis=1))
+        for start in range(int(slices[0]), int(slices[-1]) + 1, SLICES_PER_BLOCK):  # small temporaries
+            end = min(start + SLICES_PER_BLOCK, int(slices[-1]) + 1)
+            stack[segment, start:end] = label.mask(label_map[start:end])
+    return np.moveaxis(stack, 0, -1)
+
+
 def _labelmap(label_map: np.ndarray, present: Sequence[Label]) -> np.ndarray:
     """Segment numbers per voxel: each voxel gets the segment of its own label value."""
-    by_value = np.zeros(256, np.uint16)
+    by_value = np.zeros(256, np.uint8 if len(present) < 256 else np.uint16)  # highdicom's dtype
     for number, label in enumerate(present, start=1):
         by_value[label.value] = number
-    return by_value[label_map.astype(np.uint8)]
+    return by_value[label_map.astype(np.uint8, copy=False)]
 
 
 def _describe_partial_segments(descriptions: Sequence[hd.seg.SegmentDescription],

@@ -38,8 +38,14 @@ def _lps_axes(volume: Volume, array: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return out, volume.spacing[order]
 
 
-def _grey(values: np.ndarray, modality: str) -> np.ndarray:
+def _window(values: np.ndarray, modality: str) -> tuple[float, float]:
     low, high = CT_WINDOW if modality == "CT" else tuple(np.percentile(values, (1, 99)))
+    return float(low), float(high)
+
+
+def _grey(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """One view in 8-bit grey (applied per view: a float copy of the whole volume costs 300 MB+)."""
+    low, high = window
     scaled = (values.astype(np.float32) - low) / max(float(high - low), 1e-6)
     grey: np.ndarray = np.clip(scaled * 255, 0, 255).astype(np.uint8)
     return grey
@@ -70,10 +76,15 @@ def write_thumbnails(volume: Volume, label_map: np.ndarray, structures: Sequence
             colours[label.value] = term.rgb
             drawn[label.value] = True
     shown = drawn[labels]
-    found = np.argwhere(shown)
-    middle = found.mean(axis=0).round() if len(found) else np.array(image.shape) // 2
+    # the mean index of the shown voxels, from one count per axis (np.argwhere would hold 24
+    # bytes per voxel: hundreds of MB for the lungs and bones of a 300-slice CT)
+    per_axis = [shown.sum(axis=tuple(a for a in range(3) if a != axis)) for axis in range(3)]
+    total = int(per_axis[0].sum())
+    middle = (np.array([np.dot(np.arange(len(c)), c) / total for c in per_axis]).round() if total
+              else np.array(image.shape) // 2)
     centre = [int(v) for v in middle]
-    grey_views = _slices(_grey(image, volume.modality), centre)
+    window = _window(image, volume.modality)
+    grey_views = {view: _grey(pixels, window) for view, pixels in _slices(image, centre).items()}
     label_views, shown_views = _slices(labels, centre), _slices(shown, centre)
     folder.mkdir(parents=True, exist_ok=True)
     written = []

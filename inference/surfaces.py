@@ -23,6 +23,7 @@ vtkSMPTools.SetBackend("STDThread")  # the PyPI wheel is sequential otherwise
 PASS_BAND = 0.01  # windowed-sinc pass band: removes the voxel staircase, keeps the shape
 TRIANGLES_PER_FACE = 2.0  # contour triangles per boundary voxel face (measured on spheres)
 CONTOUR_BUDGET = 1.5  # contour at most about this many times max_triangles, then decimate
+SLAB_SLICES = 16  # bounding boxes are found this many slices at a time
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,18 +60,32 @@ def build_meshes(
     """One closed, smoothed, outward-facing LPS mesh per non-empty label."""
     meshes = []
     for label in structures:
-        mask = label.mask(label_map)
-        if not mask.any():
+        box = label_box(label_map, label)
+        if box is None:
             continue
-        meshes.append(_mesh(label, mask, affine, max_triangles, smoothing_iterations))
+        crop = label.mask(label_map[box])  # only the structure's box, never a full-volume mask
+        meshes.append(_mesh(label, crop, box, affine, max_triangles, smoothing_iterations))
     return meshes
 
 
+def label_box(label_map: np.ndarray, label: Label) -> tuple[slice, ...] | None:
+    """The bounding box of a structure's voxels (None when it has none), found a slab of slices
+    at a time so that no full-volume mask is made."""
+    along = [np.zeros(n, bool) for n in label_map.shape]
+    for start in range(0, label_map.shape[0], SLAB_SLICES):
+        mask = label.mask(label_map[start:start + SLAB_SLICES])
+        along[0][start:start + SLAB_SLICES] = mask.any(axis=(1, 2))
+        along[1] |= mask.any(axis=(0, 2))
+        along[2] |= mask.any(axis=(0, 1))
+    if not along[0].any():
+        return None
+    return tuple(slice(int(np.argmax(a)), len(a) - int(np.argmax(a[::-1]))) for a in along)
+
+
 def _mesh(
-    label: Label, mask: np.ndarray, affine: np.ndarray, max_triangles: int, iterations: int
+    label: Label, crop: np.ndarray, box: tuple[slice, ...], affine: np.ndarray, max_triangles: int,
+    iterations: int
 ) -> Mesh:
-    box = _bounding_box(mask)
-    crop = mask[box]
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     factors = _contour_factors(crop, spacing, max_triangles)
     while True:
@@ -107,14 +122,6 @@ def _mesh(
         closed=closed,
         manifold=manifold,
     )
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    box = []
-    for axis in range(3):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
 
 
 def _contour_factors(

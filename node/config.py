@@ -192,6 +192,9 @@ class Config:
     max_instance_mb: int = 2048  # a larger data set closes the association while it arrives
     min_free_disk_mb: int = 500  # below this free space in data_dir, instances are refused (A700)
     quiet_period: float = 1.0
+    # a series sent in one association that ended with a normal release is complete at once
+    # (node/series.py); false: it waits quiet_period like a series sent over several
+    complete_on_release: bool = True
     stability_timeout: float = 10.0
     study_quiet_period: float = 3.0  # s after a study's last association ended before it is complete
     workers: int = 1

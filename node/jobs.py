@@ -84,7 +84,8 @@ def _warm_up(models: tuple[str, ...] = ()) -> None:
 
 
 def _run_reporting_stages(paths: list[str], out: str, model: str, result_key: str, db_path: str,
-                          job_id: int, priors: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                          job_id: int, priors: dict[str, dict[str, Any]] | None = None,
+                          labelmap: bool = True) -> dict[str, Any]:
     """In the worker: the pipeline, each stage's start written to the job's row as it happens,
     so /jobs and the dashboard show "running: stage n of m" live."""
     def on_stage(stage: str, n: int, of: int) -> None:
@@ -93,7 +94,8 @@ def _run_reporting_stages(paths: list[str], out: str, model: str, result_key: st
         except sqlite3.Error as err:  # progress is for display only: never the reason a job fails
             log.warning("job %d: could not record its progress: %s", job_id, err)
 
-    return run_pipeline(paths, out, model, result_key=result_key, on_stage=on_stage, priors=priors)
+    return run_pipeline(paths, out, model, result_key=result_key, on_stage=on_stage, priors=priors,
+                        labelmap=labelmap)
 
 
 def _folder(name: str) -> str:
@@ -189,7 +191,8 @@ class JobRunner:
         try:
             with self._pool_lock:
                 future = self._pool.submit(_run_reporting_stages, paths, str(out), model, result_key,
-                                           str(self.store.db_path), job_id, priors)
+                                           str(self.store.db_path), job_id, priors,
+                                           self._wants_labelmap(job))
             summary = future.result()
         except Exception as err:
             if self.stop.is_set():  # the node is stopping and ended the worker: not the job's fault
@@ -208,6 +211,11 @@ class JobRunner:
         self.on_done()
         log.info("job done job=%d series=%s stages=%s deliveries=%d",
                  job_id, series_uid, summary["stages_s"], len(destinations))
+
+    def _wants_labelmap(self, job: sqlite3.Row) -> bool:
+        """Whether a destination of the job takes the Label Map SEG: only then is it written."""
+        names = set(json.loads(job["destinations"]))
+        return any(d.labelmap for d in self.config.destinations if d.name in names)
 
     def _job_failed(self, job: sqlite3.Row, err: Exception) -> None:
         if isinstance(err, VolumeError):  # the series itself is the problem: retrying cannot help

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vesalius.inference.memory import release_free_memory
 from vesalius.node.paths import inside, safe_name
 
 if TYPE_CHECKING:
@@ -52,21 +53,25 @@ class StageTimer:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
+            release_free_memory()  # the stage's freed temporaries, before the next stage's peak
 
 
 def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: str,
                  max_triangles: int = 100_000, result_key: str = "",
                  on_stage: OnStage | None = None,
-                 priors: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+                 priors: Mapping[str, Mapping[str, Any]] | None = None,
+                 labelmap: bool = True) -> dict[str, Any]:
     """Process one DICOM series into ``out_dir`` (replaced atomically) and return the summary.
     ``result_key`` (a study-level rule's) makes the output UIDs per study and rule. ``priors``
-    (node.longitudinal.priors: plain data, by structure concept) go into the SR."""
+    (node.longitudinal.priors: plain data, by structure concept) go into the SR; ``labelmap``
+    False leaves out the Label Map SEG (no destination of the job takes it: 2-3 s of writing)."""
     from vesalius.inference.series import load_series
 
     timer = StageTimer(on_stage)
     with timer.stage("volume"):
         volume = load_series(paths)
-    return _process(volume, None, timer, out_dir, model_name, max_triangles, result_key, priors)
+    return _process(volume, None, timer, out_dir, model_name, max_triangles, result_key, priors,
+                    labelmap)
 
 
 def run_pipeline_on_file(path: str | Path, out_dir: str | Path, model_name: str, modality: str = "CT",
@@ -84,7 +89,8 @@ def run_pipeline_on_file(path: str | Path, out_dir: str | Path, model_name: str,
 
 def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, out_dir: str | Path,
              model_name: str, max_triangles: int, result_key: str,
-             priors: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+             priors: Mapping[str, Mapping[str, Any]] | None = None,
+             labelmap: bool = True) -> dict[str, Any]:
     """Labels, meshes, measures and the output files of a volume; DICOM objects only for a DICOM
     series (``volume_file`` None), else the label map beside the input's format."""
     # Imported here, not at module level, so the listener process never loads VTK, highdicom and
@@ -126,13 +132,18 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
         return ds
 
     with timer.stage("writers"), ThreadPoolExecutor(3) as pool:  # nothing found: no objects
-        # the 3D preview renders (VTK, off-screen) while the other objects are written
+        if measurements and dicom:
+            seg = write("seg", build_seg(volume, label_map, model.structures, algorithm))
+        # the 3D preview renders (VTK, off-screen) while the other objects are written; after the
+        # BINARY SEG, whose masks are the job's largest arrays, so their memory does not add up
         preview = pool.submit(lambda: write("preview", build_preview(
             volume, meshes, measurements, algorithm))) if meshes and dicom else None
-        if measurements and dicom:  # the two SEGs in parallel: numpy and highdicom release the GIL often
-            labelmap = pool.submit(lambda: write("seg_labelmap", build_seg(
-                volume, label_map, model.structures, algorithm, segmentation_type=LABELMAP)))
-            seg = write("seg", build_seg(volume, label_map, model.structures, algorithm))
+        if measurements and dicom:
+            # after the BINARY SEG, not beside it: their masks are the largest arrays of the job,
+            # and its RLE encoder holds the GIL, so side by side they only added up in memory
+            labelmap_seg = pool.submit(lambda: write("seg_labelmap", build_seg(
+                volume, label_map, model.structures, algorithm,
+                segmentation_type=LABELMAP))) if labelmap else None
             # the SR references the BINARY SEG: the one every destination receives
             write("sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map, priors={
                 concept: Prior(float(p["volume_ml"]), str(p["study_date"]))
@@ -149,8 +160,8 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
         if meshes:
             write_glb(meshes, tmp / GLB_FILE)
         thumbnails = write_thumbnails(volume, label_map, model.structures, tmp / THUMBNAIL_DIR)
-        if measurements and dicom:
-            labelmap.result()
+        if measurements and dicom and labelmap_seg is not None:
+            labelmap_seg.result()
         if preview is not None:
             preview.result()
         if volume_file is not None:  # research input: the label map in its own format, on its own grid

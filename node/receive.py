@@ -142,9 +142,12 @@ class Receiver:
         _discard_partial_data_set(event.assoc)
         with self._lock:
             touched = self._touched.pop(id(event.assoc), set())
-        log.info("association from %s at %s ended; %d series touched",
-                 printable(event.assoc.requestor.ae_title, 16), event.assoc.requestor.address, len(touched))
-        self.store.mark_released(sorted(touched))
+            still_sending = set().union(*self._touched.values())
+        released = bool(getattr(event.assoc, "is_released", False))  # A-RELEASE, not abort or drop
+        log.info("association from %s at %s %s; %d series touched",
+                 printable(event.assoc.requestor.ae_title, 16), event.assoc.requestor.address,
+                 "released" if released else "ended without release", len(touched))
+        self.store.mark_released(sorted(touched), sorted(touched - still_sending) if released else [])
 
 
 def _discard_partial_data_set(assoc: object) -> None:

@@ -1,9 +1,11 @@
 """Series and study completion.
 
-A series is complete after its association ended and a quiet period passed, or, when instances
-arrive over several associations, after a longer stability timeout. A study is complete when every
-series of it is complete and nothing of it arrived for ``study_quiet_period``; then its study-level
-rules choose the series to process (node.routing.select_series), with the reasons recorded.
+A series is complete as soon as the one association that sent it ended with a normal release;
+otherwise (aborted, or sent over several associations) after the last association ended and a
+quiet period passed, or, while instances keep arriving, after a longer stability timeout. A study
+is complete when every series of it is complete and nothing of it arrived for
+``study_quiet_period``; then its study-level rules choose the series to process
+(node.routing.select_series), with the reasons recorded.
 """
 
 from __future__ import annotations
@@ -28,8 +30,14 @@ from vesalius.node.store import Store
 
 log = logging.getLogger("vesalius.series")
 
-DUE_SERIES = """SELECT * FROM series WHERE state='receiving' AND (
-                   (released_at IS NOT NULL AND ? - released_at >= ? AND ? - last_received >= ?)
+# Due: sent in one association that ended with a normal release (while no other was sending it),
+# from a calling AE never seen spreading a series over several associations, and complete_on_release
+# on; else quiet_period after the last association ended; else stability_timeout without instances.
+DUE_SERIES = """SELECT * FROM series s WHERE state='receiving' AND (
+                   (released_at IS NOT NULL AND ? AND released_normally AND associations = 1
+                    AND NOT EXISTS (SELECT 1 FROM series m WHERE m.calling_ae = s.calling_ae
+                                    AND m.associations > 1))
+                   OR (released_at IS NOT NULL AND ? - released_at >= ? AND ? - last_received >= ?)
                    OR ? - last_received >= ?)"""
 # Studies whose series are all complete, one of them completed since the study was last selected,
 # and nothing of which arrived (or was still being sent) for study_quiet_period. A study a pull job
@@ -53,7 +61,8 @@ def complete_due_series(store: Store, config: Config, now: float | None = None) 
     """Mark due series complete, record what their headers say, and queue the jobs of the
     series-level rules in the same transaction; returns their UIDs."""
     now = time.time() if now is None else now
-    params = (now, config.quiet_period, now, config.quiet_period, now, config.stability_timeout)
+    params = (int(config.complete_on_release), now, config.quiet_period, now, config.quiet_period, now,
+              config.stability_timeout)
     # headers are read before the transaction, so receiving never waits on them
     facts = {row["series_instance_uid"]: read_facts(store.series_paths(row["series_instance_uid"]), dict(row))
              for row in store.query(DUE_SERIES, params)}

@@ -104,6 +104,10 @@ CREATE TABLE IF NOT EXISTS selections (
 ADDED_COLUMNS = (
     ("jobs", "result_key", "TEXT"),  # NULL: results per series; 'study/<uid>/<rule>' per study+rule
     ("jobs", "progress", "TEXT"),  # JSON {stage, n, of, started_at}: the stage a running job is in
+    # ended associations that sent instances of the series, and whether the last one ended in a
+    # normal release while no other association was sending it (node/series.py, quiet period)
+    ("series", "associations", "INTEGER NOT NULL DEFAULT 0"),
+    ("series", "released_normally", "INTEGER NOT NULL DEFAULT 0"),
 )
 # Indexes the dashboard's filtered, keyset-paginated listings need to stay fast at 100 000 jobs.
 LISTING_INDEXES = """
@@ -379,14 +383,17 @@ class Store:
             )
         return known is None
 
-    def mark_released(self, series_uids: Sequence[str]) -> None:
-        """The association that sent these series has ended: start their quiet period."""
+    def mark_released(self, series_uids: Sequence[str], normally: Sequence[str] = ()) -> None:
+        """The association that sent these series has ended: start their quiet period.
+        ``normally``: those of them it ended with a normal A-RELEASE, no other association sending."""
         if not series_uids:
             return
+        clean = set(normally)
         with self.transaction() as db:
             db.executemany(
-                "UPDATE series SET released_at=? WHERE series_instance_uid=? AND state='receiving'",
-                [(time.time(), uid) for uid in series_uids])
+                "UPDATE series SET released_at=?, released_normally=?, associations=associations+1 "
+                "WHERE series_instance_uid=? AND state='receiving'",
+                [(time.time(), int(uid in clean), uid) for uid in series_uids])
 
     def series_paths(self, series_uid: str) -> list[Path]:
         rows = self.query("SELECT path FROM instances WHERE series_instance_uid=? ORDER BY path",

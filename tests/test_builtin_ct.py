@@ -144,7 +144,7 @@ def _enhanced(array: np.ndarray, reference: np.ndarray, class_names: Path) -> np
                   portal_vein_and_splenic_vein=180.0, liver=60.0, spleen=80.0)
     enhanced = array.copy()
     for name, boost in values.items():
-        enhanced[np.isin(reference, totalseg_label_values(class_names, name))] += boost
+        enhanced[np.isin(reference, totalseg_label_values(class_names, name))] += int(boost)
     return enhanced
 
 
