@@ -203,6 +203,26 @@ def process_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def send_seg(port: int, data: bytes, calling_ae: str = "VIEWER") -> None:
+    """C-STORE one SEG (its file bytes) to the node in its own transfer syntax, as a viewer sending
+    a correction does; asserts the node stored it."""
+    import io
+
+    import pydicom
+    from pynetdicom import AE
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="VESALIUS")
+    assert assoc.is_established, "the node refused the association"
+    try:
+        status = assoc.send_c_store(ds)
+        assert status.Status == 0, status
+    finally:
+        assoc.release()
+
+
 def send_raw(port: int, path: Path, calling_ae: str = "SENDER") -> int:
     """Send a file's bytes as they are (no re-encoding: hostile or broken data sets stay so) to
     the node at ``port`` and return the C-STORE status."""

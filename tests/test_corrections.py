@@ -15,10 +15,8 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pynetdicom import AE
-from pynetdicom.sop_class import SegmentationStorage
 
-from tests.peers import NodeProcess, storescu, vesalius_node, wait_for
+from tests.peers import NodeProcess, send_seg, storescu, vesalius_node, wait_for
 from tests.phantoms import Box, Cylinder, write_phantom_series
 from vesalius.dicom_out.identity import Algorithm
 from vesalius.dicom_out.seg import build_seg
@@ -56,19 +54,6 @@ def _correction(volume: Volume, label_map: np.ndarray, n: int, labels=TRUTH) -> 
     return out.getvalue()
 
 
-def _send(port: int, data: bytes) -> None:
-    """C-STORE one SEG with pynetdicom, as a viewer does."""
-    ae = AE(ae_title="VIEWER")
-    ae.add_requested_context(SegmentationStorage, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="VESALIUS")
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(pydicom.dcmread(io.BytesIO(data)))
-        assert status.Status == 0, status
-    finally:
-        assoc.release()
-
-
 @pytest.fixture(scope="module")
 def chest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeProcess, dict, Volume, Path]]:
     tmp = tmp_path_factory.mktemp("corrections")
@@ -101,7 +86,7 @@ def sent(chest) -> dict[int, str]:
     for n, label_map in enumerate((unchanged, amended), start=1):
         data = _correction(volume, label_map, n)
         sent[n] = str(pydicom.dcmread(io.BytesIO(data)).SeriesInstanceUID)
-        _send(node.port, data)
+        send_seg(node.port, data)
     return sent
 
 
@@ -143,7 +128,7 @@ def test_a_correction_of_nothing_we_did_is_kept_and_flagged(chest) -> None:
     label_map[5:20, 30:60, 30:60] = 1
     data = _correction(other, label_map, 9, labels=(Label(1, "liver"),))
     uid = str(pydicom.dcmread(io.BytesIO(data)).SeriesInstanceUID)
-    _send(node.port, data)
+    send_seg(node.port, data)
     flagged = _wait_correction(node, uid)
     assert flagged["state"] == "flagged" and flagged["job_id"] is None
     assert flagged["reason"] == "references a series no job of this node finished"
@@ -152,7 +137,7 @@ def test_a_correction_of_nothing_we_did_is_kept_and_flagged(chest) -> None:
     liver[5:20, 30:60, 30:60] = 1
     data = _correction(volume, liver, 10, labels=(Label(1, "liver"),))
     uid = str(pydicom.dcmread(io.BytesIO(data)).SeriesInstanceUID)
-    _send(node.port, data)
+    send_seg(node.port, data)
     flagged = _wait_correction(node, uid)
     assert flagged["state"] == "flagged" and flagged["job_id"] == job["id"]
     assert "matches none" in flagged["reason"]

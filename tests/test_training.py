@@ -15,12 +15,10 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pynetdicom import AE
-from pynetdicom.sop_class import SegmentationStorage
 from scipy import ndimage
 
 from tests import tiny_bundle
-from tests.peers import NodeProcess, storescu, vesalius_node, wait_for
+from tests.peers import NodeProcess, send_seg, storescu, vesalius_node, wait_for
 from tests.phantoms import write_phantom_series
 from vesalius.dicom_out.identity import Algorithm
 from vesalius.dicom_out.seg import build_seg
@@ -33,17 +31,6 @@ from vesalius.node.store import Store
 
 CASES = 6
 LABELS = (Label(1, "liver"), Label(2, "heart"))
-
-
-def _send(port: int, data: bytes) -> None:
-    ae = AE(ae_title="VIEWER")
-    ae.add_requested_context(SegmentationStorage, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="VESALIUS")
-    assert assoc.is_established
-    try:
-        assert assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))).Status == 0
-    finally:
-        assoc.release()
 
 
 def _phantom(folder: Path, rng: np.random.Generator, n: int):
@@ -88,7 +75,7 @@ def learnt(tmp_path_factory: pytest.TempPathFactory,
             seg.Manufacturer = "OHIF"
             out = io.BytesIO()
             seg.save_as(out, enforce_file_format=True)
-            _send(node.port, out.getvalue())
+            send_seg(node.port, out.getvalue())
         wait_for(lambda: len(node.get("/cases")) == CASES, 180, f"{CASES} cases")
         yield node, bundle, tmp / f"node-{node.port}.toml", rng
 

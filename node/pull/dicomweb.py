@@ -11,6 +11,7 @@ import base64
 import tempfile
 import urllib.parse
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from pydicom.dataset import Dataset
 
 from vesalius.node import ingest
 from vesalius.node.pull.dimse import SourceError
-from vesalius.node.pull.query import PullQuery, SeriesMatch, StudyMatch, clean_code, clean_date, clean_uid
+from vesalius.node.pull.query import PullQuery, SeriesMatch, StudyMatch, clean_date, clean_uid
 from vesalius.node.sources import DicomwebSource
 from vesalius.node.store import Store
 
@@ -91,9 +92,11 @@ class DicomwebClient:
         self.client = _client(source, max_instance_bytes)
         self.whole_series = False  # WADO-RS one instance at a time
 
-    def _ask(self, what: str, call: Any, **kwargs: Any) -> list[Dataset]:
+    @contextmanager
+    def _failures(self, what: str) -> Iterator[None]:
+        """Every way a DICOMweb request fails, as one SourceError that names the request."""
         try:
-            return [_dataset(a) for a in call(**kwargs, get_remaining=True)]
+            yield
         except TooLarge as err:
             raise SourceError(f"{self.source.address}: {what} refused: {err}") from None
         except requests.HTTPError as err:
@@ -101,6 +104,10 @@ class DicomwebClient:
             raise SourceError(f"{self.source.address}: {what} answered HTTP {code}") from None
         except requests.RequestException as err:
             raise SourceError(f"{self.source.address}: {what} failed ({type(err).__name__})") from None
+
+    def _ask(self, what: str, call: Any, **kwargs: Any) -> list[Dataset]:
+        with self._failures(what):
+            return [_dataset(a) for a in call(**kwargs, get_remaining=True)]
 
     def studies(self, query: PullQuery) -> list[StudyMatch]:
         found: dict[str, StudyMatch] = {}
@@ -122,14 +129,8 @@ class DicomwebClient:
         found = []
         for answer in self._ask("QIDO-RS series", self.client.search_for_series,
                                 study_instance_uid=study_uid, fields=list(SERIES_FIELDS)):
-            uid = clean_uid(answer.get("SeriesInstanceUID"))
-            if uid is None:
-                continue
-            count = answer.get("NumberOfSeriesRelatedInstances")
-            found.append(SeriesMatch(uid, clean_code(answer.get("Modality")),
-                                     clean_code(answer.get("BodyPartExamined")),
-                                     str(answer.get("SeriesDescription", "") or ""),
-                                     int(count) if count not in (None, "") else None))
+            if (match := SeriesMatch.from_answer(answer)) is not None:
+                found.append(match)
         return found
 
     def instances(self, study_uid: str, series_uid: str) -> list[str]:
@@ -142,15 +143,8 @@ class DicomwebClient:
                  min_free_bytes: int = 0) -> None:
         """WADO-RS each instance, stored through node.ingest; SourceError at the first refusal."""
         for sop_uid in sop_uids if sop_uids is not None else self.instances(study_uid, series_uid):
-            try:
+            with self._failures("WADO-RS"):
                 ds = self.client.retrieve_instance(study_uid, series_uid, sop_uid)
-            except TooLarge as err:
-                raise SourceError(f"{self.source.address}: WADO-RS refused: {err}") from None
-            except requests.HTTPError as err:
-                code = err.response.status_code if err.response is not None else "?"
-                raise SourceError(f"{self.source.address}: WADO-RS answered HTTP {code}") from None
-            except requests.RequestException as err:
-                raise SourceError(f"{self.source.address}: WADO-RS failed ({type(err).__name__})") from None
             with tempfile.NamedTemporaryFile(dir=store.incoming_dir, suffix=".dcm", delete=False) as f:
                 path = Path(f.name)
             try:

@@ -25,7 +25,7 @@ from pynetdicom.sop_class import (
 )
 
 from vesalius.node import ingest, pdu_limits
-from vesalius.node.pull.query import PullQuery, SeriesMatch, StudyMatch, clean_code, clean_date, clean_uid
+from vesalius.node.pull.query import PullQuery, SeriesMatch, StudyMatch, clean_date, clean_uid
 from vesalius.node.receive import SpoolFile, _discard_partial_data_set
 from vesalius.node.sources import DimseSource
 from vesalius.node.store import Store
@@ -140,14 +140,8 @@ class DimseClient:
             setattr(ds, keyword, "")
         found = []
         for answer in self._find(ds):
-            uid = clean_uid(answer.get("SeriesInstanceUID"))
-            if uid is None:
-                continue
-            count = answer.get("NumberOfSeriesRelatedInstances")
-            found.append(SeriesMatch(uid, clean_code(answer.get("Modality")),
-                                     clean_code(answer.get("BodyPartExamined")),
-                                     str(answer.get("SeriesDescription", "") or ""),
-                                     int(count) if count not in (None, "") else None))
+            if (match := SeriesMatch.from_answer(answer)) is not None:
+                found.append(match)
         return found
 
     def instances(self, study_uid: str, series_uid: str) -> list[str]:

@@ -151,6 +151,18 @@ class SeriesMatch:
     description: str = ""
     instances: int | None = None  # as the source counts them, when it says
 
+    @classmethod
+    def from_answer(cls, answer: Any) -> SeriesMatch | None:
+        """A series-level answer (a C-FIND data set or a QIDO-RS object read by keyword), cleaned;
+        None when its UID is not one."""
+        uid = clean_uid(answer.get("SeriesInstanceUID"))
+        if uid is None:
+            return None
+        count = answer.get("NumberOfSeriesRelatedInstances")
+        return cls(uid, clean_code(answer.get("Modality")), clean_code(answer.get("BodyPartExamined")),
+                   str(answer.get("SeriesDescription", "") or ""),
+                   int(count) if count not in (None, "") else None)
+
 
 @dataclass(frozen=True)
 class StudyMatch:
