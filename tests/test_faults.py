@@ -34,7 +34,10 @@ def phantom(folder: Path, slices: int = 30):
 def pacs_uids(pacs, study_uid: str) -> list[str]:
     uids = []
     for path in pacs.files():
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, EOFError):  # storescp is still writing it:
+            continue  # the next poll of wait_for reads it whole
         if ds.StudyInstanceUID == study_uid:
             uids.append(str(ds.SOPInstanceUID))
     return uids

@@ -10,7 +10,7 @@ import sqlite3
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -47,25 +47,36 @@ def post(node: NodeProcess, body: bytes, content_type: str, path: str = "/studie
         return err.code, json.loads(err.read() or b"{}")
 
 
-def post_chunked(node: NodeProcess, chunks: Sequence[bytes], content_type: str) -> int:
-    """A body without Content-Length (chunked transfer coding): only the stream says its size.
-    The server may answer and close before the body ends; its answer is read all the same."""
+def _post_answered_early(node: NodeProcess, content_type: str, framing: tuple[str, str],
+                         pieces: Iterable[bytes]) -> int:
+    """POST a body piece by piece; the server may refuse by a header or by the stream, answer and
+    close while the body is still being sent: its answer is read all the same (urllib would raise)."""
     connection = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=60)
     try:
         connection.putrequest("POST", "/studies")
         connection.putheader("Content-Type", content_type)
         connection.putheader("Authorization", f"Bearer {node.token()}")
-        connection.putheader("Transfer-Encoding", "chunked")
+        connection.putheader(*framing)
         connection.endheaders()
         try:
-            for chunk in chunks:
-                connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            connection.send(b"0\r\n\r\n")
+            for piece in pieces:
+                connection.send(piece)
         except (BrokenPipeError, ConnectionResetError):
             pass
         return connection.getresponse().status
     finally:
         connection.close()
+
+
+def post_chunked(node: NodeProcess, chunks: Sequence[bytes], content_type: str) -> int:
+    """A body without Content-Length (chunked transfer coding): only the stream says its size."""
+    pieces = [b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks] + [b"0\r\n\r\n"]
+    return _post_answered_early(node, content_type, ("Transfer-Encoding", "chunked"), pieces)
+
+
+def post_sized(node: NodeProcess, body: bytes, content_type: str) -> int:
+    """A body with its Content-Length, which alone says it is too large."""
+    return _post_answered_early(node, content_type, ("Content-Length", str(len(body))), [body])
 
 
 def stored(node: NodeProcess) -> int:
@@ -129,7 +140,7 @@ def test_malformed_bodies_are_refused_with_400_and_store_nothing(node: NodeProce
 def test_oversized_bodies_are_refused_with_413_and_store_nothing(node: NodeProcess, tmp_path: Path) -> None:
     big = series(tmp_path / "big", slices=1, size=800).paths[0].read_bytes()  # 1.3 MB > max_stow_mb = 1
     body, content_type = multipart_related([big])
-    assert post(node, body, content_type)[0] == 413  # Content-Length says so
+    assert post_sized(node, body, content_type) == 413  # Content-Length says so
     boundary = content_type.rsplit("=", 1)[1]
     assert post_chunked(node, [body[i:i + 65536] for i in range(0, len(body), 65536)],
                         f'multipart/related; type="application/dicom"; boundary={boundary}') == 413
