@@ -28,17 +28,12 @@ from vesalius.node import ingest, pdu_limits
 from vesalius.node.admission import Admission, printable
 from vesalius.node.audit import AssociationTally
 from vesalius.node.config import Config
+from vesalius.node.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from vesalius.node.paths import UnsafePath
 from vesalius.node.store import SeriesInfo, Store
 
 log = logging.getLogger("vesalius.receive")
 
-# The checks and statuses every way in shares (node.ingest); named here too, as before.
-SUCCESS, OUT_OF_RESOURCES, DOES_NOT_MATCH_SOP_CLASS, CANNOT_UNDERSTAND = (
-    ingest.SUCCESS, ingest.OUT_OF_RESOURCES, ingest.DOES_NOT_MATCH_SOP_CLASS, ingest.CANNOT_UNDERSTAND)
-REQUIRED_UIDS, UID_SHAPE, MAX_UID_LENGTH = ingest.REQUIRED_UIDS, ingest.UID_SHAPE, ingest.MAX_UID_LENGTH
-HEADER_DEFER_SIZE = ingest.HEADER_DEFER_SIZE
-uid_problem = ingest.uid_problem
 # pynetdicom, as acceptor, takes the first of OUR transfer syntaxes that the requestor offers in a
 # presentation context (presentation.negotiate_as_acceptor). So the order below is the choice made
 # when a modality offers several in one context: the lossless compressions we decode first (the
@@ -95,7 +90,7 @@ class Receiver:
                 received.unlink(missing_ok=True)
                 return OUT_OF_RESOURCES
         try:
-            ds = dcmread(received, defer_size=HEADER_DEFER_SIZE)
+            ds = dcmread(received, defer_size=ingest.HEADER_DEFER_SIZE)
             problem, status = self._problem(ds, event)
             info = None if problem else SeriesInfo(
                 series_instance_uid=str(ds.SeriesInstanceUID),
@@ -139,7 +134,7 @@ class Receiver:
 
     def handle_close(self, event: evt.Event) -> None:
         """The association ended (released, aborted or dropped): its series start their quiet period."""
-        _discard_partial_data_set(event.assoc)
+        discard_partial_data_set(event.assoc)
         with self._lock:
             touched = self._touched.pop(id(event.assoc), set())
             still_sending = set().union(*self._touched.values())
@@ -150,7 +145,7 @@ class Receiver:
         self.store.mark_released(sorted(touched), sorted(touched - still_sending) if released else [])
 
 
-def _discard_partial_data_set(assoc: object) -> None:
+def discard_partial_data_set(assoc: object) -> None:
     """Delete the file of a data set whose association ended before it was complete (aborted,
     dropped, or closed for exceeding max_instance_mb)."""
     message = getattr(getattr(assoc, "dimse", None), "message", None)

@@ -159,6 +159,7 @@ CREATE TABLE IF NOT EXISTS corrections (
     recognised_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS corrections_job ON corrections(job_id);
+CREATE INDEX IF NOT EXISTS series_sop_class ON series(sop_class_uid);  -- the SEG series a correction may be
 CREATE TABLE IF NOT EXISTS cases (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     correction_series_uid TEXT NOT NULL UNIQUE REFERENCES corrections(series_instance_uid),

@@ -120,25 +120,25 @@ def test_corrections_are_recognised_scored_and_shown(chest, sent, capsys) -> Non
             in text)
 
 
+def _send_and_wait(node: NodeProcess, data: bytes) -> dict:
+    """Send one correction SEG and return what the node recorded of it."""
+    send_seg(node.port, data)
+    return _wait_correction(node, str(pydicom.dcmread(io.BytesIO(data)).SeriesInstanceUID))
+
+
 def test_a_correction_of_nothing_we_did_is_kept_and_flagged(chest) -> None:
     node, job, volume, tmp = chest
     other = load_series(write_phantom_series(tmp / "other", shape=(30, 96, 96), spacing=(2.5, 1.5, 1.5),
                                              objects=[BODY, *LUNGS]).paths)
     label_map = np.zeros(other.array.shape, np.uint8)
     label_map[5:20, 30:60, 30:60] = 1
-    data = _correction(other, label_map, 9, labels=(Label(1, "liver"),))
-    uid = str(pydicom.dcmread(io.BytesIO(data)).SeriesInstanceUID)
-    send_seg(node.port, data)
-    flagged = _wait_correction(node, uid)
+    flagged = _send_and_wait(node, _correction(other, label_map, 9, labels=(Label(1, "liver"),)))
     assert flagged["state"] == "flagged" and flagged["job_id"] is None
     assert flagged["reason"] == "references a series no job of this node finished"
     # one matching nothing of ours (a liver on the chest): flagged too
     liver = np.zeros(volume.array.shape, np.uint8)
     liver[5:20, 30:60, 30:60] = 1
-    data = _correction(volume, liver, 10, labels=(Label(1, "liver"),))
-    uid = str(pydicom.dcmread(io.BytesIO(data)).SeriesInstanceUID)
-    send_seg(node.port, data)
-    flagged = _wait_correction(node, uid)
+    flagged = _send_and_wait(node, _correction(volume, liver, 10, labels=(Label(1, "liver"),)))
     assert flagged["state"] == "flagged" and flagged["job_id"] == job["id"]
     assert "matches none" in flagged["reason"]
     assert len(node.jobs()) == 1

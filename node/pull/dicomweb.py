@@ -12,6 +12,7 @@ import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from pydicom.dataset import Dataset
 
 from vesalius.node import ingest
 from vesalius.node.pull.dimse import SourceError
-from vesalius.node.pull.query import PullQuery, SeriesMatch, StudyMatch, clean_date, clean_uid
+from vesalius.node.pull.query import PullQuery, SeriesMatch, StudyMatch, clean_uid
 from vesalius.node.sources import DicomwebSource
 from vesalius.node.store import Store
 
@@ -118,12 +119,9 @@ class DicomwebClient:
             answers = self._ask("QIDO-RS studies", self.client.search_for_studies, fields=list(STUDY_FIELDS),
                                 search_filters={k: v for k, v in filters.items() if v})
             for answer in answers:
-                study_uid = clean_uid(answer.get("StudyInstanceUID"))
-                if study_uid is not None:
-                    found[study_uid] = StudyMatch(study_uid, clean_date(answer.get("StudyDate")),
-                                                  str(answer.get("StudyDescription", "") or ""))
-        return [StudyMatch(s.study_uid, s.study_date, s.description, tuple(self.series(s.study_uid)))
-                for s in found.values()]
+                if (match := StudyMatch.from_answer(answer)) is not None:
+                    found[match.study_uid] = match
+        return [replace(s, series=tuple(self.series(s.study_uid))) for s in found.values()]
 
     def series(self, study_uid: str) -> list[SeriesMatch]:
         found = []

@@ -11,6 +11,7 @@ import logging
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ from pynetdicom.sop_class import (
 )
 
 from vesalius.node import ingest, pdu_limits
-from vesalius.node.pull.query import PullQuery, SeriesMatch, StudyMatch, clean_date, clean_uid
-from vesalius.node.receive import SpoolFile, _discard_partial_data_set
+from vesalius.node.pull.query import PullQuery, SeriesMatch, StudyMatch, clean_uid
+from vesalius.node.receive import SpoolFile, discard_partial_data_set
 from vesalius.node.sources import DimseSource
 from vesalius.node.store import Store
 
@@ -124,12 +125,9 @@ class DimseClient:
             ds.AccessionNumber = query.accession_number
             ds.PatientID = query.patient_id
             for answer in self._find(ds):
-                study_uid = clean_uid(answer.get("StudyInstanceUID"))
-                if study_uid is not None:
-                    found[study_uid] = StudyMatch(study_uid, clean_date(answer.get("StudyDate")),
-                                                  str(answer.get("StudyDescription", "") or ""))
-        return [StudyMatch(s.study_uid, s.study_date, s.description, tuple(self.series(s.study_uid)))
-                for s in found.values()]
+                if (match := StudyMatch.from_answer(answer)) is not None:
+                    found[match.study_uid] = match
+        return [replace(s, series=tuple(self.series(s.study_uid))) for s in found.values()]
 
     def series(self, study_uid: str) -> list[SeriesMatch]:
         ds = Dataset()
@@ -200,7 +198,7 @@ class DimseClient:
             return outcome.status
 
         def on_close(event: evt.Event) -> None:  # cut short (max_instance_mb, a drop): no half file left
-            _discard_partial_data_set(event.assoc)
+            discard_partial_data_set(event.assoc)
 
         assoc = self._associate(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store),
                                                                  (evt.EVT_CONN_CLOSE, on_close)])

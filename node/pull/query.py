@@ -171,6 +171,15 @@ class StudyMatch:
     description: str = ""
     series: tuple[SeriesMatch, ...] = field(default_factory=tuple)
 
+    @classmethod
+    def from_answer(cls, answer: Any) -> StudyMatch | None:
+        """A study-level answer (C-FIND data set or QIDO-RS object read by keyword), cleaned, without
+        its series yet; None when its UID is not one."""
+        uid = clean_uid(answer.get("StudyInstanceUID"))
+        if uid is None:
+            return None
+        return cls(uid, clean_date(answer.get("StudyDate")), str(answer.get("StudyDescription", "") or ""))
+
     def shown(self) -> dict[str, Any]:
         """For a dry run's listing: UIDs, date, modalities, counts; nothing that names a patient."""
         return {"study_instance_uid": self.study_uid, "study_date": self.study_date,
