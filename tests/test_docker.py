@@ -4,6 +4,7 @@ they package."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shlex
@@ -114,3 +115,28 @@ def test_cuda_image_keeps_the_base_images_torch() -> None:
     assert cuda.envs.get("PIP_CONSTRAINT") == "/etc/pip-constraints.txt"
     # the scale-out extras go in by the same argument: EXTRAS="ai,postgres,ray"
     assert "--build-arg EXTRAS=ai,postgres,ray" in (DOCKER / "Dockerfile.cuda").read_text()
+
+
+def dockerignored(path: str) -> bool:
+    """Whether the repository's .dockerignore keeps ``path`` (or a folder above it) out of the build
+    context: its patterns in order, the last match deciding (``!`` re-includes)."""
+    ignored = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        exclude, pattern = not line.startswith("!"), line.lstrip("!").rstrip("/")
+        parts = Path(path).parts
+        if any(fnmatch.fnmatch("/".join(parts[:i]), pattern) for i in range(1, len(parts) + 1)):
+            ignored = exclude
+    return ignored
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_the_build_context_holds_what_the_image_copies_and_not_the_venv(path: Path) -> None:
+    for value in instructions(parse(path), "COPY"):
+        *sources, _ = shlex.split(value)
+        if not sources[0].startswith("--from="):
+            for source in sources:
+                assert not dockerignored(source), f"{source} is in .dockerignore"
+    assert dockerignored(".venv") and dockerignored("node/api/web/node_modules/three")
+    assert dockerignored("tests/ohif/node_modules/@ohif/app/dist/index.html")
