@@ -129,17 +129,19 @@ def _ray_start(args: list[str], ip: str, temp_dir: Path) -> RayNode:
 
 
 @contextmanager
-def ray_cluster(workers: list[str]) -> Iterator[RayCluster]:
-    """A head at 127.0.0.2 (1 CPU) and 1-CPU worker nodes at ``workers``; all killed on exit.
-    The temp dir is short: Ray's unix socket paths inside it must stay under 108 characters."""
+def ray_cluster(workers: list[str], head_cpus: int = 1) -> Iterator[RayCluster]:
+    """A head at 127.0.0.2 (``head_cpus``: 0 = it runs no actor, as the node's own member of a
+    production cluster) and 1-CPU worker nodes at ``workers``; all killed on exit. The temp dir
+    is short: Ray's unix socket paths inside it must stay under 108 characters."""
     temp_dir = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))
     port = free_port()
     head_ip = "127.0.0.2"
     nodes: list[RayNode] = []
     cluster = None
     try:
-        head = _ray_start(["--head", f"--port={port}", f"--node-ip-address={head_ip}", "--num-cpus=1",
-                           "--include-dashboard=false", f"--temp-dir={temp_dir}"], head_ip, temp_dir)
+        head = _ray_start(["--head", f"--port={port}", f"--node-ip-address={head_ip}",
+                           f"--num-cpus={head_cpus}", "--include-dashboard=false", f"--temp-dir={temp_dir}"],
+                          head_ip, temp_dir)
         nodes.append(head)
         cluster = RayCluster(f"{head_ip}:{port}", temp_dir, head)
         for ip in workers:
