@@ -3,7 +3,7 @@ overhead against the embedded process pool for one series (run on demand, not in
 
     .venv/bin/python bench/scale.py [--series 4] [--slices 48] [--size 128] [--repeats 2]
 
-Three set-ups in one run, each after a warm-up series (models loaded, libraries imported):
+Three set-ups in one run, each after a warm-up series per worker (models loaded and run once):
 
 - embedded: ``vesalius serve`` with its local process pool (``workers = 1``);
 - ray x1: ``[ray] address`` on a cluster of a 0-CPU head (the node's own Ray member, as in
@@ -82,10 +82,11 @@ def run_batch(node: NodeProcess, batch: list[list[Path]]) -> float:
     return time.perf_counter() - start
 
 
-def measure(node: NodeProcess, series: Series, count: int, repeats: int, single: bool) -> dict[str, float]:
-    run_batch(node, [series.next()])  # warm-up: libraries imported, model loaded in every worker
+def measure(node: NodeProcess, series: Series, count: int, repeats: int, workers: int) -> dict[str, float]:
+    # warm-up, one series per worker at once: libraries imported, model loaded and run in every worker
+    run_batch(node, [series.next() for _ in range(workers)])
     result = {}
-    if single:
+    if workers == 1:
         result["single_s"] = statistics.median(run_batch(node, [series.next()]) for _ in range(repeats))
     seconds = run_batch(node, [series.next() for _ in range(count)])
     result["per_min"] = count / seconds * 60
@@ -115,14 +116,14 @@ def main() -> None:
         series = Series(tmp / "series", args.slices, args.size)
         with storescp(tmp / "pacs") as pacs:
             with node_with(tmp, pacs.address, 1) as node:
-                results["embedded"] = measure(node, series, args.series, args.repeats, single=True)
+                results["embedded"] = measure(node, series, args.series, args.repeats, 1)
             with ray_cluster(["127.0.0.3"], head_cpus=0) as cluster:
                 ray = f'[ray]\naddress = "{cluster.address}"\n'
                 with node_with(tmp, pacs.address, 1, ray, ready=1) as node:
-                    results["ray x1"] = measure(node, series, args.series, args.repeats, single=True)
+                    results["ray x1"] = measure(node, series, args.series, args.repeats, 1)
                 cluster.add_worker("127.0.0.4")
                 with node_with(tmp, pacs.address, 2, ray, ready=2) as node:
-                    results["ray x2"] = measure(node, series, args.series, args.repeats, single=False)
+                    results["ray x2"] = measure(node, series, args.series, args.repeats, 2)
     print(f"{args.series} series at once, {args.slices} x {args.size} x {args.size} phantom CT; "
           f"single series: median of {args.repeats}")
     base, one = results["embedded"], results["ray x1"]

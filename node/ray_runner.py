@@ -74,8 +74,14 @@ def connect(address: str) -> dict[str, float]:
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
     except Exception as err:  # Ray's own reasons (no local Ray node, version mismatch): one line
         raise ConfigError(f"ray.address: could not join the Ray cluster at {address}: "
-                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+                          f"{_first_line(err)}") from None
     return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def _first_line(err: BaseException) -> str:
+    """Ray's messages run to many lines (and tracebacks): the first is the reason."""
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 class RayWorkers:
@@ -116,12 +122,17 @@ class RayWorkers:
         handle = self._actors[index]
 
         def wait() -> None:
+            told = False
             while not self._stopping.is_set():
                 try:
                     node: str = ray.get(handle.node.remote(), timeout=PING_S)
-                except GetTimeoutError:
+                except GetTimeoutError:  # still warming up, or waiting for resources to restart on
                     continue
-                except RayError:  # dead or restarting: ask again
+                except Exception as err:  # dead, restarting, or Ray disconnected at shutdown
+                    if not told and not self._stopping.is_set():
+                        log.warning("ray model worker %d unavailable (%s: %s); waiting for Ray to "
+                                    "restart it", index, type(err).__name__, _first_line(err))
+                        told = True
                     self._stopping.wait(1.0)
                     continue
                 self._node_of[index] = node
