@@ -178,7 +178,7 @@ class Ray:
     local worker processes (the embedded default, which never imports Ray)."""
 
     address: str = ""  # "host:port" of the cluster's head (GCS), e.g. "ray-head:6379"
-    cpu_actors: int = -1  # model workers of 1 CPU each; -1: `workers` on a cluster without GPUs, else 0
+    cpu_actors: int = -1  # model workers of 1 CPU each; -1: `workers` if there is no GPU actor, else 0
     gpu_actors: int = -1  # model workers placed by 1 GPU (and 1 CPU) each; -1: one per GPU of the cluster
 
     def __post_init__(self) -> None:

@@ -78,6 +78,15 @@ def connect(address: str) -> dict[str, float]:
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
+def actor_counts(config: Config, resources: dict[str, float]) -> tuple[int, int]:
+    """(GPU actors, CPU actors): by default one per GPU of the cluster, or ``workers`` CPU actors
+    when there is no GPU actor; ``[ray] gpu_actors`` / ``cpu_actors`` (not -1) say otherwise."""
+    gpus = int(resources.get("GPU", 0))
+    gpu_actors = gpus if config.ray.gpu_actors < 0 else config.ray.gpu_actors
+    cpu_actors = (0 if gpu_actors else config.workers) if config.ray.cpu_actors < 0 else config.ray.cpu_actors
+    return gpu_actors, cpu_actors
+
+
 def _first_line(err: BaseException) -> str:
     """Ray's messages run to many lines (and tracebacks): the first is the reason."""
     text = str(err).strip()
@@ -93,9 +102,7 @@ class RayWorkers:
         log.info("ray cluster address=%s nodes=%d cpus=%g gpus=%g memory_gb=%.1f", config.ray.address,
                  len(nodes), resources.get("CPU", 0), resources.get("GPU", 0),
                  resources.get("memory", 0) / 2**30)
-        gpus = int(resources.get("GPU", 0))
-        gpu_actors = gpus if config.ray.gpu_actors < 0 else config.ray.gpu_actors
-        cpu_actors = (0 if gpus else config.workers) if config.ray.cpu_actors < 0 else config.ray.cpu_actors
+        gpu_actors, cpu_actors = actor_counts(config, resources)
         if gpu_actors + cpu_actors == 0:
             ray.shutdown()
             raise ConfigError("ray: cpu_actors and gpu_actors are both 0: no model worker would run")

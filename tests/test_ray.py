@@ -201,3 +201,19 @@ def test_ray_section_is_checked(table: dict, message: str) -> None:
     assert parse_config({"ray": {"address": "ray-head:6379", "gpu_actors": 2}}).ray.gpu_actors == 2
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config({"ray": table})
+
+
+def test_actors_follow_the_cluster_gpus_unless_configured() -> None:
+    from vesalius.node.config import parse_config
+    from vesalius.node.ray_runner import actor_counts
+
+    def counts(ray: dict, gpus: float, workers: int = 3) -> tuple[int, int]:
+        config = parse_config({"workers": workers, "ray": {"address": "ray-head:6379", **ray}})
+        return actor_counts(config, {"CPU": 16.0, "GPU": gpus})
+
+    assert counts({}, gpus=0) == (0, 3)  # CPU actors: `workers` of them
+    assert counts({}, gpus=4) == (4, 0)  # one per GPU, no CPU actor
+    assert counts({"cpu_actors": 2}, gpus=4) == (4, 2)
+    assert counts({"gpu_actors": 1, "cpu_actors": 0}, gpus=4) == (1, 0)
+    assert counts({"gpu_actors": 0}, gpus=4) == (0, 3)  # CPU only
+    assert counts({"cpu_actors": 0}, gpus=0) == (0, 0)  # refused at start-up: no worker at all
