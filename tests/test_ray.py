@@ -42,9 +42,10 @@ def ray_config(cluster: RayCluster) -> str:
     return f'workers = 2\njob_attempts = 2\n{SERIES_RULE}[ray]\naddress = "{cluster.address}"\n'
 
 
-def phantoms(folder: Path, count: int, slices: int = 24) -> list:
-    return [write_phantom_series(folder / f"ct{i}", shape=(slices, 64, 64), spacing=(3, 2.5, 2.5),
-                                 objects=CHEST, seed=i) for i in range(count)]
+def phantoms(folder: Path, count: int, slices: int = 24, size: int = 64) -> list:
+    return [write_phantom_series(folder / f"ct{i}", shape=(slices, size, size),
+                                 spacing=(3, 160 / size, 160 / size), objects=CHEST, seed=i)
+            for i in range(count)]
 
 
 def send_all(series: list, port: int) -> None:
@@ -110,7 +111,7 @@ def test_series_sent_at_once_run_on_both_ray_nodes(tmp_path: Path, cluster: RayC
 def test_kill_ray_worker_node_mid_job_runs_it_on_the_other_node(tmp_path: Path, cluster: RayCluster) -> None:
     worker = cluster.ensure_workers([WORKER_IP])[0]
     worker_id = worker.node_id()[:12]
-    series = phantoms(tmp_path, 2, slices=40)
+    series = phantoms(tmp_path, 2, slices=48, size=96)  # jobs of a few seconds: time to kill mid-job
     with storescp(tmp_path / "pacs") as pacs, \
             vesalius_node(tmp_path, destinations=[pacs.address], config=ray_config(cluster)) as node:
         wait_for(lambda: node.log().count("ray model worker ready") >= 2, 120, "both Ray actors warm")
