@@ -169,7 +169,7 @@ class RayWorkers:
                 raise (err.cause if isinstance(err.cause, Exception) else err) from None
             except RayError as err:  # the actor's worker process or node died
                 lost = True
-                raise WorkerLost(f"Ray worker lost ({type(err).__name__}): the job runs again") from err
+                raise WorkerLost(f"Ray worker lost ({type(err).__name__}: its process or node died)") from err
 
         try:
             yield run

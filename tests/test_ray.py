@@ -90,14 +90,23 @@ def all_done(node: NodeProcess, series: int) -> bool:
 
 def test_series_sent_at_once_run_on_both_ray_nodes(tmp_path: Path, cluster: RayCluster) -> None:
     cluster.ensure_workers([WORKER_IP])
-    series = phantoms(tmp_path, 3)
+    *series, gap = phantoms(tmp_path, 4)
+    by_position = sorted(gap.paths, key=lambda p: float(pydicom.dcmread(p).SliceLocation))
+    gap.paths = [p for p in by_position if p != by_position[5]]  # one slice lost: cannot be placed
     with storescp(tmp_path / "pacs") as pacs, \
             vesalius_node(tmp_path, destinations=[pacs.address], config=ray_config(cluster)) as node:
         ready = wait_for(lambda: re.findall(r"ray model worker ready worker=\d+ node=(\w+)", node.log())
                          if node.log().count("ray model worker ready") >= 2 else None,
                          120, "both Ray actors warm")
-        send_all(series, node.port)
-        wait_for(lambda: all_done(node, 3), 180, "every job done and delivered")
+        send_all([*series, gap], node.port)
+
+        def settled() -> bool:
+            jobs = node.jobs()
+            return (len(jobs) == 4 and sorted(j["state"] for j in jobs) == ["done"] * 3 + ["failed"]
+                    and node.delivered(3))
+
+        wait_for(settled, 180, "three jobs done and delivered, one failed")
+        failed = next(j for j in node.jobs() if j["state"] == "failed")
         uids = pacs_uids(pacs)
         node.proc.send_signal(signal.SIGTERM)  # a clean stop: the node leaves the cluster
         assert node.proc.wait(30) == 0
@@ -105,6 +114,8 @@ def test_series_sent_at_once_run_on_both_ray_nodes(tmp_path: Path, cluster: RayC
     assert set(ready) == {cluster.head.node_id()[:12], cluster.workers[0].node_id()[:12]}  # spread
     assert "ray cluster address=" in log and "cpus=2" in log  # the resources, logged at start
     assert len(uids) == len(set(uids)) == 3 * RESULTS
+    # the pipeline's own error comes back through Ray as itself: no retry, the reason kept
+    assert failed["attempts"] == 1 and "cannot place series in space" in failed["error"]
     assert "disconnected from the Ray cluster" in log  # a clean shutdown
 
 
