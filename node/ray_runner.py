@@ -23,7 +23,7 @@ import queue
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -182,7 +182,8 @@ class RayWorkers:
     def interrupt(self) -> None:
         self._stopping.set()
         for handle in self._actors:
-            ray.kill(handle, no_restart=True)
+            with suppress(RayError, ConnectionError):  # the actor, or the whole cluster, is gone already
+                ray.kill(handle, no_restart=True)
 
     def close(self) -> None:
         ray.shutdown()
