@@ -173,6 +173,24 @@ class Dashboard:
 
 
 @dataclass(frozen=True)
+class Ray:
+    """Pipeline runs on a Ray cluster (node/ray_runner.py, docs/scale-out.md); address "" = the
+    local worker processes (the embedded default, which never imports Ray)."""
+
+    address: str = ""  # "host:port" of the cluster's head (GCS), e.g. "ray-head:6379"
+    cpu_actors: int = -1  # model workers of 1 CPU each; -1: `workers` if there is no GPU actor, else 0
+    gpu_actors: int = -1  # model workers placed by 1 GPU (and 1 CPU) each; -1: one per GPU of the cluster
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.address and not re.fullmatch(r"[A-Za-z0-9.-]+:\d{1,5}", self.address):
+            raise FieldError(f"address: expected \"host:port\" of the Ray head, got {self.address!r}")
+        for name in ("cpu_actors", "gpu_actors"):
+            if getattr(self, name) < -1:
+                raise FieldError(f"{name}: -1 (automatic) or a count, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class Config:
     ae_title: str = DEFAULT_AE_TITLE
     host: str = "0.0.0.0"
@@ -210,6 +228,7 @@ class Config:
     sources: tuple[Source, ...] = ()  # [[sources]]: archives `vesalius pull` queries (docs/pull.md)
     max_stow_mb: int = 4096  # the largest STOW-RS request body (POST /studies) accepted
     dashboard: Dashboard = field(default_factory=Dashboard)
+    ray: Ray = field(default_factory=Ray)  # [ray]: hand pipeline runs to a Ray cluster (scale-out)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -325,7 +344,7 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
             files = ("certificate", "private_key", "ca_certificates")
             values["tls"] = from_table(ListenerTLS, _relative(data["tls"], files, base), "tls")
         for key, cls in (("retry", Retry), ("retention", Retention), ("dashboard", Dashboard),
-                         ("learning", Learning)):
+                         ("learning", Learning), ("ray", Ray)):
             if key in data:
                 values[key] = from_table(cls, data[key], key)
         return from_table(Config, values)

@@ -1,5 +1,6 @@
-"""The job runner: takes queued jobs from the store and runs the pipeline in worker processes,
-so a model that crashes or runs out of memory never takes the DICOM listener down."""
+"""The job runner: takes queued jobs from the store and runs the pipeline in worker processes
+(or on a Ray cluster: node/ray_runner.py), so a model that crashes or runs out of memory never
+takes the DICOM listener down."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vesalius.inference.volume import VolumeError
 from vesalius.node import audit, longitudinal
@@ -83,6 +86,48 @@ def _warm_up(models: tuple[str, ...] = ()) -> None:
             log.warning("worker could not preload model %s: %s", model, err)
 
 
+@dataclass(frozen=True)
+class PipelineCall:
+    """One job's pipeline run, as plain data a worker process or a Ray actor receives: absolute
+    paths in the spool and results folder (shared storage when workers run elsewhere)."""
+
+    paths: list[str]
+    out: str
+    model: str
+    result_key: str
+    db_path: str
+    job_id: int
+    priors: dict[str, dict[str, Any]] | None
+    labelmap: bool
+
+    def run(self) -> dict[str, Any]:
+        """In the worker: the pipeline with live progress (the summary of run_pipeline)."""
+        return _run_reporting_stages(**asdict(self))
+
+
+class WorkerLost(Exception):
+    """The worker running a job died (a crash, out of memory, its machine gone): not the series'
+    fault, so the job is tried again within its attempts."""
+
+
+class Executor(Protocol):
+    """Where pipeline runs happen: the local process pool (the default) or a Ray cluster
+    (node/ray_runner.py). ``slot`` waits up to ``timeout`` s for a free worker and yields the
+    function that runs a call there (None: none free yet), so a job is claimed only when a worker
+    can take it; the function raises WorkerLost when the worker dies."""
+
+    slots: int  # jobs running at once: one runner thread each
+
+    def slot(self, timeout: float) -> AbstractContextManager[Callable[[PipelineCall], dict[str, Any]] | None]:
+        ...
+
+    def interrupt(self) -> None:
+        """End running work now (the node is stopping)."""
+
+    def close(self) -> None:
+        """Release the workers, after the runner threads ended."""
+
+
 def _run_reporting_stages(paths: list[str], out: str, model: str, result_key: str, db_path: str,
                           job_id: int, priors: dict[str, dict[str, Any]] | None = None,
                           labelmap: bool = True) -> dict[str, Any]:
@@ -123,21 +168,14 @@ def kill_workers(pool: ProcessPoolExecutor) -> None:
         process.kill()
 
 
-class JobRunner:
-    """One thread per worker slot; each slot runs its jobs in a shared process pool."""
+class ProcessPoolWorkers:
+    """The embedded executor: ``workers`` spawned processes on this machine, rebuilt when one dies."""
 
-    def __init__(self, store: Store, config: Config, wake: threading.Event, stop: threading.Event,
-                 on_done: Callable[[], None] = lambda: None, trail: Audit | None = None) -> None:
-        self.store = store
-        self.trail = trail
-        self.on_done = on_done
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.wake = wake
-        self.stop = stop
-        self._pool_lock = threading.Lock()
+        self.slots = config.workers
+        self._lock = threading.Lock()
         self._pool = self._new_pool()
-        self.threads = [threading.Thread(target=self._loop, name=f"job-runner-{i}", daemon=True)
-                        for i in range(config.workers)]
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # Each worker loads a model once and keeps it across jobs (inference.models.registry).
@@ -146,37 +184,84 @@ class JobRunner:
         pool = ProcessPoolExecutor(max_workers=self.config.workers,
                                    mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(specs, gpu_slots, os.getpid()))
-        models = tuple(dict.fromkeys(rule.model for rule in self.config.rules))
         for _ in range(self.config.workers):
-            pool.submit(_warm_up, models)
+            pool.submit(_warm_up, routed_models(self.config))
         return pool
+
+    @contextmanager
+    def slot(self, timeout: float) -> Iterator[Callable[[PipelineCall], dict[str, Any]]]:
+        yield self._run  # one runner thread per worker process: a thread's worker is always free
+
+    def _run(self, call: PipelineCall) -> dict[str, Any]:
+        with self._lock:
+            pool = self._pool
+            future = pool.submit(PipelineCall.run, call)
+        try:
+            return future.result()
+        except BrokenProcessPool as err:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = self._new_pool()
+            raise WorkerLost("worker process died (crash or out of memory)") from err
+
+    def interrupt(self) -> None:
+        with self._lock:
+            kill_workers(self._pool)
+
+    def close(self) -> None:
+        with self._lock:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def routed_models(config: Config) -> tuple[str, ...]:
+    """The models the rules name, each once: what a worker preloads."""
+    return tuple(dict.fromkeys(rule.model for rule in config.rules))
+
+
+class JobRunner:
+    """One thread per worker slot: claim a job, run its pipeline on the executor (local worker
+    processes unless given another), finish or fail it in the store."""
+
+    def __init__(self, store: Store, config: Config, wake: threading.Event, stop: threading.Event,
+                 on_done: Callable[[], None] = lambda: None, trail: Audit | None = None,
+                 executor: Executor | None = None) -> None:
+        self.store = store
+        self.trail = trail
+        self.on_done = on_done
+        self.config = config
+        self.wake = wake
+        self.stop = stop
+        self.executor: Executor = executor if executor is not None else ProcessPoolWorkers(config)
+        self.threads = [threading.Thread(target=self._loop, name=f"job-runner-{i}", daemon=True)
+                        for i in range(self.executor.slots)]
 
     def start(self) -> None:
         for t in self.threads:
             t.start()
 
     def shutdown(self) -> None:
-        """Stop now: running jobs are interrupted (their worker processes killed) and left in the
-        store as a crash leaves them, for the node to queue again."""
+        """Stop now: running jobs are interrupted (their workers killed) and left in the store as
+        a crash leaves them, for the node to queue again."""
         self.stop.set()
         self.wake.set()
-        with self._pool_lock:
-            pool = self._pool
-        kill_workers(pool)
+        self.executor.interrupt()
         for t in self.threads:
             t.join(timeout=2)
-        pool.shutdown(wait=False, cancel_futures=True)
+        self.executor.close()
 
     def _loop(self) -> None:
         while not self.stop.is_set():
-            job = self.store.claim_job()
-            if job is None:
-                self.wake.wait(0.5)
-                self.wake.clear()
-                continue
-            self.run(job)
+            with self.executor.slot(timeout=0.5) as worker:
+                if worker is None:
+                    continue
+                job = self.store.claim_job()
+                if job is None:
+                    self.wake.wait(0.5)
+                    self.wake.clear()
+                    continue
+                self.run(job, worker)
 
-    def run(self, job: sqlite3.Row) -> None:
+    def run(self, job: sqlite3.Row, worker: Callable[[PipelineCall], dict[str, Any]]) -> None:
         job_id, series_uid, model = job["id"], job["series_instance_uid"], job["model"]
         paths = [str(p) for p in self.store.series_paths(series_uid)]
         result_key = job["result_key"] or ""
@@ -188,12 +273,10 @@ class JobRunner:
                  if self.config.learning.longitudinal else None)
         priors = (longitudinal.safely("look up priors", longitudinal.priors, self.store, study)
                   if study else None)
+        call = PipelineCall(paths, str(out), model, result_key, str(self.store.db_path), job_id, priors,
+                            self._wants_labelmap(job))
         try:
-            with self._pool_lock:
-                future = self._pool.submit(_run_reporting_stages, paths, str(out), model, result_key,
-                                           str(self.store.db_path), job_id, priors,
-                                           self._wants_labelmap(job))
-            summary = future.result()
+            summary = worker(call)
         except Exception as err:
             if self.stop.is_set():  # the node is stopping and ended the worker: not the job's fault
                 log.info("job interrupted job=%d: the node is stopping; it runs again at the next start",
@@ -222,10 +305,8 @@ class JobRunner:
             log.warning("job failed job=%d series=%s: %s", job["id"], job["series_instance_uid"], err)
             self.store.fail_job(job["id"], f"cannot place series in space: {err}", retry=False)
             self._audit(job, audit.SERIOUS_FAILURE)
-        elif isinstance(err, BrokenProcessPool):
-            with self._pool_lock:
-                self._pool = self._new_pool()
-            self._failed(job, "worker process died (crash or out of memory)")
+        elif isinstance(err, WorkerLost):
+            self._failed(job, str(err))
         else:
             self._failed(job, f"{type(err).__name__}: {err}")
 

@@ -12,7 +12,7 @@ from starlette.routing import BaseRoute
 from vesalius.node import audit
 from vesalius.node.api import HttpServer, create_app, load_tokens
 from vesalius.node.config import Config, config_digest
-from vesalius.node.jobs import JobRunner
+from vesalius.node.jobs import Executor, JobRunner
 from vesalius.node.pull.runner import PullRunner
 from vesalius.node.receive import Receiver, build_ae
 from vesalius.node.send import Sender
@@ -21,6 +21,16 @@ from vesalius.node.store import Store
 from vesalius.node.tls import server_context, start_tls_server
 
 log = logging.getLogger("vesalius.node")
+
+
+def _executor(config: Config) -> Executor | None:
+    """Where pipelines run: a Ray cluster when ``[ray] address`` is set (Ray imported only then),
+    else None, the job runner's local worker processes."""
+    if not config.ray.address:
+        return None
+    from vesalius.node.ray_runner import RayWorkers
+
+    return RayWorkers(config)
 
 
 class Node:
@@ -35,7 +45,7 @@ class Node:
         self.job_wake = threading.Event()
         self.send_wake = threading.Event()
         self.runner = JobRunner(self.store, config, self.job_wake, self.stopping,
-                                on_done=self.send_wake.set, trail=self.audit)
+                                on_done=self.send_wake.set, trail=self.audit, executor=_executor(config))
         self.sender = Sender(self.store, config, self.send_wake, self.stopping, trail=self.audit)
         self.pull = PullRunner(self.store, config, self.stopping)
         self._completion = threading.Thread(target=self._complete_series, name="series", daemon=True)
