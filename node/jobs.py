@@ -168,7 +168,8 @@ class JobRunner:
             pool = self._pool
         kill_workers(pool)
         for t in self.threads:
-            t.join(timeout=2)
+            if t.ident is not None:  # started (a node refused at start-up never starts them)
+                t.join(timeout=2)
         pool.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:

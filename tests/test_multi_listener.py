@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -172,6 +173,18 @@ def test_several_series_sent_to_both_listeners_at_once_are_each_processed_once(
     log = cluster.log()  # each series completed once, each study selected once (the default study rule)
     assert [log.count(f"series complete series={s.series_uid}") for s in series] == [1] * 4
     assert [log.count(f"study complete study={s.study_uid} ") for s in series] == [1] * 4
+
+
+def test_a_second_node_with_a_live_nodes_name_refuses_to_start(cluster: Cluster) -> None:
+    cluster.running()
+    config = cluster.tmp / "twin.toml"
+    config.write_text('host = "127.0.0.1"\n' + NODE.format(name="A", lease=LEASE))
+    twin = subprocess.run([sys.executable, "-m", "vesalius.node.cli", "serve", "--config", str(config),
+                           "--port", str(free_port()), "--http-port", str(free_port()),
+                           "--data-dir", str(cluster.data)], capture_output=True, text=True, timeout=120)
+    assert twin.returncode == 2, twin.stderr[-2000:]
+    assert "configuration error: node_name: another node named 'A' is running" in twin.stderr
+    assert cluster.nodes["A"].proc.poll() is None  # the live one is untouched
 
 
 def test_a_node_killed_while_running_a_job_loses_it_to_the_other_after_its_lease(
