@@ -11,6 +11,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -229,17 +230,24 @@ class Config:
     max_stow_mb: int = 4096  # the largest STOW-RS request body (POST /studies) accepted
     dashboard: Dashboard = field(default_factory=Dashboard)
     ray: Ray = field(default_factory=Ray)  # [ray]: hand pipeline runs to a Ray cluster (scale-out)
+    # several nodes sharing one database (docs/scale-out.md): each claim (a job, a delivery, an open
+    # association) carries this name and is renewed every lease_seconds/3; one not renewed for
+    # lease_seconds belongs to a dead node and is taken over by another
+    node_name: str = ""  # "" = the host name; nodes sharing a database need different names
+    lease_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         check_types(self)
         ae_title("ae_title", self.ae_title)
+        if self.node_name and not NODE_NAME.fullmatch(self.node_name):
+            raise FieldError(f"node_name: 1-64 letters, digits, '.', '_' or '-', got {self.node_name!r}")
         for name in ("port", "tls_port", "http_port"):
             port(name, getattr(self, name))
         for i, allowed in enumerate(self.allowed_calling_aes):
             _allowed_ae(f"allowed_calling_aes[{i}]", allowed)
         for name in ("max_associations", "max_associations_per_peer", "max_instance_mb", "idle_timeout",
                      "quiet_period", "stability_timeout", "study_quiet_period", "workers", "job_attempts",
-                     "gpu_jobs_per_device"):
+                     "gpu_jobs_per_device", "lease_seconds"):
             positive(name, getattr(self, name))
         if not MIN_PDU <= self.max_pdu <= MAX_PDU:
             raise FieldError(f"max_pdu: must be {MIN_PDU}-{MAX_PDU} bytes (a finite maximum bounds "
@@ -268,11 +276,22 @@ class Config:
     def destination_names(self, rule: Rule) -> tuple[str, ...]:
         return rule.destinations or tuple(d.name for d in self.destinations)
 
+    @property
+    def owner(self) -> str:
+        """This node's name in the claims it holds: ``node_name``, or the host name."""
+        return self.node_name or host_node_name()
+
+
+def host_node_name() -> str:
+    """The host name as a node name (what NODE_NAME allows; a container's name is its host name)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "node"
+
 
 MIN_PDU, MAX_PDU = 4096, 256 * 2**20
 
 
 TOKEN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NODE_NAME = TOKEN_NAME  # also a file name prefix (the listener's files being received)
 
 
 def _allowed_ae(key: str, value: str) -> None:

@@ -26,9 +26,10 @@ from vesalius.inference.volume import VolumeError
 from vesalius.node import audit, longitudinal
 from vesalius.node.audit import Audit
 from vesalius.node.config import Config
+from vesalius.node.leases import Leases
 from vesalius.node.paths import inside, uid_file_name
 from vesalius.node.pipeline import run_pipeline
-from vesalius.node.store import Store, record_progress
+from vesalius.node.store import Claim, Store, record_progress
 
 if TYPE_CHECKING:
     from vesalius.inference.models.spec import ModelSpec
@@ -224,8 +225,10 @@ class JobRunner:
 
     def __init__(self, store: Store, config: Config, wake: threading.Event, stop: threading.Event,
                  on_done: Callable[[], None] = lambda: None, trail: Audit | None = None,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, leases: Leases | None = None) -> None:
         self.store = store
+        # the node's heartbeat renews the claims held here (none given: claims are not renewed)
+        self.leases = leases or Leases(store, config.owner, config.lease_seconds)
         self.trail = trail
         self.on_done = on_done
         self.config = config
@@ -246,7 +249,8 @@ class JobRunner:
         self.wake.set()
         self.executor.interrupt()
         for t in self.threads:
-            t.join(timeout=2)
+            if t.ident is not None:  # started (a node refused at start-up never starts them)
+                t.join(timeout=2)
         self.executor.close()
 
     def _loop(self) -> None:
@@ -254,20 +258,25 @@ class JobRunner:
             with self.executor.slot(timeout=0.5) as worker:
                 if worker is None:
                     continue
-                job = self.store.claim_job()
+                job = self.store.claim_job(self.leases.owner, self.leases.lease_seconds,
+                                           self.config.job_attempts)
                 if job is None:
                     self.wake.wait(0.5)
                     self.wake.clear()
                     continue
-                self.run(job, worker)
+                self.leases.hold("jobs", job["id"], Claim.of(job))
+                try:
+                    self.run(job, worker)
+                finally:
+                    self.leases.drop("jobs", job["id"])
 
     def run(self, job: sqlite3.Row, worker: Callable[[PipelineCall], dict[str, Any]]) -> None:
         job_id, series_uid, model = job["id"], job["series_instance_uid"], job["model"]
         paths = [str(p) for p in self.store.series_paths(series_uid)]
         result_key = job["result_key"] or ""
         out = result_dir_for(self.store, series_uid, model, result_key)
-        log.info("job start job=%d series=%s model=%s instances=%d attempt=%d",
-                 job_id, series_uid, model, len(paths), job["attempts"])
+        log.info("job start job=%d series=%s model=%s instances=%d attempt=%d node=%s",
+                 job_id, series_uid, model, len(paths), job["attempts"], job["lease_owner"])
         # the patient's earlier volumes, looked up here: the worker has no store
         study = (longitudinal.safely("find the patient", longitudinal.study_of, self.store, series_uid)
                  if self.config.learning.longitudinal else None)
@@ -286,7 +295,10 @@ class JobRunner:
             return
         # a series where the model found nothing has no objects to deliver
         destinations = json.loads(job["destinations"]) if summary["objects"] else []
-        self.store.finish_job(job_id, out, summary["stages_s"], destinations)
+        if not self.store.finish_job(job_id, out, summary["stages_s"], destinations, Claim.of(job)):
+            log.warning("job result not recorded job=%d attempt=%d: another node took the job over after "
+                        "this node's lease expired; its run counts", job_id, job["attempts"])
+            return
         if study is not None:
             longitudinal.safely("record the volumes", longitudinal.record, self.store, job_id, study,
                                 summary["structures"])
@@ -303,8 +315,9 @@ class JobRunner:
     def _job_failed(self, job: sqlite3.Row, err: Exception) -> None:
         if isinstance(err, VolumeError):  # the series itself is the problem: retrying cannot help
             log.warning("job failed job=%d series=%s: %s", job["id"], job["series_instance_uid"], err)
-            self.store.fail_job(job["id"], f"cannot place series in space: {err}", retry=False)
-            self._audit(job, audit.SERIOUS_FAILURE)
+            if self.store.fail_job(job["id"], f"cannot place series in space: {err}", retry=False,
+                                   claim=Claim.of(job)):
+                self._audit(job, audit.SERIOUS_FAILURE)
         elif isinstance(err, WorkerLost):
             self._failed(job, str(err))
         else:
@@ -313,8 +326,8 @@ class JobRunner:
     def _failed(self, job: sqlite3.Row, reason: str) -> None:
         retry = job["attempts"] < self.config.job_attempts
         log.warning("job failed job=%d attempt=%d retry=%s: %s", job["id"], job["attempts"], retry, reason)
-        self.store.fail_job(job["id"], reason, retry=retry)
-        self._audit(job, audit.MINOR_FAILURE if retry else audit.SERIOUS_FAILURE)
+        if self.store.fail_job(job["id"], reason, retry=retry, claim=Claim.of(job)):
+            self._audit(job, audit.MINOR_FAILURE if retry else audit.SERIOUS_FAILURE)
 
     def _audit(self, job: sqlite3.Row, outcome: int, summary: dict[str, Any] | None = None) -> None:
         """DICOM Instances Accessed: the job read a series and (on success) created these objects."""
