@@ -17,6 +17,7 @@ from vesalius.node.pull.runner import PullRunner
 from vesalius.node.receive import Receiver, build_ae
 from vesalius.node.send import Sender
 from vesalius.node.series import complete_due_series, select_due_studies
+from vesalius.node.spool_recovery import recover_rows
 from vesalius.node.store import Store
 from vesalius.node.tls import server_context, start_tls_server
 
@@ -52,6 +53,7 @@ class Node:
         requeued = self.store.requeue_interrupted_jobs()
         if requeued:
             log.info("resuming %d interrupted job(s)", requeued)
+        recover_rows(self.store)  # rows a power loss took from fsynced spool files, before any new one
         receiver = Receiver(self.store, min_free_bytes=self.config.min_free_disk_mb * 2**20)
         ae, handlers = build_ae(self.config, receiver, audit.AssociationTally(self.audit))
         models = tuple(dict.fromkeys([*(r.model for r in self.config.rules), *self.config.models]))
