@@ -1,13 +1,15 @@
 """End-to-end latency of the node on 512x512 CT series (run on demand, not in CI).
 
-    .venv/bin/python bench/e2e.py [--slices 300] [--source phantom|real] [--j2k] [--series 1]
-                                  [--cache DIR]
+    .venv/bin/python bench/e2e.py [--slices 300 [600 ...]] [--source phantom|real] [--j2k]
+                                  [--series 1] [--cache DIR]
 
 DCMTK storescu sends the series to `vesalius serve` (``--series N``: N different series at once,
 one storescu each), DCMTK storescp plays the PACS. Prints the time from the last image
 acknowledged to the last result acknowledged by the PACS (after a small warm-up series, so the
 worker has its libraries and model loaded), the stage breakdown the node recorded,
-the peak resident memory of the node and its worker process, and the load average (2 cores).
+the peak resident memory of the node (the listener, also per phase: ingest, jobs, delivery) and
+of its worker process, and the load average (2 cores). Several ``--slices``: one run each, one
+after another, and a summary table.
 
 ``--source phantom``: the synthetic chest of CHEST; ``--source real``: the TotalSegmentator example
 CT from the shared test data, resampled to 512x512 and ``--slices`` slices (real anatomy and noise).
@@ -21,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -56,6 +59,33 @@ def peak_rss_mb(pid: int) -> dict[str, float]:
         if (me == pid or ppid == pid) and "VmHWM" in fields:
             found[f"{fields['Name'].strip()}[{me}]"] = int(fields["VmHWM"].split()[0]) / 1024
     return found
+
+
+class RssSampler:
+    """VmRSS of one process every 50 ms, to tell in which phase (ingest, job, delivery) it peaked."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                text = Path(f"/proc/{self.pid}/status").read_text()
+            except OSError:
+                return
+            kb = next(int(line.split()[1]) for line in text.splitlines() if line.startswith("VmRSS:"))
+            self.samples.append((time.time(), kb / 1024))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self, start: float, end: float) -> float:
+        return max((mb for t, mb in self.samples if start <= t <= end), default=0.0)
 
 
 def phantom_series(folder: Path, slices: int, index: int) -> list[Path]:
@@ -99,15 +129,15 @@ def j2k_copy(paths: list[Path], folder: Path) -> list[Path]:
     return out
 
 
-def series_files(args: argparse.Namespace, base: Path, index: int) -> list[Path]:
-    folder = base / f"{args.source}{args.slices}-{index}"
+def series_files(args: argparse.Namespace, slices: int, base: Path, index: int) -> list[Path]:
+    folder = base / f"{args.source}{slices}-{index}"
     done = folder / ("done-j2k" if args.j2k else "done")
     if done.exists():
         return sorted(p for p in (folder / ("j2k" if args.j2k else "raw")).rglob("*.dcm"))
     raw = folder / "raw"
     if not (folder / "done").exists():
         make = phantom_series if args.source == "phantom" else real_series
-        make(raw, args.slices, index)
+        make(raw, slices, index)
         (folder / "done").write_text("")
     paths = sorted(raw.rglob("*.dcm"))
     if args.j2k:
@@ -116,59 +146,52 @@ def series_files(args: argparse.Namespace, base: Path, index: int) -> list[Path]
     return paths
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--source", choices=("phantom", "real"), default="phantom")
-    parser.add_argument("--j2k", action="store_true", help="send the series JPEG 2000 Lossless compressed")
-    parser.add_argument("--series", type=int, default=1, help="this many series sent at once")
-    parser.add_argument("--cache", type=Path, help="keep the written series here between runs")
-    parser.add_argument("--trigger", choices=("study", "series"), default="study",
-                        help="the rule's trigger: study (the default rule: waits study_quiet_period, 3 s, "
-                             "for the rest of the study) or series (processed once the series is complete)")
-    parser.add_argument("--verbose", action="store_true", help="print the node's completion/job/send log")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        t0 = time.perf_counter()
-        files = [series_files(args, args.cache or tmp, i) for i in range(args.series)]
-        print(f"{args.series} x {args.slices}-slice {args.source} series ready "
-              f"({'JPEG 2000' if args.j2k else 'uncompressed'}) in {time.perf_counter() - t0:.1f} s")
-        extra = ["-xv"] if args.j2k else []  # propose JPEG 2000 Lossless
-        print(f"load average before: {os.getloadavg()[0]:.2f} (2 cores)")
-        warm_up = phantom_series(tmp / "warm-up", 8, 99)
-        rules = SERIES_RULE if args.trigger == "series" else ""
-        with storescp(tmp / "pacs") as pacs, \
-                vesalius_node(tmp, destinations=[pacs.address], config=rules) as node:
-            # a small series first: the worker has imported its libraries and loaded the model
-            storescu(warm_up, node.port, calling="WARMUP")
-            wait_for(lambda: any(d["state"] == "done" for d in node.deliveries()), 600, "the warm-up")
-            warm = {d["job_id"] for d in node.deliveries()}
-            t_send = time.time()
-            senders = [subprocess.Popen(["storescu", "-aet", f"SCANNER{i}", "-aec", "VESALIUS", *extra,
-                                         "127.0.0.1", str(node.port), *map(str, paths)],
-                                        env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                       for i, paths in enumerate(files)]
-            for sender in senders:
-                _, err = sender.communicate(timeout=600)
-                assert sender.returncode == 0, err.decode()[-2000:]
-            t_last_image = time.time()
-            delivered = wait_for(lambda: len(done := [d for d in node.deliveries() if d["state"] == "done"
-                                                      and d["job_id"] not in warm]) >= args.series and done,
-                                 1800, "the results at the PACS", interval=0.05)
-            jobs = [job for job in node.jobs() if job["id"] not in warm]
-            events = [line for line in node.log().splitlines()
-                      if any(k in line for k in ("released", "series complete", "job start", "job done",
-                                                 "delivered", "sent "))]
-            rss = peak_rss_mb(node.proc.pid)
-        load = os.getloadavg()[0]
+def seconds(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
 
-    def seconds(iso: str) -> float:
-        return datetime.fromisoformat(iso).timestamp()
 
+def run_once(args: argparse.Namespace, slices: int, tmp: Path) -> dict[str, float]:
+    """One node, one warm-up, ``args.series`` series of ``slices`` sent at once; prints the
+    breakdown and returns the figures of the summary table."""
+    t0 = time.perf_counter()
+    files = [series_files(args, slices, args.cache or tmp, i) for i in range(args.series)]
+    print(f"{args.series} x {slices}-slice {args.source} series ready "
+          f"({'JPEG 2000' if args.j2k else 'uncompressed'}) in {time.perf_counter() - t0:.1f} s")
+    extra = ["-xv"] if args.j2k else []  # propose JPEG 2000 Lossless
+    load_before = os.getloadavg()[0]
+    print(f"load average before: {load_before:.2f} (2 cores)")
+    warm_up = phantom_series(tmp / "warm-up", 8, 99)
+    rules = SERIES_RULE if args.trigger == "series" else ""
+    with storescp(tmp / "pacs") as pacs, \
+            vesalius_node(tmp, destinations=[pacs.address], config=rules) as node:
+        # a small series first: the worker has imported its libraries and loaded the model
+        storescu(warm_up, node.port, calling="WARMUP")
+        wait_for(lambda: any(d["state"] == "done" for d in node.deliveries()), 600, "the warm-up")
+        warm = {d["job_id"] for d in node.deliveries()}
+        sampler = RssSampler(node.proc.pid)
+        t_send = time.time()
+        senders = [subprocess.Popen(["storescu", "-aet", f"SCANNER{i}", "-aec", "VESALIUS", *extra,
+                                     "127.0.0.1", str(node.port), *map(str, paths)],
+                                    env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                   for i, paths in enumerate(files)]
+        for sender in senders:
+            _, err = sender.communicate(timeout=600)
+            assert sender.returncode == 0, err.decode()[-2000:]
+        t_last_image = time.time()
+        delivered = wait_for(lambda: len(done := [d for d in node.deliveries() if d["state"] == "done"
+                                                  and d["job_id"] not in warm]) >= args.series and done,
+                             1800, "the results at the PACS", interval=0.05)
+        sampler.stop()
+        jobs = [job for job in node.jobs() if job["id"] not in warm]
+        events = [line for line in node.log().splitlines()
+                  if any(k in line for k in ("released", "series complete", "job start", "job done",
+                                             "delivered", "sent "))]
+        rss = peak_rss_mb(node.proc.pid)
+        listener = rss.pop(next(k for k in rss if k.endswith(f"[{node.proc.pid}]")))
+    load = os.getloadavg()[0]
     last = max(seconds(d["updated_at"]) for d in delivered)
-    print(f"ingest ({args.series} x {args.slices} slices, storescu): {t_last_image - t_send:.2f} s")
+    jobs_done = max(seconds(j["updated_at"]) for j in jobs)
+    print(f"ingest ({args.series} x {slices} slices, storescu): {t_last_image - t_send:.2f} s")
     print(f"last image -> all results acknowledged by the PACS: {last - t_last_image:.2f} s (goal <= 5 s)")
     for job in sorted(jobs, key=lambda j: j["id"]):
         done_at = seconds(job["updated_at"])
@@ -181,8 +204,44 @@ def main() -> None:
         print("\n".join(f"  {line[:160]}" for line in events))
     for name, mb in sorted(rss.items()):
         print(f"peak RSS {name}: {mb:.0f} MB")
-    print(f"peak RSS worst process: {max(rss.values()):.0f} MB (goal <= 1000 MB)")
+    phases = {"ingest": (t_send, t_last_image), "jobs": (t_last_image, jobs_done),
+              "delivery": (jobs_done, last)}
+    print(f"peak RSS listener (the node's own process): {listener:.0f} MB; VmRSS peak while "
+          + ", ".join(f"{k} {sampler.peak(*v):.0f} MB" for k, v in phases.items()))
+    worker = max(rss.values(), default=0.0)
+    print(f"peak RSS worst worker: {worker:.0f} MB (goal <= 1000 MB)")
     print(f"load average after: {load:.2f}")
+    return {"latency": last - t_last_image, "ingest": t_last_image - t_send, "worker": worker,
+            "listener": listener, **{f"listener {k}": sampler.peak(*v) for k, v in phases.items()},
+            "load before": load_before, "load after": load}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, nargs="+", default=[300],
+                        help="series size(s); several: one node each, one after another, and a table")
+    parser.add_argument("--source", choices=("phantom", "real"), default="phantom")
+    parser.add_argument("--j2k", action="store_true", help="send the series JPEG 2000 Lossless compressed")
+    parser.add_argument("--series", type=int, default=1, help="this many series sent at once")
+    parser.add_argument("--cache", type=Path, help="keep the written series here between runs")
+    parser.add_argument("--trigger", choices=("study", "series"), default="study",
+                        help="the rule's trigger: study (the default rule: waits study_quiet_period, 3 s, "
+                             "for the rest of the study) or series (processed once the series is complete)")
+    parser.add_argument("--verbose", action="store_true", help="print the node's completion/job/send log")
+    args = parser.parse_args()
+    table = {}
+    for slices in args.slices:
+        with tempfile.TemporaryDirectory() as tmp_name:
+            table[slices] = run_once(args, slices, Path(tmp_name))
+    if len(table) > 1:
+        print(f"\n| {args.series} series of | last image -> results | ingest | worker peak RSS | "
+              "listener peak RSS (ingest / jobs / delivery) | load |\n|---|---|---|---|---|---|")
+        for slices, row in table.items():
+            print(f"| {slices} slices | {row['latency']:.1f} s | {row['ingest']:.1f} s | "
+                  f"{row['worker']:.0f} MB | "
+                  f"{row['listener']:.0f} MB ({row['listener ingest']:.0f} / {row['listener jobs']:.0f} / "
+                  f"{row['listener delivery']:.0f}) | {row['load before']:.1f}-{row['load after']:.1f} |")
 
 
 if __name__ == "__main__":

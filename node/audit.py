@@ -101,14 +101,15 @@ def read_events(store: Store, since: str | None = None) -> list[dict[str, Any]]:
 
 
 def instance_uids(files: Iterable[Path]) -> list[str]:
-    """The SOP Instance UIDs of our own result files (header only), for delivery events."""
+    """The SOP Instance UIDs of our own result files, for delivery events: from the file meta
+    alone (pydicom parses a SEG's whole per-frame sequence even for ``specific_tags``)."""
     import pydicom
+    from pydicom.filereader import read_file_meta_info
 
     uids = []
     for f in files:
         try:
-            uids.append(str(pydicom.dcmread(f, stop_before_pixels=True,
-                                            specific_tags=["SOPInstanceUID"]).SOPInstanceUID))
+            uids.append(str(read_file_meta_info(f).MediaStorageSOPInstanceUID))
         except (OSError, AttributeError, pydicom.errors.InvalidDicomError):
             uids.append("")
     return uids

@@ -19,6 +19,7 @@ from vesalius.node.pull.runner import PullRunner
 from vesalius.node.receive import Receiver, build_ae
 from vesalius.node.send import Sender
 from vesalius.node.series import complete_due_series, select_due_studies
+from vesalius.node.spool_recovery import recover_rows
 from vesalius.node.store import Store
 from vesalius.node.tls import server_context, start_tls_server
 
@@ -73,6 +74,7 @@ class Node:
         if requeued:
             log.info("resuming %d interrupted job(s)", requeued)
         self.leases.start()
+        recover_rows(self.store)  # rows a power loss took from fsynced spool files, before any new one
         receiver = Receiver(self.store, min_free_bytes=self.config.min_free_disk_mb * 2**20,
                             node_name=self.leases.owner, lease_seconds=self.config.lease_seconds)
         ae, handlers = build_ae(self.config, receiver, audit.AssociationTally(self.audit))

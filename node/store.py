@@ -284,7 +284,7 @@ def _fsync_dir(path: Path) -> None:
 
 def write_durably(path: Path, data: bytes) -> None:
     """Write bytes so that they survive a crash: temp file, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs_durably(path.parent)
     tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -298,10 +298,19 @@ def write_durably(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _make_dirs_durably(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each new one's entry fsynced in its parent
+    (once per new series folder, not per instance)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    for created in missing:
+        _fsync_dir(created.parent)
+
+
 def move_durably(src: Path, path: Path) -> None:
     """Move a received file into place so that it survives a crash: fsync, rename (one
-    filesystem: no copy), fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    filesystem: no copy), fsync the folder (POSIX makes the new name durable only then)."""
+    _make_dirs_durably(path.parent)
     with open(src, "rb") as f:
         os.fsync(f.fileno())
     os.replace(src, path)
@@ -384,13 +393,29 @@ class Store:
     def store_instance(self, info: SeriesInfo, sop_instance_uid: str, data: bytes | Path,
                        calling_ae: str) -> bool:
         """Write the file (bytes, or a received file moved into place) durably and record it;
-        False when this SOP Instance UID was already stored."""
+        False when this SOP Instance UID was already stored.
+
+        The fsynced spool file is the record: the row is committed without its own fsync of the
+        WAL (synchronous=NORMAL; consistent, and made durable by the next FULL commit of anything)
+        and node.spool_recovery rebuilds rows a power loss took at the next start. Only a new
+        series' first row is committed FULL, so its calling AE is never lost."""
         path = self.spool_path(info.study_instance_uid, info.series_instance_uid, sop_instance_uid)
         if isinstance(data, Path):
             move_durably(data, path)
         else:
             write_durably(path, data)
         now = time.time()
+        db = self._connection()
+        new_series = db.execute("SELECT 1 FROM series WHERE series_instance_uid=?",
+                                (info.series_instance_uid,)).fetchone() is None
+        db.execute(f"PRAGMA synchronous={'FULL' if new_series else 'NORMAL'}")
+        try:
+            return self._record_instance(info, sop_instance_uid, path, calling_ae, now)
+        finally:
+            db.execute("PRAGMA synchronous=FULL")
+
+    def _record_instance(self, info: SeriesInfo, sop_instance_uid: str, path: Path, calling_ae: str,
+                         now: float) -> bool:
         with self.transaction() as db:
             known = db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?",
                                (sop_instance_uid,)).fetchone()
