@@ -10,7 +10,6 @@ import multiprocessing
 import os
 import re
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -20,9 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vesalius.inference.volume import VolumeError
-from vesalius.node import audit, longitudinal
+from vesalius.node import audit, database, longitudinal
 from vesalius.node.audit import Audit
 from vesalius.node.config import Config
+from vesalius.node.database import Row
 from vesalius.node.paths import inside, uid_file_name
 from vesalius.node.pipeline import run_pipeline
 from vesalius.node.store import Store, record_progress
@@ -83,15 +83,15 @@ def _warm_up(models: tuple[str, ...] = ()) -> None:
             log.warning("worker could not preload model %s: %s", model, err)
 
 
-def _run_reporting_stages(paths: list[str], out: str, model: str, result_key: str, db_path: str,
+def _run_reporting_stages(paths: list[str], out: str, model: str, result_key: str, db_url: str,
                           job_id: int, priors: dict[str, dict[str, Any]] | None = None,
                           labelmap: bool = True) -> dict[str, Any]:
     """In the worker: the pipeline, each stage's start written to the job's row as it happens,
     so /jobs and the dashboard show "running: stage n of m" live."""
     def on_stage(stage: str, n: int, of: int) -> None:
         try:
-            record_progress(Path(db_path), job_id, stage, n, of)
-        except sqlite3.Error as err:  # progress is for display only: never the reason a job fails
+            record_progress(db_url, job_id, stage, n, of)
+        except database.Error as err:  # progress is for display only: never the reason a job fails
             log.warning("job %d: could not record its progress: %s", job_id, err)
 
     return run_pipeline(paths, out, model, result_key=result_key, on_stage=on_stage, priors=priors,
@@ -176,7 +176,7 @@ class JobRunner:
                 continue
             self.run(job)
 
-    def run(self, job: sqlite3.Row) -> None:
+    def run(self, job: Row) -> None:
         job_id, series_uid, model = job["id"], job["series_instance_uid"], job["model"]
         paths = [str(p) for p in self.store.series_paths(series_uid)]
         result_key = job["result_key"] or ""
@@ -191,7 +191,7 @@ class JobRunner:
         try:
             with self._pool_lock:
                 future = self._pool.submit(_run_reporting_stages, paths, str(out), model, result_key,
-                                           str(self.store.db_path), job_id, priors,
+                                           self.store.url, job_id, priors,
                                            self._wants_labelmap(job))
             summary = future.result()
         except Exception as err:
@@ -212,12 +212,12 @@ class JobRunner:
         log.info("job done job=%d series=%s stages=%s deliveries=%d",
                  job_id, series_uid, summary["stages_s"], len(destinations))
 
-    def _wants_labelmap(self, job: sqlite3.Row) -> bool:
+    def _wants_labelmap(self, job: Row) -> bool:
         """Whether a destination of the job takes the Label Map SEG: only then is it written."""
         names = set(json.loads(job["destinations"]))
         return any(d.labelmap for d in self.config.destinations if d.name in names)
 
-    def _job_failed(self, job: sqlite3.Row, err: Exception) -> None:
+    def _job_failed(self, job: Row, err: Exception) -> None:
         if isinstance(err, VolumeError):  # the series itself is the problem: retrying cannot help
             log.warning("job failed job=%d series=%s: %s", job["id"], job["series_instance_uid"], err)
             self.store.fail_job(job["id"], f"cannot place series in space: {err}", retry=False)
@@ -229,13 +229,13 @@ class JobRunner:
         else:
             self._failed(job, f"{type(err).__name__}: {err}")
 
-    def _failed(self, job: sqlite3.Row, reason: str) -> None:
+    def _failed(self, job: Row, reason: str) -> None:
         retry = job["attempts"] < self.config.job_attempts
         log.warning("job failed job=%d attempt=%d retry=%s: %s", job["id"], job["attempts"], retry, reason)
         self.store.fail_job(job["id"], reason, retry=retry)
         self._audit(job, audit.MINOR_FAILURE if retry else audit.SERIOUS_FAILURE)
 
-    def _audit(self, job: sqlite3.Row, outcome: int, summary: dict[str, Any] | None = None) -> None:
+    def _audit(self, job: Row, outcome: int, summary: dict[str, Any] | None = None) -> None:
         """DICOM Instances Accessed: the job read a series and (on success) created these objects."""
         if self.trail is None:
             return

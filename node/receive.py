@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sqlite3
 import tempfile
 import threading
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from vesalius.node import ingest, pdu_limits
+from vesalius.node import database, ingest, pdu_limits
 from vesalius.node.admission import Admission, printable
 from vesalius.node.audit import AssociationTally
 from vesalius.node.config import Config
@@ -113,7 +112,7 @@ class Receiver:
         except UnsafePath as err:  # cannot happen for a checked UID; refused rather than written
             log.error("refused instance from %s: %s", calling_ae, err)
             return CANNOT_UNDERSTAND
-        except (OSError, sqlite3.OperationalError) as err:  # disk full, I/O error, database locked
+        except (OSError, database.OperationalError) as err:  # disk full, I/O error, database locked or down
             log.error("could not store instance from %s: %s", calling_ae, err)
             return OUT_OF_RESOURCES
         with self._lock:

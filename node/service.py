@@ -28,7 +28,7 @@ class Node:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = Store(config.data_dir)
+        self.store = Store(config.data_dir, config.database.url)
         self.audit = audit.Audit(self.store)
         self.tokens = load_tokens(self.store.data_dir, config.http_tokens)  # before any worker starts
         self.stopping = threading.Event()

@@ -10,13 +10,14 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from tests.earlier_schema import EARLIER_SQLITE_SCHEMA
 from tests.study_phantoms import ct_study, reconstruction
 from tests.test_volume import write_enhanced
 from vesalius.dicom_out.identity import Algorithm, derived_uid
 from vesalius.node.config import ConfigError, Rule, parse_config
 from vesalius.node.routing import SeriesFacts, rule_matches, select_series, why_not
 from vesalius.node.series import complete_due_series, read_facts, result_key, select_due_studies
-from vesalius.node.store import SCHEMA, SeriesInfo, Store
+from vesalius.node.store import SeriesInfo, Store
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 DEFAULT = Rule(name="ct")
@@ -213,7 +214,7 @@ def test_an_earlier_database_is_migrated_without_redoing_its_studies(exam, tmp_p
     data = tmp_path / "old"
     data.mkdir()
     old = sqlite3.connect(data / "vesalius.sqlite")
-    old.executescript(SCHEMA)  # the schema before this version: jobs without result_key
+    old.executescript(EARLIER_SQLITE_SCHEMA)  # jobs without result_key
     old.execute("INSERT INTO series VALUES ('9.1','9','CT',?,'','','','SCANNER','complete',1,1,1,2)", (CT,))
     old.execute("INSERT INTO jobs (series_instance_uid, rule, model, destinations, state, created_at, "
                 "updated_at) VALUES ('9.1','ct','builtin_ct','[]','done',2,2)")
