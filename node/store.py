@@ -311,7 +311,7 @@ class Store:
                    VALUES (?,?,?,?,?,?,?,?,?,?)
                    ON CONFLICT(series_instance_uid) DO UPDATE SET
                        last_received=excluded.last_received, released_at=NULL,
-                       state=CASE WHEN state='complete' THEN 'receiving' ELSE state END""",
+                       state=CASE WHEN series.state='complete' THEN 'receiving' ELSE series.state END""",
                 (info.series_instance_uid, info.study_instance_uid, info.modality, info.sop_class_uid,
                  info.series_description, info.body_part, info.manufacturer, calling_ae, now, now),
             )
@@ -490,6 +490,16 @@ class Store:
         found = {r["state"]: r["n"] for r in self.query(
             f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")}
         return {s: int(found.get(s, 0)) for s in states}
+
+
+def existing_store(data_dir: str | Path, url: str = "") -> Store:
+    """The node's store for a command (status, retry, pull, ...): with SQLite, never a new empty
+    database made by mistake in the wrong folder."""
+    from vesalius.node.checks import ConfigError
+
+    if not url and not (Path(data_dir) / "vesalius.sqlite").exists():
+        raise ConfigError(f"--data-dir: no Vesalius database in {data_dir}")
+    return Store(data_dir, url)
 
 
 def record_progress(locator: str | Path, job_id: int, stage: str, n: int, of: int) -> None:

@@ -150,8 +150,9 @@ def jobs(store: Store) -> list[dict]:
     return [dict(r) for r in store.query("SELECT * FROM jobs ORDER BY id")]
 
 
-def test_one_job_per_study_after_the_study_is_quiet_and_late_series_replace(exam, tmp_path: Path) -> None:
-    store = Store(tmp_path / "data")
+def test_one_job_per_study_after_the_study_is_quiet_and_late_series_replace(
+        database_url: str, exam, tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", database_url)
     config = parse_config({"quiet_period": 1, "study_quiet_period": 5,
                            "rules": [{"name": "ct"}, {"name": "each", "select": "all", "trigger": "series",
                                                       "exclude_image_type": []}]})
@@ -193,8 +194,8 @@ def test_one_job_per_study_after_the_study_is_quiet_and_late_series_replace(exam
     assert reasons[exam.series["thin"].series_uid].endswith("ranks higher on thinnest")
 
 
-def test_a_study_with_a_series_still_receiving_waits(exam, tmp_path: Path) -> None:
-    store = Store(tmp_path / "data")
+def test_a_study_with_a_series_still_receiving_waits(database_url: str, exam, tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", database_url)
     config = parse_config({"quiet_period": 1, "study_quiet_period": 2})
     t0 = time.time()
     receive(store, exam.series["thin"], t0)
@@ -235,8 +236,8 @@ def test_study_results_have_one_set_of_uids_whichever_series() -> None:
         "1.2.3", Algorithm("builtin_ct", "1", result_key="study/1.2/other"), "seg/instance")
 
 
-def test_select_all_processes_a_late_matching_series_only(exam, tmp_path: Path) -> None:
-    store = Store(tmp_path / "data")
+def test_select_all_processes_a_late_matching_series_only(database_url: str, exam, tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", database_url)
     config = parse_config({"quiet_period": 1, "study_quiet_period": 2,
                            "rules": [{"name": "ct", "select": "all"}]})
     t0 = time.time()
@@ -253,8 +254,9 @@ def test_select_all_processes_a_late_matching_series_only(exam, tmp_path: Path) 
                                                                exam.series["lung"].series_uid]
 
 
-def test_a_series_removed_by_retention_still_outranks_a_worse_late_one(exam, tmp_path: Path) -> None:
-    store = Store(tmp_path / "data")
+def test_a_series_removed_by_retention_still_outranks_a_worse_late_one(
+        database_url: str, exam, tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", database_url)
     config = parse_config({"quiet_period": 1, "study_quiet_period": 2})
     t0 = time.time()
     receive(store, exam.series["thin"], t0)
