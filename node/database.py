@@ -11,8 +11,10 @@ as :class:`Error` / :class:`OperationalError`, so callers catch one thing.
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,6 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger("vesalius.database")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_FILE = re.compile(r"(\d{4})_(\w+)\.sql")
@@ -43,6 +47,17 @@ class OperationalError(Error):
 
 class IntegrityError(Error):
     """A constraint refused the change (a duplicate key, an append-only table)."""
+
+
+OUTAGE_PAUSE = 2.0  # s a loop waits after the database failed it, before its next unit of work
+
+
+def pause_after_outage(what: str, err: Error, stop: threading.Event) -> None:
+    """A loop's unit of work failed on the database (down, restarting): say so in one line and
+    wait, then the loop carries on (its next unit of work reconnects)."""
+    log.warning("%s: database unavailable, next try in %.0f s: %s", what, OUTAGE_PAUSE,
+                str(err).splitlines()[0] if str(err) else type(err).__name__)
+    stop.wait(OUTAGE_PAUSE)
 
 
 Row = Any  # sqlite3.Row or _PgRow: by column name and by position; dict(row) gives the columns

@@ -168,13 +168,22 @@ class JobRunner:
         pool.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:
+        stranded: int | None = None  # a claimed job whose end the database did not take
         while not self.stop.is_set():
-            job = self.store.claim_job()
-            if job is None:
-                self.wake.wait(0.5)
-                self.wake.clear()
-                continue
-            self.run(job)
+            try:
+                if stranded is not None:  # back to the queue: it runs again, to the same UIDs
+                    self.store.fail_job(stranded, "the database was unavailable when it ended", retry=True)
+                    stranded = None
+                job = self.store.claim_job()
+                if job is None:
+                    self.wake.wait(0.5)
+                    self.wake.clear()
+                    continue
+                stranded = job["id"]
+                self.run(job)
+                stranded = None
+            except database.Error as err:
+                database.pause_after_outage("job runner", err, self.stop)
 
     def run(self, job: Row) -> None:
         job_id, series_uid, model = job["id"], job["series_instance_uid"], job["model"]

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from vesalius.node import audit
+from vesalius.node import audit, database
 from vesalius.node.audit import Audit
 from vesalius.node.config import Config, Retry
 from vesalius.node.database import Row
@@ -57,11 +57,15 @@ class Sender:
 
     def _loop(self) -> None:
         while not self.stop.is_set():
-            due = self.store.due_deliveries()
-            for delivery in due:
-                if self.stop.is_set():
-                    return
-                self.deliver(delivery)
+            try:
+                due = self.store.due_deliveries()
+                for delivery in due:
+                    if self.stop.is_set():
+                        return
+                    self.deliver(delivery)  # sent but not recorded (database down): sent again
+            except database.Error as err:
+                database.pause_after_outage("sender", err, self.stop)
+                continue
             if not due:
                 self.wake.wait(0.5)
                 self.wake.clear()

@@ -9,7 +9,7 @@ from importlib.metadata import version
 from pynetdicom.transport import ThreadedAssociationServer
 from starlette.routing import BaseRoute
 
-from vesalius.node import audit
+from vesalius.node import audit, database
 from vesalius.node.api import HttpServer, create_app, load_tokens
 from vesalius.node.config import Config, config_digest
 from vesalius.node.jobs import JobRunner
@@ -99,6 +99,8 @@ class Node:
                 completed = complete_due_series(self.store, self.config)
                 if select_due_studies(self.store, self.config) or completed:
                     self.job_wake.set()
+            except database.Error as err:
+                database.pause_after_outage("series completion", err, self.stopping)
             except Exception:  # keep serving; the next tick tries again
                 log.exception("series completion failed")
 
@@ -110,6 +112,8 @@ class Node:
         while not self.stopping.wait(1.0):
             try:
                 recognise_pending(self.store, make_cases=self.config.learning.case_library)
+            except database.Error as err:
+                database.pause_after_outage("recognising corrections", err, self.stopping)
             except Exception:  # keep serving; the next tick tries again
                 log.exception("recognising corrections failed")
 

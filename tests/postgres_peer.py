@@ -66,10 +66,11 @@ class PostgresPeer:
             return cursor.fetchall() if cursor.description else []
 
     def new_database(self) -> str:
-        """A fresh, empty database: a test sees no other test's rows."""
+        """A fresh, empty database for one test, so it sees no other test's rows: a schema of its
+        own in the one database (milliseconds; CREATE DATABASE copies a template)."""
         name = f"test_{os.getpid()}_{next(self._names)}"
-        self.sql(f"CREATE DATABASE {name}")
-        return self.url(name)
+        self.sql(f"CREATE SCHEMA {name}")
+        return f"{self.url()}?options=-csearch_path%3D{name}"
 
     def log(self) -> str:
         path = self.folder / "server.log"

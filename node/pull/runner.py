@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Protocol
 
+from vesalius.node import database
 from vesalius.node.config import Config
 from vesalius.node.pull.dicomweb import DicomwebClient
 from vesalius.node.pull.dimse import DimseClient, SourceError
@@ -95,6 +96,8 @@ class PullRunner:
         while not self.stopping.wait(0.5):
             try:
                 self.tick()
+            except database.Error as err:
+                database.pause_after_outage("pull runner", err, self.stopping)
             except Exception:  # keep running; the next tick tries again
                 log.exception("pull runner failed")
 
