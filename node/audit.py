@@ -60,11 +60,15 @@ class Audit:
         try:
             line = json.dumps(entry, sort_keys=True, separators=(",", ":"))
             with self._lock:
-                with self.store.transaction() as db:
-                    db.execute('INSERT INTO audit (time, event, event_type, action, outcome, "user", '
-                               "address, details) VALUES (?,?,?,?,?,?,?,?)",
-                               (entry["time"], event, event_type, action, outcome, user, address,
-                                json.dumps(details, sort_keys=True)))
+                try:
+                    with self.store.transaction() as db:
+                        db.execute('INSERT INTO audit (time, event, event_type, action, outcome, "user", '
+                                   "address, details) VALUES (?,?,?,?,?,?,?,?)",
+                                   (entry["time"], event, event_type, action, outcome, user, address,
+                                    json.dumps(details, sort_keys=True)))
+                except database.OperationalError as err:  # the database is down: the file keeps it
+                    log.error("audit event %s written to %s only, not to the database: %s", event,
+                              AUDIT_FILE, str(err).splitlines()[0])
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
                     os.write(fd, line.encode() + b"\n")

@@ -5,8 +5,9 @@ and PostgreSQL (one database that several listeners share; psycopg 3, imported o
 SQL is written once, with ``?`` placeholders and portable syntax (``ON CONFLICT``, ``GREATEST``,
 ``RETURNING``); the PostgreSQL connection turns ``?`` into psycopg's ``%s``. What differs beyond
 that (JSON building in the listings, DDL) lives in :class:`Dialect` and in the per-dialect
-migration files of ``node/migrations/<dialect>/NNNN_name.sql``. Errors of both libraries come out
-as :class:`Error` / :class:`OperationalError`, so callers catch one thing.
+migration files ``node/migrations/<dialect>/NNNN_name.sql`` (``portable/``: SQL both run).
+Errors of both libraries come out as :class:`Error` / :class:`OperationalError`, so callers
+catch one thing.
 """
 
 from __future__ import annotations
@@ -362,16 +363,20 @@ class Migration:
 
 
 def migrations(dialect: Dialect) -> list[Migration]:
-    """The numbered migrations of a dialect, in order: ``migrations/<dialect>/NNNN_name.sql``."""
-    found = []
-    for path in sorted((MIGRATIONS / dialect.name).glob("*.sql")):
+    """The numbered migrations of a dialect, in order: ``migrations/<dialect>/NNNN_name.sql``, and
+    ``migrations/portable/NNNN_name.sql`` for those whose SQL both databases run as written
+    (ALTER TABLE ... ADD COLUMN, CREATE TABLE with TEXT / BIGINT / DOUBLE PRECISION columns)."""
+    found: dict[int, Migration] = {}
+    for path in [*(MIGRATIONS / dialect.name).glob("*.sql"), *(MIGRATIONS / "portable").glob("*.sql")]:
         match = MIGRATION_FILE.fullmatch(path.name)
         if match is None:
             raise ValueError(f"{path}: a migration is named NNNN_name.sql")
-        found.append(Migration(int(match[1]), match[2], path.read_text()))
-    if [m.version for m in found] != list(range(1, len(found) + 1)):
-        raise ValueError(f"{MIGRATIONS / dialect.name}: migrations are numbered 0001, 0002, ... without gaps")
-    return found
+        if int(match[1]) in found:
+            raise ValueError(f"{path}: migration {match[1]} exists twice")
+        found[int(match[1])] = Migration(int(match[1]), match[2], path.read_text())
+    if sorted(found) != list(range(1, len(found) + 1)):
+        raise ValueError(f"{MIGRATIONS}: migrations are numbered 0001, 0002, ... without gaps")
+    return [found[v] for v in sorted(found)]
 
 
 def applied_versions(db: Connection) -> set[int]:

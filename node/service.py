@@ -81,9 +81,10 @@ class Node:
                           dicom_port=dicom.server_address[1],
                           http=f"{self.config.http_host}:{self.http_server.server_address[1]}")
         tls = f" dicom_tls={self.config.host}:{self.tls_server.server_address[1]}" if self.tls_server else ""
-        log.info("listening ae=%s dicom=%s:%d%s http=%s:%d data=%s destinations=%s config_sha256=%s",
-                 self.config.ae_title, self.config.host, dicom.server_address[1], tls,
+        log.info("listening ae=%s dicom=%s:%d%s http=%s:%d data=%s database=%s destinations=%s "
+                 "config_sha256=%s", self.config.ae_title, self.config.host, dicom.server_address[1], tls,
                  self.config.http_host, self.http_server.server_address[1], self.store.data_dir,
+                 database.shown(self.store.url),
                  ", ".join(d.label for d in self.config.destinations) or "none", digest[:12])
 
     def _extra_routes(self) -> list[BaseRoute]:

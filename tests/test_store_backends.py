@@ -258,3 +258,65 @@ def test_the_database_url_is_checked() -> None:
     assert parse_config({}).database.url == ""
     with pytest.raises(Exception, match="database.url: expected"):
         parse_config({"database": {"url": "mysql://x"}})
+
+
+def test_a_node_on_postgresql_carries_on_after_the_database_restarts(
+        postgres_server: PostgresPeer, tmp_path: Path) -> None:
+    """`vesalius serve` on the test PostgreSQL: a series in, results out; the database goes down
+    (an instance sent meanwhile is refused with A700, not acknowledged; the loops wait) and comes
+    back; the next series is delivered too, and nothing twice."""
+    from tests.peers import send_raw, storescp, storescu, vesalius_node, wait_for
+    from tests.test_faults import RESULTS, pacs_uids, phantom
+
+    first, second = phantom(tmp_path / "first", slices=12), phantom(tmp_path / "second", slices=12)
+    url = postgres_server.new_database()
+    config = f'study_quiet_period = 0.5\n[database]\nurl = "{url}"\n'
+    with storescp(tmp_path / "pacs") as pacs, \
+            vesalius_node(tmp_path, destinations=[pacs.address], config=config) as node:
+        storescu(first.paths, node.port)
+        wait_for(lambda: len(pacs_uids(pacs, first.study_uid)) >= RESULTS, 120, "the first series' results")
+        postgres_server.stop("fast")
+        try:
+            assert send_raw(node.port, second.paths[0]) == 0xA700  # out of resources: not acknowledged
+            wait_for(lambda: "database unavailable" in node.log(), 10, "the loops to notice")
+            assert node.request("/jobs")[0] == 503
+        finally:
+            postgres_server.start()
+        storescu(second.paths, node.port)
+        wait_for(lambda: len(pacs_uids(pacs, second.study_uid)) >= RESULTS, 120, "the second series' results")
+        wait_for(lambda: node.delivered(2), 30, "both deliveries recorded")
+        assert [j["state"] for j in node.jobs()] == ["done", "done"]
+        assert node.proc.poll() is None
+        log = node.log()
+    for study in (first.study_uid, second.study_uid):
+        uids = pacs_uids(pacs, study)
+        assert len(uids) == len(set(uids)) == RESULTS  # each object once
+    assert "Traceback" not in log  # each loop said it in one line and carried on
+    assert "written to audit.jsonl only" in log
+
+
+def test_a_new_migration_is_one_file(store: Store, database_url: str, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a later version adds (here a lease column and a table) is one portable file, applied
+    once at the next start, on both databases, and the rows stay."""
+    with store.transaction() as db:
+        job = store.add_job(db, "1.2", "ct", "builtin_ct", [])
+    folder = tmp_path / "migrations"
+    for dialect in ("sqlite", "postgres"):
+        (folder / dialect).mkdir(parents=True)
+        initial = database.MIGRATIONS / dialect / "0001_initial.sql"
+        (folder / dialect / initial.name).write_text(initial.read_text())
+    (folder / "portable").mkdir()
+    (folder / "portable" / "0002_leases.sql").write_text(
+        "ALTER TABLE jobs ADD COLUMN lease_owner TEXT;\n"
+        "ALTER TABLE jobs ADD COLUMN lease_expires DOUBLE PRECISION;\n"
+        "CREATE TABLE open_associations (id TEXT PRIMARY KEY, node TEXT NOT NULL,\n"
+        "    seen_at DOUBLE PRECISION);\n")
+    monkeypatch.setattr(database, "MIGRATIONS", folder)
+    restarted = Store(tmp_path / "data", database_url)
+    rows = restarted.query("SELECT version FROM schema_migrations ORDER BY version")
+    assert [r["version"] for r in rows] == [1, 2]
+    assert restarted.job(job)["lease_owner"] is None
+    with restarted.transaction() as db:
+        db.execute("INSERT INTO open_associations VALUES ('a', 'node1', 1.5)")
+    assert Store(tmp_path / "data", database_url).query("SELECT COUNT(*) FROM schema_migrations")[0][0] == 2
