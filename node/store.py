@@ -351,9 +351,10 @@ class Store:
             row = db.execute("SELECT * FROM jobs WHERE state='queued' ORDER BY id LIMIT 1").fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET state='running', attempts=attempts+1, progress=NULL, updated_at=? "
-                       "WHERE id=?",
-                       (time.time(), row["id"]))
+            taken = db.execute("UPDATE jobs SET state='running', attempts=attempts+1, progress=NULL, "
+                               "updated_at=? WHERE id=? AND state='queued'", (time.time(), row["id"]))
+            if taken.rowcount != 1:  # PostgreSQL (read committed): another runner took it first
+                return None
             claimed: Row | None = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
             return claimed
 
@@ -528,9 +529,11 @@ class DeidMapping:
                               (kind, original)).fetchone()
         if row is not None:
             return str(row[0])
-        value = str(new())
-        self.db.execute("INSERT INTO deid_map VALUES (?,?,?,?)", (kind, original, value, time.time()))
-        return value
+        # a transaction recording the same original meanwhile (PostgreSQL, read committed) wins
+        self.db.execute("INSERT INTO deid_map VALUES (?,?,?,?) ON CONFLICT (kind, original) DO NOTHING",
+                        (kind, original, str(new()), time.time()))
+        return str(self.db.execute("SELECT pseudonym FROM deid_map WHERE kind=? AND original=?",
+                                   (kind, original)).fetchone()[0])
 
     def original(self, kind: str, pseudonym: str) -> str | None:
         row = self.db.execute("SELECT original FROM deid_map WHERE kind=? AND pseudonym=?",
