@@ -289,7 +289,13 @@ class PostgresConnection(Connection):
     dialect = POSTGRES
 
     def __init__(self, url: str) -> None:
-        import psycopg
+        try:
+            import psycopg
+        except ImportError:
+            from vesalius.node.checks import ConfigError
+
+            raise ConfigError("database.url: a PostgreSQL store needs psycopg: pip install "
+                              "'vesalius[postgres]'") from None
 
         self._psycopg = psycopg
         try:
@@ -297,6 +303,8 @@ class PostgresConnection(Connection):
                                       application_name="vesalius")
         except psycopg.Error as err:
             raise self._translated(err) from err
+        if self.execute("SHOW synchronous_commit").fetchone()[0] == "off":  # a server set up for speed
+            self.execute("SET synchronous_commit = on")  # an acknowledged instance's row is on disk
 
     def _translated(self, err: Exception) -> Error:
         errors = self._psycopg.errors

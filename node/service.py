@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from importlib.metadata import version
 
 from pynetdicom.transport import ThreadedAssociationServer
@@ -23,12 +24,29 @@ from vesalius.node.tls import server_context, start_tls_server
 log = logging.getLogger("vesalius.node")
 
 
+STARTUP_WAIT = 60.0  # s a starting node waits for its database (a PostgreSQL starting beside it)
+
+
+def open_store(config: Config, wait: float = STARTUP_WAIT) -> Store:
+    """The node's store; a database not reachable yet is tried again for ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return Store(config.data_dir, config.database.url)
+        except database.OperationalError as err:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("database %s not reachable yet, trying again: %s",
+                        database.shown(config.database.url), str(err).splitlines()[0])
+            time.sleep(2.0)
+
+
 class Node:
     """Start, serve, stop. All state lives in the store, so a restart resumes unfinished work."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = Store(config.data_dir, config.database.url)
+        self.store = open_store(config)
         self.audit = audit.Audit(self.store)
         self.tokens = load_tokens(self.store.data_dir, config.http_tokens)  # before any worker starts
         self.stopping = threading.Event()

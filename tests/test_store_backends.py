@@ -320,3 +320,24 @@ def test_a_new_migration_is_one_file(store: Store, database_url: str, tmp_path: 
     with restarted.transaction() as db:
         db.execute("INSERT INTO open_associations VALUES ('a', 'node1', 1.5)")
     assert Store(tmp_path / "data", database_url).query("SELECT COUNT(*) FROM schema_migrations")[0][0] == 2
+
+
+def test_a_starting_node_waits_for_its_database(postgres_server: PostgresPeer, tmp_path: Path) -> None:
+    from vesalius.node.service import open_store
+
+    config = parse_config({"data_dir": str(tmp_path / "data"),
+                           "database": {"url": postgres_server.new_database()}})
+    postgres_server.stop("fast")
+    starter = threading.Timer(1.0, postgres_server.start)  # PostgreSQL comes up after the node
+    starter.start()
+    try:
+        store = open_store(config, wait=30)
+    finally:
+        starter.join()
+    assert store.query("SELECT COUNT(*) FROM schema_migrations")[0][0] >= 1
+    postgres_server.stop("fast")
+    try:
+        with pytest.raises(database.OperationalError):  # and gives up after its wait
+            open_store(config, wait=0)
+    finally:
+        postgres_server.start()
