@@ -252,8 +252,10 @@ class Store:
             raise
         try:
             db.commit()
-        except database.OperationalError:
-            if db.broken:
+        except database.Error:  # e.g. SQLite busy: the transaction must not stay open
+            try:
+                db.rollback()
+            except database.Error:
                 self._drop()
             raise
 
