@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from vesalius.node.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from vesalius.node.paths import UnsafePath
 from vesalius.node.store import SeriesInfo, Store
 
+RELEASE_TRIES = 5  # s-spaced tries to record an association's end while the database is unavailable
 log = logging.getLogger("vesalius.receive")
 
 # pynetdicom, as acceptor, takes the first of OUR transfer syntaxes that the requestor offers in a
@@ -141,7 +143,16 @@ class Receiver:
         log.info("association from %s at %s %s; %d series touched",
                  printable(event.assoc.requestor.ae_title, 16), event.assoc.requestor.address,
                  "released" if released else "ended without release", len(touched))
-        self.store.mark_released(sorted(touched), sorted(touched - still_sending) if released else [])
+        problem = ""
+        for _ in range(RELEASE_TRIES):  # a database restarting comes back within seconds
+            try:
+                self.store.mark_released(sorted(touched), sorted(touched - still_sending) if released else [])
+                return
+            except database.OperationalError as err:
+                problem = str(err).splitlines()[0]
+                time.sleep(1.0)
+        log.warning("association end not recorded (database unavailable: %s); its %d series complete "
+                    "after the stability timeout", problem, len(touched))
 
 
 def discard_partial_data_set(assoc: object) -> None:

@@ -264,7 +264,7 @@ def test_a_node_on_postgresql_carries_on_after_the_database_restarts(
         postgres_server: PostgresPeer, tmp_path: Path) -> None:
     """`vesalius serve` on the test PostgreSQL: a series in, results out; the database goes down
     (an instance sent meanwhile is refused with A700, not acknowledged; the loops wait) and comes
-    back; the next series is delivered too, and nothing twice."""
+    back; the next series is delivered too, through one more restart, and nothing twice."""
     from tests.peers import send_raw, storescp, storescu, vesalius_node, wait_for
     from tests.test_faults import RESULTS, pacs_uids, phantom
 
@@ -283,6 +283,7 @@ def test_a_node_on_postgresql_carries_on_after_the_database_restarts(
         finally:
             postgres_server.start()
         storescu(second.paths, node.port)
+        postgres_server.restart()  # while the series completes and its job runs: every session ends
         wait_for(lambda: len(pacs_uids(pacs, second.study_uid)) >= RESULTS, 120, "the second series' results")
         wait_for(lambda: node.delivered(2), 30, "both deliveries recorded")
         assert [j["state"] for j in node.jobs()] == ["done", "done"]
