@@ -144,10 +144,13 @@ class AssociationTally:
         found: set[str] = set()
         for i in range(0, len(sop_uids), 500):
             chunk = sop_uids[i:i + 500]
-            rows = self.audit.store.query(
-                "SELECT DISTINCT s.study_instance_uid AS uid FROM instances i JOIN series s ON "
-                "s.series_instance_uid=i.series_instance_uid WHERE i.sop_instance_uid IN "
-                f"({','.join('?' * len(chunk))})", chunk)
+            try:
+                rows = self.audit.store.query(
+                    "SELECT DISTINCT s.study_instance_uid AS uid FROM instances i JOIN series s ON "
+                    "s.series_instance_uid=i.series_instance_uid WHERE i.sop_instance_uid IN "
+                    f"({','.join('?' * len(chunk))})", chunk)
+            except database.OperationalError:  # the database is down: the event goes without them
+                return ["unknown: database unavailable"]
             found.update(str(r["uid"]) for r in rows)
         return sorted(found)
 

@@ -265,8 +265,23 @@ def test_a_node_on_postgresql_carries_on_after_the_database_restarts(
     """`vesalius serve` on the test PostgreSQL: a series in, results out; the database goes down
     (an instance sent meanwhile is refused with A700, not acknowledged; the loops wait) and comes
     back; the next series is delivered too, through one more restart, and nothing twice."""
-    from tests.peers import send_raw, storescp, storescu, vesalius_node, wait_for
-    from tests.test_faults import RESULTS, pacs_uids, phantom
+    import pydicom
+    import pydicom.errors
+
+    from tests.peers import StoreSCP, send_raw, storescp, storescu, vesalius_node, wait_for
+    from tests.test_faults import RESULTS, phantom
+
+    def pacs_uids(pacs: StoreSCP, study_uid: str) -> list[str]:
+        """The SOP Instance UIDs the PACS holds for a study (a file still being written is skipped)."""
+        uids = []
+        for path in pacs.files():
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                if ds.StudyInstanceUID == study_uid:
+                    uids.append(str(ds.SOPInstanceUID))
+            except (pydicom.errors.InvalidDicomError, EOFError, AttributeError):
+                continue
+        return uids
 
     first, second = phantom(tmp_path / "first", slices=12), phantom(tmp_path / "second", slices=12)
     url = postgres_server.new_database()
