@@ -11,6 +11,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -188,6 +189,24 @@ class Dashboard:
 
 
 @dataclass(frozen=True)
+class Ray:
+    """Pipeline runs on a Ray cluster (node/ray_runner.py, docs/scale-out.md); address "" = the
+    local worker processes (the embedded default, which never imports Ray)."""
+
+    address: str = ""  # "host:port" of the cluster's head (GCS), e.g. "ray-head:6379"
+    cpu_actors: int = -1  # model workers of 1 CPU each; -1: `workers` if there is no GPU actor, else 0
+    gpu_actors: int = -1  # model workers placed by 1 GPU (and 1 CPU) each; -1: one per GPU of the cluster
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.address and not re.fullmatch(r"[A-Za-z0-9.-]+:\d{1,5}", self.address):
+            raise FieldError(f"address: expected \"host:port\" of the Ray head, got {self.address!r}")
+        for name in ("cpu_actors", "gpu_actors"):
+            if getattr(self, name) < -1:
+                raise FieldError(f"{name}: -1 (automatic) or a count, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class Config:
     ae_title: str = DEFAULT_AE_TITLE
     host: str = "0.0.0.0"
@@ -225,18 +244,26 @@ class Config:
     sources: tuple[Source, ...] = ()  # [[sources]]: archives `vesalius pull` queries (docs/pull.md)
     max_stow_mb: int = 4096  # the largest STOW-RS request body (POST /studies) accepted
     dashboard: Dashboard = field(default_factory=Dashboard)
+    ray: Ray = field(default_factory=Ray)  # [ray]: hand pipeline runs to a Ray cluster (scale-out)
+    # several nodes sharing one database (docs/scale-out.md): each claim (a job, a delivery, an open
+    # association) carries this name and is renewed every lease_seconds/3; one not renewed for
+    # lease_seconds belongs to a dead node and is taken over by another
+    node_name: str = ""  # "" = the host name; nodes sharing a database need different names
+    lease_seconds: float = 30.0
     database: Database = field(default_factory=Database)
 
     def __post_init__(self) -> None:
         check_types(self)
         ae_title("ae_title", self.ae_title)
+        if self.node_name and not NODE_NAME.fullmatch(self.node_name):
+            raise FieldError(f"node_name: 1-64 letters, digits, '.', '_' or '-', got {self.node_name!r}")
         for name in ("port", "tls_port", "http_port"):
             port(name, getattr(self, name))
         for i, allowed in enumerate(self.allowed_calling_aes):
             _allowed_ae(f"allowed_calling_aes[{i}]", allowed)
         for name in ("max_associations", "max_associations_per_peer", "max_instance_mb", "idle_timeout",
                      "quiet_period", "stability_timeout", "study_quiet_period", "workers", "job_attempts",
-                     "gpu_jobs_per_device"):
+                     "gpu_jobs_per_device", "lease_seconds"):
             positive(name, getattr(self, name))
         if not MIN_PDU <= self.max_pdu <= MAX_PDU:
             raise FieldError(f"max_pdu: must be {MIN_PDU}-{MAX_PDU} bytes (a finite maximum bounds "
@@ -265,11 +292,22 @@ class Config:
     def destination_names(self, rule: Rule) -> tuple[str, ...]:
         return rule.destinations or tuple(d.name for d in self.destinations)
 
+    @property
+    def owner(self) -> str:
+        """This node's name in the claims it holds: ``node_name``, or the host name."""
+        return self.node_name or host_node_name()
+
+
+def host_node_name() -> str:
+    """The host name as a node name (what NODE_NAME allows; a container's name is its host name)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "node"
+
 
 MIN_PDU, MAX_PDU = 4096, 256 * 2**20
 
 
 TOKEN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NODE_NAME = TOKEN_NAME  # also a file name prefix (the listener's files being received)
 
 
 def _allowed_ae(key: str, value: str) -> None:
@@ -341,7 +379,8 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
             files = ("certificate", "private_key", "ca_certificates")
             values["tls"] = from_table(ListenerTLS, _relative(data["tls"], files, base), "tls")
         for key, cls in (("retry", Retry), ("retention", Retention), ("dashboard", Dashboard),
-                         ("learning", Learning), ("database", Database)):
+                         ("learning", Learning), ("database", Database),
+                         ("ray", Ray)):
             if key in data:
                 values[key] = from_table(cls, data[key], key)
         return from_table(Config, values)

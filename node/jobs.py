@@ -1,5 +1,6 @@
-"""The job runner: takes queued jobs from the store and runs the pipeline in worker processes,
-so a model that crashes or runs out of memory never takes the DICOM listener down."""
+"""The job runner: takes queued jobs from the store and runs the pipeline in worker processes
+(or on a Ray cluster: node/ray_runner.py), so a model that crashes or runs out of memory never
+takes the DICOM listener down."""
 
 from __future__ import annotations
 
@@ -12,20 +13,23 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vesalius.inference.volume import VolumeError
 from vesalius.node import audit, database, longitudinal
 from vesalius.node.audit import Audit
 from vesalius.node.config import Config
 from vesalius.node.database import Row
+from vesalius.node.leases import Leases
 from vesalius.node.paths import inside, uid_file_name
 from vesalius.node.pipeline import run_pipeline
-from vesalius.node.store import Store, record_progress
+from vesalius.node.store import Claim, Store, record_progress
 
 if TYPE_CHECKING:
     from vesalius.inference.models.spec import ModelSpec
@@ -83,14 +87,56 @@ def _warm_up(models: tuple[str, ...] = ()) -> None:
             log.warning("worker could not preload model %s: %s", model, err)
 
 
-def _run_reporting_stages(paths: list[str], out: str, model: str, result_key: str, db_url: str,
+@dataclass(frozen=True)
+class PipelineCall:
+    """One job's pipeline run, as plain data a worker process or a Ray actor receives: absolute
+    paths in the spool and results folder (shared storage when workers run elsewhere)."""
+
+    paths: list[str]
+    out: str
+    model: str
+    result_key: str
+    db_path: str  # the store's url: a SQLite file's path or a postgresql:// URL (record_progress)
+    job_id: int
+    priors: dict[str, dict[str, Any]] | None
+    labelmap: bool
+
+    def run(self) -> dict[str, Any]:
+        """In the worker: the pipeline with live progress (the summary of run_pipeline)."""
+        return _run_reporting_stages(**asdict(self))
+
+
+class WorkerLost(Exception):
+    """The worker running a job died (a crash, out of memory, its machine gone): not the series'
+    fault, so the job is tried again within its attempts."""
+
+
+class Executor(Protocol):
+    """Where pipeline runs happen: the local process pool (the default) or a Ray cluster
+    (node/ray_runner.py). ``slot`` waits up to ``timeout`` s for a free worker and yields the
+    function that runs a call there (None: none free yet), so a job is claimed only when a worker
+    can take it; the function raises WorkerLost when the worker dies."""
+
+    slots: int  # jobs running at once: one runner thread each
+
+    def slot(self, timeout: float) -> AbstractContextManager[Callable[[PipelineCall], dict[str, Any]] | None]:
+        ...
+
+    def interrupt(self) -> None:
+        """End running work now (the node is stopping)."""
+
+    def close(self) -> None:
+        """Release the workers, after the runner threads ended."""
+
+
+def _run_reporting_stages(paths: list[str], out: str, model: str, result_key: str, db_path: str,
                           job_id: int, priors: dict[str, dict[str, Any]] | None = None,
                           labelmap: bool = True) -> dict[str, Any]:
     """In the worker: the pipeline, each stage's start written to the job's row as it happens,
     so /jobs and the dashboard show "running: stage n of m" live."""
     def on_stage(stage: str, n: int, of: int) -> None:
         try:
-            record_progress(db_url, job_id, stage, n, of)
+            record_progress(db_path, job_id, stage, n, of)
         except database.Error as err:  # progress is for display only: never the reason a job fails
             log.warning("job %d: could not record its progress: %s", job_id, err)
 
@@ -123,21 +169,14 @@ def kill_workers(pool: ProcessPoolExecutor) -> None:
         process.kill()
 
 
-class JobRunner:
-    """One thread per worker slot; each slot runs its jobs in a shared process pool."""
+class ProcessPoolWorkers:
+    """The embedded executor: ``workers`` spawned processes on this machine, rebuilt when one dies."""
 
-    def __init__(self, store: Store, config: Config, wake: threading.Event, stop: threading.Event,
-                 on_done: Callable[[], None] = lambda: None, trail: Audit | None = None) -> None:
-        self.store = store
-        self.trail = trail
-        self.on_done = on_done
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.wake = wake
-        self.stop = stop
-        self._pool_lock = threading.Lock()
+        self.slots = config.workers
+        self._lock = threading.Lock()
         self._pool = self._new_pool()
-        self.threads = [threading.Thread(target=self._loop, name=f"job-runner-{i}", daemon=True)
-                        for i in range(config.workers)]
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # Each worker loads a model once and keeps it across jobs (inference.models.registry).
@@ -146,63 +185,118 @@ class JobRunner:
         pool = ProcessPoolExecutor(max_workers=self.config.workers,
                                    mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(specs, gpu_slots, os.getpid()))
-        models = tuple(dict.fromkeys(rule.model for rule in self.config.rules))
         for _ in range(self.config.workers):
-            pool.submit(_warm_up, models)
+            pool.submit(_warm_up, routed_models(self.config))
         return pool
+
+    @contextmanager
+    def slot(self, timeout: float) -> Iterator[Callable[[PipelineCall], dict[str, Any]]]:
+        yield self._run  # one runner thread per worker process: a thread's worker is always free
+
+    def _run(self, call: PipelineCall) -> dict[str, Any]:
+        with self._lock:
+            pool = self._pool
+            future = pool.submit(PipelineCall.run, call)
+        try:
+            return future.result()
+        except BrokenProcessPool as err:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = self._new_pool()
+            raise WorkerLost("worker process died (crash or out of memory)") from err
+
+    def interrupt(self) -> None:
+        with self._lock:
+            kill_workers(self._pool)
+
+    def close(self) -> None:
+        with self._lock:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def routed_models(config: Config) -> tuple[str, ...]:
+    """The models the rules name, each once: what a worker preloads."""
+    return tuple(dict.fromkeys(rule.model for rule in config.rules))
+
+
+class JobRunner:
+    """One thread per worker slot: claim a job, run its pipeline on the executor (local worker
+    processes unless given another), finish or fail it in the store."""
+
+    def __init__(self, store: Store, config: Config, wake: threading.Event, stop: threading.Event,
+                 on_done: Callable[[], None] = lambda: None, trail: Audit | None = None,
+                 executor: Executor | None = None, leases: Leases | None = None) -> None:
+        self.store = store
+        # the node's heartbeat renews the claims held here (none given: claims are not renewed)
+        self.leases = leases or Leases(store, config.owner, config.lease_seconds)
+        self.trail = trail
+        self.on_done = on_done
+        self.config = config
+        self.wake = wake
+        self.stop = stop
+        self.executor: Executor = executor if executor is not None else ProcessPoolWorkers(config)
+        self.threads = [threading.Thread(target=self._loop, name=f"job-runner-{i}", daemon=True)
+                        for i in range(self.executor.slots)]
 
     def start(self) -> None:
         for t in self.threads:
             t.start()
 
     def shutdown(self) -> None:
-        """Stop now: running jobs are interrupted (their worker processes killed) and left in the
-        store as a crash leaves them, for the node to queue again."""
+        """Stop now: running jobs are interrupted (their workers killed) and left in the store as
+        a crash leaves them, for the node to queue again."""
         self.stop.set()
         self.wake.set()
-        with self._pool_lock:
-            pool = self._pool
-        kill_workers(pool)
+        self.executor.interrupt()
         for t in self.threads:
-            t.join(timeout=2)
-        pool.shutdown(wait=False, cancel_futures=True)
+            if t.ident is not None:  # started (a node refused at start-up never starts them)
+                t.join(timeout=2)
+        self.executor.close()
 
     def _loop(self) -> None:
-        stranded: int | None = None  # a claimed job whose end the database did not take
+        stranded: tuple[int, Claim | None] | None = None  # a claimed job whose end the database did not take
         while not self.stop.is_set():
             try:
-                if stranded is not None:  # back to the queue: it runs again, to the same UIDs
-                    self.store.fail_job(stranded, "the database was unavailable when it ended", retry=True)
+                if stranded is not None:  # back to the queue (fenced by its claim): it runs again, same UIDs
+                    self.store.fail_job(stranded[0], "the database was unavailable when it ended", retry=True,
+                                        claim=stranded[1])
                     stranded = None
-                job = self.store.claim_job()
-                if job is None:
-                    self.wake.wait(0.5)
-                    self.wake.clear()
-                    continue
-                stranded = job["id"]
-                self.run(job)
-                stranded = None
+                with self.executor.slot(timeout=0.5) as worker:
+                    if worker is None:
+                        continue
+                    job = self.store.claim_job(self.leases.owner, self.leases.lease_seconds,
+                                               self.config.job_attempts)
+                    if job is None:
+                        self.wake.wait(0.5)
+                        self.wake.clear()
+                        continue
+                    claim = Claim.of(job)
+                    self.leases.hold("jobs", job["id"], claim)
+                    stranded = (job["id"], claim)
+                    try:
+                        self.run(job, worker)
+                    finally:
+                        self.leases.drop("jobs", job["id"])
+                    stranded = None
             except database.Error as err:
                 database.pause_after_outage("job runner", err, self.stop)
 
-    def run(self, job: Row) -> None:
+    def run(self, job: Row, worker: Callable[[PipelineCall], dict[str, Any]]) -> None:
         job_id, series_uid, model = job["id"], job["series_instance_uid"], job["model"]
         paths = [str(p) for p in self.store.series_paths(series_uid)]
         result_key = job["result_key"] or ""
         out = result_dir_for(self.store, series_uid, model, result_key)
-        log.info("job start job=%d series=%s model=%s instances=%d attempt=%d",
-                 job_id, series_uid, model, len(paths), job["attempts"])
+        log.info("job start job=%d series=%s model=%s instances=%d attempt=%d node=%s",
+                 job_id, series_uid, model, len(paths), job["attempts"], job["lease_owner"])
         # the patient's earlier volumes, looked up here: the worker has no store
         study = (longitudinal.safely("find the patient", longitudinal.study_of, self.store, series_uid)
                  if self.config.learning.longitudinal else None)
         priors = (longitudinal.safely("look up priors", longitudinal.priors, self.store, study)
                   if study else None)
+        call = PipelineCall(paths, str(out), model, result_key, self.store.url, job_id, priors,
+                            self._wants_labelmap(job))
         try:
-            with self._pool_lock:
-                future = self._pool.submit(_run_reporting_stages, paths, str(out), model, result_key,
-                                           self.store.url, job_id, priors,
-                                           self._wants_labelmap(job))
-            summary = future.result()
+            summary = worker(call)
         except Exception as err:
             if self.stop.is_set():  # the node is stopping and ended the worker: not the job's fault
                 log.info("job interrupted job=%d: the node is stopping; it runs again at the next start",
@@ -212,7 +306,10 @@ class JobRunner:
             return
         # a series where the model found nothing has no objects to deliver
         destinations = json.loads(job["destinations"]) if summary["objects"] else []
-        self.store.finish_job(job_id, out, summary["stages_s"], destinations)
+        if not self.store.finish_job(job_id, out, summary["stages_s"], destinations, Claim.of(job)):
+            log.warning("job result not recorded job=%d attempt=%d: another node took the job over after "
+                        "this node's lease expired; its run counts", job_id, job["attempts"])
+            return
         if study is not None:
             longitudinal.safely("record the volumes", longitudinal.record, self.store, job_id, study,
                                 summary["structures"])
@@ -229,20 +326,19 @@ class JobRunner:
     def _job_failed(self, job: Row, err: Exception) -> None:
         if isinstance(err, VolumeError):  # the series itself is the problem: retrying cannot help
             log.warning("job failed job=%d series=%s: %s", job["id"], job["series_instance_uid"], err)
-            self.store.fail_job(job["id"], f"cannot place series in space: {err}", retry=False)
-            self._audit(job, audit.SERIOUS_FAILURE)
-        elif isinstance(err, BrokenProcessPool):
-            with self._pool_lock:
-                self._pool = self._new_pool()
-            self._failed(job, "worker process died (crash or out of memory)")
+            if self.store.fail_job(job["id"], f"cannot place series in space: {err}", retry=False,
+                                   claim=Claim.of(job)):
+                self._audit(job, audit.SERIOUS_FAILURE)
+        elif isinstance(err, WorkerLost):
+            self._failed(job, str(err))
         else:
             self._failed(job, f"{type(err).__name__}: {err}")
 
     def _failed(self, job: Row, reason: str) -> None:
         retry = job["attempts"] < self.config.job_attempts
         log.warning("job failed job=%d attempt=%d retry=%s: %s", job["id"], job["attempts"], retry, reason)
-        self.store.fail_job(job["id"], reason, retry=retry)
-        self._audit(job, audit.MINOR_FAILURE if retry else audit.SERIOUS_FAILURE)
+        if self.store.fail_job(job["id"], reason, retry=retry, claim=Claim.of(job)):
+            self._audit(job, audit.MINOR_FAILURE if retry else audit.SERIOUS_FAILURE)
 
     def _audit(self, job: Row, outcome: int, summary: dict[str, Any] | None = None) -> None:
         """DICOM Instances Accessed: the job read a series and (on success) created these objects."""

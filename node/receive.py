@@ -63,17 +63,20 @@ ACCEPTED_SYNTAXES = (
 
 
 class Receiver:
-    """C-STORE handling: spool file + row before success; remembers which series each association touched."""
+    """C-STORE handling: spool file + row before success; which series each open association is
+    storing is in the store (open_associations), seen by every listener sharing the database."""
 
     def __init__(self, store: Store, min_free_bytes: int = 0,
-                 on_stored: Callable[[], None] = lambda: None) -> None:
+                 on_stored: Callable[[], None] = lambda: None, node_name: str = "",
+                 lease_seconds: float = 30.0) -> None:
         self.store = store
         self.min_free_bytes = min_free_bytes
         self.on_stored = on_stored
+        self.node_name = node_name
+        self.lease_seconds = lease_seconds
         self._touched: dict[int, set[str]] = {}
         self._lock = threading.Lock()
-        shutil.rmtree(store.incoming_dir, ignore_errors=True)  # left by a node that stopped mid-transfer
-        store.incoming_dir.mkdir(parents=True)
+        clear_incoming(store.incoming_dir, incoming_prefix(node_name))
 
     def handle_store(self, event: evt.Event) -> int:
         calling_ae = printable(event.assoc.requestor.ae_title, 16)
@@ -110,6 +113,7 @@ class Receiver:
             log.warning("refused instance from %s: %s", calling_ae, problem)
             return status
         try:
+            self._opened(event.assoc, info.series_instance_uid)
             self.store.store_instance(info, str(ds.SOPInstanceUID), received, calling_ae)
         except UnsafePath as err:  # cannot happen for a checked UID; refused rather than written
             log.error("refused instance from %s: %s", calling_ae, err)
@@ -117,10 +121,18 @@ class Receiver:
         except (OSError, database.OperationalError) as err:  # disk full, I/O error, database locked or down
             log.error("could not store instance from %s: %s", calling_ae, err)
             return OUT_OF_RESOURCES
-        with self._lock:
-            self._touched.setdefault(id(event.assoc), set()).add(info.series_instance_uid)
         self.on_stored()
         return SUCCESS
+
+    def _opened(self, assoc: object, series_uid: str) -> None:
+        """Before an association stores its first instance of a series, every listener learns that
+        it is sending that series (so none completes it at another association's release)."""
+        with self._lock:
+            touched = self._touched.setdefault(id(assoc), set())
+            first = series_uid not in touched
+            touched.add(series_uid)
+        if first:
+            self.store.open_association(self.node_name, _association_key(assoc), series_uid)
 
     @staticmethod
     def _problem(ds: Dataset, event: evt.Event) -> tuple[str, int]:
@@ -138,21 +150,51 @@ class Receiver:
         discard_partial_data_set(event.assoc)
         with self._lock:
             touched = self._touched.pop(id(event.assoc), set())
-            still_sending = set().union(*self._touched.values())
         released = bool(getattr(event.assoc, "is_released", False))  # A-RELEASE, not abort or drop
         log.info("association from %s at %s %s; %d series touched",
                  printable(event.assoc.requestor.ae_title, 16), event.assoc.requestor.address,
                  "released" if released else "ended without release", len(touched))
+        if not touched:
+            return
         problem = ""
         for _ in range(RELEASE_TRIES):  # a database restarting comes back within seconds
             try:
-                self.store.mark_released(sorted(touched), sorted(touched - still_sending) if released else [])
+                self.store.close_association(self.node_name, _association_key(event.assoc), sorted(touched),
+                                             released, self.lease_seconds)
                 return
             except database.OperationalError as err:
                 problem = str(err).splitlines()[0]
                 time.sleep(1.0)
         log.warning("association end not recorded (database unavailable: %s); its %d series complete "
                     "after the stability timeout", problem, len(touched))
+
+
+def _association_key(assoc: object) -> str:
+    """An open association's name in open_associations: unique in this process while it is open."""
+    return f"{id(assoc):x}"
+
+
+def incoming_prefix(node_name: str) -> str:
+    """The start of the names of the files this listener receives into (the folder is shared by
+    the listeners sharing a spool)."""
+    return f"{node_name}-" if node_name else "tmp"
+
+
+def clear_incoming(folder: Path, prefix: str, abandoned_after: float = 3600.0) -> None:
+    """At start-up: delete the data sets this listener was receiving when it stopped, and any file
+    nobody wrote to for ``abandoned_after`` s (a dead listener's; a STOW-RS or pull leftover)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    old = time.time() - abandoned_after
+    for path in folder.iterdir():
+        try:
+            if not (path.name.startswith(prefix) or path.stat().st_mtime < old):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:  # another listener cleared it first
+            continue
 
 
 def discard_partial_data_set(assoc: object) -> None:
@@ -170,8 +212,9 @@ class SpoolFile:
     A failed write (a full disk) is remembered and the rest dropped, so the C-STORE is answered
     A700 instead of the association dying in pynetdicom's state machine."""
 
-    def __init__(self, folder: Path) -> None:
-        self._file = tempfile.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm", dir=folder)
+    def __init__(self, folder: Path, prefix: str = "tmp") -> None:
+        self._file = tempfile.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm", dir=folder,
+                                                 prefix=prefix)
         self.name = self._file.name
         self.error: OSError | None = None
 
@@ -201,14 +244,14 @@ class SpoolFile:
             self.error = self.error or err
 
 
-def receive_data_sets_into(folder: Path) -> None:
+def receive_data_sets_into(folder: Path, prefix: str = "tmp") -> None:
     """Make pynetdicom write each received C-STORE data set to a file in ``folder`` as it arrives
     (``STORE_RECV_CHUNKED_DATASET``), instead of the system temp folder: storing it is then a
     rename on one filesystem. pynetdicom names no folder for that file; upstream this would be a
     ``_config`` setting next to ``STORE_RECV_CHUNKED_DATASET``."""
     pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True
     def spool_file(**_: Any) -> SpoolFile:
-        return SpoolFile(folder)
+        return SpoolFile(folder, prefix)
 
     pynetdicom.dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[assignment,attr-defined]
 
@@ -228,7 +271,7 @@ def build_ae(config: Config, receiver: Receiver,
             ae.add_supported_context(context.abstract_syntax, list(ACCEPTED_SYNTAXES))
     pdu_limits.install()
     pdu_limits.set_max_dataset_bytes(ae, config.max_instance_mb * 2**20)
-    receive_data_sets_into(receiver.store.incoming_dir)
+    receive_data_sets_into(receiver.store.incoming_dir, incoming_prefix(receiver.node_name))
     admission = Admission(config.allowed_calling_aes, config.max_associations,
                           config.max_associations_per_peer)
     handlers = [(evt.EVT_REQUESTED, admission.handle_requested), (evt.EVT_C_STORE, receiver.handle_store),

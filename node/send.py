@@ -16,8 +16,9 @@ from vesalius.node.config import Config, Retry
 from vesalius.node.database import Row
 from vesalius.node.deidentify import deidentified_files
 from vesalius.node.destinations import DeliveryError, Destination
+from vesalius.node.leases import Leases
 from vesalius.node.pipeline import OUTPUT_FILES, STL_DIR
-from vesalius.node.store import Store
+from vesalius.node.store import Claim, Store
 
 __all__ = ["DeliveryError", "Sender", "files_for", "next_delay"]
 
@@ -47,8 +48,10 @@ class Sender:
     """Works through due deliveries, one at a time, until stopped."""
 
     def __init__(self, store: Store, config: Config, wake: threading.Event, stop: threading.Event,
-                 trail: Audit | None = None) -> None:
+                 trail: Audit | None = None, leases: Leases | None = None) -> None:
         self.store = store
+        # the node's heartbeat renews the claims held here (none given: claims are not renewed)
+        self.leases = leases or Leases(store, config.owner, config.lease_seconds)
         self.trail = trail
         self.config = config
         self.wake = wake
@@ -58,17 +61,18 @@ class Sender:
     def _loop(self) -> None:
         while not self.stop.is_set():
             try:
-                due = self.store.due_deliveries()
-                for delivery in due:
-                    if self.stop.is_set():
-                        return
-                    self.deliver(delivery)  # sent but not recorded (database down): sent again
+                delivery = self.store.claim_delivery(self.leases.owner, self.leases.lease_seconds)
+                if delivery is None:
+                    self.wake.wait(0.5)
+                    self.wake.clear()
+                    continue
+                self.leases.hold("deliveries", delivery["id"], Claim.of(delivery))
+                try:
+                    self.deliver(delivery)  # sent, not recorded (database down): sent again later
+                finally:
+                    self.leases.drop("deliveries", delivery["id"])
             except database.Error as err:
                 database.pause_after_outage("sender", err, self.stop)
-                continue
-            if not due:
-                self.wake.wait(0.5)
-                self.wake.clear()
 
     def deliver(self, delivery: Row) -> None:
         destinations = {d.name: d for d in self.config.destinations}
@@ -76,6 +80,10 @@ class Sender:
         destination = destinations.get(name)
         if destination is None:
             self._failed(delivery, None, attempt, f"destination {name!r} is no longer configured", True)
+            return
+        max_attempts = destination.max_attempts or self.config.retry.max_attempts
+        if attempt > max_attempts:  # the last tries' senders died mid-send (node.store.claim_delivery)
+            self._failed(delivery, destination, attempt, f"gave up: {delivery['error']}", True)
             return
         files: list[Path] = []
         try:
@@ -94,7 +102,9 @@ class Sender:
             self._failed(delivery, destination, attempt, f"{type(err).__name__}: {err}", False)
             self._audit(audit.INSTANCES_TRANSFERRED, delivery, audit.MINOR_FAILURE, files)
             return
-        self.store.record_delivery(delivery["id"], "done", None, time.time())
+        if not self.store.record_delivery(delivery["id"], "done", None, time.time(), Claim.of(delivery)):
+            log.warning("delivery done but not recorded delivery=%d job=%d: its lease expired and another "
+                        "node took it over, or its job ran again", delivery["id"], delivery["job_id"])
         self._audit(audit.INSTANCES_TRANSFERRED, delivery, audit.SUCCESS, files)
         log.info("delivery done delivery=%d job=%d destination=%s attempt=%d objects=%d",
                  delivery["id"], delivery["job_id"], destination.label, attempt, len(files))
@@ -112,7 +122,7 @@ class Sender:
         give_up = permanent or attempt >= max_attempts
         delay = next_delay(self.config.retry, attempt)
         state = "failed" if give_up else "pending"
-        self.store.record_delivery(delivery["id"], state, reason, time.time() + delay)
+        self.store.record_delivery(delivery["id"], state, reason, time.time() + delay, Claim.of(delivery))
         where = destination.label if destination else repr(delivery["destination"])
         log.warning("delivery try failed delivery=%d job=%d destination=%s attempt=%d state=%s%s: %s",
                     delivery["id"], delivery["job_id"], where, attempt, state,

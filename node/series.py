@@ -30,14 +30,19 @@ from vesalius.node.store import Store
 
 log = logging.getLogger("vesalius.series")
 
-# Due: sent in one association that ended with a normal release (while no other was sending it),
-# from a calling AE never seen spreading a series over several associations, and complete_on_release
-# on; else quiet_period after the last association ended; else stability_timeout without instances.
+# Due, once no association at any listener is storing it (open_associations renewed within
+# lease_seconds: a dead listener's do not count): sent in one association that ended with a normal
+# release (while no other was sending it), from a calling AE never seen spreading a series over
+# several associations, and complete_on_release on; else quiet_period after the last association
+# ended. Else, open or not, stability_timeout without instances.
 DUE_SERIES = """SELECT * FROM series s WHERE state='receiving' AND (
-                   (released_at IS NOT NULL AND ? = 1 AND released_normally = 1 AND associations = 1
-                    AND NOT EXISTS (SELECT 1 FROM series m WHERE m.calling_ae = s.calling_ae
-                                    AND m.associations > 1))
-                   OR (released_at IS NOT NULL AND ? - released_at >= ? AND ? - last_received >= ?)
+                   (released_at IS NOT NULL
+                    AND NOT EXISTS (SELECT 1 FROM open_associations o
+                                    WHERE o.series_instance_uid = s.series_instance_uid AND o.last_seen >= ?)
+                    AND ((? = 1 AND released_normally = 1 AND associations = 1
+                          AND NOT EXISTS (SELECT 1 FROM series m WHERE m.calling_ae = s.calling_ae
+                                          AND m.associations > 1))
+                         OR (? - released_at >= ? AND ? - last_received >= ?)))
                    OR ? - last_received >= ?)"""
 # Studies whose series are all complete, one of them completed since the study was last selected,
 # and nothing of which arrived (or was still being sent) for study_quiet_period. A study a pull job
@@ -59,10 +64,11 @@ HEADER_TAGS = ["Modality", "ImageType", "ImageOrientationPatient", "ImagePositio
 
 def complete_due_series(store: Store, config: Config, now: float | None = None) -> list[str]:
     """Mark due series complete, record what their headers say, and queue the jobs of the
-    series-level rules in the same transaction; returns their UIDs."""
+    series-level rules in the same transaction; returns their UIDs. Every node sharing the database
+    runs this: a series is taken by the one whose update finds it still receiving."""
     now = time.time() if now is None else now
-    params = (int(config.complete_on_release), now, config.quiet_period, now, config.quiet_period, now,
-              config.stability_timeout)
+    params = (now - config.lease_seconds, int(config.complete_on_release), now, config.quiet_period, now,
+              config.quiet_period, now, config.stability_timeout)
     # headers are read before the transaction, so receiving never waits on them
     facts = {row["series_instance_uid"]: read_facts(store.series_paths(row["series_instance_uid"]), dict(row))
              for row in store.query(DUE_SERIES, params)}
@@ -72,8 +78,9 @@ def complete_due_series(store: Store, config: Config, now: float | None = None) 
             uid = row["series_instance_uid"]
             if uid not in facts:  # became due while the headers were read: the next call takes it
                 continue
-            db.execute("UPDATE series SET state='complete', completed_at=? WHERE series_instance_uid=?",
-                       (now, uid))
+            if db.execute("UPDATE series SET state='complete', completed_at=? WHERE series_instance_uid=? "
+                          "AND state='receiving'", (now, uid)).rowcount != 1:
+                continue  # another node completed it (PostgreSQL: its update committed first)
             store.bump(db, "series_completed")  # a late instance reopens a series; this stays counted
             series = replace(facts[uid], completed_at=now)
             store.save_facts(db, uid, asdict(series))
@@ -106,17 +113,33 @@ def select_due_studies(store: Store, config: Config, now: float | None = None) -
         with store.transaction() as db:
             if not db.execute(DUE_STUDIES.format(where="WHERE s.study_instance_uid=?"),
                               (study, now, config.study_quiet_period)).fetchone():
-                continue  # a series of it arrived meanwhile
+                continue  # a series of it arrived meanwhile, or another node selected it
+            since = _take_study(db, study, now)
+            if since is None:
+                continue  # another node selected it (PostgreSQL: its update committed first)
             for uid, series in facts.items():  # series stored before the node recorded facts
                 store.save_facts(db, uid, asdict(series))
-            _select(store, db, config, study, now)
+            _select(store, db, config, study, now, since)
             selected.append(study)
     return selected
 
 
-def _select(store: Store, db: Any, config: Config, study: str, now: float) -> None:
+def _take_study(db: Any, study: str, now: float) -> float | None:
+    """Mark the study selected now, if no other node did since we read it; returns when it was
+    selected before (-inf: never), None when another node's selection came first."""
     previous = db.execute("SELECT selected_at FROM studies WHERE study_instance_uid=?", (study,)).fetchone()
-    since = previous[0] if previous else -math.inf
+    if previous is None:
+        taken = db.execute("INSERT INTO studies VALUES (?,?) ON CONFLICT (study_instance_uid) DO NOTHING",
+                           (study, now)).rowcount
+    else:
+        taken = db.execute("UPDATE studies SET selected_at=? WHERE study_instance_uid=? AND selected_at=?",
+                           (now, study, previous[0])).rowcount
+    if taken != 1:
+        return None
+    return -math.inf if previous is None else float(previous[0])
+
+
+def _select(store: Store, db: Any, config: Config, study: str, now: float, since: float) -> None:
     rows = db.execute("SELECT * FROM series WHERE study_instance_uid=?", (study,)).fetchall()
     series = [SeriesFacts.from_mapping({**dict(row), **(store.facts(db, row["series_instance_uid"]) or {}),
                                         "completed_at": row["completed_at"]}) for row in rows]
@@ -147,8 +170,6 @@ def _select(store: Store, db: Any, config: Config, study: str, now: float) -> No
                      " (replacing earlier results)" if before and key else "")
         if not selection.chosen:
             log.info("study complete study=%s rule=%s: no series chosen", study, rule.name)
-    db.execute("INSERT INTO studies VALUES (?,?) ON CONFLICT(study_instance_uid) DO UPDATE SET "
-               "selected_at=excluded.selected_at", (study, now))
 
 
 def result_key(study_uid: str, rule: str) -> str:

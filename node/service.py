@@ -12,8 +12,10 @@ from starlette.routing import BaseRoute
 
 from vesalius.node import audit, database
 from vesalius.node.api import HttpServer, create_app, load_tokens
+from vesalius.node.checks import ConfigError
 from vesalius.node.config import Config, config_digest
-from vesalius.node.jobs import JobRunner
+from vesalius.node.jobs import Executor, JobRunner
+from vesalius.node.leases import Leases
 from vesalius.node.pull.runner import PullRunner
 from vesalius.node.receive import Receiver, build_ae
 from vesalius.node.send import Sender
@@ -41,6 +43,16 @@ def open_store(config: Config, wait: float = STARTUP_WAIT) -> Store:
             time.sleep(2.0)
 
 
+def _executor(config: Config) -> Executor | None:
+    """Where pipelines run: a Ray cluster when ``[ray] address`` is set (Ray imported only then),
+    else None, the job runner's local worker processes."""
+    if not config.ray.address:
+        return None
+    from vesalius.node.ray_runner import RayWorkers
+
+    return RayWorkers(config)
+
+
 class Node:
     """Start, serve, stop. All state lives in the store, so a restart resumes unfinished work."""
 
@@ -52,9 +64,12 @@ class Node:
         self.stopping = threading.Event()
         self.job_wake = threading.Event()
         self.send_wake = threading.Event()
+        self.leases = Leases(self.store, config.owner, config.lease_seconds)  # one heartbeat per node
         self.runner = JobRunner(self.store, config, self.job_wake, self.stopping,
-                                on_done=self.send_wake.set, trail=self.audit)
-        self.sender = Sender(self.store, config, self.send_wake, self.stopping, trail=self.audit)
+                                on_done=self.send_wake.set, trail=self.audit, executor=_executor(config),
+                                leases=self.leases)
+        self.sender = Sender(self.store, config, self.send_wake, self.stopping, trail=self.audit,
+                             leases=self.leases)
         self.pull = PullRunner(self.store, config, self.stopping)
         self._completion = threading.Thread(target=self._complete_series, name="series", daemon=True)
         self._retention = threading.Thread(target=self._clean_up, name="retention", daemon=True)
@@ -67,10 +82,17 @@ class Node:
         tls_context = server_context(self.config.tls) if self.config.tls else None  # ConfigError now
         for destination in self.config.destinations:
             destination.check()
-        requeued = self.store.requeue_interrupted_jobs()
+        try:
+            self.leases.register()  # a ConfigError when a live node shares our name and database
+        except ConfigError:
+            self.runner.shutdown()
+            raise
+        requeued = self.store.requeue_interrupted_jobs(self.leases.owner)  # only this node's own claims
         if requeued:
             log.info("resuming %d interrupted job(s)", requeued)
-        receiver = Receiver(self.store, min_free_bytes=self.config.min_free_disk_mb * 2**20)
+        self.leases.start()
+        receiver = Receiver(self.store, min_free_bytes=self.config.min_free_disk_mb * 2**20,
+                            node_name=self.leases.owner, lease_seconds=self.config.lease_seconds)
         ae, handlers = build_ae(self.config, receiver, audit.AssociationTally(self.audit))
         models = tuple(dict.fromkeys([*(r.model for r in self.config.rules), *self.config.models]))
         self.http_server = HttpServer(create_app(self.store, self.tokens, self.audit,
@@ -99,8 +121,9 @@ class Node:
                           dicom_port=dicom.server_address[1],
                           http=f"{self.config.http_host}:{self.http_server.server_address[1]}")
         tls = f" dicom_tls={self.config.host}:{self.tls_server.server_address[1]}" if self.tls_server else ""
-        log.info("listening ae=%s dicom=%s:%d%s http=%s:%d data=%s database=%s destinations=%s "
-                 "config_sha256=%s", self.config.ae_title, self.config.host, dicom.server_address[1], tls,
+        log.info("listening node=%s ae=%s dicom=%s:%d%s http=%s:%d data=%s database=%s destinations=%s "
+                 "config_sha256=%s", self.leases.owner, self.config.ae_title, self.config.host,
+                 dicom.server_address[1], tls,
                  self.config.http_host, self.http_server.server_address[1], self.store.data_dir,
                  database.shown(self.store.url),
                  ", ".join(d.label for d in self.config.destinations) or "none", digest[:12])
@@ -161,7 +184,8 @@ class Node:
         for thread in listeners:
             thread.join(timeout=2)
         self.sender.thread.join(timeout=1)
-        requeued = self.store.requeue_interrupted_jobs()
+        requeued = self.store.requeue_interrupted_jobs(self.leases.owner)
+        self.leases.stop()
         self.audit.record(audit.APPLICATION_ACTIVITY, event_type="Application Stop", action="E",
                           user=self.config.ae_title)
         log.info("stopped%s", f"; {requeued} interrupted job(s) queued again" if requeued else "")

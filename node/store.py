@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from vesalius.node import database
 from vesalius.node.database import Connection, Dialect, Row
@@ -33,6 +34,12 @@ ADDED_COLUMNS = (
     # normal release while no other association was sending it (node/series.py, quiet period)
     ("series", "associations", "INTEGER NOT NULL DEFAULT 0"),
     ("series", "released_normally", "INTEGER NOT NULL DEFAULT 0"),
+    # leases (issue 17): the node holding a job's or a delivery's claim now, and until when (time.time()
+    # of the holder's clock); both NULL when no claim is held. The holder renews it (node.leases)
+    ("jobs", "lease_owner", "TEXT"),
+    ("jobs", "lease_expires", "DOUBLE PRECISION"),
+    ("deliveries", "lease_owner", "TEXT"),
+    ("deliveries", "lease_expires", "DOUBLE PRECISION"),
 )
 
 
@@ -198,6 +205,8 @@ class Store:
         db = self._connection()
         self.dialect: Dialect = db.dialect
         self.listings = listings(self.dialect)
+        # claims (node.leases) skip rows another node is claiming; SQLite's BEGIN IMMEDIATE serialises
+        self.lock_clause = " FOR UPDATE SKIP LOCKED" if self.dialect.name == "postgres" else ""
         adopt = {1: adopt_earlier_sqlite} if self.dialect.name == "sqlite" else {}
         applied = database.migrate(db, before=adopt)
         if applied:
@@ -324,12 +333,34 @@ class Store:
         ``normally``: those of them it ended with a normal A-RELEASE, no other association sending."""
         if not series_uids:
             return
-        clean = set(normally)
         with self.transaction() as db:
-            db.executemany(
-                "UPDATE series SET released_at=?, released_normally=?, associations=associations+1 "
-                "WHERE series_instance_uid=? AND state='receiving'",
-                [(time.time(), int(uid in clean), uid) for uid in series_uids])
+            _mark_released(db, series_uids, normally)
+
+    # --- associations open at any listener sharing this database (issue 17) ------------------------
+
+    def open_association(self, node: str, association: str, series_uid: str) -> None:
+        """An association at listener ``node`` stores its first instance of this series."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO open_associations VALUES (?,?,?,?) ON CONFLICT (node_name, association, "
+                       "series_instance_uid) DO UPDATE SET last_seen=excluded.last_seen",
+                       (node, association, series_uid, time.time()))
+
+    def close_association(self, node: str, association: str, series_uids: Sequence[str], released: bool,
+                          lease_seconds: float) -> list[str]:
+        """The association ended: its series start their quiet period, in one transaction with
+        forgetting it. Returns those it ended with a normal release while no other association,
+        at any listener, was storing them (renewed within ``lease_seconds``: a dead listener's
+        rows do not count)."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("DELETE FROM open_associations WHERE node_name=? AND association=?",
+                       (node, association))
+            normally = [uid for uid in series_uids if released and db.execute(
+                "SELECT 1 FROM open_associations WHERE series_instance_uid=? AND last_seen>=?",
+                (uid, now - lease_seconds)).fetchone() is None]
+            if series_uids:
+                _mark_released(db, series_uids, normally)
+        return normally
 
     def series_paths(self, series_uid: str) -> list[Path]:
         rows = self.query("SELECT path FROM instances WHERE series_instance_uid=? ORDER BY path",
@@ -347,43 +378,121 @@ class Store:
             "result_key) VALUES (?,?,?,?,?,?,?)",
             (series_uid, rule, model, json.dumps(list(destinations)), now, now, result_key))
 
-    def claim_job(self) -> Row | None:
-        """Take the oldest queued job and mark it running (one attempt more)."""
+    # A claim is a lease: the claimer's name and an expiry it renews (node.leases). Claims are taken
+    # with lock_clause: " FOR UPDATE SKIP LOCKED" on PostgreSQL, so concurrent claimers skip each
+    # other's rows; "" on SQLite, where BEGIN IMMEDIATE serialises the claimers (set in __init__).
+
+    def claim_job(self, owner: str = "", lease_seconds: float = 30.0,
+                  max_attempts: int = 0) -> Row | None:
+        """Take the oldest queued job, or a running one whose lease expired (its node died), and mark
+        it running under ``owner``'s lease (one attempt more). An expired one that had
+        ``max_attempts`` attempts already fails instead (0: no limit): a job that kills every node
+        running it is not retried forever."""
+        now = time.time()
         with self.transaction() as db:
-            row = db.execute("SELECT * FROM jobs WHERE state='queued' ORDER BY id LIMIT 1").fetchone()
-            if row is None:
-                return None
-            taken = db.execute("UPDATE jobs SET state='running', attempts=attempts+1, progress=NULL, "
-                               "updated_at=? WHERE id=? AND state='queued'", (time.time(), row["id"]))
-            if taken.rowcount != 1:  # PostgreSQL (read committed): another runner took it first
-                return None
+            while True:
+                row = db.execute("SELECT id, state, attempts, lease_owner FROM jobs WHERE state='queued' "
+                                 "OR (state='running' AND lease_expires<?) ORDER BY id LIMIT 1"
+                                 + self.lock_clause, (now,)).fetchone()
+                if row is None:
+                    return None
+                lost = None if row["state"] == "queued" else (
+                    f"attempt {row['attempts']} on node {row['lease_owner']} ended without a result: its "
+                    "lease expired (the node died, hung or lost the database)")
+                if lost is None or not max_attempts or row["attempts"] < max_attempts:
+                    break
+                db.execute("UPDATE jobs SET state='failed', error=?, lease_owner=NULL, lease_expires=NULL, "
+                           "updated_at=? WHERE id=?", (lost, now, row["id"]))
+            db.execute("UPDATE jobs SET state='running', attempts=attempts+1, progress=NULL, lease_owner=?, "
+                       "lease_expires=?, error=COALESCE(?, error), updated_at=? WHERE id=?",
+                       (owner, now + lease_seconds, lost, now, row["id"]))
             claimed: Row | None = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
             return claimed
 
     def finish_job(self, job_id: int, result_dir: Path, stages: dict[str, float],
-                   destinations: Sequence[str]) -> None:
-        """The job's results are files: mark it done and queue one delivery per destination."""
+                   destinations: Sequence[str], claim: Claim | None = None) -> bool:
+        """The job's results are files: mark it done and queue one delivery per destination.
+        With ``claim``, only if the job is still running under that claim (fencing: a node whose
+        lease expired and was taken over records nothing); False when refused."""
         now = time.time()
+        fence, held = _fence(claim, "state='running' AND ")
         with self.transaction() as db:
-            db.execute("UPDATE jobs SET state='done', error=NULL, result_dir=?, stages=?, updated_at=? "
-                       "WHERE id=?", (str(result_dir), json.dumps(stages), now, job_id))
-            db.executemany(  # a re-run job delivers its (replacing) results again
+            if db.execute("UPDATE jobs SET state='done', error=NULL, result_dir=?, stages=?, "
+                          "lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE id=?" + fence,
+                          (str(result_dir), json.dumps(stages), now, job_id, *held)).rowcount != 1:
+                return False
+            # a re-run job delivers its (replacing) results again; a send in flight loses its claim
+            db.executemany(
                 "INSERT INTO deliveries (job_id, destination, next_try_at, updated_at) VALUES (?,?,?,?) "
                 "ON CONFLICT(job_id, destination) DO UPDATE SET state='pending', attempts=0, error=NULL, "
-                "next_try_at=excluded.next_try_at, updated_at=excluded.updated_at",
+                "next_try_at=excluded.next_try_at, lease_owner=NULL, lease_expires=NULL, "
+                "updated_at=excluded.updated_at",
                 [(job_id, d, now, now) for d in destinations])
+        return True
 
-    def fail_job(self, job_id: int, error: str, *, retry: bool) -> None:
+    def fail_job(self, job_id: int, error: str, *, retry: bool, claim: Claim | None = None) -> bool:
+        """Queue the job again (``retry``) or mark it failed; with ``claim``, fenced as finish_job."""
         state = "queued" if retry else "failed"
+        fence, held = _fence(claim, "state='running' AND ")
         with self.transaction() as db:
-            db.execute("UPDATE jobs SET state=?, error=?, updated_at=? WHERE id=?",
-                       (state, error, time.time(), job_id))
+            return db.execute("UPDATE jobs SET state=?, error=?, lease_owner=NULL, lease_expires=NULL, "
+                              "updated_at=? WHERE id=?" + fence,
+                              (state, error, time.time(), job_id, *held)).rowcount == 1
 
-    def requeue_interrupted_jobs(self) -> int:
-        """Jobs that were running when the node stopped go back to the queue."""
+    def requeue_interrupted_jobs(self, owner: str = "") -> int:
+        """At this node's start or stop: the jobs it was running go back to the queue and the
+        deliveries it was sending are free again. Other nodes' claims are left to their leases;
+        running jobs without an owner were left by a version before leases."""
         with self.transaction() as db:
-            return db.execute("UPDATE jobs SET state='queued', updated_at=? WHERE state='running'",
-                              (time.time(),)).rowcount
+            db.execute("UPDATE deliveries SET lease_owner=NULL, lease_expires=NULL WHERE lease_owner=?",
+                       (owner,))
+            return db.execute("UPDATE jobs SET state='queued', lease_owner=NULL, lease_expires=NULL, "
+                              "updated_at=? WHERE state='running' AND (lease_owner=? OR lease_owner IS NULL)",
+                              (time.time(), owner)).rowcount
+
+    def renew_leases(self, owner: str, lease_seconds: float, jobs: Mapping[int, int],
+                     deliveries: Mapping[int, int]) -> list[str]:
+        """The heartbeat: extend this node's claims ({row id: attempt}), its open associations
+        and its own liveness by ``lease_seconds``; forget associations whose listener stopped
+        renewing them. Returns the claims found taken over ("jobs 3")."""
+        now = time.time()
+        lost = []
+        with self.transaction() as db:
+            for table, held in (("jobs", jobs), ("deliveries", deliveries)):
+                state = "state='running' AND " if table == "jobs" else ""
+                for row_id, attempt in held.items():
+                    renewed = db.execute(f"UPDATE {table} SET lease_expires=? WHERE id=? AND {state}"
+                                         "lease_owner=? AND attempts=?",
+                                         (now + lease_seconds, row_id, owner, attempt)).rowcount
+                    if renewed != 1:
+                        lost.append(f"{table} {row_id}")
+            db.execute("UPDATE open_associations SET last_seen=? WHERE node_name=?", (now, owner))
+            db.execute("DELETE FROM open_associations WHERE last_seen<?", (now - 2 * lease_seconds,))
+            db.execute("UPDATE nodes SET last_seen=? WHERE node_name=?", (now, owner))
+        return lost
+
+    def register_node(self, name: str, lease_seconds: float) -> dict[str, Any] | None:
+        """Record this process as node ``name`` and forget the associations an earlier run of it
+        left open; unless another live node has that name: then return that node's row (host, pid,
+        last_seen) and change nothing. An earlier run of this node on this host (its pid ended, or
+        it is ours: a container's pid 1) is not another node."""
+        host, pid, now = socket.gethostname(), os.getpid(), time.time()
+        with self.transaction() as db:
+            row = db.execute("SELECT host, pid, last_seen FROM nodes WHERE node_name=?", (name,)).fetchone()
+            if (row is not None and row["last_seen"] >= now - lease_seconds
+                    and not (row["host"] == host and (row["pid"] == pid or not _process_alive(row["pid"])))):
+                return dict(row)
+            db.execute("INSERT INTO nodes VALUES (?,?,?,?,?) ON CONFLICT (node_name) DO UPDATE SET "
+                       "host=excluded.host, pid=excluded.pid, started_at=excluded.started_at, "
+                       "last_seen=excluded.last_seen", (name, host, pid, now, now))
+            db.execute("DELETE FROM open_associations WHERE node_name=?", (name,))
+        return None
+
+    def unregister_node(self, name: str) -> None:
+        """This node stops: it is no longer alive, and has no association open."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM open_associations WHERE node_name=?", (name,))
+            db.execute("DELETE FROM nodes WHERE node_name=?", (name,))
 
     def job(self, job_id: int) -> Row | None:
         rows = self.query("SELECT * FROM jobs WHERE id=?", (job_id,))
@@ -396,10 +505,38 @@ class Store:
             "SELECT d.*, j.result_dir FROM deliveries d JOIN jobs j ON j.id=d.job_id "
             "WHERE d.state='pending' AND d.next_try_at<=? ORDER BY d.next_try_at", (time.time(),))
 
-    def record_delivery(self, delivery_id: int, state: str, error: str | None, next_try_at: float) -> None:
+    def claim_delivery(self, owner: str = "", lease_seconds: float = 30.0) -> Row | None:
+        """Take the delivery due longest that no live node is sending, under ``owner``'s lease,
+        with its job's result_dir. A lease that expired (its sender died mid-send) counts as a
+        failed try, so the destination's max_attempts ends a delivery that kills its senders."""
+        now = time.time()
         with self.transaction() as db:
-            db.execute("UPDATE deliveries SET state=?, error=?, attempts=attempts+1, next_try_at=?, "
-                       "updated_at=? WHERE id=?", (state, error, next_try_at, time.time(), delivery_id))
+            row = db.execute("SELECT id, lease_owner FROM deliveries WHERE state='pending' AND "
+                             "next_try_at<=? AND (lease_expires IS NULL OR lease_expires<?) "
+                             "ORDER BY next_try_at LIMIT 1"
+                             + self.lock_clause, (now, now)).fetchone()
+            if row is None:
+                return None
+            if row["lease_owner"] is not None:
+                db.execute("UPDATE deliveries SET attempts=attempts+1, error=? WHERE id=?",
+                           (f"the try of node {row['lease_owner']} ended without an answer: its lease "
+                            "expired (the node died, hung or lost the database)", row["id"]))
+            db.execute("UPDATE deliveries SET lease_owner=?, lease_expires=? WHERE id=?",
+                       (owner, now + lease_seconds, row["id"]))
+            claimed: Row | None = db.execute(
+                "SELECT d.*, j.result_dir FROM deliveries d JOIN jobs j ON j.id=d.job_id WHERE d.id=?",
+                (row["id"],)).fetchone()
+            return claimed
+
+    def record_delivery(self, delivery_id: int, state: str, error: str | None, next_try_at: float,
+                        claim: Claim | None = None) -> bool:
+        """One try's outcome; with ``claim`` only if the delivery is still under that claim (not
+        taken over after its lease expired, nor reset by a re-run of its job); False when refused."""
+        fence, held = _fence(claim)
+        with self.transaction() as db:
+            return db.execute("UPDATE deliveries SET state=?, error=?, attempts=attempts+1, next_try_at=?, "
+                              "lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE id=?" + fence,
+                              (state, error, next_try_at, time.time(), delivery_id, *held)).rowcount == 1
 
     # --- operator actions ------------------------------------------------------------------------
 
@@ -414,7 +551,8 @@ class Store:
         """Send a finished job's results to its destinations again; returns the deliveries reset."""
         with self.transaction() as db:
             return db.execute("UPDATE deliveries SET state='pending', attempts=0, error=NULL, next_try_at=?, "
-                              "updated_at=? WHERE job_id=?", (time.time(), time.time(), job_id)).rowcount
+                              "lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE job_id=?",
+                              (time.time(), time.time(), job_id)).rowcount
 
     def bump(self, db: Connection, counter: str, by: int = 1) -> None:
         """Add to a monotonic counter, inside the caller's transaction."""
@@ -493,6 +631,48 @@ class Store:
         found = {r["state"]: r["n"] for r in self.query(
             f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")}
         return {s: int(found.get(s, 0)) for s in states}
+
+
+class Claim(NamedTuple):
+    """Who holds a job's or a delivery's lease, and the row's attempts when it was claimed: the
+    fencing token finish_job, fail_job and record_delivery check."""
+
+    owner: str
+    attempt: int
+
+    @staticmethod
+    def of(row: Row) -> Claim | None:
+        """The claim a row from claim_job or claim_delivery carries (None: a row not claimed)."""
+        return None if row["lease_owner"] is None else Claim(str(row["lease_owner"]), int(row["attempts"]))
+
+
+def _fence(claim: Claim | None, also: str = "") -> tuple[str, tuple[Any, ...]]:
+    """The WHERE condition (to append) and parameters that keep an update to the holder of ``claim``."""
+    if claim is None:
+        return "", ()
+    return f" AND {also}lease_owner=? AND attempts=?", (claim.owner, claim.attempt)
+
+
+def _mark_released(db: Connection, series_uids: Sequence[str], normally: Sequence[str]) -> None:
+    clean = set(normally)
+    db.executemany(
+        "UPDATE series SET released_at=?, released_normally=?, associations=associations+1 "
+        "WHERE series_instance_uid=? AND state='receiving'",
+        [(time.time(), int(uid in clean), uid) for uid in series_uids])
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process of this host runs (a zombie, ended but not reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def existing_store(data_dir: str | Path, url: str = "") -> Store:

@@ -24,41 +24,8 @@ from tests.orthanc_peer import OrthancProcess, orthanc_config, plugin_library, r
 OHIF_DIST = ROOT / "tests" / "ohif" / "node_modules" / "@ohif" / "app" / "dist"
 OHIF_VERSION = "3.13.2"  # tests/ohif/package.json pins the same
 
-# The secure default of dist/app-config.js with our data source: Orthanc's DICOMweb, same origin.
-APP_CONFIG = """window.config = {
-  routerBasename: null,
-  extensions: [],
-  modes: [],
-  customizationService: {},
-  showStudyList: true,
-  maxNumberOfWebWorkers: 2,
-  showWarningMessageForCrossOrigin: false,
-  showCPUFallbackMessage: false,
-  showLoadingIndicator: true,
-  strictZSpacingForVolumeViewport: true,
-  investigationalUseDialog: { option: 'never' },
-  defaultDataSourceName: 'orthanc',
-  dataSources: [{
-    namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
-    sourceName: 'orthanc',
-    configuration: {
-      friendlyName: 'Orthanc (test)',
-      name: 'orthanc',
-      wadoUriRoot: '/dicom-web',
-      qidoRoot: '/dicom-web',
-      wadoRoot: '/dicom-web',
-      qidoSupportsIncludeField: false,
-      imageRendering: 'wadors',
-      thumbnailRendering: 'wadors',
-      enableStudyLazyLoad: true,
-      supportsFuzzyMatching: false,
-      supportsWildcard: true,
-      omitQuotationForMultipartRequest: true,
-      bulkDataURI: { enabled: true },
-    },
-  }],
-};
-"""
+# OHIF's configuration, shared with docker/compose.yaml's viewer: Orthanc's DICOMweb, same origin
+APP_CONFIG_JS = ROOT / "docker" / "ohif" / "app-config.js"
 mimetypes.add_type("application/wasm", ".wasm")
 mimetypes.add_type("text/javascript", ".js")
 
@@ -82,7 +49,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path.startswith("/dicom-web/"):
             self._forward()
         elif path == "/app-config.js":
-            self._send(200, "text/javascript", APP_CONFIG.encode())
+            self._send(200, "text/javascript", APP_CONFIG_JS.read_bytes())
         else:
             self._file(path)
 

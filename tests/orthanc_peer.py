@@ -21,6 +21,12 @@ from tests.conftest import ROOT, free_port
 from tests.peers import running, wait_for
 
 PLUGIN = ROOT / "orthanc" / "vesalius_plugin.py"
+# The Orthanc configuration docker/compose.yaml mounts; every test Orthanc starts from it and changes
+# only TEST_OVERRIDES (tests/test_compose.py holds the two to that)
+COMPOSE_CONFIG = ROOT / "docker" / "orthanc" / "orthanc.json"
+TEST_OVERRIDES = frozenset({"Name", "HttpPort", "DicomPort", "StorageDirectory", "IndexDirectory",
+                            "Plugins", "PythonScript", "RemoteAccessAllowed", "StableAge",
+                            "DicomModalities", "Vesalius"})
 PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
 
 
@@ -101,28 +107,26 @@ def read_commented_json(path: Path) -> dict[str, Any]:
 
 
 def orthanc_config(tmp: Path, http_port: int, dicom_port: int, *, vesalius: dict[str, Any] | None,
-                   modalities: dict[str, list[Any]], aet: str = "ORTHANC",
-                   stable_age: int = 1, base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``base`` (e.g. the documented example) with the keys a test needs set to its own values."""
+                   modalities: dict[str, list[Any]], stable_age: int = 1,
+                   base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``base`` (default: compose's docker/orthanc/orthanc.json; or e.g. the documented example) with
+    the keys a test run must have its own values for (TEST_OVERRIDES) set; no Vesalius section when
+    ``vesalius`` is None."""
     storage = tmp / f"orthanc-{http_port}"
-    config: dict[str, Any] = dict(base or {})
+    config: dict[str, Any] = dict(base if base is not None else read_commented_json(COMPOSE_CONFIG))
     config |= {
+        "Name": f"vesalius-test-{http_port}",
         "HttpPort": http_port,
         "DicomPort": dicom_port,
-        "DicomAet": aet,
         "StorageDirectory": str(storage),
         "IndexDirectory": str(storage),
         "Plugins": [str(plugin_library("libOrthancPython")), str(plugin_library("libOrthancDicomWeb"))],
         "PythonScript": str(PLUGIN),
-        "PythonVerbose": False,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
+        "RemoteAccessAllowed": False,  # loopback only
         "StableAge": stable_age,
         "DicomModalities": modalities,
-        "DicomWeb": {**config.get("DicomWeb", {}), "Enable": True, "Root": "/dicom-web/"},
-        "ConcurrentJobs": 2,
     }
-    config.setdefault("Name", f"vesalius-test-{http_port}")
+    config.pop("Vesalius", None)
     if vesalius is not None:
         config["Vesalius"] = vesalius
     return config

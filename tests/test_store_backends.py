@@ -313,8 +313,8 @@ def test_a_node_on_postgresql_carries_on_after_the_database_restarts(
 
 def test_a_new_migration_is_one_file(store: Store, database_url: str, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a later version adds (here a lease column and a table) is one portable file, applied
-    once at the next start, on both databases, and the rows stay."""
+    """What a later version adds (here a column and a table) is one portable file, applied once at
+    the next start, on both databases, and the rows stay."""
     with store.transaction() as db:
         job = store.add_job(db, "1.2", "ct", "builtin_ct", [])
     folder = tmp_path / "migrations"
@@ -323,18 +323,18 @@ def test_a_new_migration_is_one_file(store: Store, database_url: str, tmp_path: 
         initial = database.MIGRATIONS / dialect / "0001_initial.sql"
         (folder / dialect / initial.name).write_text(initial.read_text())
     (folder / "portable").mkdir()
-    (folder / "portable" / "0002_leases.sql").write_text(
-        "ALTER TABLE jobs ADD COLUMN lease_owner TEXT;\n"
-        "ALTER TABLE jobs ADD COLUMN lease_expires DOUBLE PRECISION;\n"
-        "CREATE TABLE open_associations (id TEXT PRIMARY KEY, node TEXT NOT NULL,\n"
+    (folder / "portable" / "0002_priorities.sql").write_text(
+        "ALTER TABLE jobs ADD COLUMN priority BIGINT;\n"
+        "ALTER TABLE jobs ADD COLUMN deadline DOUBLE PRECISION;\n"
+        "CREATE TABLE priorities (id TEXT PRIMARY KEY, node TEXT NOT NULL,\n"
         "    seen_at DOUBLE PRECISION);\n")
     monkeypatch.setattr(database, "MIGRATIONS", folder)
     restarted = Store(tmp_path / "data", database_url)
     rows = restarted.query("SELECT version FROM schema_migrations ORDER BY version")
     assert [r["version"] for r in rows] == [1, 2]
-    assert restarted.job(job)["lease_owner"] is None
+    assert restarted.job(job)["priority"] is None
     with restarted.transaction() as db:
-        db.execute("INSERT INTO open_associations VALUES ('a', 'node1', 1.5)")
+        db.execute("INSERT INTO priorities VALUES ('a', 'node1', 1.5)")
     assert Store(tmp_path / "data", database_url).query("SELECT COUNT(*) FROM schema_migrations")[0][0] == 2
 
 

@@ -43,7 +43,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     result_key TEXT,                              -- NULL: results per series; 'study/<uid>/<rule>' per study+rule
-    progress TEXT                                 -- JSON {stage, n, of, started_at}: the stage a running job is in
+    progress TEXT,                                -- JSON {stage, n, of, started_at}: the stage a running job is in
+    -- leases (issue 17): the node holding the claim now, and until when (its clock's time.time());
+    -- both NULL when no claim is held; the holder renews it (node.leases)
+    lease_owner TEXT,
+    lease_expires DOUBLE PRECISION
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -54,6 +58,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_try_at REAL NOT NULL,
     error TEXT,
     updated_at REAL NOT NULL,
+    lease_owner TEXT,                             -- as jobs' lease
+    lease_expires DOUBLE PRECISION,
     UNIQUE (job_id, destination)
 );
 CREATE TABLE IF NOT EXISTS counters (             -- only ever increase: Prometheus counters
@@ -233,3 +239,21 @@ CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, id);
 CREATE INDEX IF NOT EXISTS series_ae ON series(calling_ae, last_received);
 CREATE INDEX IF NOT EXISTS series_last ON series(last_received);
+
+-- several nodes sharing one database (issue 17, docs/scale-out.md): who is alive, and which
+-- associations are storing instances of which series right now, on any listener
+CREATE TABLE IF NOT EXISTS nodes (
+    node_name TEXT PRIMARY KEY,                   -- Config.node_name (or the host name)
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL           -- renewed by its heartbeat every lease_seconds/3
+);
+CREATE TABLE IF NOT EXISTS open_associations (
+    node_name TEXT NOT NULL,                      -- the listener it is open at
+    association TEXT NOT NULL,                    -- unique within that listener while open
+    series_instance_uid TEXT NOT NULL,            -- a series it has stored instances of
+    last_seen DOUBLE PRECISION NOT NULL,          -- renewed by the listener's heartbeat
+    PRIMARY KEY (node_name, association, series_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS open_associations_series ON open_associations(series_instance_uid);
