@@ -1,8 +1,8 @@
 """The audit trail: who did what, when, append-only, after the event vocabulary of IHE ATNA /
 DICOM PS3.15 Annex A.5 audit messages.
 
-Every event is written twice: a row of the ``audit`` table (SQLite triggers refuse UPDATE and
-DELETE on it) and a JSON line appended to ``<data_dir>/audit.jsonl`` (fsynced). Events carry UIDs,
+Every event is written twice: a row of the ``audit`` table (triggers refuse UPDATE and DELETE
+on it; node/migrations/) and a JSON line appended to ``<data_dir>/audit.jsonl`` (fsynced). Events carry UIDs,
 AE titles, addresses, token and OS user names, counts; never patient data.
 """
 
@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vesalius.node import database
 from vesalius.node.store import Store
 
 log = logging.getLogger("vesalius.audit")
@@ -35,23 +35,6 @@ OPERATOR_ACTION = "Operator Action"  # retry / resend, over HTTP (token name) or
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE, MAJOR_FAILURE = 0, 4, 8, 12
 
 AUDIT_FILE = "audit.jsonl"
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time TEXT NOT NULL,            -- ISO 8601, UTC
-    event TEXT NOT NULL,           -- EventID, e.g. 'DICOM Instances Transferred'
-    event_type TEXT,               -- EventTypeCode, e.g. 'Application Start'
-    action TEXT,                   -- EventActionCode: C R U D E
-    outcome INTEGER NOT NULL,      -- EventOutcomeIndicator: 0 4 8 12
-    user TEXT,                     -- calling AE, token name, OS user, or our AE title
-    address TEXT,                  -- the peer's network address
-    details TEXT NOT NULL          -- JSON object: UIDs, counts, model, destination
-);
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-"""
 
 
 def utc_iso(seconds: float | None) -> str | None:
@@ -66,8 +49,7 @@ class Audit:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.path = store.data_dir / AUDIT_FILE
-        self._lock = threading.Lock()
-        store._connection().executescript(SCHEMA)  # this module owns the audit table
+        self._lock = threading.Lock()  # the table: node/migrations/*/0001_initial.sql
 
     def record(self, event: str, *, outcome: int = SUCCESS, event_type: str | None = None,
                action: str | None = None, user: str | None = None, address: str | None = None,
@@ -78,18 +60,22 @@ class Audit:
         try:
             line = json.dumps(entry, sort_keys=True, separators=(",", ":"))
             with self._lock:
-                with self.store.transaction() as db:
-                    db.execute("INSERT INTO audit (time, event, event_type, action, outcome, user, address, "
-                               "details) VALUES (?,?,?,?,?,?,?,?)",
-                               (entry["time"], event, event_type, action, outcome, user, address,
-                                json.dumps(details, sort_keys=True)))
+                try:
+                    with self.store.transaction() as db:
+                        db.execute('INSERT INTO audit (time, event, event_type, action, outcome, "user", '
+                                   "address, details) VALUES (?,?,?,?,?,?,?,?)",
+                                   (entry["time"], event, event_type, action, outcome, user, address,
+                                    json.dumps(details, sort_keys=True)))
+                except database.OperationalError as err:  # the database is down: the file keeps it
+                    log.error("audit event %s written to %s only, not to the database: %s", event,
+                              AUDIT_FILE, str(err).splitlines()[0])
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
                     os.write(fd, line.encode() + b"\n")
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        except (OSError, sqlite3.Error, TypeError, ValueError):
+        except (OSError, database.Error, TypeError, ValueError):
             log.exception("could not write audit event %s", event)
 
 
@@ -159,10 +145,13 @@ class AssociationTally:
         found: set[str] = set()
         for i in range(0, len(sop_uids), 500):
             chunk = sop_uids[i:i + 500]
-            rows = self.audit.store.query(
-                "SELECT DISTINCT s.study_instance_uid AS uid FROM instances i JOIN series s ON "
-                "s.series_instance_uid=i.series_instance_uid WHERE i.sop_instance_uid IN "
-                f"({','.join('?' * len(chunk))})", chunk)
+            try:
+                rows = self.audit.store.query(
+                    "SELECT DISTINCT s.study_instance_uid AS uid FROM instances i JOIN series s ON "
+                    "s.series_instance_uid=i.series_instance_uid WHERE i.sop_instance_uid IN "
+                    f"({','.join('?' * len(chunk))})", chunk)
+            except database.OperationalError:  # the database is down: the event goes without them
+                return ["unknown: database unavailable"]
             found.update(str(r["uid"]) for r in rows)
         return sorted(found)
 

@@ -60,19 +60,19 @@ def make_case(store: Store, correction: dict[str, Any]) -> int:
         write_nifti(label_map, volume.affine, tmp / LABEL_FILE)
         with store.transaction() as db:
             anonymous = deidentify([header], DeidMapping(db), ("retain_longitudinal_dates",))[0]
-            cur = db.execute("INSERT INTO cases (correction_series_uid, job_id, patient, folder, modality, "
-                             "manufacturer, scanner_model, body_part, slice_thickness, contrast, structures, "
-                             "model, model_version, agreement, created_at) "
-                             "VALUES (?,?,?,'',?,?,?,?,?,?,?,?,?,?,?)",
-                             (correction["series_instance_uid"], correction["job_id"],
-                              str(anonymous.PatientID), _text(header.get("Modality")),
-                              _text(header.get("Manufacturer")), _text(header.get("ManufacturerModelName")),
-                              _text(header.get("BodyPartExamined")), facts.get("slice_thickness") or None,
-                              int(bool(facts.get("contrast"))), json.dumps([m[0] for m in masks]),
-                              correction["model"], correction["model_version"],
-                              agreement(correction["structures"]),
-                              datetime.now(UTC).isoformat(timespec="seconds")))
-            case_id = int(cur.lastrowid or 0)
+            case_id = db.insert("INSERT INTO cases (correction_series_uid, job_id, patient, folder, "
+                                "modality, manufacturer, scanner_model, body_part, slice_thickness, "
+                                "contrast, structures, model, model_version, agreement, created_at) "
+                                "VALUES (?,?,?,'',?,?,?,?,?,?,?,?,?,?,?)",
+                                (correction["series_instance_uid"], correction["job_id"],
+                                 str(anonymous.PatientID), _text(header.get("Modality")),
+                                 _text(header.get("Manufacturer")),
+                                 _text(header.get("ManufacturerModelName")),
+                                 _text(header.get("BodyPartExamined")), facts.get("slice_thickness") or None,
+                                 int(bool(facts.get("contrast"))), json.dumps([m[0] for m in masks]),
+                                 correction["model"], correction["model_version"],
+                                 agreement(correction["structures"]),
+                                 datetime.now(UTC).isoformat(timespec="seconds")))
             folder = store.data_dir / CASES_DIR / f"case-{case_id:06d}"
             db.execute("UPDATE cases SET folder=? WHERE id=?", (str(folder), case_id))
             row = dict(db.execute("SELECT * FROM cases WHERE id=?", (case_id,)).fetchone())

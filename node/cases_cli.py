@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from vesalius.node.cases import CaseFilter, case, cases, export_monai, export_nnunet
-from vesalius.node.checks import ConfigError
 from vesalius.node.config import load_config
-from vesalius.node.store import Store
+from vesalius.node.store import Store, existing_store
 
 
 def add_parser(sub: Any) -> None:
@@ -52,10 +51,8 @@ def case_filter(args: argparse.Namespace) -> CaseFilter:
 
 
 def _store(args: argparse.Namespace) -> Store:
-    data_dir = Path(args.data_dir or load_config(args.config).data_dir)
-    if not (data_dir / "vesalius.sqlite").exists():
-        raise ConfigError(f"--data-dir: no Vesalius database in {data_dir}")
-    return Store(data_dir)
+    config = load_config(args.config)
+    return existing_store(Path(args.data_dir or config.data_dir), config.database.url)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -204,12 +204,10 @@ def _echo(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace) -> Store:
-    from vesalius.node.store import Store
+    from vesalius.node.store import existing_store
 
-    data_dir = Path(args.data_dir or load_config(args.config).data_dir)
-    if not (data_dir / "vesalius.sqlite").exists():
-        raise ConfigError(f"--data-dir: no Vesalius database in {data_dir}")
-    return Store(data_dir)
+    config = load_config(args.config)
+    return existing_store(Path(args.data_dir or config.data_dir), config.database.url)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -162,6 +162,21 @@ class Learning:
 
 
 @dataclass(frozen=True)
+class Database:
+    """Where the node's state lives (node/store.py, node/database.py): SQLite in data_dir, or one
+    PostgreSQL that several listeners share. The password comes from libpq's PGPASSWORD or
+    ~/.pgpass rather than the URL (a URL's password is never logged)."""
+
+    url: str = ""  # "": SQLite in data_dir; "postgresql://user@host:port/dbname": shared PostgreSQL
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.url and not re.fullmatch(r"postgres(ql)?://\S+", self.url):
+            raise FieldError(f"url: expected \"\" (SQLite in data_dir) or a postgresql:// URL, got "
+                             f"{self.url.split('://')[0]!r}://...")
+
+
+@dataclass(frozen=True)
 class Dashboard:
     """The web page the node serves at / (node/api/dashboard.py, docs/dashboard.md)."""
 
@@ -235,6 +250,7 @@ class Config:
     # lease_seconds belongs to a dead node and is taken over by another
     node_name: str = ""  # "" = the host name; nodes sharing a database need different names
     lease_seconds: float = 30.0
+    database: Database = field(default_factory=Database)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -363,7 +379,8 @@ def parse_config(data: dict[str, Any], base: Path | None = None) -> Config:
             files = ("certificate", "private_key", "ca_certificates")
             values["tls"] = from_table(ListenerTLS, _relative(data["tls"], files, base), "tls")
         for key, cls in (("retry", Retry), ("retention", Retention), ("dashboard", Dashboard),
-                         ("learning", Learning), ("ray", Ray)):
+                         ("learning", Learning), ("database", Database),
+                         ("ray", Ray)):
             if key in data:
                 values[key] = from_table(cls, data[key], key)
         return from_table(Config, values)

@@ -156,12 +156,19 @@ def _header(path: Path) -> pydicom.Dataset | None:
     return ds if str(ds.get("SOPClassUID", "")) in SEGMENTATION_SOP_CLASSES else None
 
 
+# a SEG series received again replaces its row (the case library's row refers to it)
+_REPLACED = ", ".join(f"{c}=excluded.{c}" for c in (
+    "sop_instance_uid", "source_series_uid", "job_id", "model", "model_version", "state", "verdict", "reason",
+    "structures", "evaluation_id", "recognised_at"))
+
+
 def _save(store: Store, values: dict[str, Any], state: str, reason: str | None) -> dict[str, Any]:
     row = {**values, "state": state, "reason": reason, "recognised_at": time.time()}
     with store.transaction() as db:
-        db.execute("INSERT OR REPLACE INTO corrections (series_instance_uid, sop_instance_uid, "
+        db.execute("INSERT INTO corrections (series_instance_uid, sop_instance_uid, "
                    "source_series_uid, job_id, model, model_version, state, verdict, reason, structures, "
-                   "evaluation_id, recognised_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                   "evaluation_id, recognised_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                   f"ON CONFLICT (series_instance_uid) DO UPDATE SET {_REPLACED}",
                    (row["series_instance_uid"], row["sop_instance_uid"], row["source_series_uid"],
                     row["job_id"], row["model"], row["model_version"], state, row["verdict"], reason,
                     json.dumps(row["structures"]) if row["structures"] is not None else None,

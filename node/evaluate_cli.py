@@ -101,15 +101,12 @@ def _evaluate_job(args: argparse.Namespace, reference: Path, mapping: Any) -> di
     import getpass
 
     from vesalius.node import audit
-    from vesalius.node.checks import ConfigError
     from vesalius.node.config import load_config
     from vesalius.node.evaluations import NotEvaluable, evaluate_job
-    from vesalius.node.store import Store
+    from vesalius.node.store import existing_store
 
-    data_dir = Path(args.data_dir or load_config(args.config).data_dir)
-    if not (data_dir / "vesalius.sqlite").exists():
-        raise ConfigError(f"--data-dir: no Vesalius database in {data_dir}")
-    store = Store(data_dir)
+    config = load_config(args.config)
+    store = existing_store(Path(args.data_dir or config.data_dir), config.database.url)
     try:
         stored = evaluate_job(store, args.job, reference.resolve(), reference.name, via="cli",
                               mapping=mapping, ref_labels=Path(args.ref_labels) if args.ref_labels else None)

@@ -78,9 +78,9 @@ def evaluate_job(store: Store, job_id: int, reference: Path, reference_name: str
 def record(store: Store, job_id: int, reference: str, figures: dict[str, Any], via: str) -> dict[str, Any]:
     when = datetime.now(UTC).isoformat(timespec="seconds")
     with store.transaction() as db:
-        cur = db.execute("INSERT INTO evaluations (job_id, reference, figures, via, evaluated_at) "
-                         "VALUES (?,?,?,?,?)", (job_id, reference, json.dumps(figures), via, when))
-    return {"id": int(cur.lastrowid or 0), "job": job_id, "reference": reference, "evaluated_at": when,
+        evaluation_id = db.insert("INSERT INTO evaluations (job_id, reference, figures, via, evaluated_at) "
+                                  "VALUES (?,?,?,?,?)", (job_id, reference, json.dumps(figures), via, when))
+    return {"id": evaluation_id, "job": job_id, "reference": reference, "evaluated_at": when,
             "figures": figures}
 
 

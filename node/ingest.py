@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
+from vesalius.node import database
 from vesalius.node.paths import UnsafePath
 from vesalius.node.store import SeriesInfo, Store
 
@@ -147,7 +147,7 @@ def store_checked(store: Store, ds: Dataset, path: Path, sop_class_uid: str, enc
     except UnsafePath as err:  # cannot happen for a checked UID; refused rather than written
         path.unlink(missing_ok=True)
         return Ingested(CANNOT_UNDERSTAND, str(err), sop_uid, sop_class_uid)
-    except (OSError, sqlite3.OperationalError) as err:  # disk full, I/O error, database locked
+    except (OSError, database.OperationalError) as err:  # disk full, I/O error, database locked or down
         path.unlink(missing_ok=True)
         return Ingested(OUT_OF_RESOURCES, f"could not store: {err}", sop_uid, sop_class_uid)
     return Ingested(SUCCESS, "", sop_uid, sop_class_uid, info.series_instance_uid,

@@ -11,7 +11,6 @@ import multiprocessing
 import os
 import re
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,9 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from vesalius.inference.volume import VolumeError
-from vesalius.node import audit, longitudinal
+from vesalius.node import audit, database, longitudinal
 from vesalius.node.audit import Audit
 from vesalius.node.config import Config
+from vesalius.node.database import Row
 from vesalius.node.leases import Leases
 from vesalius.node.paths import inside, uid_file_name
 from vesalius.node.pipeline import run_pipeline
@@ -96,7 +96,7 @@ class PipelineCall:
     out: str
     model: str
     result_key: str
-    db_path: str
+    db_path: str  # the store's url: a SQLite file's path or a postgresql:// URL (record_progress)
     job_id: int
     priors: dict[str, dict[str, Any]] | None
     labelmap: bool
@@ -136,8 +136,8 @@ def _run_reporting_stages(paths: list[str], out: str, model: str, result_key: st
     so /jobs and the dashboard show "running: stage n of m" live."""
     def on_stage(stage: str, n: int, of: int) -> None:
         try:
-            record_progress(Path(db_path), job_id, stage, n, of)
-        except sqlite3.Error as err:  # progress is for display only: never the reason a job fails
+            record_progress(db_path, job_id, stage, n, of)
+        except database.Error as err:  # progress is for display only: never the reason a job fails
             log.warning("job %d: could not record its progress: %s", job_id, err)
 
     return run_pipeline(paths, out, model, result_key=result_key, on_stage=on_stage, priors=priors,
@@ -254,23 +254,34 @@ class JobRunner:
         self.executor.close()
 
     def _loop(self) -> None:
+        stranded: tuple[int, Claim | None] | None = None  # a claimed job whose end the database did not take
         while not self.stop.is_set():
-            with self.executor.slot(timeout=0.5) as worker:
-                if worker is None:
-                    continue
-                job = self.store.claim_job(self.leases.owner, self.leases.lease_seconds,
-                                           self.config.job_attempts)
-                if job is None:
-                    self.wake.wait(0.5)
-                    self.wake.clear()
-                    continue
-                self.leases.hold("jobs", job["id"], Claim.of(job))
-                try:
-                    self.run(job, worker)
-                finally:
-                    self.leases.drop("jobs", job["id"])
+            try:
+                if stranded is not None:  # back to the queue (fenced by its claim): it runs again, same UIDs
+                    self.store.fail_job(stranded[0], "the database was unavailable when it ended", retry=True,
+                                        claim=stranded[1])
+                    stranded = None
+                with self.executor.slot(timeout=0.5) as worker:
+                    if worker is None:
+                        continue
+                    job = self.store.claim_job(self.leases.owner, self.leases.lease_seconds,
+                                               self.config.job_attempts)
+                    if job is None:
+                        self.wake.wait(0.5)
+                        self.wake.clear()
+                        continue
+                    claim = Claim.of(job)
+                    self.leases.hold("jobs", job["id"], claim)
+                    stranded = (job["id"], claim)
+                    try:
+                        self.run(job, worker)
+                    finally:
+                        self.leases.drop("jobs", job["id"])
+                    stranded = None
+            except database.Error as err:
+                database.pause_after_outage("job runner", err, self.stop)
 
-    def run(self, job: sqlite3.Row, worker: Callable[[PipelineCall], dict[str, Any]]) -> None:
+    def run(self, job: Row, worker: Callable[[PipelineCall], dict[str, Any]]) -> None:
         job_id, series_uid, model = job["id"], job["series_instance_uid"], job["model"]
         paths = [str(p) for p in self.store.series_paths(series_uid)]
         result_key = job["result_key"] or ""
@@ -282,7 +293,7 @@ class JobRunner:
                  if self.config.learning.longitudinal else None)
         priors = (longitudinal.safely("look up priors", longitudinal.priors, self.store, study)
                   if study else None)
-        call = PipelineCall(paths, str(out), model, result_key, str(self.store.db_path), job_id, priors,
+        call = PipelineCall(paths, str(out), model, result_key, self.store.url, job_id, priors,
                             self._wants_labelmap(job))
         try:
             summary = worker(call)
@@ -307,12 +318,12 @@ class JobRunner:
         log.info("job done job=%d series=%s stages=%s deliveries=%d",
                  job_id, series_uid, summary["stages_s"], len(destinations))
 
-    def _wants_labelmap(self, job: sqlite3.Row) -> bool:
+    def _wants_labelmap(self, job: Row) -> bool:
         """Whether a destination of the job takes the Label Map SEG: only then is it written."""
         names = set(json.loads(job["destinations"]))
         return any(d.labelmap for d in self.config.destinations if d.name in names)
 
-    def _job_failed(self, job: sqlite3.Row, err: Exception) -> None:
+    def _job_failed(self, job: Row, err: Exception) -> None:
         if isinstance(err, VolumeError):  # the series itself is the problem: retrying cannot help
             log.warning("job failed job=%d series=%s: %s", job["id"], job["series_instance_uid"], err)
             if self.store.fail_job(job["id"], f"cannot place series in space: {err}", retry=False,
@@ -323,13 +334,13 @@ class JobRunner:
         else:
             self._failed(job, f"{type(err).__name__}: {err}")
 
-    def _failed(self, job: sqlite3.Row, reason: str) -> None:
+    def _failed(self, job: Row, reason: str) -> None:
         retry = job["attempts"] < self.config.job_attempts
         log.warning("job failed job=%d attempt=%d retry=%s: %s", job["id"], job["attempts"], retry, reason)
         if self.store.fail_job(job["id"], reason, retry=retry, claim=Claim.of(job)):
             self._audit(job, audit.MINOR_FAILURE if retry else audit.SERIOUS_FAILURE)
 
-    def _audit(self, job: sqlite3.Row, outcome: int, summary: dict[str, Any] | None = None) -> None:
+    def _audit(self, job: Row, outcome: int, summary: dict[str, Any] | None = None) -> None:
         """DICOM Instances Accessed: the job read a series and (on success) created these objects."""
         if self.trail is None:
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from vesalius.node import database
 from vesalius.node.checks import ConfigError
 from vesalius.node.store import Claim, Store
 
@@ -75,5 +76,7 @@ class Leases:
         while not self._stop.wait(self.lease_seconds / 3):
             try:
                 self.renew()
-            except Exception:  # the database is away (restarting): the next beat tries again
+            except database.Error as err:  # the database is away (restarting): the next beat tries again
+                log.warning("could not renew this node's leases: %s", err)
+            except Exception:
                 log.exception("could not renew this node's leases")

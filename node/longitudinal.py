@@ -10,7 +10,6 @@ as plain data; the SR then carries that prior value, its date and the change.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from vesalius.node import database
 from vesalius.node.deidentify import patient_pseudonym
 from vesalius.node.store import DeidMapping, Store
 
@@ -96,6 +96,6 @@ def safely(what: str, call: Any, *args: Any) -> Any:
     """Run a history step; a failure is logged and never the reason a job fails (None back)."""
     try:
         return call(*args)
-    except (sqlite3.Error, OSError, ValueError, KeyError) as err:
+    except (database.Error, OSError, ValueError, KeyError) as err:
         log.warning("volume history: could not %s: %s", what, type(err).__name__)
         return None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sqlite3
 import tempfile
 import threading
 import time
@@ -25,7 +24,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from vesalius.node import ingest, pdu_limits
+from vesalius.node import database, ingest, pdu_limits
 from vesalius.node.admission import Admission, printable
 from vesalius.node.audit import AssociationTally
 from vesalius.node.config import Config
@@ -33,6 +32,7 @@ from vesalius.node.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from vesalius.node.paths import UnsafePath
 from vesalius.node.store import SeriesInfo, Store
 
+RELEASE_TRIES = 5  # s-spaced tries to record an association's end while the database is unavailable
 log = logging.getLogger("vesalius.receive")
 
 # pynetdicom, as acceptor, takes the first of OUR transfer syntaxes that the requestor offers in a
@@ -118,7 +118,7 @@ class Receiver:
         except UnsafePath as err:  # cannot happen for a checked UID; refused rather than written
             log.error("refused instance from %s: %s", calling_ae, err)
             return CANNOT_UNDERSTAND
-        except (OSError, sqlite3.OperationalError) as err:  # disk full, I/O error, database locked
+        except (OSError, database.OperationalError) as err:  # disk full, I/O error, database locked or down
             log.error("could not store instance from %s: %s", calling_ae, err)
             return OUT_OF_RESOURCES
         self.on_stored()
@@ -154,9 +154,19 @@ class Receiver:
         log.info("association from %s at %s %s; %d series touched",
                  printable(event.assoc.requestor.ae_title, 16), event.assoc.requestor.address,
                  "released" if released else "ended without release", len(touched))
-        if touched:
-            self.store.close_association(self.node_name, _association_key(event.assoc), sorted(touched),
-                                         released, self.lease_seconds)
+        if not touched:
+            return
+        problem = ""
+        for _ in range(RELEASE_TRIES):  # a database restarting comes back within seconds
+            try:
+                self.store.close_association(self.node_name, _association_key(event.assoc), sorted(touched),
+                                             released, self.lease_seconds)
+                return
+            except database.OperationalError as err:
+                problem = str(err).splitlines()[0]
+                time.sleep(1.0)
+        log.warning("association end not recorded (database unavailable: %s); its %d series complete "
+                    "after the stability timeout", problem, len(touched))
 
 
 def _association_key(assoc: object) -> str:

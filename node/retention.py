@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sqlite3
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from vesalius.node.config import Retention
+from vesalius.node.database import Connection
 from vesalius.node.store import Store
 
 log = logging.getLogger("vesalius.retention")
@@ -30,7 +30,7 @@ DAY = 86400.0
 SPOOL_CANDIDATES = """
 SELECT s.series_instance_uid, s.study_instance_uid, s.completed_at,
        (SELECT COUNT(*) FROM jobs j WHERE j.series_instance_uid=s.series_instance_uid) AS jobs,
-       MAX(s.completed_at,
+       GREATEST(s.completed_at,
            COALESCE((SELECT MAX(j.updated_at) FROM jobs j
                      WHERE j.series_instance_uid=s.series_instance_uid), 0),
            COALESCE((SELECT MAX(d.updated_at) FROM deliveries d JOIN jobs j ON j.id=d.job_id
@@ -47,7 +47,7 @@ WHERE s.state='complete' AND s.series_instance_uid IN ({where})
 # same folder: the folder is decided by its newest job, and only when no job using it still works.
 RESULTS_CANDIDATES = """
 SELECT j.id, j.series_instance_uid, j.result_dir,
-       MAX(j.updated_at, COALESCE((SELECT MAX(d.updated_at) FROM deliveries d WHERE d.job_id=j.id), 0))
+       GREATEST(j.updated_at, COALESCE((SELECT MAX(d.updated_at) FROM deliveries d WHERE d.job_id=j.id), 0))
            AS done_at
 FROM jobs j
 WHERE j.state='done' AND j.result_dir IS NOT NULL AND j.id IN ({where})
@@ -160,7 +160,7 @@ def apply(store: Store, chosen: Plan, now: float) -> list[Removal]:
     return done
 
 
-def _still_eligible(db: sqlite3.Connection, sql: str, key: Any) -> bool:
+def _still_eligible(db: Connection, sql: str, key: Any) -> bool:
     return db.execute(sql.format(where="?"), (key,)).fetchone() is not None
 
 
@@ -209,7 +209,7 @@ def _remove_results(store: Store, item: Removal, now: float) -> bool:
     return True
 
 
-def _record(db: sqlite3.Connection, item: Removal, study_uid: str | None, now: float) -> None:
+def _record(db: Connection, item: Removal, study_uid: str | None, now: float) -> None:
     db.execute("INSERT INTO removals (kind, series_instance_uid, study_instance_uid, job_id, path, bytes, "
                "reason, removed_at) VALUES (?,?,?,?,?,?,?,?)",
                (item.kind, item.series_instance_uid, study_uid, item.job_id, item.path, item.bytes,

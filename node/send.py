@@ -5,15 +5,15 @@ loop."""
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from vesalius.node import audit
+from vesalius.node import audit, database
 from vesalius.node.audit import Audit
 from vesalius.node.config import Config, Retry
+from vesalius.node.database import Row
 from vesalius.node.deidentify import deidentified_files
 from vesalius.node.destinations import DeliveryError, Destination
 from vesalius.node.leases import Leases
@@ -60,18 +60,21 @@ class Sender:
 
     def _loop(self) -> None:
         while not self.stop.is_set():
-            delivery = self.store.claim_delivery(self.leases.owner, self.leases.lease_seconds)
-            if delivery is None:
-                self.wake.wait(0.5)
-                self.wake.clear()
-                continue
-            self.leases.hold("deliveries", delivery["id"], Claim.of(delivery))
             try:
-                self.deliver(delivery)
-            finally:
-                self.leases.drop("deliveries", delivery["id"])
+                delivery = self.store.claim_delivery(self.leases.owner, self.leases.lease_seconds)
+                if delivery is None:
+                    self.wake.wait(0.5)
+                    self.wake.clear()
+                    continue
+                self.leases.hold("deliveries", delivery["id"], Claim.of(delivery))
+                try:
+                    self.deliver(delivery)  # sent, not recorded (database down): sent again later
+                finally:
+                    self.leases.drop("deliveries", delivery["id"])
+            except database.Error as err:
+                database.pause_after_outage("sender", err, self.stop)
 
-    def deliver(self, delivery: sqlite3.Row) -> None:
+    def deliver(self, delivery: Row) -> None:
         destinations = {d.name: d for d in self.config.destinations}
         name, attempt = delivery["destination"], delivery["attempts"] + 1
         destination = destinations.get(name)
@@ -106,14 +109,14 @@ class Sender:
         log.info("delivery done delivery=%d job=%d destination=%s attempt=%d objects=%d",
                  delivery["id"], delivery["job_id"], destination.label, attempt, len(files))
 
-    def _audit(self, event: str, delivery: sqlite3.Row, outcome: int, files: Sequence[Path]) -> None:
+    def _audit(self, event: str, delivery: Row, outcome: int, files: Sequence[Path]) -> None:
         if self.trail is not None:
             self.trail.record(event, outcome=outcome, action="R", user=self.config.ae_title,
                               direction="sent", destination=delivery["destination"], delivery=delivery["id"],
                               job=delivery["job_id"], attempt=delivery["attempts"] + 1,
                               instances=audit.instance_uids(files))
 
-    def _failed(self, delivery: sqlite3.Row, destination: Destination | None, attempt: int, reason: str,
+    def _failed(self, delivery: Row, destination: Destination | None, attempt: int, reason: str,
                 permanent: bool) -> None:
         max_attempts = (destination and destination.max_attempts) or self.config.retry.max_attempts
         give_up = permanent or attempt >= max_attempts

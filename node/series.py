@@ -39,7 +39,7 @@ DUE_SERIES = """SELECT * FROM series s WHERE state='receiving' AND (
                    (released_at IS NOT NULL
                     AND NOT EXISTS (SELECT 1 FROM open_associations o
                                     WHERE o.series_instance_uid = s.series_instance_uid AND o.last_seen >= ?)
-                    AND ((? AND released_normally AND associations = 1
+                    AND ((? = 1 AND released_normally = 1 AND associations = 1
                           AND NOT EXISTS (SELECT 1 FROM series m WHERE m.calling_ae = s.calling_ae
                                           AND m.associations > 1))
                          OR (? - released_at >= ? AND ? - last_received >= ?)))
@@ -49,9 +49,9 @@ DUE_SERIES = """SELECT * FROM series s WHERE state='receiving' AND (
 # is still retrieving (node.pull) waits for the rest of it.
 DUE_STUDIES = """SELECT s.study_instance_uid FROM series s LEFT JOIN studies st USING (study_instance_uid)
                  {where} GROUP BY s.study_instance_uid
-                 HAVING SUM(s.state != 'complete') = 0
+                 HAVING SUM(CASE WHEN s.state = 'complete' THEN 0 ELSE 1 END) = 0
                     AND MAX(s.completed_at) > COALESCE(MAX(st.selected_at), -1)
-                    AND ? - MAX(MAX(COALESCE(s.released_at, 0), s.last_received)) >= ?"""
+                    AND ? - MAX(GREATEST(COALESCE(s.released_at, 0), s.last_received)) >= ?"""
 CHANGED_STUDIES = """WHERE s.study_instance_uid IN (SELECT c.study_instance_uid FROM series c
                      LEFT JOIN studies cs USING (study_instance_uid)
                      WHERE c.state='complete' AND c.completed_at > COALESCE(cs.selected_at, -1))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from importlib.metadata import version
 
 from pynetdicom.transport import ThreadedAssociationServer
 from starlette.routing import BaseRoute
 
-from vesalius.node import audit
+from vesalius.node import audit, database
 from vesalius.node.api import HttpServer, create_app, load_tokens
 from vesalius.node.checks import ConfigError
 from vesalius.node.config import Config, config_digest
@@ -24,6 +25,23 @@ from vesalius.node.store import Store
 from vesalius.node.tls import server_context, start_tls_server
 
 log = logging.getLogger("vesalius.node")
+
+
+STARTUP_WAIT = 60.0  # s a starting node waits for its database (a PostgreSQL starting beside it)
+
+
+def open_store(config: Config, wait: float = STARTUP_WAIT) -> Store:
+    """The node's store; a database not reachable yet is tried again for ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return Store(config.data_dir, config.database.url)
+        except database.OperationalError as err:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("database %s not reachable yet, trying again: %s",
+                        database.shown(config.database.url), str(err).splitlines()[0])
+            time.sleep(2.0)
 
 
 def _executor(config: Config) -> Executor | None:
@@ -41,7 +59,7 @@ class Node:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = Store(config.data_dir)
+        self.store = open_store(config)
         self.audit = audit.Audit(self.store)
         self.tokens = load_tokens(self.store.data_dir, config.http_tokens)  # before any worker starts
         self.stopping = threading.Event()
@@ -105,9 +123,11 @@ class Node:
                           dicom_port=dicom.server_address[1],
                           http=f"{self.config.http_host}:{self.http_server.server_address[1]}")
         tls = f" dicom_tls={self.config.host}:{self.tls_server.server_address[1]}" if self.tls_server else ""
-        log.info("listening node=%s ae=%s dicom=%s:%d%s http=%s:%d data=%s destinations=%s config_sha256=%s",
-                 self.leases.owner, self.config.ae_title, self.config.host, dicom.server_address[1], tls,
+        log.info("listening node=%s ae=%s dicom=%s:%d%s http=%s:%d data=%s database=%s destinations=%s "
+                 "config_sha256=%s", self.leases.owner, self.config.ae_title, self.config.host,
+                 dicom.server_address[1], tls,
                  self.config.http_host, self.http_server.server_address[1], self.store.data_dir,
+                 database.shown(self.store.url),
                  ", ".join(d.label for d in self.config.destinations) or "none", digest[:12])
 
     def _extra_routes(self) -> list[BaseRoute]:
@@ -123,6 +143,8 @@ class Node:
                 completed = complete_due_series(self.store, self.config)
                 if select_due_studies(self.store, self.config) or completed:
                     self.job_wake.set()
+            except database.Error as err:
+                database.pause_after_outage("series completion", err, self.stopping)
             except Exception:  # keep serving; the next tick tries again
                 log.exception("series completion failed")
 
@@ -134,6 +156,8 @@ class Node:
         while not self.stopping.wait(1.0):
             try:
                 recognise_pending(self.store, make_cases=self.config.learning.case_library)
+            except database.Error as err:
+                database.pause_after_outage("recognising corrections", err, self.stopping)
             except Exception:  # keep serving; the next tick tries again
                 log.exception("recognising corrections failed")
 

@@ -1,4 +1,5 @@
-"""The one owner of durable state: the SQLite database (WAL) and the spool of received files.
+"""The one owner of durable state: the database (SQLite in data_dir, or a shared PostgreSQL;
+node/database.py) and the spool of received files.
 
 Every hand-over in the node is a row here: an instance is a row (and a fsynced file) before it is
 acknowledged, a job is a row before it runs, a delivery is a row until the destination confirms.
@@ -7,9 +8,9 @@ acknowledged, a job is a row before it runs, a delivery is a row until the desti
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,90 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from vesalius.node import database
+from vesalius.node.database import Connection, Dialect, Row
 from vesalius.node.paths import inside, uid_file_name
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    series_instance_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    calling_ae TEXT NOT NULL,
-    received_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_instance_uid);
-CREATE TABLE IF NOT EXISTS series (
-    series_instance_uid TEXT PRIMARY KEY,
-    study_instance_uid TEXT NOT NULL,
-    modality TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    series_description TEXT NOT NULL,
-    body_part TEXT NOT NULL,
-    manufacturer TEXT NOT NULL,
-    calling_ae TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'receiving',      -- receiving | complete
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    released_at REAL,                             -- sending association ended, none since
-    completed_at REAL
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    series_instance_uid TEXT NOT NULL,
-    rule TEXT NOT NULL,
-    model TEXT NOT NULL,
-    destinations TEXT NOT NULL,                   -- JSON list of destination names
-    state TEXT NOT NULL DEFAULT 'queued',         -- queued | running | done | failed
-    attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    stages TEXT,                                  -- JSON {stage: seconds}
-    result_dir TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id INTEGER NOT NULL REFERENCES jobs(id),
-    destination TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',        -- pending | done | failed
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_try_at REAL NOT NULL,
-    error TEXT,
-    updated_at REAL NOT NULL,
-    UNIQUE (job_id, destination)
-);
-CREATE TABLE IF NOT EXISTS counters (             -- only ever increase: Prometheus counters
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO counters SELECT 'series_completed', COUNT(*) FROM series WHERE completed_at IS NOT NULL;
-"""
+log = logging.getLogger("vesalius.store")
 
-# --- study-level selection (issue 18) ------------------------------------------------------------
-# What selection read from each completed series' headers (routing.SeriesFacts as JSON), when each
-# study was last selected, and why each of its series was chosen or skipped by each study rule.
-SELECTION_SCHEMA = """
-CREATE TABLE IF NOT EXISTS series_facts (
-    series_instance_uid TEXT PRIMARY KEY,
-    facts TEXT NOT NULL,                          -- JSON of routing.SeriesFacts
-    read_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS series_study ON series(study_instance_uid);
-CREATE TABLE IF NOT EXISTS studies (
-    study_instance_uid TEXT PRIMARY KEY,
-    selected_at REAL NOT NULL                     -- the study rules last chose its series
-);
-CREATE TABLE IF NOT EXISTS selections (
-    study_instance_uid TEXT NOT NULL,
-    rule TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    decision TEXT NOT NULL,                       -- chosen | skipped
-    reason TEXT NOT NULL,
-    decided_at REAL NOT NULL,
-    PRIMARY KEY (study_instance_uid, rule, series_instance_uid)
-);
-"""
-# Columns added to tables of SCHEMA, for databases created before them: (table, column, type).
+# Columns added to the tables of a SQLite database made before numbered migrations
+# (node/migrations/): adopting one adds those it lacks. A new column is a new migration file.
 ADDED_COLUMNS = (
     ("jobs", "result_key", "TEXT"),  # NULL: results per series; 'study/<uid>/<rule>' per study+rule
     ("jobs", "progress", "TEXT"),  # JSON {stage, n, of, started_at}: the stage a running job is in
@@ -116,34 +41,23 @@ ADDED_COLUMNS = (
     ("deliveries", "lease_owner", "TEXT"),
     ("deliveries", "lease_expires", "DOUBLE PRECISION"),
 )
-# --- several nodes sharing one database (issue 17, docs/scale-out.md): who is alive, and which
-# associations are storing instances of which series right now, on any listener
-LEASE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS nodes (
-    node_name TEXT PRIMARY KEY,                   -- Config.node_name (or the host name)
-    host TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    started_at DOUBLE PRECISION NOT NULL,
-    last_seen DOUBLE PRECISION NOT NULL           -- renewed by its heartbeat every lease_seconds/3
-);
-CREATE TABLE IF NOT EXISTS open_associations (
-    node_name TEXT NOT NULL,                      -- the listener it is open at
-    association TEXT NOT NULL,                    -- unique within that listener while open
-    series_instance_uid TEXT NOT NULL,            -- a series it has stored instances of
-    last_seen DOUBLE PRECISION NOT NULL,          -- renewed by the listener's heartbeat
-    PRIMARY KEY (node_name, association, series_instance_uid)
-);
-CREATE INDEX IF NOT EXISTS open_associations_series ON open_associations(series_instance_uid);
-"""
-# Indexes the dashboard's filtered, keyset-paginated listings need to stay fast at 100 000 jobs.
-LISTING_INDEXES = """
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
-CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_instance_uid, id);
-CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
-CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, id);
-CREATE INDEX IF NOT EXISTS series_ae ON series(calling_ae, last_received);
-CREATE INDEX IF NOT EXISTS series_last ON series(last_received);
-"""
+
+
+def adopt_earlier_sqlite(db: Connection) -> None:
+    """Before migration 1 on SQLite: a database of a version before numbered migrations gets the
+    columns its tables lack (migration 1 then creates only the tables it lacks), and, when it
+    predates study-level rules, its processed studies are recorded as selected (not redone)."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "jobs" not in tables:
+        return  # a new database
+    for table, column, kind in ADDED_COLUMNS:
+        if table in tables and column not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    if "studies" not in tables:
+        db.execute("CREATE TABLE studies (study_instance_uid TEXT PRIMARY KEY, selected_at REAL NOT NULL)")
+        db.execute("INSERT INTO studies SELECT study_instance_uid, MAX(completed_at) FROM series "
+                   "WHERE state='complete' GROUP BY study_instance_uid")
+
 
 # A complete series that no job came of once its study was selected is only stored: the listing
 # says 'stored' with the reason (the database keeps 'complete': study completion counts on it).
@@ -156,84 +70,51 @@ _NOT_CHOSEN = ("EXISTS (SELECT 1 FROM selections x WHERE x.series_instance_uid=s
 SERIES_STATE = (f"CASE WHEN {_UNPROCESSED} THEN 'stored' ELSE s.state END AS state, "
                 f"CASE WHEN {_UNPROCESSED} THEN CASE WHEN {_NOT_CHOSEN} THEN 'not chosen: another series "
                 "of the study ranks higher' ELSE 'no rule matches' END END AS reason")
-# --- evaluations (issue 15): a job's figures against a reference (`vesalius evaluate`) ------------
-EVALUATION_SCHEMA = """
-CREATE TABLE IF NOT EXISTS evaluations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id INTEGER NOT NULL REFERENCES jobs(id),
-    reference TEXT NOT NULL,                      -- what it was compared with: a SEG's UID, a file name
-    figures TEXT NOT NULL,                        -- JSON of inference.evaluation.Evaluation.to_json()
-    via TEXT NOT NULL,                            -- http | cli
-    evaluated_at TEXT NOT NULL                    -- ISO 8601 UTC
-);
-CREATE INDEX IF NOT EXISTS evaluations_job ON evaluations(job_id);
-"""
-# --- learning (issue 16): corrections received back (node.corrections), the case library (node.cases)
-LEARNING_SCHEMA = """
-CREATE TABLE IF NOT EXISTS corrections (
-    series_instance_uid TEXT PRIMARY KEY,         -- the received SEG series
-    sop_instance_uid TEXT,
-    source_series_uid TEXT,                       -- the series it segments (ReferencedSeriesSequence)
-    job_id INTEGER REFERENCES jobs(id),           -- the job it corrects (NULL: flagged, no job)
-    model TEXT,
-    model_version TEXT,                           -- the version that wrote the corrected result
-    state TEXT NOT NULL,                          -- recognised | flagged | ignored (ours)
-    verdict TEXT,                                 -- accepted | amended | rejected
-    reason TEXT,                                  -- why it was flagged or ignored
-    structures TEXT,                              -- JSON: per structure verdict, Dice, volume change
-    evaluation_id INTEGER,
-    recognised_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS corrections_job ON corrections(job_id);
-CREATE INDEX IF NOT EXISTS series_sop_class ON series(sop_class_uid);  -- the SEG series a correction may be
-CREATE TABLE IF NOT EXISTS cases (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    correction_series_uid TEXT NOT NULL UNIQUE REFERENCES corrections(series_instance_uid),
-    job_id INTEGER NOT NULL,
-    patient TEXT NOT NULL,                        -- pseudonym (deid_map), never the Patient ID
-    folder TEXT NOT NULL,                         -- under data_dir/cases
-    modality TEXT NOT NULL,
-    manufacturer TEXT NOT NULL,
-    scanner_model TEXT NOT NULL,
-    body_part TEXT NOT NULL,
-    slice_thickness REAL,
-    contrast INTEGER NOT NULL,
-    structures TEXT NOT NULL,                     -- JSON list of structure names
-    model TEXT NOT NULL,
-    model_version TEXT,
-    agreement REAL,                               -- mean Dice of ours against the correction
-    created_at TEXT NOT NULL                      -- ISO 8601 UTC
-);
-"""
-LATEST_CORRECTION = ("(SELECT json_object('series_instance_uid', c.series_instance_uid, 'verdict', "
-                     "c.verdict, 'model_version', c.model_version, 'structures', json(c.structures)) "
-                     "FROM corrections c WHERE c.state='recognised' AND c.job_id=jobs.id AND "
-                     "c.recognised_at=(SELECT MAX(y.recognised_at) FROM corrections y "
-                     "WHERE y.state='recognised' AND y.job_id=jobs.id))")
-# (no ORDER BY inside: Store.listing puts a study's WHERE before the listing's first ORDER BY)
-LATEST_EVALUATION = ("(SELECT json_object('id', e.id, 'reference', e.reference, 'evaluated_at', "
-                     "e.evaluated_at, 'figures', json(e.figures)) FROM evaluations e WHERE e.id=(SELECT "
-                     "MAX(x.id) FROM evaluations x WHERE x.job_id=jobs.id))")
-LISTINGS = {
-    "series": "SELECT series_instance_uid, study_instance_uid, modality, series_description, calling_ae, "
-              f"{SERIES_STATE}, (SELECT COUNT(*) FROM instances i WHERE "
-              "i.series_instance_uid=s.series_instance_uid) AS instances, last_received, completed_at "
-              "FROM series s ORDER BY last_received DESC LIMIT ?",
-    "jobs": "SELECT id, series_instance_uid, rule, model, destinations, state, attempts, error, stages, "
-            "created_at, updated_at, result_key, progress, (SELECT s.study_instance_uid FROM series s WHERE "
-            "s.series_instance_uid=jobs.series_instance_uid) AS study_instance_uid, (SELECT s.calling_ae "
-            "FROM series s WHERE s.series_instance_uid=jobs.series_instance_uid) AS calling_ae, "
-            f"{LATEST_EVALUATION} AS evaluation, {LATEST_CORRECTION} AS correction "
-            "FROM jobs ORDER BY id DESC LIMIT ?",
-    "deliveries": "SELECT id, job_id, destination, state, attempts, error, next_try_at, updated_at "
-                  "FROM deliveries ORDER BY id DESC LIMIT ?",
-    "studies": "SELECT st.study_instance_uid, st.selected_at, "
-               "(SELECT COUNT(*) FROM series s WHERE s.study_instance_uid=st.study_instance_uid) AS series, "
-               "(SELECT json_group_array(json_object('rule', rule, 'series_instance_uid', "
-               "series_instance_uid, 'decision', decision, 'reason', reason)) FROM selections x "
-               "WHERE x.study_instance_uid=st.study_instance_uid) AS selection "
-               "FROM studies st ORDER BY st.selected_at DESC LIMIT ?",
-}
+
+
+def listings(d: Dialect) -> dict[str, str]:
+    """The SQL of each listing in a dialect (they differ in how the JSON columns are built: a job's
+    latest evaluation and correction, a study's selection reasons; each comes back as JSON text)."""
+    correction = d.json_object("'series_instance_uid'", "c.series_instance_uid", "'verdict'", "c.verdict",
+                               "'model_version'", "c.model_version", "'structures'",
+                               d.json_column("c.structures"))
+    latest_correction = d.as_text(
+        f"(SELECT {correction} FROM corrections c WHERE c.state='recognised' AND c.job_id=jobs.id AND "
+        "c.recognised_at=(SELECT MAX(y.recognised_at) FROM corrections y "
+        "WHERE y.state='recognised' AND y.job_id=jobs.id))")
+    # (no ORDER BY inside: Store.listing puts a study's WHERE before the listing's first ORDER BY)
+    evaluation = d.json_object("'id'", "e.id", "'reference'", "e.reference", "'evaluated_at'",
+                               "e.evaluated_at", "'figures'", d.json_column("e.figures"))
+    latest_evaluation = d.as_text(
+        f"(SELECT {evaluation} FROM evaluations e WHERE e.id=(SELECT MAX(x.id) FROM evaluations x "
+        "WHERE x.job_id=jobs.id))")
+    reasons = d.json_object("'rule'", "rule", "'series_instance_uid'", "series_instance_uid", "'decision'",
+                            "decision", "'reason'", "reason")
+    selection = d.as_text(f"(SELECT {d.json_array(reasons)} FROM selections x "
+                          "WHERE x.study_instance_uid=st.study_instance_uid)")
+    return {
+        "series": "SELECT series_instance_uid, study_instance_uid, modality, series_description, calling_ae, "
+                  f"{SERIES_STATE}, (SELECT COUNT(*) FROM instances i WHERE "
+                  "i.series_instance_uid=s.series_instance_uid) AS instances, last_received, completed_at "
+                  "FROM series s ORDER BY last_received DESC LIMIT ?",
+        "jobs": "SELECT id, series_instance_uid, rule, model, destinations, state, attempts, error, stages, "
+                "created_at, updated_at, result_key, progress, (SELECT s.study_instance_uid FROM series s "
+                "WHERE s.series_instance_uid=jobs.series_instance_uid) AS study_instance_uid, (SELECT "
+                "s.calling_ae FROM series s WHERE s.series_instance_uid=jobs.series_instance_uid) "
+                "AS calling_ae, "
+                f"{latest_evaluation} AS evaluation, {latest_correction} AS correction "
+                "FROM jobs ORDER BY id DESC LIMIT ?",
+        "deliveries": "SELECT id, job_id, destination, state, attempts, error, next_try_at, updated_at "
+                      "FROM deliveries ORDER BY id DESC LIMIT ?",
+        "studies": "SELECT st.study_instance_uid, st.selected_at, "
+                   "(SELECT COUNT(*) FROM series s WHERE s.study_instance_uid=st.study_instance_uid) "
+                   "AS series, "
+                   f"{selection} AS selection "
+                   "FROM studies st ORDER BY st.selected_at DESC LIMIT ?",
+    }
+
+
+LISTINGS = listings(database.SQLITE)
 STUDY_FILTERS = {  # LISTINGS restricted to one study (the listings have no WHERE of their own)
     "series": "s.study_instance_uid=?",
     "jobs": "series_instance_uid IN (SELECT series_instance_uid FROM series WHERE study_instance_uid=?)",
@@ -318,59 +199,94 @@ def move_durably(src: Path, path: Path) -> None:
 
 
 class Store:
-    """SQLite (WAL, synchronous=FULL) plus the spool folder; one connection per thread."""
+    """The database (one connection per thread) plus the spool folder. ``url`` "" is SQLite in
+    data_dir (WAL, synchronous=FULL); a ``postgresql://`` URL is a PostgreSQL several nodes share."""
 
-    def __init__(self, data_dir: str | Path) -> None:
+    def __init__(self, data_dir: str | Path, url: str = "") -> None:
         self.data_dir = Path(data_dir).resolve()
         self.spool_dir = self.data_dir / "spool"
         self.results_dir = self.data_dir / "results"
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.results_dir.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.data_dir / "vesalius.sqlite"
+        self.db_path = self.data_dir / "vesalius.sqlite"  # SQLite's file (unused with PostgreSQL)
+        self.url = url or str(self.db_path)
         self._local = threading.local()
-        self._connection().executescript(SCHEMA + PRIVACY_SCHEMA + EVALUATION_SCHEMA  # its own transaction
-                                         + LEARNING_SCHEMA + LEASE_SCHEMA)
-        self._migrate()
-
-    def _migrate(self) -> None:
-        """Bring a database from an earlier version up to this schema, keeping its rows."""
         db = self._connection()
-        new_selection = db.execute("SELECT 1 FROM sqlite_master WHERE name='studies'").fetchone() is None
-        db.executescript(SELECTION_SCHEMA)
-        with self.transaction() as tx:
-            for table, column, kind in ADDED_COLUMNS:
-                if column not in {r["name"] for r in tx.execute(f"PRAGMA table_info({table})")}:
-                    tx.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            if new_selection:  # studies processed before study-level rules existed are not redone
-                tx.execute("INSERT OR IGNORE INTO studies SELECT study_instance_uid, MAX(completed_at) "
-                           "FROM series WHERE state='complete' GROUP BY study_instance_uid")
-        db.executescript(LISTING_INDEXES)
+        self.dialect: Dialect = db.dialect
+        self.listings = listings(self.dialect)
+        # claims (node.leases) skip rows another node is claiming; SQLite's BEGIN IMMEDIATE serialises
+        self.lock_clause = " FOR UPDATE SKIP LOCKED" if self.dialect.name == "postgres" else ""
+        adopt = {1: adopt_earlier_sqlite} if self.dialect.name == "sqlite" else {}
+        applied = database.migrate(db, before=adopt)
+        if applied:
+            log.info("database %s: migrated to version %d", database.shown(self.url), applied[-1])
 
-    def _connection(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
+    def _connection(self) -> Connection:
+        """This thread's connection; a lost one (the server restarted) is replaced."""
+        db: Connection | None = getattr(self._local, "db", None)
+        if db is not None and db.broken:
+            self._drop()
+            db = None
         if db is None:
-            db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
+            db = database.connect(self.url)
             self._local.db = db
         return db
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic, durable unit of work (BEGIN IMMEDIATE ... COMMIT)."""
+    def _drop(self) -> None:
+        db: Connection | None = getattr(self._local, "db", None)
+        self._local.db = None
+        if db is not None:
+            try:
+                db.close()
+            except database.Error:
+                pass
+
+    def _begun(self) -> Connection:
+        """A connection with a transaction begun: one stale after a server restart fails at BEGIN,
+        with nothing done, and is replaced once."""
         db = self._connection()
-        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.begin()
+        except database.OperationalError:
+            if not db.broken:
+                raise
+            self._drop()
+            db = self._connection()
+            db.begin()
+        return db
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One atomic, durable unit of work (SQLite: BEGIN IMMEDIATE ... COMMIT; PostgreSQL:
+        BEGIN ... COMMIT, read committed, synchronous_commit on)."""
+        db = self._begun()
         try:
             yield db
         except BaseException:
-            db.execute("ROLLBACK")
+            try:
+                db.rollback()
+            except database.Error:  # the connection is gone, and with it the transaction
+                self._drop()
             raise
-        db.execute("COMMIT")
+        try:
+            db.commit()
+        except database.Error:  # e.g. SQLite busy: the transaction must not stay open
+            try:
+                db.rollback()
+            except database.Error:
+                self._drop()
+            raise
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        return self._connection().execute(sql, params).fetchall()
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """Rows of one read; a read on a connection lost to a server restart is tried once more."""
+        db = self._connection()
+        try:
+            return db.execute(sql, params).fetchall()
+        except database.OperationalError:
+            if not db.broken:
+                raise
+            self._drop()
+            return self._connection().execute(sql, params).fetchall()
 
     # --- instances -----------------------------------------------------------------------------
 
@@ -420,7 +336,9 @@ class Store:
             known = db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?",
                                (sop_instance_uid,)).fetchone()
             db.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?)",
+                "INSERT INTO instances VALUES (?,?,?,?,?,?) ON CONFLICT (sop_instance_uid) DO UPDATE SET "
+                "series_instance_uid=excluded.series_instance_uid, sop_class_uid=excluded.sop_class_uid, "
+                "path=excluded.path, calling_ae=excluded.calling_ae, received_at=excluded.received_at",
                 (sop_instance_uid, info.series_instance_uid, info.sop_class_uid, str(path), calling_ae, now),
             )
             db.execute(
@@ -429,7 +347,7 @@ class Store:
                    VALUES (?,?,?,?,?,?,?,?,?,?)
                    ON CONFLICT(series_instance_uid) DO UPDATE SET
                        last_received=excluded.last_received, released_at=NULL,
-                       state=CASE WHEN state='complete' THEN 'receiving' ELSE state END""",
+                       state=CASE WHEN series.state='complete' THEN 'receiving' ELSE series.state END""",
                 (info.series_instance_uid, info.study_instance_uid, info.modality, info.sop_class_uid,
                  info.series_description, info.body_part, info.manufacturer, calling_ae, now, now),
             )
@@ -476,24 +394,21 @@ class Store:
 
     # --- jobs ------------------------------------------------------------------------------------
 
-    def add_job(self, db: sqlite3.Connection, series_uid: str, rule: str, model: str,
+    def add_job(self, db: Connection, series_uid: str, rule: str, model: str,
                 destinations: Sequence[str], result_key: str | None = None) -> int:
         """Queue a job; ``result_key`` (a study rule's) names the result set it replaces."""
         now = time.time()
-        cur = db.execute(
+        return db.insert(
             "INSERT INTO jobs (series_instance_uid, rule, model, destinations, created_at, updated_at, "
             "result_key) VALUES (?,?,?,?,?,?,?)",
-            (series_uid, rule, model, json.dumps(list(destinations)), now, now, result_key),
-        )
-        return int(cur.lastrowid or 0)
+            (series_uid, rule, model, json.dumps(list(destinations)), now, now, result_key))
 
     # A claim is a lease: the claimer's name and an expiry it renews (node.leases). Claims are taken
     # with lock_clause: " FOR UPDATE SKIP LOCKED" on PostgreSQL, so concurrent claimers skip each
-    # other's rows; "" on SQLite, where BEGIN IMMEDIATE serialises the claimers.
-    lock_clause = ""
+    # other's rows; "" on SQLite, where BEGIN IMMEDIATE serialises the claimers (set in __init__).
 
     def claim_job(self, owner: str = "", lease_seconds: float = 30.0,
-                  max_attempts: int = 0) -> sqlite3.Row | None:
+                  max_attempts: int = 0) -> Row | None:
         """Take the oldest queued job, or a running one whose lease expired (its node died), and mark
         it running under ``owner``'s lease (one attempt more). An expired one that had
         ``max_attempts`` attempts already fails instead (0: no limit): a job that kills every node
@@ -516,7 +431,7 @@ class Store:
             db.execute("UPDATE jobs SET state='running', attempts=attempts+1, progress=NULL, lease_owner=?, "
                        "lease_expires=?, error=COALESCE(?, error), updated_at=? WHERE id=?",
                        (owner, now + lease_seconds, lost, now, row["id"]))
-            claimed: sqlite3.Row | None = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+            claimed: Row | None = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
             return claimed
 
     def finish_job(self, job_id: int, result_dir: Path, stages: dict[str, float],
@@ -604,18 +519,18 @@ class Store:
             db.execute("DELETE FROM open_associations WHERE node_name=?", (name,))
             db.execute("DELETE FROM nodes WHERE node_name=?", (name,))
 
-    def job(self, job_id: int) -> sqlite3.Row | None:
+    def job(self, job_id: int) -> Row | None:
         rows = self.query("SELECT * FROM jobs WHERE id=?", (job_id,))
         return rows[0] if rows else None
 
     # --- deliveries ------------------------------------------------------------------------------
 
-    def due_deliveries(self) -> list[sqlite3.Row]:
+    def due_deliveries(self) -> list[Row]:
         return self.query(
             "SELECT d.*, j.result_dir FROM deliveries d JOIN jobs j ON j.id=d.job_id "
             "WHERE d.state='pending' AND d.next_try_at<=? ORDER BY d.next_try_at", (time.time(),))
 
-    def claim_delivery(self, owner: str = "", lease_seconds: float = 30.0) -> sqlite3.Row | None:
+    def claim_delivery(self, owner: str = "", lease_seconds: float = 30.0) -> Row | None:
         """Take the delivery due longest that no live node is sending, under ``owner``'s lease,
         with its job's result_dir. A lease that expired (its sender died mid-send) counts as a
         failed try, so the destination's max_attempts ends a delivery that kills its senders."""
@@ -633,7 +548,7 @@ class Store:
                             "expired (the node died, hung or lost the database)", row["id"]))
             db.execute("UPDATE deliveries SET lease_owner=?, lease_expires=? WHERE id=?",
                        (owner, now + lease_seconds, row["id"]))
-            claimed: sqlite3.Row | None = db.execute(
+            claimed: Row | None = db.execute(
                 "SELECT d.*, j.result_dir FROM deliveries d JOIN jobs j ON j.id=d.job_id WHERE d.id=?",
                 (row["id"],)).fetchone()
             return claimed
@@ -664,10 +579,10 @@ class Store:
                               "lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE job_id=?",
                               (time.time(), time.time(), job_id)).rowcount
 
-    def bump(self, db: sqlite3.Connection, counter: str, by: int = 1) -> None:
+    def bump(self, db: Connection, counter: str, by: int = 1) -> None:
         """Add to a monotonic counter, inside the caller's transaction."""
-        db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=value+?",
-                   (counter, by, by))
+        db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
+                   "value=counters.value+excluded.value", (counter, by))
 
     def counter(self, name: str) -> int:
         rows = self.query("SELECT value FROM counters WHERE name=?", (name,))
@@ -675,16 +590,17 @@ class Store:
 
     # --- study-level selection (issue 18) ---------------------------------------------------------
 
-    def save_facts(self, db: sqlite3.Connection, series_uid: str, facts: dict[str, Any]) -> None:
-        db.execute("INSERT OR REPLACE INTO series_facts VALUES (?,?,?)",
+    def save_facts(self, db: Connection, series_uid: str, facts: dict[str, Any]) -> None:
+        db.execute("INSERT INTO series_facts VALUES (?,?,?) ON CONFLICT (series_instance_uid) DO UPDATE SET "
+                   "facts=excluded.facts, read_at=excluded.read_at",
                    (series_uid, json.dumps(facts), time.time()))
 
-    def facts(self, db: sqlite3.Connection, series_uid: str) -> dict[str, Any] | None:
+    def facts(self, db: Connection, series_uid: str) -> dict[str, Any] | None:
         row = db.execute("SELECT facts FROM series_facts WHERE series_instance_uid=?",
                          (series_uid,)).fetchone()
         return None if row is None else dict(json.loads(row["facts"]))
 
-    def record_selection(self, db: sqlite3.Connection, study_uid: str, rule: str,
+    def record_selection(self, db: Connection, study_uid: str, rule: str,
                          decisions: Sequence[tuple[str, str, str]], now: float) -> None:
         """Replace a rule's reasons for a study: (series UID, chosen|skipped, reason) each."""
         db.execute("DELETE FROM selections WHERE study_instance_uid=? AND rule=?", (study_uid, rule))
@@ -704,18 +620,19 @@ class Store:
         selection reasons as a JSON list), for the API and `vesalius status`;
         ``study`` keeps only the rows of that Study Instance UID, ``filters`` (LISTING_FILTERS:
         state, ae, since, until, before) narrow further; None means no filter."""
-        sql, params = self.listing_sql(what, limit, study=study, **filters)
+        sql, params = self.listing_sql(what, limit, study=study, listings=self.listings, **filters)
         rows = [dict(r) for r in self.query(sql, params)]
         for row in rows:
-            if "selection" in row:  # the JSON list SQLite built, as a list
+            if "selection" in row:  # the JSON list the database built, as a list
                 row["selection"] = sorted(json.loads(row["selection"]),
                                           key=lambda d: (d["rule"], d["decision"], d["series_instance_uid"]))
         return rows
 
     @staticmethod
-    def listing_sql(what: str, limit: int, study: str | None = None,
+    def listing_sql(what: str, limit: int, study: str | None = None, listings: dict[str, str] = LISTINGS,
                     **filters: str | float | None) -> tuple[str, list[Any]]:
-        """The SQL and parameters of one listing page (the listings have no WHERE of their own)."""
+        """The SQL and parameters of one listing page (the listings have no WHERE of their own);
+        ``listings``: those of the store's dialect (Store.listings), SQLite's by default."""
         conditions: list[str] = []
         params: list[Any] = []
         if study is not None:
@@ -728,7 +645,7 @@ class Store:
                 raise ValueError(f"{what} cannot be filtered by {name}")
             conditions.append(LISTING_FILTERS[what][name])
             params.append(value)
-        sql = LISTINGS[what]
+        sql = listings[what]
         if conditions:
             sql = sql.replace(" ORDER BY", f" WHERE {' AND '.join(conditions)} ORDER BY", 1)
         return sql, [*params, limit]
@@ -749,7 +666,7 @@ class Claim(NamedTuple):
     attempt: int
 
     @staticmethod
-    def of(row: sqlite3.Row) -> Claim | None:
+    def of(row: Row) -> Claim | None:
         """The claim a row from claim_job or claim_delivery carries (None: a row not claimed)."""
         return None if row["lease_owner"] is None else Claim(str(row["lease_owner"]), int(row["attempts"]))
 
@@ -761,7 +678,7 @@ def _fence(claim: Claim | None, also: str = "") -> tuple[str, tuple[Any, ...]]:
     return f" AND {also}lease_owner=? AND attempts=?", (claim.owner, claim.attempt)
 
 
-def _mark_released(db: sqlite3.Connection, series_uids: Sequence[str], normally: Sequence[str]) -> None:
+def _mark_released(db: Connection, series_uids: Sequence[str], normally: Sequence[str]) -> None:
     clean = set(normally)
     db.executemany(
         "UPDATE series SET released_at=?, released_normally=?, associations=associations+1 "
@@ -783,51 +700,34 @@ def _process_alive(pid: int) -> bool:
         return True
 
 
-def record_progress(db_path: Path, job_id: int, stage: str, n: int, of: int) -> None:
-    """A worker process says which stage a running job has started (its own short connection:
-    the worker holds no Store); the dashboard and /jobs read it while the job runs."""
+def existing_store(data_dir: str | Path, url: str = "") -> Store:
+    """The node's store for a command (status, retry, pull, ...): with SQLite, never a new empty
+    database made by mistake in the wrong folder."""
+    from vesalius.node.checks import ConfigError
+
+    if not url and not (Path(data_dir) / "vesalius.sqlite").exists():
+        raise ConfigError(f"--data-dir: no Vesalius database in {data_dir}")
+    return Store(data_dir, url)
+
+
+def record_progress(locator: str | Path, job_id: int, stage: str, n: int, of: int) -> None:
+    """A worker process says which stage a running job has started (its own short connection to
+    the store's ``url``, a SQLite path or a PostgreSQL URL: the worker holds no Store); the
+    dashboard and /jobs read it while the job runs."""
     progress = json.dumps({"stage": stage, "n": n, "of": of, "started_at": time.time()})
-    db = sqlite3.connect(db_path, timeout=30, isolation_level=None)
+    db = database.connect(locator)
     try:
         db.execute("UPDATE jobs SET progress=? WHERE id=? AND state='running'", (progress, job_id))
     finally:
         db.close()
 
 
-# --- retention and de-identification (issue 9): their own tables ------------------------------
-
-PRIVACY_SCHEMA = """
-CREATE TABLE IF NOT EXISTS removals (               -- what retention removed, so no row lies
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,                             -- spool | results
-    series_instance_uid TEXT NOT NULL,
-    study_instance_uid TEXT,
-    job_id INTEGER,                                 -- kind results: the job whose result_dir went
-    path TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    removed_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS removals_job ON removals(job_id);
-CREATE INDEX IF NOT EXISTS removals_series ON removals(series_instance_uid);
--- a job that runs again has fresh results: its removal mark no longer applies
-CREATE TRIGGER IF NOT EXISTS removals_cleared_by_rerun AFTER UPDATE OF result_dir ON jobs
-BEGIN DELETE FROM removals WHERE kind='results' AND job_id=NEW.id; END;
-CREATE TABLE IF NOT EXISTS deid_map (               -- original <-> pseudonym, for re-identification
-    kind TEXT NOT NULL,                 -- uid | patient_id | patient_name | accession | date_offset
-    original TEXT NOT NULL,
-    pseudonym TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (kind, original),
-    UNIQUE (kind, pseudonym)
-);
-"""
-
+# --- retention and de-identification (issue 9) ------------------------------------------
 
 class DeidMapping:
     """The pseudonym table seen through one open transaction (node.deidentify.Mapping)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: Connection) -> None:
         self.db = db
 
     def pseudonym(self, kind: str, original: str, new: Any) -> str:
@@ -836,9 +736,11 @@ class DeidMapping:
                               (kind, original)).fetchone()
         if row is not None:
             return str(row[0])
-        value = str(new())
-        self.db.execute("INSERT INTO deid_map VALUES (?,?,?,?)", (kind, original, value, time.time()))
-        return value
+        # a transaction recording the same original meanwhile (PostgreSQL, read committed) wins
+        self.db.execute("INSERT INTO deid_map VALUES (?,?,?,?) ON CONFLICT (kind, original) DO NOTHING",
+                        (kind, original, str(new()), time.time()))
+        return str(self.db.execute("SELECT pseudonym FROM deid_map WHERE kind=? AND original=?",
+                                   (kind, original)).fetchone()[0])
 
     def original(self, kind: str, pseudonym: str) -> str | None:
         row = self.db.execute("SELECT original FROM deid_map WHERE kind=? AND pseudonym=?",
@@ -853,71 +755,14 @@ def deid_mapping(store: Store) -> Iterator[DeidMapping]:
         yield DeidMapping(db)
 
 
-def removal_of_results(store: Store, job_id: int) -> sqlite3.Row | None:
+def removal_of_results(store: Store, job_id: int) -> Row | None:
     """Why a job has no results any more (retention removed them), or None."""
     rows = store.query("SELECT * FROM removals WHERE kind='results' AND job_id=? "
                        "ORDER BY id DESC LIMIT 1", (job_id,))
     return rows[0] if rows else None
 
 
-def removal_of_spool(store: Store, series_uid: str) -> sqlite3.Row | None:
+def removal_of_spool(store: Store, series_uid: str) -> Row | None:
     rows = store.query("SELECT * FROM removals WHERE kind='spool' AND series_instance_uid=? "
                        "ORDER BY id DESC LIMIT 1", (series_uid,))
     return rows[0] if rows else None
-
-
-# --- pull jobs (issue 19): what `vesalius pull` asked for and how far each study got ---------
-PULL_SCHEMA = """
-CREATE TABLE IF NOT EXISTS pull_jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    source TEXT NOT NULL,                         -- a [[sources]] name
-    query TEXT NOT NULL,                          -- JSON of node.pull.query.PullQuery
-    state TEXT NOT NULL DEFAULT 'queued',         -- queued | running | paused | done | cancelled | failed
-    error TEXT,
-    requested_by TEXT NOT NULL,                   -- OS user or token name
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS pull_studies (
-    job_id INTEGER NOT NULL REFERENCES pull_jobs(id),
-    study_instance_uid TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'queried',        -- queried | retrieving | received | processed |
-                                                  -- failed | cancelled
-    reason TEXT,
-    study_date TEXT NOT NULL DEFAULT '',
-    modalities TEXT NOT NULL DEFAULT '',          -- of the series to pull, e.g. 'CT'
-    received_at REAL,                             -- its last instance arrived (processed means after it)
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (job_id, study_instance_uid)
-);
-CREATE TABLE IF NOT EXISTS pull_series (
-    job_id INTEGER NOT NULL REFERENCES pull_jobs(id),
-    study_instance_uid TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'queried',        -- queried | retrieving | received | failed
-    reason TEXT,
-    modality TEXT NOT NULL DEFAULT '',
-    expected INTEGER,                             -- instances the source lists
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (job_id, series_instance_uid)
-);
-"""
-SCHEMA += PULL_SCHEMA
-
-# --- longitudinal (issue 16): each structure's volume per pseudonymous patient (node.longitudinal)
-LONGITUDINAL_SCHEMA = """
-CREATE TABLE IF NOT EXISTS volume_history (
-    job_id INTEGER NOT NULL REFERENCES jobs(id),
-    patient TEXT NOT NULL,                        -- pseudonym (deid_map patient_id), never the Patient ID
-    study_instance_uid TEXT NOT NULL,
-    study_date TEXT NOT NULL,                     -- YYYYMMDD, the study's own date
-    structure TEXT NOT NULL,                      -- the model's name for it
-    concept TEXT NOT NULL,                        -- its coded concept, scheme:value (what priors match on)
-    volume_ml REAL NOT NULL,
-    complete INTEGER NOT NULL,                    -- 0: the scan cuts the structure
-    recorded_at REAL NOT NULL,
-    PRIMARY KEY (job_id, structure)
-);
-CREATE INDEX IF NOT EXISTS volume_history_patient ON volume_history(patient, concept, study_date);
-"""
-SCHEMA += LONGITUDINAL_SCHEMA

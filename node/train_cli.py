@@ -11,7 +11,7 @@ from typing import Any
 from vesalius.node.cases import META_FILE, CaseFilter, cases
 from vesalius.node.checks import ConfigError
 from vesalius.node.config import load_config
-from vesalius.node.store import Store
+from vesalius.node.store import existing_store
 
 FILTER_KEYS = {"structure": str, "scanner": str, "since": str, "until": str, "min-agreement": float,
                "max-agreement": float}
@@ -62,10 +62,8 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--model: {args.model!r} is not a [[models]] entry of kind bundle "
                           f"(configured: {', '.join(sorted(config.models)) or 'none'})")
     data_dir = Path(args.data_dir or config.data_dir)
-    if not (data_dir / "vesalius.sqlite").exists():
-        raise ConfigError(f"--data-dir: no Vesalius database in {data_dir}")
     library = []
-    for case in cases(Store(data_dir), parse_filter(args.cases)):
+    for case in cases(existing_store(data_dir, config.database.url), parse_filter(args.cases)):
         meta = json.loads((Path(case["folder"]) / META_FILE).read_text())
         library.append(TrainingCase(f"case-{case['id']:06d}", Path(case["folder"]) / "image.nii.gz",
                                     Path(case["folder"]) / "label.nii.gz",

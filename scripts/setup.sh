@@ -14,6 +14,8 @@ command -v npm >/dev/null || packages="$packages npm"
 [[ ",$extras," == *",test,"* ]] && packages="$packages orthanc orthanc-python orthanc-dicomweb"
 # ... and a real browser for the OHIF and dashboard tests (tests/test_ohif.py, tests/test_dashboard.py)
 [[ ",$extras," == *",test,"* ]] && packages="$packages chromium"
+# ... and a real PostgreSQL for the shared-store tests (tests/postgres_peer.py runs its own initdb)
+[[ ",$extras," == *",test,"* ]] && packages="$packages postgresql"
 if ! dpkg -s $packages >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
@@ -23,6 +25,11 @@ if ! dpkg -s $packages >/dev/null 2>&1; then
         printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
         $SUDO chmod +x /usr/sbin/policy-rc.d
         own_policy=1
+    fi
+    # ... nor create a system PostgreSQL cluster: the tests make their own in a temporary folder
+    if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+        $SUDO mkdir -p /etc/postgresql-common
+        echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
     fi
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $packages >/dev/null
     [ -z "$own_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d

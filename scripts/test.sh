@@ -2,7 +2,7 @@
 # Set up with every extra and run the whole test suite (what CI runs): lint, types, layers, tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh test,ai,ray
+scripts/setup.sh test,ai,ray,postgres
 .venv/bin/ruff check .
 # mypy cannot follow the editable install's import hook: give it the folders as vesalius.* links
 mkdir -p .mypy_path/vesalius

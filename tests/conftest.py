@@ -27,3 +27,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# A real PostgreSQL, one server per session (tests/postgres_peer.py); the store's tests run on both
+from tests.postgres_peer import postgres_server  # noqa: E402, F401  (a fixture)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """The ``[database] url`` of a store under test, once per backend: "" (SQLite in data_dir)
+    and a fresh database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return ""
+    return str(request.getfixturevalue("postgres_server").new_database())

@@ -72,8 +72,9 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Dataset], list[
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "node")
+def store(database_url: str, tmp_path: Path) -> Store:
+    """The pseudonym table on SQLite and on PostgreSQL."""
+    return Store(tmp_path / "node", database_url)
 
 
 def _walk(ds: Dataset, path: tuple = ()) -> Iterator[tuple[tuple, pydicom.DataElement]]:

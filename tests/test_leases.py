@@ -32,8 +32,9 @@ def _expire() -> None:
     time.sleep(SHORT + 0.1)
 
 
-def test_a_dead_nodes_job_is_taken_over_and_its_late_result_refused(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_a_dead_nodes_job_is_taken_over_and_its_late_result_refused(
+        database_url: str, tmp_path: Path) -> None:
+    store = Store(tmp_path, database_url)
     job = _job(store)
     a = store.claim_job("A", SHORT, max_attempts=3)
     assert a is not None and (a["id"], a["lease_owner"], a["attempts"]) == (job, "A", 1)
@@ -54,8 +55,8 @@ def test_a_dead_nodes_job_is_taken_over_and_its_late_result_refused(tmp_path: Pa
     assert store.query("SELECT COUNT(*) FROM deliveries")[0][0] == 1
 
 
-def test_a_job_whose_nodes_keep_dying_fails_after_job_attempts(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_a_job_whose_nodes_keep_dying_fails_after_job_attempts(database_url: str, tmp_path: Path) -> None:
+    store = Store(tmp_path, database_url)
     job = _job(store)
     for node in ("A", "B"):
         assert store.claim_job(node, SHORT, max_attempts=2)["id"] == job
@@ -66,8 +67,9 @@ def test_a_job_whose_nodes_keep_dying_fails_after_job_attempts(tmp_path: Path) -
     assert "attempt 2 on node B ended without a result: its lease expired" in row["error"]
 
 
-def test_the_heartbeat_keeps_a_long_job_and_a_delivery_and_notices_a_takeover(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_the_heartbeat_keeps_a_long_job_and_a_delivery_and_notices_a_takeover(
+        database_url: str, tmp_path: Path) -> None:
+    store = Store(tmp_path, database_url)
     job = _job(store)
     leases = Leases(store, "A", BEAT)
     leases.register()
@@ -90,8 +92,9 @@ def test_the_heartbeat_keeps_a_long_job_and_a_delivery_and_notices_a_takeover(tm
     assert sorted(leases.renew()) == [f"deliveries {delivery['id']}", f"jobs {job}"]
 
 
-def test_a_dead_senders_delivery_is_taken_over_and_its_late_outcome_refused(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_a_dead_senders_delivery_is_taken_over_and_its_late_outcome_refused(
+        database_url: str, tmp_path: Path) -> None:
+    store = Store(tmp_path, database_url)
     job = _job(store)
     store.finish_job(job, tmp_path, {}, ["pacs"])
     a = store.claim_delivery("A", SHORT)
@@ -107,10 +110,10 @@ def test_a_dead_senders_delivery_is_taken_over_and_its_late_outcome_refused(tmp_
     assert store.claim_delivery("C", SHORT) is None
 
 
-def test_a_rerun_revokes_the_claim_of_a_delivery_in_flight(tmp_path: Path) -> None:
+def test_a_rerun_revokes_the_claim_of_a_delivery_in_flight(database_url: str, tmp_path: Path) -> None:
     """The job ran again while its old results were being sent: the old try's outcome is not
     recorded, and the new results are due at once."""
-    store = Store(tmp_path)
+    store = Store(tmp_path, database_url)
     job = _job(store)
     store.finish_job(job, tmp_path, {}, ["pacs"])
     sending = store.claim_delivery("A", 30)
@@ -120,8 +123,8 @@ def test_a_rerun_revokes_the_claim_of_a_delivery_in_flight(tmp_path: Path) -> No
     assert again is not None and again["id"] == sending["id"]
 
 
-def test_start_up_takes_back_only_this_nodes_claims(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_start_up_takes_back_only_this_nodes_claims(database_url: str, tmp_path: Path) -> None:
+    store = Store(tmp_path, database_url)
     mine, theirs, legacy = _job(store), _job(store), _job(store)
     assert store.claim_job("A", 30)["id"] == mine
     assert store.claim_job("B", 30)["id"] == theirs
@@ -137,12 +140,12 @@ def test_start_up_takes_back_only_this_nodes_claims(tmp_path: Path) -> None:
     assert store.claim_delivery("B", 30)["id"] == delivery["id"]  # free again at once
 
 
-def test_claims_from_several_nodes_at_once_take_each_job_once(tmp_path: Path) -> None:
-    jobs = {_job(Store(tmp_path), f"1.2.{i}") for i in range(30)}
+def test_claims_from_several_nodes_at_once_take_each_job_once(database_url: str, tmp_path: Path) -> None:
+    jobs = {_job(Store(tmp_path, database_url), f"1.2.{i}") for i in range(30)}
     taken: dict[str, list[int]] = {}
 
     def node(name: str) -> None:
-        store = Store(tmp_path)
+        store = Store(tmp_path, database_url)
         mine = taken.setdefault(name, [])
         while (job := store.claim_job(name, 30)) is not None:
             mine.append(job["id"])
@@ -156,8 +159,8 @@ def test_claims_from_several_nodes_at_once_take_each_job_once(tmp_path: Path) ->
     assert sorted(claims) == sorted(jobs)  # every job once, none twice
 
 
-def test_a_second_live_node_of_the_same_name_is_refused(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_a_second_live_node_of_the_same_name_is_refused(database_url: str, tmp_path: Path) -> None:
+    store = Store(tmp_path, database_url)
     other = subprocess.Popen(["sleep", "60"])  # a live process of this host: "another node A"
     try:
         with store.transaction() as db:
@@ -196,8 +199,9 @@ def _due(store: Store, now: float) -> list[str]:
     return complete_due_series(store, parse_config(CONFIG), now=now)
 
 
-def test_two_listeners_one_series_completes_once_after_the_last_association(tmp_path: Path) -> None:
-    a, b = Store(tmp_path), Store(tmp_path)
+def test_two_listeners_one_series_completes_once_after_the_last_association(
+        database_url: str, tmp_path: Path) -> None:
+    a, b = Store(tmp_path, database_url), Store(tmp_path, database_url)
     a.open_association("A", "1", UID)
     _store_instance(a, 1)
     b.open_association("B", "1", UID)
@@ -214,8 +218,8 @@ def test_two_listeners_one_series_completes_once_after_the_last_association(tmp_
     assert a.query("SELECT COUNT(*) FROM jobs")[0][0] == 1
 
 
-def test_a_dead_listeners_open_association_does_not_hold_a_series(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_a_dead_listeners_open_association_does_not_hold_a_series(database_url: str, tmp_path: Path) -> None:
+    store = Store(tmp_path, database_url)
     store.open_association("A", "1", UID)  # A dies: its row is renewed no more
     with store.transaction() as db:
         db.execute("UPDATE open_associations SET last_seen=?", (time.time() - LEASE - 1,))
@@ -225,12 +229,13 @@ def test_a_dead_listeners_open_association_does_not_hold_a_series(tmp_path: Path
     assert _due(store, time.time()) == [UID]  # one association, released: at once
 
 
-def test_completion_in_several_nodes_at_once_makes_one_job(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_completion_in_several_nodes_at_once_makes_one_job(database_url: str, tmp_path: Path) -> None:
+    store = Store(tmp_path, database_url)
     _store_instance(store, 1)
     store.mark_released([UID])
     later, done = time.time() + 6, []
-    threads = [threading.Thread(target=lambda: done.extend(_due(Store(tmp_path), later))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: done.extend(_due(Store(tmp_path, database_url), later)))
+               for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:

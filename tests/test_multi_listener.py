@@ -49,20 +49,30 @@ def phantom(folder: Path, slices: int = 24, size: int = 96) -> PhantomSeries:
 
 @dataclass
 class Cluster:
-    """Listeners A and B on one data folder (spool + SQLite), delivering to one storescp."""
+    """Listeners A and B on one data folder (the spool; SQLite there, or one PostgreSQL:
+    ``url``), delivering to one storescp."""
 
     tmp: Path
     stack: ExitStack
     pacs_folder: Path
     pacs: str
+    url: str = ""  # [database] url: "" = SQLite in the shared data folder
     nodes: dict[str, NodeProcess] = field(default_factory=dict)
 
     @property
     def data(self) -> Path:
         return self.tmp / "shared-data"
 
+    @property
+    def database(self) -> str:
+        """The nodes' [database] table."""
+        return f'[database]\nurl = "{self.url}"\n' if self.url else ""
+
+    def store(self) -> Store:
+        return Store(self.data, self.url)
+
     def start(self, name: str) -> NodeProcess:
-        config = NODE.format(name=name, lease=LEASE)
+        config = NODE.format(name=name, lease=LEASE) + self.database
         self.nodes[name] = self.stack.enter_context(vesalius_node(self.tmp, data_dir=self.data,
                                                                   destinations=[self.pacs], config=config))
         return self.nodes[name]
@@ -79,15 +89,15 @@ class Cluster:
         node.proc.wait(10)
 
     def jobs(self, series_uid: str) -> list[dict]:
-        return [dict(r) for r in Store(self.data).query("SELECT * FROM jobs WHERE series_instance_uid=?",
-                                                         (series_uid,))]
+        return [dict(r) for r in self.store().query("SELECT * FROM jobs WHERE series_instance_uid=?",
+                                                    (series_uid,))]
 
     def delivered(self, series_uid: str) -> bool:
         """The series' one job done and its delivery done."""
         jobs = self.jobs(series_uid)
         if len(jobs) != 1 or jobs[0]["state"] != "done":
             return False
-        rows = Store(self.data).query("SELECT state FROM deliveries WHERE job_id=?", (jobs[0]["id"],))
+        rows = self.store().query("SELECT state FROM deliveries WHERE job_id=?", (jobs[0]["id"],))
         return [r["state"] for r in rows] == ["done"]
 
     def received(self, study_uid: str) -> Counter[str]:
@@ -108,8 +118,10 @@ class Cluster:
         return "".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob("node-*.log")))
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Both listeners on SQLite in the shared folder, then on one real PostgreSQL."""
+    url = request.getfixturevalue("postgres_server").new_database() if request.param == "postgres" else ""
     tmp = tmp_path_factory.mktemp("cluster")
     folder, port = tmp / "pacs", free_port()
     folder.mkdir()
@@ -117,7 +129,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with ExitStack() as stack:
         stack.enter_context(running(cmd, tmp / "storescp.log", DCMTK_ENV))
         wait_for(lambda: port_open(port), 10, "storescp to listen")
-        cluster = Cluster(tmp, stack, folder, f"PACS@127.0.0.1:{port}")
+        cluster = Cluster(tmp, stack, folder, f"PACS@127.0.0.1:{port}", url=url)
         cluster.running()
         yield cluster
 
@@ -150,7 +162,7 @@ def test_a_series_split_over_both_listeners_is_one_job_delivered_once(cluster: C
         for path in series.paths[half:]:
             assert to_a.send_c_store(pydicom.dcmread(path)).Status == 0
     cluster.assert_delivered_once(series)
-    store = Store(cluster.data)
+    store = cluster.store()
     assert store.query("SELECT COUNT(*) FROM instances WHERE series_instance_uid=?",
                        (series.series_uid,))[0][0] == len(series.paths)
     assert cluster.log().count(f"series complete series={series.series_uid}") == 1
@@ -178,7 +190,7 @@ def test_several_series_sent_to_both_listeners_at_once_are_each_processed_once(
 def test_a_second_node_with_a_live_nodes_name_refuses_to_start(cluster: Cluster) -> None:
     cluster.running()
     config = cluster.tmp / "twin.toml"
-    config.write_text('host = "127.0.0.1"\n' + NODE.format(name="A", lease=LEASE))
+    config.write_text('host = "127.0.0.1"\n' + NODE.format(name="A", lease=LEASE) + cluster.database)
     twin = subprocess.run([sys.executable, "-m", "vesalius.node.cli", "serve", "--config", str(config),
                            "--port", str(free_port()), "--http-port", str(free_port()),
                            "--data-dir", str(cluster.data)], capture_output=True, text=True, timeout=120)
@@ -223,7 +235,7 @@ def test_a_listener_killed_mid_association_leaves_what_it_acknowledged_to_the_ot
     acknowledged = len(re.findall(r"Received Store Response \(Success\)", output))
     assert 0 < acknowledged < len(in_order)
     cluster.assert_delivered_once(series)  # completed by stability_timeout at B, run and sent by B
-    store = Store(cluster.data)
+    store = cluster.store()
     stored = store.query("SELECT COUNT(*) FROM instances WHERE series_instance_uid=?", (series.series_uid,))
     assert acknowledged <= stored[0][0] < len(in_order)
     [job] = cluster.jobs(series.series_uid)

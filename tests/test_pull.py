@@ -173,8 +173,8 @@ def test_window_wraps_past_midnight_and_refuses_nonsense() -> None:
                                   {"name": "a", "kind": "dicomweb", "url": "http://h/dicom-web"}]})
 
 
-def test_pause_resume_cancel_move_a_job_between_states(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_pause_resume_cancel_move_a_job_between_states(database_url: str, tmp_path: Path) -> None:
+    store = Store(tmp_path, database_url)
     job = jobs.create_job(store, "archive", PullQuery(), "tester")
     assert jobs.act(store, job, "resume")[0] == 409  # only a paused job resumes
     assert jobs.act(store, job, "pause") == (200, {"pull": job, "state": "paused"})

@@ -42,15 +42,15 @@ def _ended_at(store: Store, uid: str) -> float:
     return float(store.query("SELECT released_at FROM series WHERE series_instance_uid=?", (uid,))[0][0])
 
 
-def test_one_released_association_completes_at_once(tmp_path: Path) -> None:
-    store, config = Store(tmp_path / "data"), parse_config(CONFIG)
+def test_one_released_association_completes_at_once(database_url: str, tmp_path: Path) -> None:
+    store, config = Store(tmp_path / "data", database_url), parse_config(CONFIG)
     uid = _store(store, _series(tmp_path, "a"))
     store.mark_released([uid], normally=[uid])
     assert complete_due_series(store, config, now=_received_at(store, uid)) == [uid]
 
 
-def test_aborted_association_waits_the_quiet_period(tmp_path: Path) -> None:
-    store, config = Store(tmp_path / "data"), parse_config(CONFIG)
+def test_aborted_association_waits_the_quiet_period(database_url: str, tmp_path: Path) -> None:
+    store, config = Store(tmp_path / "data", database_url), parse_config(CONFIG)
     uid = _store(store, _series(tmp_path, "a"))
     store.mark_released([uid])  # aborted, dropped, or another association was still sending it
     ended = _ended_at(store, uid)
@@ -59,8 +59,8 @@ def test_aborted_association_waits_the_quiet_period(tmp_path: Path) -> None:
 
 
 def test_a_series_over_several_associations_waits_and_so_does_its_sender_afterwards(
-        tmp_path: Path) -> None:
-    store, config = Store(tmp_path / "data"), parse_config(CONFIG)
+        database_url: str, tmp_path: Path) -> None:
+    store, config = Store(tmp_path / "data", database_url), parse_config(CONFIG)
     first, second = _series(tmp_path, "a", n=3), _series(tmp_path, "b")
     uid = _store(store, first[:1], "MULTI")
     store.mark_released([uid], normally=[uid])
@@ -77,8 +77,9 @@ def test_a_series_over_several_associations_waits_and_so_does_its_sender_afterwa
     assert complete_due_series(store, config, now=_received_at(store, fresh)) == [fresh]
 
 
-def test_complete_on_release_off_keeps_the_quiet_period(tmp_path: Path) -> None:
-    store, config = Store(tmp_path / "data"), parse_config({**CONFIG, "complete_on_release": False})
+def test_complete_on_release_off_keeps_the_quiet_period(database_url: str, tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", database_url)
+    config = parse_config({**CONFIG, "complete_on_release": False})
     uid = _store(store, _series(tmp_path, "a"))
     store.mark_released([uid], normally=[uid])
     assert complete_due_series(store, config, now=_ended_at(store, uid) + 1) == []

@@ -55,8 +55,8 @@ def removed(report: dict) -> set[tuple[str, str]]:
     return {(r["kind"], r["series_instance_uid"]) for r in report["removed"]}
 
 
-def test_delivered_data_goes_after_its_days_undelivered_never(tmp_path: Path) -> None:
-    store = Store(tmp_path / "data")
+def test_delivered_data_goes_after_its_days_undelivered_never(database_url: str, tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", database_url)
     for uid in ("1.1", "1.2", "1.3", "1.4", "1.5", "1.6"):
         add_series(store, uid)
     done = add_job(store, "1.1", {"pacs": "done", "cloud": "done"})
@@ -105,8 +105,8 @@ def test_resend_of_removed_results_says_why(tmp_path: Path) -> None:
     assert store.query("SELECT state FROM deliveries WHERE job_id=?", (job,))[0]["state"] == "done"
 
 
-def test_high_water_removes_oldest_first_until_above(tmp_path: Path) -> None:
-    store = Store(tmp_path / "data")
+def test_high_water_removes_oldest_first_until_above(database_url: str, tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", database_url)
     for uid in ("3.1", "3.2", "3.3", "3.4"):  # oldest first
         add_series(store, uid)
         add_job(store, uid, {"pacs": "done"})
@@ -214,10 +214,11 @@ def test_retry_of_a_removed_series_says_why(tmp_path: Path) -> None:
     assert store.job(job)["state"] == "done"
 
 
-def test_results_folder_shared_by_a_rerun_goes_only_with_its_newest_job(tmp_path: Path) -> None:
+def test_results_folder_shared_by_a_rerun_goes_only_with_its_newest_job(
+        database_url: str, tmp_path: Path) -> None:
     """A series received again writes its new job's results into the same (series, model) folder:
     the old job's age must not remove the new job's undelivered results."""
-    store = Store(tmp_path / "data")
+    store = Store(tmp_path / "data", database_url)
     add_series(store, "6.1")
     old = add_job(store, "6.1", {"pacs": "done"})
     with store.transaction() as db:  # the old delivery settled long ago
@@ -233,10 +234,10 @@ def test_results_folder_shared_by_a_rerun_goes_only_with_its_newest_job(tmp_path
     assert removal_of_results(store, old) is not None and removal_of_results(store, new) is not None
 
 
-def test_cleanup_sweeps_stale_deidentified_copies(tmp_path: Path) -> None:
+def test_cleanup_sweeps_stale_deidentified_copies(database_url: str, tmp_path: Path) -> None:
     import os
 
-    store = Store(tmp_path / "data")
+    store = Store(tmp_path / "data", database_url)
     stale, fresh = store.data_dir / ".deid-crashed", store.data_dir / ".deid-running"
     for folder in (stale, fresh):
         folder.mkdir()

@@ -10,13 +10,14 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from tests.earlier_schema import EARLIER_SQLITE_SCHEMA
 from tests.study_phantoms import ct_study, reconstruction
 from tests.test_volume import write_enhanced
 from vesalius.dicom_out.identity import Algorithm, derived_uid
 from vesalius.node.config import ConfigError, Rule, parse_config
 from vesalius.node.routing import SeriesFacts, rule_matches, select_series, why_not
 from vesalius.node.series import complete_due_series, read_facts, result_key, select_due_studies
-from vesalius.node.store import SCHEMA, SeriesInfo, Store
+from vesalius.node.store import SeriesInfo, Store
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 DEFAULT = Rule(name="ct")
@@ -149,8 +150,9 @@ def jobs(store: Store) -> list[dict]:
     return [dict(r) for r in store.query("SELECT * FROM jobs ORDER BY id")]
 
 
-def test_one_job_per_study_after_the_study_is_quiet_and_late_series_replace(exam, tmp_path: Path) -> None:
-    store = Store(tmp_path / "data")
+def test_one_job_per_study_after_the_study_is_quiet_and_late_series_replace(
+        database_url: str, exam, tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", database_url)
     config = parse_config({"quiet_period": 1, "study_quiet_period": 5,
                            "rules": [{"name": "ct"}, {"name": "each", "select": "all", "trigger": "series",
                                                       "exclude_image_type": []}]})
@@ -192,8 +194,8 @@ def test_one_job_per_study_after_the_study_is_quiet_and_late_series_replace(exam
     assert reasons[exam.series["thin"].series_uid].endswith("ranks higher on thinnest")
 
 
-def test_a_study_with_a_series_still_receiving_waits(exam, tmp_path: Path) -> None:
-    store = Store(tmp_path / "data")
+def test_a_study_with_a_series_still_receiving_waits(database_url: str, exam, tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", database_url)
     config = parse_config({"quiet_period": 1, "study_quiet_period": 2})
     t0 = time.time()
     receive(store, exam.series["thin"], t0)
@@ -213,7 +215,7 @@ def test_an_earlier_database_is_migrated_without_redoing_its_studies(exam, tmp_p
     data = tmp_path / "old"
     data.mkdir()
     old = sqlite3.connect(data / "vesalius.sqlite")
-    old.executescript(SCHEMA)  # the schema before this version: jobs without result_key
+    old.executescript(EARLIER_SQLITE_SCHEMA)  # jobs without result_key
     old.execute("INSERT INTO series VALUES ('9.1','9','CT',?,'','','','SCANNER','complete',1,1,1,2)", (CT,))
     old.execute("INSERT INTO jobs (series_instance_uid, rule, model, destinations, state, created_at, "
                 "updated_at) VALUES ('9.1','ct','builtin_ct','[]','done',2,2)")
@@ -234,8 +236,8 @@ def test_study_results_have_one_set_of_uids_whichever_series() -> None:
         "1.2.3", Algorithm("builtin_ct", "1", result_key="study/1.2/other"), "seg/instance")
 
 
-def test_select_all_processes_a_late_matching_series_only(exam, tmp_path: Path) -> None:
-    store = Store(tmp_path / "data")
+def test_select_all_processes_a_late_matching_series_only(database_url: str, exam, tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", database_url)
     config = parse_config({"quiet_period": 1, "study_quiet_period": 2,
                            "rules": [{"name": "ct", "select": "all"}]})
     t0 = time.time()
@@ -252,8 +254,9 @@ def test_select_all_processes_a_late_matching_series_only(exam, tmp_path: Path) 
                                                                exam.series["lung"].series_uid]
 
 
-def test_a_series_removed_by_retention_still_outranks_a_worse_late_one(exam, tmp_path: Path) -> None:
-    store = Store(tmp_path / "data")
+def test_a_series_removed_by_retention_still_outranks_a_worse_late_one(
+        database_url: str, exam, tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", database_url)
     config = parse_config({"quiet_period": 1, "study_quiet_period": 2})
     t0 = time.time()
     receive(store, exam.series["thin"], t0)

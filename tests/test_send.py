@@ -87,14 +87,15 @@ def test_destination_down_then_back(tmp_path: Path, result_dir: Path) -> None:
     assert received == sent and len(sent) == 4  # BINARY SEG, surfaces, SR, preview by default
 
 
-def test_delivery_survives_a_restart(tmp_path: Path, result_dir: Path) -> None:
+def test_delivery_survives_a_restart(database_url: str, tmp_path: Path, result_dir: Path) -> None:
     config = Config(destinations=(Destination("pacs", "PACS", "127.0.0.1", free_port()),),
                     retry=Retry(base_delay=0.2, max_delay=0.2))
-    store = Store(tmp_path / "data")
+    store = Store(tmp_path / "data", database_url)
     delivery_id = queued_delivery(store, result_dir, "pacs")
-    assert delivery(Store(tmp_path / "data"), delivery_id)["state"] == "pending"  # a new process sees it
+    reopened = Store(tmp_path / "data", database_url)  # as a new process opens it
+    assert delivery(reopened, delivery_id)["state"] == "pending"
     with storescp(tmp_path / "pacs", port=config.destinations[0].port) as pacs:
-        with sender_for(Store(tmp_path / "data"), config):
+        with sender_for(Store(tmp_path / "data", database_url), config):
             wait_for(lambda: delivery(store, delivery_id)["state"] == "done", 20, "the delivery")
         assert len(pacs.files()) == 4
 
@@ -112,11 +113,12 @@ def refusing_scp(port: int) -> Iterator[None]:
         server.shutdown()
 
 
-def test_permanent_refusal_ends_failed_without_looping(tmp_path: Path, result_dir: Path) -> None:
+def test_permanent_refusal_ends_failed_without_looping(
+        database_url: str, tmp_path: Path, result_dir: Path) -> None:
     port = free_port()
     config = Config(destinations=(Destination("picky", "PICKY", "127.0.0.1", port),),
                     retry=Retry(base_delay=0.2, max_delay=0.2, max_attempts=100))
-    store = Store(tmp_path / "data")
+    store = Store(tmp_path / "data", database_url)
     delivery_id = queued_delivery(store, result_dir, "picky")
     with refusing_scp(port), sender_for(store, config):
         wait_for(lambda: delivery(store, delivery_id)["state"] == "failed", 20, "the failed state")
@@ -167,11 +169,12 @@ def test_label_map_skipped_when_not_accepted(tmp_path: Path, result_dir: Path) -
     assert received == [CTImageStorage] * 4  # SEG, surfaces, SR, preview
 
 
-def test_per_destination_attempts_override_the_default(tmp_path: Path, result_dir: Path) -> None:
+def test_per_destination_attempts_override_the_default(
+        database_url: str, tmp_path: Path, result_dir: Path) -> None:
     closed = free_port()
     config = Config(destinations=(Destination("flaky", "PACS", "127.0.0.1", closed, max_attempts=2),),
                     retry=Retry(base_delay=0.1, max_delay=0.1, max_attempts=100))
-    store = Store(tmp_path / "data")
+    store = Store(tmp_path / "data", database_url)
     delivery_id = queued_delivery(store, result_dir, "flaky")
     with sender_for(store, config):
         wait_for(lambda: delivery(store, delivery_id)["state"] == "failed", 20, "the failed state")

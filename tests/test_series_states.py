@@ -33,8 +33,9 @@ def receive(store: Store, paths: list[Path], modality: str, at_time: float) -> s
     return uid
 
 
-def test_unrouted_series_are_stored_with_the_reason(shared_data: Path, tmp_path: Path) -> None:
-    store = Store(tmp_path / "data")
+def test_unrouted_series_are_stored_with_the_reason(
+        database_url: str, shared_data: Path, tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", database_url)
     config = parse_config({"quiet_period": 1, "study_quiet_period": 5})  # the default study rule
     t0 = time.time()
     mr = write_nifti_as_dicom_series(shared_data / "totalseg-examples" / "example_mr_sm.nii.gz",
@@ -58,13 +59,15 @@ def test_unrouted_series_are_stored_with_the_reason(shared_data: Path, tmp_path:
     assert [r["state"] for r in store.listing("series", study=study)].count("stored") == 2
     assert store.query("SELECT COUNT(*) FROM series WHERE state='complete'")[0][0] == 3  # as stored
 
-    status = subprocess.run([sys.executable, "-m", "vesalius.node.cli", "status", "--json",
-                             "--data-dir", str(tmp_path / "data")], capture_output=True, text=True,
-                            timeout=120)
+    config_file = tmp_path / "vesalius.toml"  # the command finds the node's database as the node does
+    config_file.write_text(f'[database]\nurl = "{database_url}"\n')
+    where = ["--data-dir", str(tmp_path / "data"), "--config", str(config_file)]
+    status = subprocess.run([sys.executable, "-m", "vesalius.node.cli", "status", "--json", *where],
+                            capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     rows = {r["series_instance_uid"]: r for r in json.loads(status.stdout)["series"]}
     assert (rows[uids["mr"]]["state"], rows[uids["mr"]]["reason"]) == ("stored", "no rule matches")
-    text = subprocess.run([sys.executable, "-m", "vesalius.node.cli", "status", "--data-dir",
-                           str(tmp_path / "data")], capture_output=True, text=True, timeout=120).stdout
+    text = subprocess.run([sys.executable, "-m", "vesalius.node.cli", "status", *where],
+                          capture_output=True, text=True, timeout=120).stdout
     [line] = [x for x in text.splitlines() if uids["mr"] in x and " MR " in x]
     assert "stored" in line and line.endswith("no rule matches")

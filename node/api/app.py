@@ -19,6 +19,7 @@ from vesalius.node.api.metrics import metrics_endpoint
 from vesalius.node.api.results import result_routes
 from vesalius.node.api.routes import action_routes, listing_routes, process_routes, public_routes
 from vesalius.node.audit import Audit
+from vesalius.node.database import OperationalError
 from vesalius.node.store import Store
 
 
@@ -37,7 +38,13 @@ def create_app(store: Store, tokens: Tokens, trail: Audit, *, metrics_public: bo
     (public if metrics_public else protected).append(metrics)
     guard = Middleware(TokenGuard, tokens=tokens, trail=trail)
     guarded = Mount("", app=Router(protected), middleware=[guard])
-    return Starlette(routes=[*public, guarded], exception_handlers={HTTPException: json_error})
+    return Starlette(routes=[*public, guarded], exception_handlers={HTTPException: json_error,
+                                                                    OperationalError: database_down})
+
+
+async def database_down(request: Request, exc: Exception) -> Response:
+    """The database is unreachable (restarting): 503, so a client or load balancer retries."""
+    return JSONResponse({"error": "database unavailable"}, status_code=503, headers={"Retry-After": "2"})
 
 
 async def json_error(request: Request, exc: Exception) -> Response:

@@ -98,11 +98,12 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     data_dir = Path(args.data_dir or config.data_dir)
-    if not args.dry_run and not (data_dir / "vesalius.sqlite").exists():  # the node's, not a new one
+    url = config.database.url
+    if not args.dry_run and not url and not (data_dir / "vesalius.sqlite").exists():  # not a new one
         raise ConfigError(f"--data-dir: no Vesalius database in {data_dir}")
     if args.list or args.show is not None or any(
             v is not None for v in (args.pause, args.resume, args.cancel, args.retry)):
-        store = Store(data_dir)
+        store = Store(data_dir, url)
         if args.list:
             rows = jobs.listing(store)
             _print(args, rows, "\n".join(
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                + (f", {m['instances']} instances" if m["instances"] is not None else "")
                for m in listed]))
         return 0
-    store = Store(data_dir)
+    store = Store(data_dir, url)
     job_id = jobs.create_job(store, source.name, query, getpass.getuser())
     from vesalius.node.audit import Audit
 

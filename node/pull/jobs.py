@@ -24,9 +24,8 @@ ACTIONS = {  # action -> (states it applies to, the state it leaves)
 def create_job(store: Store, source: str, query: PullQuery, requested_by: str) -> int:
     now = time.time()
     with store.transaction() as db:
-        cur = db.execute("INSERT INTO pull_jobs (source, query, requested_by, created_at, updated_at) "
+        return db.insert("INSERT INTO pull_jobs (source, query, requested_by, created_at, updated_at) "
                          "VALUES (?,?,?,?,?)", (source, query.to_json(), requested_by, now, now))
-        return int(cur.lastrowid or 0)
 
 
 def act(store: Store, job_id: int, action: str) -> tuple[int, dict[str, Any]]:

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Protocol
 
+from vesalius.node import database
 from vesalius.node.config import Config
 from vesalius.node.pull.dicomweb import DicomwebClient
 from vesalius.node.pull.dimse import DimseClient, SourceError
@@ -95,6 +96,8 @@ class PullRunner:
         while not self.stopping.wait(0.5):
             try:
                 self.tick()
+            except database.Error as err:
+                database.pause_after_outage("pull runner", err, self.stopping)
             except Exception:  # keep running; the next tick tries again
                 log.exception("pull runner failed")
 
@@ -131,12 +134,12 @@ class PullRunner:
                     continue  # paused or cancelled while the source answered
                 for study in found:
                     modalities = "\\".join(sorted({s.modality for s in study.series if s.modality}))
-                    db.execute("INSERT OR IGNORE INTO pull_studies (job_id, study_instance_uid, study_date, "
-                               "modalities, updated_at) VALUES (?,?,?,?,?)",
+                    db.execute("INSERT INTO pull_studies (job_id, study_instance_uid, study_date, "
+                               "modalities, updated_at) VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING",
                                (job["id"], study.study_uid, study.study_date, modalities, now))
-                    db.executemany("INSERT OR IGNORE INTO pull_series (job_id, study_instance_uid, "
+                    db.executemany("INSERT INTO pull_series (job_id, study_instance_uid, "
                                    "series_instance_uid, modality, expected, updated_at) "
-                                   "VALUES (?,?,?,?,?,?)",
+                                   "VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                                    [(job["id"], study.study_uid, s.series_uid, s.modality, s.instances, now)
                                     for s in study.series])
                 db.execute("UPDATE pull_jobs SET state='running', updated_at=? WHERE id=?", (now, job["id"]))
