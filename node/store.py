@@ -311,7 +311,7 @@ class Store:
         """Write the file (bytes, or a received file moved into place) durably and record it;
         False when this SOP Instance UID was already stored.
 
-        The fsynced spool file is the record: the row is committed without its own fsync of the
+        On SQLite the fsynced spool file is the record: the row is committed without its own fsync of the
         WAL (synchronous=NORMAL; consistent, and made durable by the next FULL commit of anything)
         and node.spool_recovery rebuilds rows a power loss took at the next start. Only a new
         series' first row is committed FULL, so its calling AE is never lost."""
@@ -322,6 +322,10 @@ class Store:
             write_durably(path, data)
         now = time.time()
         db = self._connection()
+        if db.dialect.name != "sqlite":
+            # PostgreSQL commits durably: its server can crash and restart under running listeners,
+            # which rebuild rows from the spool only when they start themselves
+            return self._record_instance(info, sop_instance_uid, path, calling_ae, now)
         new_series = db.execute("SELECT 1 FROM series WHERE series_instance_uid=?",
                                 (info.series_instance_uid,)).fetchone() is None
         db.execute(f"PRAGMA synchronous={'FULL' if new_series else 'NORMAL'}")
