@@ -7,7 +7,6 @@ DICOMweb root, and the scale-out configuration loads with the node's own loader.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shlex
@@ -25,15 +24,12 @@ from tests.conftest import ROOT
 from tests.ohif_peer import APP_CONFIG_JS, OHIF_VERSION
 from tests.orthanc_peer import COMPOSE_CONFIG, PLUGIN, TEST_OVERRIDES, orthanc_config, read_commented_json
 from vesalius.node.cli import build_parser
-from vesalius.node.config import Config, load_config, parse_config, with_overrides
+from vesalius.node.config import load_config, with_overrides
 
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 PROFILES = {"embedded": {"embedded"}, "scale-out": {"scale-out"}}  # what each documented command enables
 NODE_ALIAS = "vesalius"  # the host of Orthanc's DicomModalities entry for the node
-# keys of docker/vesalius-scale.toml that other branches add to node/config.py (COMMON.md); checked
-# by value as soon as the loader knows them
-PENDING_KEYS = {"database", "ray", "lease_seconds", "node_name"}
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +156,7 @@ def test_the_node_and_orthanc_agree_on_each_other(compose: dict[str, Any], ortha
     for name, service in node_services(compose, profile).items():
         config_path, data_dir = entrypoint_config(service)
         mounts = binds(service)
-        config = load_config_pending(Path(mounts[config_path]))
+        config = load_config(Path(mounts[config_path]))
         assert (config.ae_title, config.port) == (ae, dicom_port), name
         assert orthanc["Vesalius"]["NodeHttpUrl"] == f"http://{NODE_ALIAS}:{config.http_port}"
         assert config.port in published(service) and config.http_port in published(service)
@@ -173,7 +169,7 @@ def test_the_node_and_orthanc_agree_on_each_other(compose: dict[str, Any], ortha
         assert (destination.ae_title, destination.host, destination.port) == (
             orthanc["DicomAet"], "orthanc", orthanc["DicomPort"])
     first = next(iter(node_services(compose, profile).values()))
-    http_port = load_config_pending(Path(binds(first)[entrypoint_config(first)[0]])).http_port
+    http_port = load_config(Path(binds(first)[entrypoint_config(first)[0]])).http_port
     assert orthanc["Vesalius"]["NodeDashboardUrl"] == f"http://127.0.0.1:{published(first)[http_port]}"
 
 
@@ -205,21 +201,13 @@ def test_ohif_reads_the_compose_orthancs_dicomweb_root(compose: dict[str, Any],
                                          if i["instruction"] == "HEALTHCHECK")
 
 
-def load_config_pending(path: Path) -> Config:
-    """``path`` loaded by the node's loader, leaving out the keys of COMMON.md it does not know yet."""
-    data = tomllib.loads(path.read_text())
-    known = {f.name for f in dataclasses.fields(Config)}
-    assert set(data) - known <= PENDING_KEYS, set(data) - known
-    return parse_config({k: v for k, v in data.items() if k in known}, path.parent)
-
-
 def test_scale_out_state_workers_and_volume(compose: dict[str, Any]) -> None:
     services = enabled(compose, "scale-out")
     listeners = node_services(compose, "scale-out")
     assert len(listeners) >= 2
     path = Path(binds(next(iter(listeners.values())))["/etc/vesalius/vesalius.toml"])
     assert path == DOCKER / "vesalius-scale.toml"
-    config = load_config_pending(path)
+    config = load_config(path)
     assert load_config(DOCKER / "vesalius.toml").host == config.host == "0.0.0.0"
     data = tomllib.loads(path.read_text())
     postgres = services["postgres"]
@@ -248,13 +236,9 @@ def test_scale_out_state_workers_and_volume(compose: dict[str, Any]) -> None:
     for name, service in listeners.items():
         assert service["environment"]["PGPASSWORD"] == env["POSTGRES_PASSWORD"], name
         assert service["hostname"] == name
-    # the values, once node/config.py knows the keys (branches pg, ray, lease)
-    if hasattr(config, "database"):
-        assert config.database.url == data["database"]["url"]
-    if hasattr(config, "ray"):
-        assert config.ray.address == data["ray"]["address"]
-    if hasattr(config, "lease_seconds"):
-        assert config.lease_seconds == data["lease_seconds"]
+    assert config.database.url == data["database"]["url"]
+    assert config.ray.address == data["ray"]["address"]
+    assert config.lease_seconds == data["lease_seconds"]
 
 
 def test_kuberay_example_uses_composes_image_ports_and_paths(compose: dict[str, Any]) -> None:
