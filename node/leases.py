@@ -1,12 +1,15 @@
 """This node's claims kept alive: one heartbeat thread per node renews, every lease_seconds/3, the
 leases of the jobs and deliveries it works on and of the associations it is receiving, and its own
-row in ``nodes``. Only a dead (or hung, or cut-off) node's claims expire, and another node takes
-them over (node.store claim_job, claim_delivery; docs/scale-out.md)."""
+row in ``nodes``; and the background duties (pull runner, correction recognition, retention) this
+node holds, so that one node at a time does each. Only a dead (or hung, or cut-off) node's claims
+and duties expire, and another node takes them over (node.store claim_job, claim_delivery,
+take_duties; docs/scale-out.md)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from vesalius.node import database
 from vesalius.node.checks import ConfigError
@@ -24,6 +27,9 @@ class Leases:
         self.owner = owner
         self.lease_seconds = lease_seconds
         self._held: dict[str, dict[int, int]] = {kind: {} for kind in KINDS}
+        self._duties: set[str] = set()  # those asked for (holds): taken when free, renewed when held
+        self._held_duties: set[str] = set()
+        self._duties_until = 0.0  # monotonic: held duties are ours until then (their last renewal)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
@@ -60,16 +66,52 @@ class Leases:
                         what, self.lease_seconds)
             kind, _, row_id = what.partition(" ")
             self.drop(kind, int(row_id))
+        self._take_duties()
         return lost
+
+    def holds(self, duty: str) -> bool:
+        """Whether this node does ``duty`` now. The first ask takes it at once when it is free (a
+        lone node starts its loops without waiting); then every heartbeat renews it, or takes it
+        over from a holder that stopped renewing. A duty not renewed within lease_seconds (the
+        database away) is not ours any more: another node may have taken it."""
+        if self._stop.is_set():
+            return False  # stopping: the duties are given back
+        with self._lock:
+            asked = duty in self._duties
+            self._duties.add(duty)
+        if not asked:
+            self._take_duties()
+        with self._lock:
+            return duty in self._held_duties and time.monotonic() < self._duties_until
+
+    def _take_duties(self) -> None:
+        with self._lock:
+            names = sorted(self._duties)
+        if not names:
+            return
+        started = time.monotonic()
+        held = self.store.take_duties(self.owner, names, self.lease_seconds)
+        with self._lock:
+            taken, lost = held - self._held_duties, self._held_duties - held
+            self._held_duties, self._duties_until = held, started + self.lease_seconds
+        for duty in sorted(taken):
+            log.info("this node does the %s duty now", duty)
+        for duty in sorted(lost):
+            log.warning("duty %s was taken over by another node (this node did not renew it within "
+                        "lease_seconds=%g)", duty, self.lease_seconds)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop renewing and leave the nodes sharing the database (after the claims were given back)."""
+        """Stop renewing, give the duties back and leave the nodes sharing the database (after the
+        claims were given back)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        with self._lock:
+            self._held_duties.clear()
+        self.store.release_duties(self.owner)
         self.store.unregister_node(self.owner)
 
     def _loop(self) -> None:

@@ -71,7 +71,7 @@ class Node:
                                 leases=self.leases)
         self.sender = Sender(self.store, config, self.send_wake, self.stopping, trail=self.audit,
                              leases=self.leases)
-        self.pull = PullRunner(self.store, config, self.stopping)
+        self.pull = PullRunner(self.store, config, self.stopping, on_duty=lambda: self.leases.holds("pull"))
         self._completion = threading.Thread(target=self._complete_series, name="series", daemon=True)
         self._retention = threading.Thread(target=self._clean_up, name="retention", daemon=True)
         self._learning = threading.Thread(target=self._recognise_corrections, name="corrections", daemon=True)
@@ -150,24 +150,27 @@ class Node:
 
     def _recognise_corrections(self) -> None:
         """Received SEG series that correct our jobs (node/corrections.py), off the completion thread:
-        scoring one reads both segmentations."""
+        scoring one reads both segmentations; one node at a time (its "corrections" duty)."""
         from vesalius.node.corrections import recognise_pending
 
         while not self.stopping.wait(1.0):
             try:
-                recognise_pending(self.store, make_cases=self.config.learning.case_library)
+                if self.leases.holds("corrections"):
+                    recognise_pending(self.store, make_cases=self.config.learning.case_library)
             except database.Error as err:
                 database.pause_after_outage("recognising corrections", err, self.stopping)
             except Exception:  # keep serving; the next tick tries again
                 log.exception("recognising corrections failed")
 
     def _clean_up(self) -> None:
-        """Retention (node/retention.py) at start-up, then every [retention] interval."""
+        """Retention (node/retention.py) at start-up, then every [retention] interval; by the
+        node holding the "retention" duty."""
         from vesalius.node.retention import cleanup
 
         while True:
             try:
-                cleanup(self.store, self.config.retention)
+                if self.leases.holds("retention"):
+                    cleanup(self.store, self.config.retention)
             except Exception:  # keep serving; the next round tries again
                 log.exception("retention cleanup failed")
             if self.stopping.wait(self.config.retention.interval):

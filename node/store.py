@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -522,6 +522,27 @@ class Store:
         with self.transaction() as db:
             db.execute("DELETE FROM open_associations WHERE node_name=?", (name,))
             db.execute("DELETE FROM nodes WHERE node_name=?", (name,))
+
+    def take_duties(self, owner: str, names: Iterable[str], lease_seconds: float) -> set[str]:
+        """Take or renew background duties: ``owner`` holds a duty afterwards if nobody held it, it
+        held it already, or the holder's lease expired (one atomic upsert each, in one
+        transaction). Returns the duties ``owner`` holds now."""
+        now = time.time()
+        held = set()
+        with self.transaction() as db:
+            for name in names:
+                db.execute("INSERT INTO duties (name, owner, expires) VALUES (?,?,?) ON CONFLICT (name) "
+                           "DO UPDATE SET owner=excluded.owner, expires=excluded.expires "
+                           "WHERE duties.owner=excluded.owner OR duties.expires<?",
+                           (name, owner, now + lease_seconds, now))
+                if db.execute("SELECT owner FROM duties WHERE name=?", (name,)).fetchone()[0] == owner:
+                    held.add(name)
+        return held
+
+    def release_duties(self, owner: str) -> None:
+        """A node stopping cleanly gives its duties up, so another takes them at its next beat."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM duties WHERE owner=?", (owner,))
 
     def job(self, job_id: int) -> Row | None:
         rows = self.query("SELECT * FROM jobs WHERE id=?", (job_id,))

@@ -76,8 +76,10 @@ class Pace:
 
 class PullRunner:
     def __init__(self, store: Store, config: Config, stopping: threading.Event,
-                 clock: Callable[[], datetime] = datetime.now) -> None:
+                 clock: Callable[[], datetime] = datetime.now,
+                 on_duty: Callable[[], bool] = lambda: True) -> None:
         self.store = store
+        self.on_duty = on_duty  # whether this node does the pull duty now (node.leases: one node does)
         self.config = config
         self.stopping = stopping
         self.clock = clock  # local time of day, for the sources' windows
@@ -95,7 +97,8 @@ class PullRunner:
     def _run(self) -> None:
         while not self.stopping.wait(0.5):
             try:
-                self.tick()
+                if self.on_duty():  # a node taking the duty over resumes running jobs as at start-up
+                    self.tick()
             except database.Error as err:
                 database.pause_after_outage("pull runner", err, self.stopping)
             except Exception:  # keep running; the next tick tries again
