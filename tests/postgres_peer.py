@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +71,13 @@ class PostgresPeer:
         self.sql(f"CREATE SCHEMA {name}")
         return f"{self.url()}?options=-csearch_path%3D{name}"
 
+    def accepting(self) -> bool:
+        try:
+            self.sql("SELECT 1")
+        except Exception:  # psycopg.OperationalError: not accepting connections yet
+            return False
+        return True
+
     def log(self) -> str:
         path = self.folder / "server.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -86,15 +92,9 @@ def postgres_server() -> Iterator[PostgresPeer]:
         _as_postgres(str(BIN / "initdb"), "-D", str(peer.data), "-A", "trust", "-U", USER,
                      "--no-sync", "-E", "UTF8", "--locale=C")
         peer.start()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                peer.sql("SELECT 1")
-                break
-            except Exception:  # psycopg.OperationalError: not accepting connections yet
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        from tests.peers import wait_for  # (tests.peers imports conftest, which imports this module)
+
+        wait_for(peer.accepting, 30, "PostgreSQL to accept connections", 0.2)
         yield peer
     finally:
         try:

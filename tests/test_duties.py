@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from tests.peers import wait_for
 from vesalius.node.config import parse_config
 from vesalius.node.leases import Leases
 from vesalius.node.pull.jobs import create_job
@@ -34,7 +35,7 @@ leases.register()
 assert leases.holds("pull")
 leases.start()
 print("holding", flush=True)
-time.sleep(120)
+sys.stdin.read()  # until the test ends: it closes this pipe (or dies)
 """
 
 
@@ -76,7 +77,8 @@ def test_only_the_holder_runs_the_pull_duty_and_another_node_takes_it_after_a_ki
     queued one is worked (its source is not configured here: failed) and the running one resumed
     (no study left: done)."""
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), database_url, str(LEASE)],
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
     stopping = threading.Event()
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
@@ -92,16 +94,14 @@ def test_only_the_holder_runs_the_pull_duty_and_another_node_takes_it_after_a_ki
                             on_duty=lambda: leases.holds("pull"))
         runner.thread.start()
         time.sleep(2 * LEASE)  # A's heartbeat keeps the duty: B's runner does nothing
-        states = {r["id"]: r["state"] for r in store.query("SELECT id, state FROM pull_jobs")}
-        assert states == {queued: "queued", running: "running"}
+        assert {r["id"]: r["state"] for r in store.query("SELECT id, state FROM pull_jobs")} == {
+            queued: "queued", running: "running"}
         os.killpg(holder.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10 * LEASE
-        while time.monotonic() < deadline:
-            states = {r["id"]: r["state"] for r in store.query("SELECT id, state FROM pull_jobs")}
-            if states == {queued: "failed", running: "done"}:
-                break
-            time.sleep(0.1)
-        assert states == {queued: "failed", running: "done"}
+        def states() -> dict[int, str]:
+            return {r["id"]: r["state"] for r in store.query("SELECT id, state FROM pull_jobs")}
+
+        wait_for(lambda: states() == {queued: "failed", running: "done"}, 10 * LEASE,
+                 "B to take the pull duty and work both jobs")
         assert "not configured" in store.query("SELECT error FROM pull_jobs WHERE id=?", (queued,))[0][0]
         assert store.query("SELECT owner FROM duties WHERE name='pull'")[0][0] == "B"
         stopping.set()

@@ -165,11 +165,11 @@ def heavy_modules() -> list[str]:
 
 
 EMBEDDED = """
-import json, sys, time
+import json, sys
 from pathlib import Path
 from vesalius.node.config import Config, Rule
 from vesalius.node.service import Node
-from tests.peers import storescu
+from tests.peers import storescu, wait_for
 from tests.phantoms import Cylinder, write_phantom_series
 from tests.test_ray import heavy_modules
 
@@ -181,10 +181,7 @@ try:
     series = write_phantom_series(tmp / "ct", shape=(16, 48, 48), spacing=(3, 3, 3),
                                   objects=[Cylinder((0, 0, 0), (0, 0, 1), 50, 40, 40)])
     storescu(series.paths, port)
-    deadline = time.monotonic() + 120
-    while not node.store.query("SELECT 1 FROM jobs WHERE state='done'"):
-        assert time.monotonic() < deadline, "the job did not finish"
-        time.sleep(0.2)
+    wait_for(lambda: node.store.query("SELECT 1 FROM jobs WHERE state='done'"), 120, "the job to finish")
     worker = node.runner.executor._pool.submit(heavy_modules).result(timeout=60)
     print(json.dumps({"node": heavy_modules(), "worker": worker}))
 finally:
