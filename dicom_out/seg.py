@@ -34,7 +34,7 @@ from vesalius.dicom_out.identity import (
     derived_uid,
     name_series,
 )
-from vesalius.dicom_out.seg_overlap import Segmentation
+from vesalius.dicom_out.seg_overlap import Segmentation, SegmentMasks
 from vesalius.dicom_out.sources import source_headers, tidy
 from vesalius.inference.models import Label
 from vesalius.inference.series import multiframe_source
@@ -49,7 +49,6 @@ LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 # every viewer. A BINARY frame costs rows*cols/8 bytes, so beyond this many frames (segments x
 # slices, ~330 MB at 512x512) the empty ones are left out and the file stays sendable.
 KEEP_EMPTY_FRAMES_UP_TO = 10_000
-SLICES_PER_BLOCK = 16  # masks are computed this many slices at a time (no full-volume temporary)
 
 
 def role_prefix(seg: pydicom.Dataset | None) -> str:
@@ -126,8 +125,8 @@ def build_seg(volume: Volume, label_map: np.ndarray, structures: Sequence[Label]
                     for number, label in enumerate(present, start=1)]
     uid_kind = "seg" if segmentation_type == BINARY else "labelmap-seg"
     if segmentation_type == BINARY:
-        pixels = _binary_stack(label_map, present, slices_with)
-        keep_empty = pixels.shape[0] * pixels.shape[-1] <= KEEP_EMPTY_FRAMES_UP_TO
+        pixels = _binary_stack(label_map, present)
+        keep_empty = label_map.shape[0] * len(present) <= KEEP_EMPTY_FRAMES_UP_TO
         transfer_syntax = pydicom.uid.ExplicitVRLittleEndian
     else:
         pixels = _labelmap(label_map, present)
@@ -184,21 +183,14 @@ def values_per_slice(label_map: np.ndarray) -> np.ndarray:
                      for plane in label_map.astype(np.uint8, copy=False)])
 
 
-def _binary_stack(label_map: np.ndarray, present: Sequence[Label],
-                  slices_with: np.ndarray) -> np.ndarray:
-    """The segments' 0/1 masks as a (slices, rows, cols, segments) uint8 view of one contiguous
-    mask per segment, each written only over the slices its structure spans.
-
-    highdicom takes a frame of one segment from this view without a copy, and the zeros outside
-    a structure's slices are never written (nor made resident: np.zeros maps them lazily).
-    """
-    stack = np.zeros((len(present), *label_map.shape), np.uint8)
-    for segment, label in enumerate(present):
-        slices = np.flatnonzero(slices_with[:, [label.value, *label.includes]].any(axis=1))
-        for start in range(int(slices[0]), int(slices[-1]) + 1, SLICES_PER_BLOCK):  # small temporaries
-            end = min(start + SLICES_PER_BLOCK, int(slices[-1]) + 1)
-            stack[segment, start:end] = label.mask(label_map[start:end])
-    return np.moveaxis(stack, 0, -1)
+def _binary_stack(label_map: np.ndarray, present: Sequence[Label]) -> np.ndarray:
+    """The segments' 0/1 masks, (slices, rows, cols, segments) for highdicom, as the label map
+    itself and which label values each segment holds (dicom_out.seg_overlap.SegmentMasks): each
+    frame's mask is made as highdicom encodes it, so no full-volume mask is ever held."""
+    members = np.zeros((len(present) + 1, 256), np.uint8)
+    for number, label in enumerate(present, start=1):
+        members[number, [label.value, *label.includes]] = 1
+    return SegmentMasks(label_map.astype(np.uint8, copy=False), members)
 
 
 def _labelmap(label_map: np.ndarray, present: Sequence[Label]) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The SEG writer's fast path: the same objects plain highdicom writes, voxel for voxel.
 
-``build_seg`` gives highdicom one contiguous mask per segment (built over the slices each
-structure spans) and checks overlap without highdicom's int64 copy (dicom_out.seg_overlap). The
+``build_seg`` gives highdicom the label map with which values each segment holds, each frame's
+mask made as it is encoded, and checks overlap without highdicom's int64 copy
+(dicom_out.seg_overlap). The
 reference here is highdicom's own ``Segmentation`` fed the plain (slices, rows, cols, segments)
 stack of full masks, the way the writer did it before.
 """
@@ -21,14 +22,14 @@ from tests.test_volume import write_enhanced
 from vesalius.dicom_out import seg as seg_module
 from vesalius.dicom_out.identity import Algorithm
 from vesalius.dicom_out.seg import LABELMAP, build_seg
-from vesalius.dicom_out.seg_overlap import Segmentation, segments_overlap
+from vesalius.dicom_out.seg_overlap import Segmentation, SegmentMasks, segments_overlap
 from vesalius.inference.series import load_series
 from vesalius.inference.volume import Volume
 
 ALGORITHM = Algorithm("builtin_ct", "1")
 
 
-def _plain_stack(label_map: np.ndarray, present, _slices_with) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _plain_stack(label_map: np.ndarray, present) -> np.ndarray:  # type: ignore[no-untyped-def]
     return np.stack([label.mask(label_map) for label in present], axis=-1)
 
 
@@ -130,3 +131,30 @@ def test_non_binary_stacks_are_refused_like_highdicom() -> None:
         with pytest.raises(ValueError, match="must be binary"):
             cls._check_and_cast_pixel_array(pixels, numbers, hd.seg.SegmentationTypeValues.BINARY,
                                             np.uint8)
+
+
+def test_segment_masks_stand_for_the_stacked_masks() -> None:
+    rng = np.random.default_rng(7)
+    label_map = rng.integers(0, 5, (40, 6, 5)).astype(np.uint8)  # more than one block of frames
+    members = np.zeros((3, 256), np.uint8)
+    members[1, [1, 2, 3]] = 1  # a structure that includes two others
+    members[2, 3] = 1  # one of them on its own: overlaps segment 1
+    masks = SegmentMasks(label_map, members)
+    stack = np.stack([np.isin(label_map, [1, 2, 3]), label_map == 3], axis=-1).astype(np.uint8)
+    for segment in (1, 2):
+        for frame in (0, 17, 39):
+            np.testing.assert_array_equal(masks[frame].frame_mask(segment), stack[frame, ..., segment - 1])
+    assert masks.overlap() == segments_overlap(stack) is True
+    label_map[label_map == 3] = 4  # the shared value gone: no voxel is in two segments
+    assert SegmentMasks(label_map, members).overlap() is False
+
+
+def test_segment_masks_are_refused_where_they_do_not_fit() -> None:
+    masks = SegmentMasks(np.zeros((2, 4, 4), np.uint8), np.zeros((3, 256), np.uint8))
+    types = hd.seg.SegmentationTypeValues
+    with pytest.raises(ValueError, match="2 segments; 3 are described"):
+        Segmentation._check_and_cast_pixel_array(masks, np.array([1, 2, 3]), types.BINARY, np.uint8)
+    with pytest.raises(ValueError, match="BINARY"):
+        Segmentation._check_and_cast_pixel_array(masks, np.array([1, 2]), types.LABELMAP, np.uint8)
+    with pytest.raises(ValueError, match="uint8 label map"):
+        SegmentMasks(np.zeros((2, 4, 4), np.int16), np.zeros((3, 256), np.uint8))
