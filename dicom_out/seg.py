@@ -118,7 +118,7 @@ def build_seg(volume: Volume, label_map: np.ndarray, structures: Sequence[Label]
                          f"{volume.array.shape}")
     slices_with = values_per_slice(label_map)
     found = np.any(slices_with, axis=0)
-    present = [label for label in structures if found[[label.value, *label.includes]].any()]
+    present = [label for label in structures if found[label.values].any()]
     if not present:
         raise ValueError("no label has any voxel: there is nothing to write as a segmentation")
     descriptions = [segment_description(number, label, volume, algorithm)
@@ -189,7 +189,7 @@ def _binary_stack(label_map: np.ndarray, present: Sequence[Label]) -> np.ndarray
     frame's mask is made as highdicom encodes it, so no full-volume mask is ever held."""
     members = np.zeros((len(present) + 1, 256), np.uint8)
     for number, label in enumerate(present, start=1):
-        members[number, [label.value, *label.includes]] = 1
+        members[number, label.values] = 1
     return SegmentMasks(label_map.astype(np.uint8, copy=False), members)
 
 

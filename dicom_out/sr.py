@@ -163,7 +163,7 @@ def _location_group(volume: Volume, label_map: np.ndarray, counts: np.ndarray, l
     the slice and region where the structure's numbers belong. Coordinates are image column/row
     of pixel edges (SCOORD: the top left corner of the top left pixel is 0,0).
     """
-    z = int(np.argmax(counts[:, [label.value, *label.includes]].sum(axis=1)))
+    z = int(np.argmax(counts[:, label.values].sum(axis=1)))
     inside = label.mask(label_map[z])
     rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
     left, right, top, bottom = cols[0], cols[-1] + 1, rows[0], rows[-1] + 1

@@ -25,12 +25,17 @@ class Label:
     name: str
     includes: tuple[int, ...] = ()
 
+    @property
+    def values(self) -> list[int]:
+        """Every label value that is this structure: its own and those it includes."""
+        return [self.value, *self.includes]
+
     def mask(self, label_map: np.ndarray) -> np.ndarray:
         """Boolean mask of this structure in a label map."""
         if not self.includes:
             return label_map == self.value
         member = np.zeros(256, bool)  # a lookup table: one gather, far faster than np.isin
-        member[[self.value, *self.includes]] = True
+        member[self.values] = True
         return member[label_map]
 
 
