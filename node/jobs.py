@@ -29,7 +29,7 @@ from vesalius.node.database import Row
 from vesalius.node.leases import Leases
 from vesalius.node.paths import inside, uid_file_name
 from vesalius.node.pipeline import run_pipeline
-from vesalius.node.store import Claim, Store, record_progress
+from vesalius.node.store import Claim, Store, record_progress, results_ready
 
 if TYPE_CHECKING:
     from vesalius.inference.models.spec import ModelSpec
@@ -100,6 +100,9 @@ class PipelineCall:
     job_id: int
     priors: dict[str, dict[str, Any]] | None
     labelmap: bool
+    # where the first objects go while the rest is written (results_ready), under the job's claim
+    destinations: list[str]
+    claim: tuple[str, int] | None
 
     def run(self) -> dict[str, Any]:
         """In the worker: the pipeline with live progress (the summary of run_pipeline)."""
@@ -131,17 +134,28 @@ class Executor(Protocol):
 
 def _run_reporting_stages(paths: list[str], out: str, model: str, result_key: str, db_path: str,
                           job_id: int, priors: dict[str, dict[str, Any]] | None = None,
-                          labelmap: bool = True) -> dict[str, Any]:
+                          labelmap: bool = True, destinations: list[str] | None = None,
+                          claim: tuple[str, int] | None = None) -> dict[str, Any]:
     """In the worker: the pipeline, each stage's start written to the job's row as it happens,
-    so /jobs and the dashboard show "running: stage n of m" live."""
+    so /jobs and the dashboard show "running: stage n of m" live, and the deliveries of the SEG,
+    SR and surfaces queued as soon as they are written (the 3D preview and STLs follow)."""
     def on_stage(stage: str, n: int, of: int) -> None:
         try:
             record_progress(db_path, job_id, stage, n, of)
         except database.Error as err:  # progress is for display only: never the reason a job fails
             log.warning("job %d: could not record its progress: %s", job_id, err)
 
+    def on_results(summary: dict[str, Any]) -> None:
+        if not destinations:
+            return
+        try:
+            if not results_ready(db_path, job_id, Claim(*claim) if claim else None, out, destinations):
+                log.warning("job %d: first results not queued: another node took the job over", job_id)
+        except database.Error as err:  # they go with the rest when the job is done
+            log.warning("job %d: could not queue its first results: %s", job_id, err)
+
     return run_pipeline(paths, out, model, result_key=result_key, on_stage=on_stage, priors=priors,
-                        labelmap=labelmap)
+                        labelmap=labelmap, on_results=on_results)
 
 
 def _folder(name: str) -> str:
@@ -293,8 +307,10 @@ class JobRunner:
                  if self.config.learning.longitudinal else None)
         priors = (longitudinal.safely("look up priors", longitudinal.priors, self.store, study)
                   if study else None)
+        claim = Claim.of(job)
         call = PipelineCall(paths, str(out), model, result_key, self.store.url, job_id, priors,
-                            self._wants_labelmap(job))
+                            self._wants_labelmap(job), json.loads(job["destinations"]),
+                            (claim.owner, claim.attempt) if claim else None)
         try:
             summary = worker(call)
         except Exception as err:

@@ -27,12 +27,18 @@ if TYPE_CHECKING:
 OUTPUT_FILES = {"seg": "seg.dcm", "seg_labelmap": "seg_labelmap.dcm",
                 "surface_segmentation": "surfaces.dcm", "sr": "sr.dcm", "preview": "preview.dcm"}
 STL_DIR = "stl"
+# Written first and delivered as soon as they are (OnResults): what every destination waits for.
+FIRST_OBJECTS = ("seg", "seg_labelmap", "surface_segmentation", "sr")
 GLB_FILE = "meshes/structures.glb"
 THUMBNAIL_DIR = "thumbnails"  # axial.png, coronal.png, sagittal.png: key slices with the labels drawn
-# The stages of a job, in order: progress reports "stage n of len(STAGES)".
-STAGES = ("volume", "model", "surfaces", "measures", "writers")
+# The stages of a job, in order: progress reports "stage n of len(STAGES)". "writers": the SEG, SR
+# and Surface Segmentation; "preview": the 3D preview, Encapsulated STLs, meshes and thumbnails.
+STAGES = ("volume", "model", "surfaces", "measures", "writers", "preview")
 # Told each stage's name, number (from 1) and the count, as the stage starts.
 OnStage = Callable[[str, int, int], None]
+# Told (with the summary so far, "pending": true) once the results folder holds the SEG, SR and
+# Surface Segmentation, so they are delivered while the "preview" stage still runs.
+OnResults = Callable[[dict[str, Any]], None]
 
 
 class StageTimer:
@@ -60,18 +66,20 @@ def run_pipeline(paths: Sequence[str | Path], out_dir: str | Path, model_name: s
                  max_triangles: int = 100_000, result_key: str = "",
                  on_stage: OnStage | None = None,
                  priors: Mapping[str, Mapping[str, Any]] | None = None,
-                 labelmap: bool = True) -> dict[str, Any]:
+                 labelmap: bool = True, on_results: OnResults | None = None) -> dict[str, Any]:
     """Process one DICOM series into ``out_dir`` (replaced atomically) and return the summary.
     ``result_key`` (a study-level rule's) makes the output UIDs per study and rule. ``priors``
     (node.longitudinal.priors: plain data, by structure concept) go into the SR; ``labelmap``
-    False leaves out the Label Map SEG (no destination of the job takes it: 2-3 s of writing)."""
+    False leaves out the Label Map SEG (no destination of the job takes it: 2-3 s of writing).
+    ``on_results``: the folder is replaced once the SEG, SR and surfaces are written, then told;
+    the rest is added to it file by file, summary.json last."""
     from vesalius.inference.series import load_series
 
     timer = StageTimer(on_stage)
     with timer.stage("volume"):
         volume = load_series(paths)
     return _process(volume, None, timer, out_dir, model_name, max_triangles, result_key, priors,
-                    labelmap)
+                    labelmap, on_results)
 
 
 def run_pipeline_on_file(path: str | Path, out_dir: str | Path, model_name: str, modality: str = "CT",
@@ -90,7 +98,7 @@ def run_pipeline_on_file(path: str | Path, out_dir: str | Path, model_name: str,
 def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, out_dir: str | Path,
              model_name: str, max_triangles: int, result_key: str,
              priors: Mapping[str, Mapping[str, Any]] | None = None,
-             labelmap: bool = True) -> dict[str, Any]:
+             labelmap: bool = True, on_results: OnResults | None = None) -> dict[str, Any]:
     """Labels, meshes, measures and the output files of a volume; DICOM objects only for a DICOM
     series (``volume_file`` None), else the label map beside the input's format."""
     # Imported here, not at module level, so the listener process never loads VTK, highdicom and
@@ -100,11 +108,11 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     from vesalius.dicom_out.identity import ARTIFICIAL_INTELLIGENCE, MORPHOLOGICAL_OPERATIONS, Algorithm
     from vesalius.dicom_out.preview import build_preview
     from vesalius.dicom_out.seg import LABELMAP, build_seg
-    from vesalius.dicom_out.sr import Prior, build_sr, concept_key
+    from vesalius.dicom_out.sr import Prior, build_sr
     from vesalius.dicom_out.stl import write_stl
     from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
     from vesalius.dicom_out.thumbnails import write_thumbnails
-    from vesalius.inference.measures import measure, not_found
+    from vesalius.inference.measures import measure
     from vesalius.inference.models.registry import resolve
     from vesalius.inference.surfaces import build_meshes
     from vesalius.inference.volume_files import label_map_name
@@ -122,52 +130,88 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     algorithm = Algorithm(name=model.name, version=model.version, family=family, result_key=result_key)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "meshes").mkdir(parents=True)
-    objects = {}
+    tmp.mkdir(parents=True)
+    objects: dict[str, Any] = {}
     seg: Any = None  # the BINARY SEG the surfaces, STLs and SR reference; none when nothing was measured
+    files: dict[str, list[str]] = {"encapsulated_stl": [], "meshes": [], "thumbnails": []}
 
-    def write(key: str, ds: Any) -> Any:
-        ds.save_as(tmp / OUTPUT_FILES[key], enforce_file_format=True)
+    def write(folder: Path, key: str, ds: Any) -> Any:
+        ds.save_as(folder / OUTPUT_FILES[key], enforce_file_format=True)
         objects[key] = ds
         return ds
 
-    with timer.stage("writers"), ThreadPoolExecutor(3) as pool:  # nothing found: no objects
+    def summary(pending: bool) -> dict[str, Any]:
+        return _summary(volume, volume_file, model, measurements, objects, files, timer, pending)
+
+    with timer.stage("writers"), ThreadPoolExecutor(2) as pool:  # nothing found: no objects
         if measurements and dicom:
-            seg = write("seg", build_seg(volume, label_map, model.structures, algorithm))
-        # the 3D preview renders (VTK, off-screen) while the other objects are written; after the
-        # BINARY SEG, whose masks are the job's largest arrays, so their memory does not add up
-        preview = pool.submit(lambda: write("preview", build_preview(
-            volume, meshes, measurements, algorithm))) if meshes and dicom else None
-        if measurements and dicom:
-            # after the BINARY SEG, not beside it: their masks are the largest arrays of the job,
-            # and its RLE encoder holds the GIL, so side by side they only added up in memory
-            labelmap_seg = pool.submit(lambda: write("seg_labelmap", build_seg(
+            seg = write(tmp, "seg", build_seg(volume, label_map, model.structures, algorithm))
+            # after the BINARY SEG, not beside it (side by side their temporaries only added up in
+            # memory: its RLE encoder holds the GIL), while the SR and the surfaces are written
+            labelmap_seg = pool.submit(lambda: write(tmp, "seg_labelmap", build_seg(
                 volume, label_map, model.structures, algorithm,
                 segmentation_type=LABELMAP))) if labelmap else None
             # the SR references the BINARY SEG: the one every destination receives
-            write("sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map, priors={
+            write(tmp, "sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map, priors={
                 concept: Prior(float(p["volume_ml"]), str(p["study_date"]))
                 for concept, p in (priors or {}).items()}))
+            if meshes:
+                write(tmp, "surface_segmentation",
+                      build_surface_segmentation(volume, meshes, algorithm, seg=seg))
+            if labelmap_seg is not None:
+                labelmap_seg.result()
+    rest = tmp
+    if on_results is not None and objects:  # the first objects go out while the rest is written
+        _write_summary(tmp, summary(pending=True))
+        _replace_dir(tmp, out)
+        on_results(summary(pending=True))
+        rest = out.with_name(f".{out.name}.rest")
+        shutil.rmtree(rest, ignore_errors=True)
+        rest.mkdir()
+    with timer.stage("preview"), ThreadPoolExecutor(1) as pool:
+        # the 3D preview renders (VTK, off-screen) while the meshes and STLs are written
+        preview = pool.submit(lambda: write(rest, "preview", build_preview(
+            volume, meshes, measurements, algorithm))) if meshes and dicom else None
         if meshes and dicom:
-            write("surface_segmentation", build_surface_segmentation(volume, meshes, algorithm, seg=seg))
-        stls = build_encapsulated_stls(volume, meshes, algorithm, seg=seg) if meshes and dicom else []
-        if dicom:
-            (tmp / STL_DIR).mkdir()
-        for mesh, ds in zip(meshes if dicom else [], stls, strict=True):
-            ds.save_as(inside(tmp / STL_DIR, f"{safe_name(mesh.label.name)}.dcm"), enforce_file_format=True)
-        mesh_files = [write_stl(m, inside(tmp / "meshes", f"{safe_name(m.label.name)}.stl")).name
-                      for m in meshes]
+            (rest / STL_DIR).mkdir()
+            for mesh, ds in zip(meshes, build_encapsulated_stls(volume, meshes, algorithm, seg=seg),
+                                strict=True):
+                name = f"{safe_name(mesh.label.name)}.dcm"
+                ds.save_as(inside(rest / STL_DIR, name), enforce_file_format=True)
+                files["encapsulated_stl"].append(f"{STL_DIR}/{name}")
+        (rest / "meshes").mkdir()
+        for mesh in meshes:
+            name = f"{safe_name(mesh.label.name)}.stl"
+            write_stl(mesh, inside(rest / "meshes", name))
+            files["meshes"].append(f"meshes/{name}")
         if meshes:
-            write_glb(meshes, tmp / GLB_FILE)
-        thumbnails = write_thumbnails(volume, label_map, model.structures, tmp / THUMBNAIL_DIR)
-        if measurements and dicom and labelmap_seg is not None:
-            labelmap_seg.result()
+            write_glb(meshes, rest / GLB_FILE)
+            files["meshes"].append(GLB_FILE)
+        files["thumbnails"] = [f"{THUMBNAIL_DIR}/{path.name}" for path in write_thumbnails(
+            volume, label_map, model.structures, rest / THUMBNAIL_DIR)]
         if preview is not None:
             preview.result()
         if volume_file is not None:  # research input: the label map in its own format, on its own grid
-            volume_file.write_label_map(label_map, tmp / label_map_name(volume_file.path))
-    objects = {key: objects[key] for key in OUTPUT_FILES if key in objects}  # a stable order
-    summary = {
+            volume_file.write_label_map(label_map, rest / label_map_name(volume_file.path))
+    final = summary(pending=False)
+    _write_summary(rest, final)
+    if rest is tmp:
+        _replace_dir(tmp, out)
+    else:
+        _move_into(rest, out)
+    return final
+
+
+def _summary(volume: Volume, volume_file: VolumeFile | None, model: Any, measurements: Sequence[Any],
+             objects: Mapping[str, Any], files: Mapping[str, list[str]], timer: StageTimer,
+             pending: bool) -> dict[str, Any]:
+    """summary.json: what the job made (``pending``: the first objects only, the rest to come)."""
+    from vesalius.dicom_out.sr import concept_key
+    from vesalius.inference.measures import not_found
+    from vesalius.inference.volume_files import label_map_name
+
+    dicom = volume_file is None
+    summary: dict[str, Any] = {
         "series_instance_uid": volume.series_uid if dicom else None,
         "study_instance_uid": volume.study_uid if dicom else None,
         "model": {"name": model.name, "version": model.version},
@@ -176,10 +220,10 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
         "objects": {key: {"file": OUTPUT_FILES[key], "sop_class_uid": str(ds.SOPClassUID),
                           "sop_instance_uid": str(ds.SOPInstanceUID),
                           "series_instance_uid": str(ds.SeriesInstanceUID)}
-                    for key, ds in objects.items()},
-        "encapsulated_stl": [f"{STL_DIR}/{safe_name(m.label.name)}.dcm" for m in meshes] if dicom else [],
-        "meshes": [f"meshes/{name}" for name in mesh_files] + ([GLB_FILE] if meshes else []),
-        "thumbnails": [f"{THUMBNAIL_DIR}/{path.name}" for path in thumbnails],
+                    for key, ds in ((key, objects[key]) for key in OUTPUT_FILES if key in objects)},
+        "encapsulated_stl": list(files["encapsulated_stl"]),
+        "meshes": list(files["meshes"]),
+        "thumbnails": list(files["thumbnails"]),
         # at reported precision; "complete": false when the scan cuts the structure
         "structures": [
             {"name": m.label.name, "concept": concept_key(m.label.name), "voxels": m.voxel_count,
@@ -190,25 +234,55 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
         ],
         # declared by the model, not found in this series: listed, never silently dropped
         "not_found": [label.name for label in not_found(model.structures, measurements)],
-        "stages_s": timer.seconds,
+        "stages_s": dict(timer.seconds),
     }
+    if pending:  # the 3D preview, Encapsulated STLs, meshes and thumbnails are still being written
+        summary["pending"] = True
     if volume_file is not None:
         summary["input"] = {"file": volume_file.path.name, "modality": volume.modality,
                             "label_map": label_map_name(volume_file.path)}
         # the label map's values: what `vesalius evaluate` reads it by (includes: the body holds the lungs)
         summary["labels"] = [{"value": label.value, "name": label.name, "includes": list(label.includes)}
                              for label in model.structures]
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    _replace_dir(tmp, out)
     return summary
+
+
+def _write_summary(folder: Path, summary: Mapping[str, Any]) -> None:
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _move_into(new: Path, target: Path) -> None:
+    """Add a finished folder's files to the results folder, each by an atomic rename after it is
+    on disk (summary.json last, replacing the first one), so readers see whole files only."""
+    entries = sorted(new.iterdir(), key=lambda p: p.name == "summary.json")
+    _fsync_tree(new)
+    for entry in entries:
+        old = target / entry.name
+        if old.is_dir():
+            shutil.rmtree(old)
+        os.replace(entry, old)
+    _fsync_dir(target)
+    new.rmdir()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
     """Swap a finished results folder into place, so readers never see a half-written one."""
-    for f in new.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+    _fsync_tree(new)
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():

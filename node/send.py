@@ -17,22 +17,28 @@ from vesalius.node.database import Row
 from vesalius.node.deidentify import deidentified_files
 from vesalius.node.destinations import DeliveryError, Destination
 from vesalius.node.leases import Leases
-from vesalius.node.pipeline import OUTPUT_FILES, STL_DIR
+from vesalius.node.pipeline import FIRST_OBJECTS, OUTPUT_FILES, STL_DIR
 from vesalius.node.store import Claim, Store
 
 __all__ = ["DeliveryError", "Sender", "files_for", "next_delay"]
 
 log = logging.getLogger("vesalius.send")
+POLL_SECONDS = 0.1  # how soon a delivery queued by another process (a worker, another node) starts
 
 
-def files_for(destination: Destination, result_dir: str | Path) -> list[Path]:
-    """The result objects this destination receives, in a stable order."""
+def files_for(destination: Destination, result_dir: str | Path, part: str = "all") -> list[Path]:
+    """The result objects this destination receives, in a stable order: ``part`` "first" (the
+    SEG, SR and surfaces: node.pipeline.FIRST_OBJECTS), "rest" (the 3D preview and the STLs) or
+    "all" (the deliveries' column ``part``, set by node.store.results_ready and finish_job)."""
+    if part not in ("all", "first", "rest"):
+        raise ValueError(f"no such part of a job's results: {part!r}")
     folder = Path(result_dir)
     wanted = {"seg": True, "seg_labelmap": destination.labelmap,
               "surface_segmentation": destination.surfaces, "sr": destination.sr,
               "preview": destination.preview}
-    files = [folder / OUTPUT_FILES[key] for key, on in wanted.items() if on]
-    stls = destination.encapsulated_stl
+    files = [folder / OUTPUT_FILES[key] for key, on in wanted.items()
+             if on and (part == "all" or (key in FIRST_OBJECTS) == (part == "first"))]
+    stls = destination.encapsulated_stl if part != "first" else False
     if stls:
         files += [p for p in sorted((folder / STL_DIR).glob("*.dcm"))
                   if stls is True or (isinstance(stls, tuple) and p.stem in stls)]
@@ -61,10 +67,14 @@ class Sender:
     def _loop(self) -> None:
         while not self.stop.is_set():
             try:
+                # a worker queues a job's first objects from its own process (node.store.results_ready):
+                # looked for by a read every POLL_SECONDS; the claim's write lock only when one is due
+                if not self.wake.is_set() and not self.store.delivery_due():
+                    self.wake.wait(POLL_SECONDS)
+                    continue
+                self.wake.clear()
                 delivery = self.store.claim_delivery(self.leases.owner, self.leases.lease_seconds)
                 if delivery is None:
-                    self.wake.wait(0.5)
-                    self.wake.clear()
                     continue
                 self.leases.hold("deliveries", delivery["id"], Claim.of(delivery))
                 try:
@@ -87,12 +97,13 @@ class Sender:
             return
         files: list[Path] = []
         try:
-            files = files_for(destination, delivery["result_dir"])
-            self._audit(audit.BEGIN_TRANSFERRING, delivery, audit.SUCCESS, files)
-            # de-identification per destination (issue 9; node/deidentify.py): de-identified copies
-            with deidentified_files(self.store, destination.deidentify, destination.deidentify_options,
-                                    files) as sent:
-                destination.send(sent, self.config.ae_title)
+            files = files_for(destination, delivery["result_dir"], delivery["part"])
+            if files:  # e.g. the first objects for a destination that takes only the 3D preview
+                self._audit(audit.BEGIN_TRANSFERRING, delivery, audit.SUCCESS, files)
+                # de-identification per destination (issue 9; node/deidentify.py): de-identified copies
+                with deidentified_files(self.store, destination.deidentify, destination.deidentify_options,
+                                        files) as sent:
+                    destination.send(sent, self.config.ae_title)
         except DeliveryError as err:
             self._failed(delivery, destination, attempt, str(err), err.permanent)
             outcome = audit.SERIOUS_FAILURE if err.permanent else audit.MINOR_FAILURE
@@ -105,9 +116,10 @@ class Sender:
         if not self.store.record_delivery(delivery["id"], "done", None, time.time(), Claim.of(delivery)):
             log.warning("delivery done but not recorded delivery=%d job=%d: its lease expired and another "
                         "node took it over, or its job ran again", delivery["id"], delivery["job_id"])
-        self._audit(audit.INSTANCES_TRANSFERRED, delivery, audit.SUCCESS, files)
-        log.info("delivery done delivery=%d job=%d destination=%s attempt=%d objects=%d",
-                 delivery["id"], delivery["job_id"], destination.label, attempt, len(files))
+        if files:
+            self._audit(audit.INSTANCES_TRANSFERRED, delivery, audit.SUCCESS, files)
+        log.info("delivery done delivery=%d job=%d destination=%s part=%s attempt=%d objects=%d",
+                 delivery["id"], delivery["job_id"], destination.label, delivery["part"], attempt, len(files))
 
     def _audit(self, event: str, delivery: Row, outcome: int, files: Sequence[Path]) -> None:
         if self.trail is not None:

@@ -104,7 +104,7 @@ def listings(d: Dialect) -> dict[str, str]:
                 "AS calling_ae, "
                 f"{latest_evaluation} AS evaluation, {latest_correction} AS correction "
                 "FROM jobs ORDER BY id DESC LIMIT ?",
-        "deliveries": "SELECT id, job_id, destination, state, attempts, error, next_try_at, updated_at "
+        "deliveries": "SELECT id, job_id, destination, part, state, attempts, error, next_try_at, updated_at "
                       "FROM deliveries ORDER BY id DESC LIMIT ?",
         "studies": "SELECT st.study_instance_uid, st.selected_at, "
                    "(SELECT COUNT(*) FROM series s WHERE s.study_instance_uid=st.study_instance_uid) "
@@ -450,13 +450,10 @@ class Store:
                           "lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE id=?" + fence,
                           (str(result_dir), json.dumps(stages), now, job_id, *held)).rowcount != 1:
                 return False
-            # a re-run job delivers its (replacing) results again; a send in flight loses its claim
-            db.executemany(
-                "INSERT INTO deliveries (job_id, destination, next_try_at, updated_at) VALUES (?,?,?,?) "
-                "ON CONFLICT(job_id, destination) DO UPDATE SET state='pending', attempts=0, error=NULL, "
-                "next_try_at=excluded.next_try_at, lease_owner=NULL, lease_expires=NULL, "
-                "updated_at=excluded.updated_at",
-                [(job_id, d, now, now) for d in destinations])
+            # a re-run job delivers its (replacing) results again; a send in flight loses its claim;
+            # a destination that has the first objects (results_ready) gets the rest, else all
+            _queue_deliveries(db, job_id, destinations, now, "CASE WHEN deliveries.part='first' AND "
+                              "deliveries.state='done' THEN 'rest' ELSE 'all' END")
         return True
 
     def fail_job(self, job_id: int, error: str, *, retry: bool, claim: Claim | None = None) -> bool:
@@ -555,6 +552,12 @@ class Store:
             "SELECT d.*, j.result_dir FROM deliveries d JOIN jobs j ON j.id=d.job_id "
             "WHERE d.state='pending' AND d.next_try_at<=? ORDER BY d.next_try_at", (time.time(),))
 
+    def delivery_due(self) -> bool:
+        """Whether claim_delivery would find a delivery: a read, taking no write lock."""
+        now = time.time()
+        return self.query("SELECT 1 FROM deliveries WHERE state='pending' AND next_try_at<=? AND "
+                          "(lease_expires IS NULL OR lease_expires<?) LIMIT 1", (now, now)) != []
+
     def claim_delivery(self, owner: str = "", lease_seconds: float = 30.0) -> Row | None:
         """Take the delivery due longest that no live node is sending, under ``owner``'s lease,
         with its job's result_dir. A lease that expired (its sender died mid-send) counts as a
@@ -600,9 +603,9 @@ class Store:
     def resend_job(self, job_id: int) -> int:
         """Send a finished job's results to its destinations again; returns the deliveries reset."""
         with self.transaction() as db:
-            return db.execute("UPDATE deliveries SET state='pending', attempts=0, error=NULL, next_try_at=?, "
-                              "lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE job_id=?",
-                              (time.time(), time.time(), job_id)).rowcount
+            return db.execute("UPDATE deliveries SET state='pending', part='all', attempts=0, error=NULL, "
+                              "next_try_at=?, lease_owner=NULL, lease_expires=NULL, updated_at=? "
+                              "WHERE job_id=?", (time.time(), time.time(), job_id)).rowcount
 
     def bump(self, db: Connection, counter: str, by: int = 1) -> None:
         """Add to a monotonic counter, inside the caller's transaction."""
@@ -733,6 +736,38 @@ def existing_store(data_dir: str | Path, url: str = "") -> Store:
     if not url and not (Path(data_dir) / "vesalius.sqlite").exists():
         raise ConfigError(f"--data-dir: no Vesalius database in {data_dir}")
     return Store(data_dir, url)
+
+
+def results_ready(locator: str | Path, job_id: int, claim: Claim | None, result_dir: str | Path,
+                  destinations: Sequence[str]) -> bool:
+    """A worker says a running job's results folder holds its first objects (the SEG, SR and
+    Surface Segmentation; node.pipeline.OnResults): their deliveries start while it writes the 3D
+    preview and the STLs, and finish_job queues those as the deliveries' 'rest'. Its own short
+    connection, as record_progress; fenced by the job's claim; False when refused."""
+    now = time.time()
+    fence, held = _fence(claim)
+    db = database.connect(locator)
+    try:
+        with db.transaction():
+            if db.execute("UPDATE jobs SET result_dir=?, updated_at=? WHERE id=? AND state='running'" + fence,
+                          (str(result_dir), now, job_id, *held)).rowcount != 1:
+                return False
+            _queue_deliveries(db, job_id, destinations, now, "'first'", part="first")
+        return True
+    finally:
+        db.close()
+
+
+def _queue_deliveries(db: Connection, job_id: int, destinations: Sequence[str], now: float,
+                      part_on_conflict: str, part: str = "all") -> None:
+    """One pending delivery of ``part`` per destination; an existing one is reset (its attempts,
+    its lease: a send in flight loses its claim) to ``part_on_conflict`` (an SQL expression)."""
+    db.executemany(
+        "INSERT INTO deliveries (job_id, destination, next_try_at, updated_at, part) VALUES (?,?,?,?,?) "
+        f"ON CONFLICT(job_id, destination) DO UPDATE SET part={part_on_conflict}, state='pending', "
+        "attempts=0, error=NULL, next_try_at=excluded.next_try_at, lease_owner=NULL, lease_expires=NULL, "
+        "updated_at=excluded.updated_at",
+        [(job_id, d, now, now, part) for d in destinations])
 
 
 def record_progress(locator: str | Path, job_id: int, stage: str, n: int, of: int) -> None:

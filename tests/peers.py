@@ -140,9 +140,11 @@ class NodeProcess:
         return self.get("/deliveries")
 
     def delivered(self, count: int | None = None) -> bool:
-        """Every delivery done (and ``count`` of them, when given), read in one request."""
+        """Every delivery done (and ``count`` of them, when given), read in one request; one that
+        sent only a job's first objects (part "first": its job still runs) is not done yet."""
         rows = self.deliveries()
-        return bool(rows) and all(r["state"] == "done" for r in rows) and count in (None, len(rows))
+        return (bool(rows) and all(r["state"] == "done" and r["part"] != "first" for r in rows)
+                and count in (None, len(rows)))
 
 
 def write_config(path: Path, text: str) -> Path:

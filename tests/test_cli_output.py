@@ -56,8 +56,8 @@ def test_process_shows_each_stage_on_a_terminal_and_ends_with_a_summary(tmp_path
     out = tmp_path / "out"
     rc, stdout, terminal = on_a_terminal(["process", str(series.paths[0].parent), "--out", str(out)])
     assert rc == 0, terminal
-    for n, stage in enumerate(("volume", "model", "surfaces", "measures", "writers"), start=1):
-        assert f"stage {n}/5: {stage}" in terminal, terminal
+    for n, stage in enumerate(("volume", "model", "surfaces", "measures", "writers", "preview"), start=1):
+        assert f"stage {n}/6: {stage}" in terminal, terminal
     summary = json.loads((out / "summary.json").read_text())
     assert stdout.splitlines()[0] == f"builtin_ct {summary['model']['version']}: " \
                                      f"{len(summary['structures'])} structure(s) in {out}"
@@ -66,7 +66,7 @@ def test_process_shows_each_stage_on_a_terminal_and_ends_with_a_summary(tmp_path
     assert "seg.dcm" in stdout and "meshes/structures.glb" in stdout
     machine = subprocess.run([*CLI, "process", str(series.paths[0].parent), "--out", str(tmp_path / "again"),
                               "--json"], capture_output=True, text=True, timeout=300)
-    assert machine.returncode == 0 and "stage 1/5" not in machine.stderr  # no terminal: no progress
+    assert machine.returncode == 0 and "stage 1/6" not in machine.stderr  # no terminal: no progress
     assert json.loads(machine.stdout)["structures"] == summary["structures"]
 
 

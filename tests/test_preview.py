@@ -153,3 +153,36 @@ def test_pipeline_writes_the_preview_and_an_honest_summary(tmp_path: Path) -> No
     assert "airways" in summary["not_found"] and not set(summary["not_found"]) & set(structures)
     for s in structures.values():
         assert s["volume_ml"] == round(s["volume_ml"], 1) and s["mean"] == round(s["mean"])
+
+
+def test_first_objects_are_in_place_before_the_preview_is_written(tmp_path: Path) -> None:
+    """``on_results`` hears of the SEG, SR and surfaces once they lie in the results folder and
+    the 3D preview, STLs and meshes do not yet; then those are added, summary.json last."""
+    import json
+
+    from tests.phantoms import Cylinder, write_phantom_series
+    from vesalius.node.pipeline import FIRST_OBJECTS, OUTPUT_FILES, run_pipeline
+
+    series = write_phantom_series(tmp_path / "ct", shape=(8, 64, 64), spacing=(3.0, 3.0, 3.0), objects=[
+        Cylinder((0, 0, 0), (0, 0, 1), 70, 120, 40), Cylinder((30, 0, 0), (0, 0, 1), 20, 80, -850)])
+    out = tmp_path / "out"
+    seen: dict[str, object] = {}
+
+    def on_results(summary: dict) -> None:
+        seen["files"] = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+        seen["summary"] = summary
+        seen["on_disk"] = json.loads((out / "summary.json").read_text())
+
+    for run in range(2):  # a re-run replaces the earlier results the same way
+        final = run_pipeline(series.paths, out, "builtin_ct", labelmap=False, on_results=on_results)
+        first = sorted(OUTPUT_FILES[key] for key in FIRST_OBJECTS if key != "seg_labelmap")
+        assert seen["files"] == sorted([*first, "summary.json"]), run
+        assert seen["summary"] == seen["on_disk"] and seen["summary"]["pending"] is True  # type: ignore[index]
+        assert set(seen["summary"]["objects"]) == {"seg", "sr", "surface_segmentation"}  # type: ignore[index]
+        assert "pending" not in final and final == json.loads((out / "summary.json").read_text())
+        assert set(final["objects"]) == {"seg", "sr", "surface_segmentation", "preview"}
+        assert final["encapsulated_stl"] and final["meshes"] and final["thumbnails"]
+        rest = [*final["encapsulated_stl"], *final["meshes"], *final["thumbnails"], OUTPUT_FILES["preview"]]
+        for name in rest:
+            assert (out / name).is_file(), name
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "out"]  # no partial folders left

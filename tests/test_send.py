@@ -20,7 +20,7 @@ from vesalius.node.destinations import DeliveryError
 from vesalius.node.destinations.dicom import DicomDestination as Destination
 from vesalius.node.pipeline import OUTPUT_FILES, STL_DIR
 from vesalius.node.send import Sender, files_for, next_delay
-from vesalius.node.store import Store
+from vesalius.node.store import Claim, Store, results_ready
 
 
 @pytest.fixture
@@ -179,3 +179,64 @@ def test_per_destination_attempts_override_the_default(
     with sender_for(store, config):
         wait_for(lambda: delivery(store, delivery_id)["state"] == "failed", 20, "the failed state")
     assert delivery(store, delivery_id)["attempts"] == 2
+
+
+def _running_job(store: Store, destination: str) -> tuple[int, Claim]:
+    with store.transaction() as db:
+        job = store.add_job(db, "1.2.3", "rule", "builtin_ct", [destination])
+    claimed = store.claim_job("node-a")
+    assert claimed is not None and claimed["id"] == job
+    claim = Claim.of(claimed)
+    assert claim is not None
+    return job, claim
+
+
+def test_first_objects_go_out_while_the_job_still_writes_the_rest(database_url: str, tmp_path: Path,
+                                                                   result_dir: Path) -> None:
+    """The worker's results_ready queues the SEG, surfaces and SR; the sender delivers them while
+    the job runs; finish_job then queues the rest (the 3D preview), which follows, each once."""
+    config = Config(destinations=(Destination("pacs", "PACS", "127.0.0.1", free_port()),))
+    store = Store(tmp_path / "data", database_url)
+    job, claim = _running_job(store, "pacs")
+    assert not results_ready(store.url, job, Claim("node-b", claim.attempt), result_dir, ["pacs"])
+    assert store.query("SELECT * FROM deliveries") == []  # a node without the job's claim queues nothing
+    assert results_ready(store.url, job, claim, result_dir, ["pacs"])
+    [row] = store.query("SELECT id, part FROM deliveries")
+    assert row["part"] == "first"
+    uid = lambda p: str(pydicom.dcmread(p).SOPInstanceUID)  # noqa: E731
+    first = [uid(result_dir / OUTPUT_FILES[key]) for key in ("seg", "surface_segmentation", "sr")]
+    with storescp(tmp_path / "pacs", port=config.destinations[0].port) as pacs, sender_for(store, config):
+        wait_for(lambda: delivery(store, row["id"])["state"] == "done", 20, "the first objects")
+        assert store.job(job)["state"] == "running"
+        assert sorted(map(uid, pacs.files())) == sorted(first)
+        assert store.finish_job(job, result_dir, {"model": 0.1}, ["pacs"], claim)
+        assert delivery(store, row["id"])["part"] == "rest"
+        wait_for(lambda: delivery(store, row["id"])["state"] == "done", 20, "the rest")
+        received = sorted(map(uid, pacs.files()))
+    everything = sorted(map(uid, files_for(config.destinations[0], result_dir)))
+    assert received == everything and len(everything) == 4  # each object once: none sent twice
+    assert delivery(store, row["id"])["attempts"] == 1
+
+
+def test_a_job_done_before_its_first_objects_went_out_sends_everything(database_url: str, tmp_path: Path,
+                                                                      result_dir: Path) -> None:
+    store = Store(tmp_path / "data", database_url)
+    job, claim = _running_job(store, "pacs")
+    assert results_ready(store.url, job, claim, result_dir, ["pacs"])
+    store.finish_job(job, result_dir, {"model": 0.1}, ["pacs"], claim)
+    [row] = store.query("SELECT part, state FROM deliveries")
+    assert (row["part"], row["state"]) == ("all", "pending")
+    store.record_delivery(1, "done", None, 0.0)
+    assert store.resend_job(job) == 1
+    assert store.query("SELECT part FROM deliveries")[0]["part"] == "all"
+
+
+def test_each_part_names_its_own_files(result_dir: Path) -> None:
+    destination = Destination("pacs", "PACS", "127.0.0.1", 104, labelmap=True, encapsulated_stl=True)
+    names = {part: [p.relative_to(result_dir).as_posix() for p in files_for(destination, result_dir, part)]
+             for part in ("first", "rest", "all")}
+    assert names["first"] == ["seg.dcm", "seg_labelmap.dcm", "surfaces.dcm", "sr.dcm"]
+    assert names["rest"] == ["preview.dcm", f"{STL_DIR}/body.dcm", f"{STL_DIR}/bone.dcm"]
+    assert sorted(names["all"]) == sorted(names["first"] + names["rest"])
+    with pytest.raises(ValueError, match="no such part"):
+        files_for(destination, result_dir, "preview")

@@ -198,7 +198,9 @@ def test_an_earlier_sqlite_database_is_adopted_with_its_rows(tmp_path: Path) -> 
     old.close()
     store = Store(data)
     versions = store.query("SELECT version FROM schema_migrations ORDER BY version")
-    assert [tuple(r) for r in versions] == [(1,), (2,)]  # the initial schema, then the later ones
+    # the initial schema, then every later one
+    assert [r[0] for r in versions] == [m.version for m in migrations(store.dialect)] == [1, 2, 3]
+    assert store.query("SELECT part FROM deliveries")[0][0] == "all"  # 0003's default
     [job] = store.query("SELECT * FROM jobs")
     assert (job["series_instance_uid"], job["result_key"], job["progress"]) == ("9.1", None, None)
     assert [r["sop_instance_uid"] for r in store.query("SELECT * FROM instances")] == ["9.1.1"]
@@ -207,7 +209,7 @@ def test_an_earlier_sqlite_database_is_adopted_with_its_rows(tmp_path: Path) -> 
     assert tuple(store.query("SELECT study_instance_uid, selected_at FROM studies")[0]) == ("9", 2)
     assert len(store.due_deliveries()) == 1
     Store(data)
-    assert store.query("SELECT COUNT(*) FROM schema_migrations")[0][0] == 2
+    assert store.query("SELECT COUNT(*) FROM schema_migrations")[0][0] == len(migrations(store.dialect))
 
 
 # --- PostgreSQL only: migrations under a lock, a server restart ------------------------------------
@@ -322,7 +324,8 @@ def test_a_new_migration_is_one_file(store: Store, database_url: str, tmp_path: 
         job = store.add_job(db, "1.2", "ct", "builtin_ct", [])
     folder = tmp_path / "migrations"
     shutil.copytree(database.MIGRATIONS, folder)
-    (folder / "portable" / "0003_priorities.sql").write_text(
+    latest = len(database.migrations(store.dialect))
+    (folder / "portable" / f"{latest + 1:04d}_priorities.sql").write_text(
         "ALTER TABLE jobs ADD COLUMN priority BIGINT;\n"
         "ALTER TABLE jobs ADD COLUMN deadline DOUBLE PRECISION;\n"
         "CREATE TABLE priorities (id TEXT PRIMARY KEY, node TEXT NOT NULL,\n"
@@ -330,11 +333,12 @@ def test_a_new_migration_is_one_file(store: Store, database_url: str, tmp_path: 
     monkeypatch.setattr(database, "MIGRATIONS", folder)
     restarted = Store(tmp_path / "data", database_url)
     rows = restarted.query("SELECT version FROM schema_migrations ORDER BY version")
-    assert [r["version"] for r in rows] == [1, 2, 3]
+    assert [r["version"] for r in rows] == list(range(1, latest + 2))
     assert restarted.job(job)["priority"] is None
     with restarted.transaction() as db:
         db.execute("INSERT INTO priorities VALUES ('a', 'node1', 1.5)")
-    assert Store(tmp_path / "data", database_url).query("SELECT COUNT(*) FROM schema_migrations")[0][0] == 3
+    assert Store(tmp_path / "data", database_url).query(
+        "SELECT COUNT(*) FROM schema_migrations")[0][0] == latest + 1
 
 
 def test_a_starting_node_waits_for_its_database(postgres_server: PostgresPeer, tmp_path: Path) -> None:

@@ -122,7 +122,8 @@ function deliveryWords(d) {
     return d.error ? `${next} (last try: ${d.error})` : next;
   }
   if (d.state === 'failed') return `delivery failed: ${d.error}`;
-  return 'delivered';
+  // part 'first': the SEG, SR and surfaces are at the destination; the 3D preview and STLs follow
+  return d.part === 'first' ? 'SEG, SR and surfaces delivered; 3D preview to follow' : 'delivered';
 }
 
 function seriesWords(s) {
