@@ -50,8 +50,9 @@ def uid_problem(keyword: str, value: object) -> str:
 
 
 def _value_length(ds: Dataset, keyword: str) -> int:
-    """The length of a value as read, without loading a deferred one."""
-    element = ds.get_item(keyword)
+    """The length of a value as read, without loading a deferred one (``keep_deferred``: without
+    it pydicom reads a deferred value, the whole pixel data, to return the element)."""
+    element = ds.get_item(keyword, keep_deferred=True)
     if isinstance(element, RawDataElement):
         return int(element.length)
     return len(element.value)

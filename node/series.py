@@ -73,6 +73,8 @@ def complete_due_series(store: Store, config: Config, now: float | None = None) 
     facts = {row["series_instance_uid"]: read_facts(store.series_paths(row["series_instance_uid"]), dict(row))
              for row in store.query(DUE_SERIES, params)}
     done: list[str] = []
+    if not facts:  # the common tick (5 Hz): no write transaction to take while instances arrive
+        return done
     with store.transaction() as db:
         for row in db.execute(DUE_SERIES, params).fetchall():
             uid = row["series_instance_uid"]

@@ -182,6 +182,8 @@ def write_durably(path: Path, data: bytes) -> None:
 def _make_dirs_durably(folder: Path) -> None:
     """Create ``folder`` and its missing parents, each new one's entry fsynced in its parent
     (once per new series folder, not per instance)."""
+    if folder.is_dir():  # the common case, every instance after a series' first: one stat
+        return
     missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
     folder.mkdir(parents=True, exist_ok=True)
     for created in missing:
@@ -211,6 +213,8 @@ class Store:
         self.db_path = self.data_dir / "vesalius.sqlite"  # SQLite's file (unused with PostgreSQL)
         self.url = url or str(self.db_path)
         self._local = threading.local()
+        # spool_series_dir's answers: resolving a folder costs a stat per path component, per instance
+        self._series_dirs: dict[tuple[str, str], Path] = {}
         db = self._connection()
         self.dialect: Dialect = db.dialect
         self.listings = listings(self.dialect)
@@ -297,8 +301,22 @@ class Store:
         return inside(self.spool_series_dir(study_uid, series_uid), f"{uid_file_name(sop_uid)}.dcm")
 
     def spool_series_dir(self, study_uid: str, series_uid: str) -> Path:
-        """The spool folder of one series (named as in ``spool_path``)."""
-        return inside(self.spool_dir, uid_file_name(study_uid), uid_file_name(series_uid))
+        """The spool folder of one series (named as in ``spool_path``), resolved and checked once
+        per series (a folder retention removed is the same path when it comes back)."""
+        key = (study_uid, series_uid)
+        folder = self._series_dirs.get(key)
+        if folder is None:
+            folder = inside(self.spool_dir, uid_file_name(study_uid), uid_file_name(series_uid))
+            if len(self._series_dirs) >= 1024:
+                self._series_dirs.clear()
+            self._series_dirs[key] = folder
+        return folder
+
+    def _instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """``spool_path`` for writing, without resolving the whole path again per instance: the
+        series folder is resolved and checked (``spool_series_dir``), a UID's file name is one
+        plain name (``uid_file_name``), and ``os.replace`` replaces a link there, never follows it."""
+        return self.spool_series_dir(study_uid, series_uid) / f"{uid_file_name(sop_uid)}.dcm"
 
     @property
     def incoming_dir(self) -> Path:
@@ -315,7 +333,7 @@ class Store:
         WAL (synchronous=NORMAL; consistent, and made durable by the next FULL commit of anything)
         and node.spool_recovery rebuilds rows a power loss took at the next start. Only a new
         series' first row is committed FULL, so its calling AE is never lost."""
-        path = self.spool_path(info.study_instance_uid, info.series_instance_uid, sop_instance_uid)
+        path = self._instance_path(info.study_instance_uid, info.series_instance_uid, sop_instance_uid)
         if isinstance(data, Path):
             move_durably(data, path)
         else:

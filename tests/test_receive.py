@@ -214,3 +214,74 @@ def test_full_disk_refuses_then_recovers_and_database_stays_sound(tmp_path: Path
             stored = {r[0] for r in db.execute("SELECT sop_instance_uid FROM instances")}
             db.close()
             assert len(stored) == 2 and not list(inside.rglob("*.tmp"))
+
+
+# --- the per-instance receive path's cuts (issue 14): same results, less work -----------------
+
+
+def test_contexts_copied_with_their_uids_kept(tmp_path: Path) -> None:
+    """The acceptor's per-association copy is a real copy of the contexts (negotiation mutates
+    them) that shares only the immutable UIDs."""
+    import copy
+
+    from pynetdicom import AllStoragePresentationContexts
+
+    from vesalius.node.receive import ACCEPTED_SYNTAXES, copy_contexts
+
+    ae = AE()
+    for context in AllStoragePresentationContexts[:5]:
+        ae.add_supported_context(context.abstract_syntax, list(ACCEPTED_SYNTAXES))
+    contexts = ae.supported_contexts
+    copied = copy_contexts(contexts)
+    assert [(c.abstract_syntax, c.transfer_syntax) for c in copied] == \
+        [(c.abstract_syntax, c.transfer_syntax) for c in copy.deepcopy(contexts)]
+    assert copied[0] is not contexts[0] and copied[0].transfer_syntax is not contexts[0].transfer_syntax
+    assert copied[0].transfer_syntax[0] is contexts[0].transfer_syntax[0]
+    copied[0].result = 0x01
+    assert contexts[0].result != 0x01
+
+
+def test_spool_file_hands_each_flushed_fragment_to_writeback(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from vesalius.node import receive
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(receive, "start_writeback", lambda fd, offset, length: calls.append((offset, length)))
+    spool = receive.SpoolFile(tmp_path)
+    spool.write(b"\x00" * 132)  # preamble and file meta: pynetdicom does not flush these
+    spool.write(b"a" * 1000)
+    spool.file.flush()
+    spool.write(b"b" * 10)
+    spool.file.flush()
+    spool.close()
+    assert calls == [(0, 1132), (1132, 10)]
+    assert Path(spool.name).read_bytes() == b"\x00" * 132 + b"a" * 1000 + b"b" * 10
+
+
+def test_start_writeback_leaves_the_file_as_written(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from vesalius.node import receive
+
+    assert receive._SYNC_FILE_RANGE is not None or not sys.platform.startswith("linux")
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.write(b"x" * 300_000)
+        f.flush()
+        receive.start_writeback(f.fileno(), 0, 300_000)
+        receive.start_writeback(f.fileno(), 300_000, 0)
+        os.fsync(f.fileno())
+    assert path.read_bytes() == b"x" * 300_000
+
+
+def test_pixel_length_checked_without_reading_the_pixel_data(tmp_path: Path) -> None:
+    from pydicom.dataelem import RawDataElement
+
+    from vesalius.node import ingest
+
+    series = small_series(tmp_path / "ct", n=1)
+    ds = pydicom.dcmread(series.paths[0], defer_size=16)
+    assert ingest.instance_problem(ds, str(ds.SOPClassUID), False) == ("", ingest.SUCCESS)
+    assert isinstance(ds.get_item("PixelData", keep_deferred=True), RawDataElement)
+    assert ds.get_item("PixelData", keep_deferred=True).value is None  # still deferred, never read
