@@ -2,7 +2,9 @@
 
 - every transfer syntax pydicom decodes (uncompressed, deflated, RLE, JPEG, JPEG-LS, JPEG 2000);
 - the same SOP Instance UID twice is read once; non-image instances and localizers are left out;
-- pixels are decoded (in threads) only for the slices kept, in stack order.
+- pixels are decoded (in threads, on every core the process may use) only for the slices kept, in
+  stack order. JPEG 2000 goes through imagecodecs (``j2k``) when it is installed: pydicom's
+  default plugin holds the GIL, so its threads would decode one slice at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pydicom.pixels.processing import apply_modality_lut
 from vesalius.inference.memory import release_free_memory
 from vesalius.inference.series.frames import Slice, frame_slices, instance_name, is_localizer
 from vesalius.inference.series.geometry import stack_geometry
+from vesalius.inference.series.j2k import PLUGIN as J2K_PLUGIN
+from vesalius.inference.series.j2k import SYNTAXES as J2K_SYNTAXES
+from vesalius.inference.series.j2k import register as register_j2k
 from vesalius.inference.volume import Volume, VolumeError
 
 # Storage SOP classes that carry pixel data but are not slices of an image volume.
@@ -82,7 +87,10 @@ def _read_all(paths: Sequence[str | Path]) -> list[pydicom.Dataset]:
 
 
 def _workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    """Threads for reading and decoding: the cores this process may run on (its CPU affinity,
+    which a container's cpuset or ``taskset`` sets), at most 8."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, usable or 1))
 
 
 def _unique(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
@@ -157,14 +165,15 @@ def _decode_all(slices: list[Slice], integer: bool) -> np.ndarray:
     for index, piece in enumerate(slices):
         by_instance.setdefault(id(piece.pixels), []).append(index)
 
+    gil_free_j2k = register_j2k()
+
     def decode(indices: list[int]) -> None:
         ds = slices[indices[0]].pixels
         try:
-            pixels = ds.pixel_array
+            pixels = _pixel_array(ds, gil_free_j2k)
         except Exception as exc:  # any decoder failure is a refusal with the reason
-            syntax = ds.file_meta.get("TransferSyntaxUID", "?") if "file_meta" in ds else "?"
             raise VolumeError(
-                f"cannot decode pixel data of instance {instance_name(ds)} (transfer syntax {syntax}): "
+                f"cannot decode pixel data of instance {instance_name(ds)} (transfer syntax {_syntax(ds)}): "
                 f"{exc}"
             ) from exc
         for index in indices:
@@ -183,3 +192,20 @@ def _decode_all(slices: list[Slice], integer: bool) -> np.ndarray:
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         list(pool.map(decode, by_instance.values()))
     return out
+
+
+def _pixel_array(ds: pydicom.Dataset, gil_free_j2k: bool) -> np.ndarray:
+    """The stored values; JPEG 2000 through imagecodecs when it is there, pydicom's own plugins
+    if it fails (they decode with the same OpenJPEG, holding the GIL)."""
+    if gil_free_j2k and _syntax(ds) in J2K_SYNTAXES:
+        ds.pixel_array_options(decoding_plugin=J2K_PLUGIN)
+        try:
+            return ds.pixel_array
+        except Exception:  # noqa: BLE001 - whatever it was, pydicom's plugins get their turn
+            ds.pixel_array_options(decoding_plugin="")
+    return ds.pixel_array
+
+
+def _syntax(ds: pydicom.Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", "?")) if meta is not None else "?"
