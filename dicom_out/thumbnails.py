@@ -22,20 +22,46 @@ VIEWS = ("axial", "coronal", "sagittal")
 SIZE = 256  # px, the longer side
 CT_WINDOW = (-160.0, 240.0)  # HU: soft tissue
 ALPHA = 0.45  # of the structures' colour over the image
+SLAB_SLICES = 16  # the drawn voxels are counted this many slices at a time
+
+
+def _lps_order(volume: Volume) -> tuple[list[int], list[bool]]:
+    """For each of patient left, posterior and superior: the array axis (slice, row, col) nearest
+    it, and whether that axis runs the other way."""
+    directions = volume.affine[:3, :3] / volume.spacing  # column j: where array axis j points
+    order = [int(np.argmax(np.abs(directions[p]))) for p in range(3)]  # array axis nearest L, P, S
+    if sorted(order) != [0, 1, 2]:  # an oblique grid: keep the array order
+        order = [0, 1, 2]
+    return order, [bool(directions[p, axis] < 0) for p, axis in enumerate(order)]
 
 
 def _lps_axes(volume: Volume, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``array`` (slice, row, col) reordered and flipped so that its indices grow toward patient
     left, posterior and superior; and the voxel size in mm along those axes."""
-    directions = volume.affine[:3, :3] / volume.spacing  # column j: where array axis j points
-    order = [int(np.argmax(np.abs(directions[p]))) for p in range(3)]  # array axis nearest L, P, S
-    if sorted(order) != [0, 1, 2]:  # an oblique grid: keep the array order
-        order = [0, 1, 2]
+    order, flips = _lps_order(volume)
     out = np.transpose(array, order)
-    for p, axis in enumerate(order):
-        if directions[p, axis] < 0:
+    for p, flip in enumerate(flips):
+        if flip:
             out = np.flip(out, p)
     return out, volume.spacing[order]
+
+
+def _centre(volume: Volume, label_map: np.ndarray, drawn: np.ndarray) -> list[int]:
+    """The mean (L, P, S) index of the drawn voxels (the middle of the volume when there are
+    none), counted per axis a slab of slices at a time: a mask of them all would be the label
+    map's size again (79 MB at 300 slices), np.argwhere 24 bytes a voxel."""
+    counts = [np.zeros(n, np.int64) for n in label_map.shape]
+    for start in range(0, label_map.shape[0], SLAB_SLICES):
+        shown = drawn[label_map[start:start + SLAB_SLICES]]
+        counts[0][start:start + len(shown)] = shown.sum(axis=(1, 2))
+        counts[1] += shown.sum(axis=(0, 2))
+        counts[2] += shown.sum(axis=(0, 1))
+    order, flips = _lps_order(volume)
+    total = int(counts[0].sum())
+    if not total:
+        return [label_map.shape[axis] // 2 for axis in order]
+    along = [counts[axis][::-1] if flip else counts[axis] for axis, flip in zip(order, flips, strict=True)]
+    return [int(round(float(np.dot(np.arange(len(c)), c)) / total)) for c in along]
 
 
 def _window(values: np.ndarray, modality: str) -> tuple[float, float]:
@@ -75,22 +101,15 @@ def write_thumbnails(volume: Volume, label_map: np.ndarray, structures: Sequence
         if 0 < label.value < len(colours) and term.opacity >= 1.0:  # see-through ones (body) not drawn
             colours[label.value] = term.rgb
             drawn[label.value] = True
-    shown = drawn[labels]
-    # the mean index of the shown voxels, from one count per axis (np.argwhere would hold 24
-    # bytes per voxel: hundreds of MB for the lungs and bones of a 300-slice CT)
-    per_axis = [shown.sum(axis=tuple(a for a in range(3) if a != axis)) for axis in range(3)]
-    total = int(per_axis[0].sum())
-    middle = (np.array([np.dot(np.arange(len(c)), c) / total for c in per_axis]).round() if total
-              else np.array(image.shape) // 2)
-    centre = [int(v) for v in middle]
+    centre = _centre(volume, label_map, drawn)
     window = _window(image, volume.modality)
     grey_views = {view: _grey(pixels, window) for view, pixels in _slices(image, centre).items()}
-    label_views, shown_views = _slices(labels, centre), _slices(shown, centre)
+    label_views = _slices(labels, centre)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for view, (row_mm, col_mm) in _pixel_mm(spacing).items():
         rgb = np.repeat(grey_views[view][..., None], 3, axis=2).astype(np.float32)
-        mask = shown_views[view]
+        mask = drawn[label_views[view]]
         rgb[mask] = (1 - ALPHA) * rgb[mask] + ALPHA * colours[label_views[view][mask]]
         height_mm, width_mm = rgb.shape[0] * row_mm, rgb.shape[1] * col_mm
         scale = SIZE / max(height_mm, width_mm)
