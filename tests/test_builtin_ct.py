@@ -234,3 +234,22 @@ def test_fill_holes_matches_scipy(axis: int) -> None:
             assert np.array_equal(_fill_holes(mask, structure), expected)
             filled += int((expected & ~mask).sum())
     assert filled > 0  # the masks had holes to fill
+
+
+@pytest.mark.parametrize("how", ["mean", "max"])
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32])
+def test_pool_equals_block_reduction(how: str, dtype: type) -> None:
+    """The grid pooling of the model and the surfaces: each coarse voxel is its block's mean or
+    maximum, blocks at the far edges padded with the edge values, in float32, whatever order
+    the axes are pooled in."""
+    from vesalius.inference.grid import pool
+
+    rng = np.random.default_rng(7)
+    array = rng.integers(-1024, 3000 if dtype == np.int16 else 255, (9, 14, 11)).astype(dtype)
+    factors = (2, 4, 3)
+    padded = np.pad(array, [(0, (-n) % f) for n, f in zip(array.shape, factors, strict=True)], mode="edge")
+    blocks = padded.reshape(5, 2, 4, 4, 4, 3).astype(np.float64)
+    expected = blocks.mean(axis=(1, 3, 5)) if how == "mean" else blocks.max(axis=(1, 3, 5))
+    pooled = pool(array, factors, how)
+    assert pooled.dtype == np.float32 and pooled.shape == (5, 4, 4)
+    np.testing.assert_allclose(pooled, expected, rtol=1e-6)
