@@ -32,7 +32,8 @@ FIRST_OBJECTS = ("seg", "seg_labelmap", "surface_segmentation", "sr")
 GLB_FILE = "meshes/structures.glb"
 THUMBNAIL_DIR = "thumbnails"  # axial.png, coronal.png, sagittal.png: key slices with the labels drawn
 # The stages of a job, in order: progress reports "stage n of len(STAGES)". "writers": the SEG, SR
-# and Surface Segmentation; "preview": the 3D preview, Encapsulated STLs, meshes and thumbnails.
+# and Surface Segmentation (the SEG is built from the start of "surfaces" on, beside them and the
+# measures: "writers" is what is left of it); "preview": the 3D preview, STLs, meshes, thumbnails.
 STAGES = ("volume", "model", "surfaces", "measures", "writers", "preview")
 # Told each stage's name, number (from 1) and the count, as the stage starts.
 OnStage = Callable[[str, int, int], None]
@@ -120,12 +121,6 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     out = Path(out_dir)
     dicom = volume_file is None
     model = resolve(model_name)  # loaded once per process, reused by every later job
-    with timer.stage("model"):
-        label_map = model.predict(volume)
-    with timer.stage("surfaces"):
-        meshes = build_meshes(label_map, volume.affine, model.structures, max_triangles=max_triangles)
-    with timer.stage("measures"):
-        measurements = measure(volume, label_map, model.structures, meshes)
     family = MORPHOLOGICAL_OPERATIONS if model.family == "morphology" else ARTIFICIAL_INTELLIGENCE
     algorithm = Algorithm(name=model.name, version=model.version, family=family, result_key=result_key)
     tmp = out.with_name(f".{out.name}.partial")
@@ -143,23 +138,35 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     def summary(pending: bool) -> dict[str, Any]:
         return _summary(volume, volume_file, model, measurements, objects, files, timer, pending)
 
-    with timer.stage("writers"), ThreadPoolExecutor(2) as pool:  # nothing found: no objects
-        if measurements and dicom:
-            seg = write(tmp, "seg", build_seg(volume, label_map, model.structures, algorithm))
-            # after the BINARY SEG, not beside it (side by side their temporaries only added up in
-            # memory: its RLE encoder holds the GIL), while the SR and the surfaces are written
-            labelmap_seg = pool.submit(lambda: write(tmp, "seg_labelmap", build_seg(
-                volume, label_map, model.structures, algorithm,
-                segmentation_type=LABELMAP))) if labelmap else None
-            # the SR references the BINARY SEG: the one every destination receives
-            write(tmp, "sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map, priors={
-                concept: Prior(float(p["volume_ml"]), str(p["study_date"]))
-                for concept, p in (priors or {}).items()}))
-            if meshes:
-                write(tmp, "surface_segmentation",
-                      build_surface_segmentation(volume, meshes, algorithm, seg=seg))
-            if labelmap_seg is not None:
-                labelmap_seg.result()
+    with timer.stage("model"):
+        label_map = model.predict(volume)
+    with ThreadPoolExecutor(2) as pool:
+        # The BINARY SEG needs only the label map: it is built and written (pydicom, mostly
+        # holding the GIL) while the surfaces and measures run (VTK and numpy, mostly not), so
+        # the two cores share them. Unused (its error unraised) when nothing is measured.
+        seg_written = pool.submit(lambda: write(tmp, "seg", build_seg(
+            volume, label_map, model.structures, algorithm))) if dicom and label_map.any() else None
+        with timer.stage("surfaces"):
+            meshes = build_meshes(label_map, volume.affine, model.structures, max_triangles=max_triangles)
+        with timer.stage("measures"):
+            measurements = measure(volume, label_map, model.structures, meshes)
+        with timer.stage("writers"):  # nothing found: no objects
+            if measurements and seg_written is not None:
+                seg = seg_written.result()
+                # after the BINARY SEG, not beside it (side by side their temporaries only added
+                # up in memory: its RLE encoder holds the GIL), while the SR and surfaces are written
+                labelmap_seg = pool.submit(lambda: write(tmp, "seg_labelmap", build_seg(
+                    volume, label_map, model.structures, algorithm,
+                    segmentation_type=LABELMAP))) if labelmap else None
+                # the SR references the BINARY SEG: the one every destination receives
+                write(tmp, "sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map, priors={
+                    concept: Prior(float(p["volume_ml"]), str(p["study_date"]))
+                    for concept, p in (priors or {}).items()}))
+                if meshes:
+                    write(tmp, "surface_segmentation",
+                          build_surface_segmentation(volume, meshes, algorithm, seg=seg))
+                if labelmap_seg is not None:
+                    labelmap_seg.result()
     rest = tmp
     if on_results is not None and objects:  # the first objects go out while the rest is written
         _write_summary(tmp, summary(pending=True))
