@@ -74,10 +74,11 @@ class Receiver:
 
     def __init__(self, store: Store, min_free_bytes: int = 0,
                  on_stored: Callable[[], None] = lambda: None, node_name: str = "",
-                 lease_seconds: float = 30.0) -> None:
+                 lease_seconds: float = 30.0, on_released: Callable[[], None] = lambda: None) -> None:
         self.store = store
         self.min_free_bytes = min_free_bytes
         self.on_stored = on_stored
+        self.on_released = on_released  # told when an association's series may be complete at once
         self.node_name = node_name
         self.lease_seconds = lease_seconds
         self._touched: dict[int, set[str]] = {}
@@ -165,8 +166,9 @@ class Receiver:
         problem = ""
         for _ in range(RELEASE_TRIES):  # a database restarting comes back within seconds
             try:
-                self.store.close_association(self.node_name, _association_key(event.assoc), sorted(touched),
-                                             released, self.lease_seconds)
+                if self.store.close_association(self.node_name, _association_key(event.assoc),
+                                                sorted(touched), released, self.lease_seconds):
+                    self.on_released()
                 return
             except database.OperationalError as err:
                 problem = str(err).splitlines()[0]

@@ -65,6 +65,7 @@ class Node:
         self.stopping = threading.Event()
         self.job_wake = threading.Event()
         self.send_wake = threading.Event()
+        self.completion_wake = threading.Event()  # an association ended normally: its series may be due
         self.leases = Leases(self.store, config.owner, config.lease_seconds)  # one heartbeat per node
         self.runner = JobRunner(self.store, config, self.job_wake, self.stopping,
                                 on_done=self.send_wake.set, trail=self.audit, executor=_executor(config),
@@ -94,7 +95,8 @@ class Node:
         self.leases.start()
         recover_rows(self.store)  # rows a power loss took from fsynced spool files, before any new one
         receiver = Receiver(self.store, min_free_bytes=self.config.min_free_disk_mb * 2**20,
-                            node_name=self.leases.owner, lease_seconds=self.config.lease_seconds)
+                            node_name=self.leases.owner, lease_seconds=self.config.lease_seconds,
+                            on_released=self.completion_wake.set)
         ae, handlers = build_ae(self.config, receiver, audit.AssociationTally(self.audit))
         models = tuple(dict.fromkeys([*(r.model for r in self.config.rules), *self.config.models]))
         self.http_server = HttpServer(create_app(self.store, self.tokens, self.audit,
@@ -138,7 +140,13 @@ class Node:
         return [*pull_routes(self.store, self.config, self.audit), *stow_routes(self.store, self.config)]
 
     def _complete_series(self) -> None:
-        while not self.stopping.wait(0.2):
+        """A tick every 0.2 s, and one at once when an association ended normally (its series
+        complete on its release: up to a tick sooner)."""
+        while not self.stopping.is_set():
+            self.completion_wake.wait(0.2)
+            self.completion_wake.clear()
+            if self.stopping.is_set():
+                return
             try:
                 completed = complete_due_series(self.store, self.config)
                 if select_due_studies(self.store, self.config) or completed:

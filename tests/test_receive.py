@@ -285,3 +285,39 @@ def test_pixel_length_checked_without_reading_the_pixel_data(tmp_path: Path) -> 
     assert ingest.instance_problem(ds, str(ds.SOPClassUID), False) == ("", ingest.SUCCESS)
     assert isinstance(ds.get_item("PixelData", keep_deferred=True), RawDataElement)
     assert ds.get_item("PixelData", keep_deferred=True).value is None  # still deferred, never read
+
+
+@pytest.mark.parametrize("ending", ["release", "abort"])
+def test_a_normal_release_wakes_series_completion(tmp_path: Path, ending: str) -> None:
+    """The listener tells series completion at once when an association that stored a series
+    ended with a normal release (its series may complete on it), not when it was aborted (its
+    series wait the quiet period): completion need not wait for its next tick."""
+    import threading
+
+    from tests.conftest import free_port
+    from vesalius.node.config import Config
+    from vesalius.node.receive import Receiver, build_ae
+    from vesalius.node.service import open_store
+
+    config = Config(host="127.0.0.1", data_dir=tmp_path / "data")
+    store = open_store(config)
+    woken = threading.Event()
+    ae, handlers = build_ae(config, Receiver(store, node_name="test", on_released=woken.set))
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        series = small_series(tmp_path / "ct", n=2)
+        scu = AE(ae_title="SCANNER")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", port, ae_title=config.ae_title)
+        assert assoc.is_established
+        for path in series.paths:
+            assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+        assoc.release() if ending == "release" else assoc.abort()
+        ended = wait_for(lambda: store.query("SELECT released_normally FROM series "
+                                             "WHERE released_at IS NOT NULL"), 10, "the association's end")
+        assert [r["released_normally"] for r in ended] == [int(ending == "release")]
+        # told right after that record (a release), never (an abort)
+        assert (woken.wait(5) if ending == "release" else woken.is_set()) == (ending == "release")
+    finally:
+        server.shutdown()
