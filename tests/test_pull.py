@@ -200,6 +200,13 @@ def test_pause_resume_cancel_move_a_job_between_states(database_url: str, tmp_pa
 
 # --- Orthanc: C-FIND + C-MOVE, C-GET, QIDO-RS + WADO-RS ------------------------------------------
 
+def release_records(node: NodeProcess) -> dict[str, tuple[int, int]]:
+    """Each series' (associations, released_normally): what decides whether it completes at once."""
+    with sqlite3.connect(node.data_dir / "vesalius.sqlite") as db:
+        return {uid: (n, normally) for uid, n, normally in db.execute(
+            "SELECT series_instance_uid, associations, released_normally FROM series")}
+
+
 def test_a_query_pulls_exactly_the_matching_studies_processes_them_and_results_reach_the_archive(
         tmp_path: Path) -> None:
     node_port = free_port()
@@ -237,6 +244,10 @@ preview = false
                 wait_for(lambda s=series: SEG in results_in(orthanc, s.study_uid), PULL_TIMEOUT,
                          "the SEG back in the archive's study")
             assert all(not results_in(orthanc, s.study_uid) for s in others)
+            # each pulled series came over one association of the archive's, released normally:
+            # the runner does not count the C-MOVE a second time (its AE would then look like one
+            # that spreads series over associations, and all its series wait the quiet period)
+            assert release_records(node) == {s.series_uid: (1, 1) for s in wanted}
             status_json = subprocess.run(
                 [sys.executable, "-m", "vesalius.node.cli", "status", "--json", "--data-dir",
                  str(node.data_dir)], capture_output=True, text=True, timeout=60)
@@ -267,6 +278,8 @@ def test_c_get_and_dicomweb_sources_pull_through_the_same_checks(tmp_path: Path)
             assert rows[by_web.study_uid]["instances"] == len(by_web.paths)
             assert rows[by_get.study_uid]["calling_ae"] == "ORTHANC"
             assert rows[by_web.study_uid]["calling_ae"] == "dicomweb:web"
+            # every listed instance arrived: each retrieval ended like a normal release
+            assert release_records(node) == {by_get.series_uid: (1, 1), by_web.series_uid: (1, 1)}
             assert {j["state"] for j in node.jobs()} == {"done"}
 
 

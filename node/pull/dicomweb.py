@@ -92,6 +92,7 @@ class DicomwebClient:
         self.source = source
         self.client = _client(source, max_instance_bytes)
         self.whole_series = False  # WADO-RS one instance at a time
+        self.through_listener = False
 
     @contextmanager
     def _failures(self, what: str) -> Iterator[None]:

@@ -60,6 +60,7 @@ class DimseClient:
         self.calling_ae = source.calling_ae or node_ae_title
         self.move_destination = source.move_destination or node_ae_title
         self.whole_series = True  # one series-level C-MOVE/C-GET retrieves a series at once
+        self.through_listener = source.retrieve != "get"  # C-MOVE: the source's C-STOREs to the listener
         self._open: set[Association] = set()
         self._lock = threading.Lock()
 

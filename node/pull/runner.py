@@ -31,6 +31,9 @@ log = logging.getLogger("vesalius.pull")
 
 class Client(Protocol):
     whole_series: bool
+    # C-MOVE: the instances come to the listener over the source's own associations, whose end the
+    # listener records; C-GET and WADO-RS: the runner records the retrieval's end itself
+    through_listener: bool
 
     def studies(self, query: PullQuery) -> list[StudyMatch]: ...
     def instances(self, study_uid: str, series_uid: str) -> list[str]: ...
@@ -253,8 +256,9 @@ class PullRunner:
                 if not self._running(job_id) or not pace.wait(1, self.stopping):
                     return None
                 client.retrieve(self.store, study_uid, series_uid, [uid], self.min_free_bytes)
-        self.store.mark_released([series_uid])  # C-GET, WADO-RS: as when a sender's association ends
         absent = len(set(expected) - self._stored(series_uid))
+        if not client.through_listener:  # as when a sender's association ends: normally when all came
+            self.store.mark_released([series_uid], normally=[] if absent else [series_uid])
         return f"{absent} of {len(expected)} instances did not arrive" if absent else ""
 
     def _stored(self, series_uid: str) -> set[str]:
