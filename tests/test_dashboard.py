@@ -270,7 +270,7 @@ def test_the_page_shows_a_running_job_stage_by_stage_without_reloading(dashboard
     series = write_phantom_series(dashboard.tmp / "slow", shape=(24, 48, 48), spacing=(3.0, 3.0, 3.0),
                                   objects=CHEST)
     storescu(series.paths, dashboard.node.port, calling="SLOWSCANNER")
-    tab.locator("#jobs .job-state").filter(has_text="running: stage 2 of 5 (model)").wait_for()
+    tab.locator("#jobs .job-state").filter(has_text="running: stage 2 of 6 (model)").wait_for()
     screenshot(tab, "dashboard.png", dashboard.tmp)  # the README's: a job running, two done
     [job] = [j["id"] for j in dashboard.node.jobs() if j["model"] == "slow"]
     tab.locator(f'#jobs tr[data-job="{job}"] .job-state').filter(has_text="done").wait_for(timeout=240_000)
