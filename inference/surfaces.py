@@ -63,8 +63,9 @@ def build_meshes(
         box = label_box(label_map, label)
         if box is None:
             continue
-        crop = label.mask(label_map[box])  # only the structure's box, never a full-volume mask
-        meshes.append(_mesh(label, crop, box, affine, max_triangles, smoothing_iterations))
+        # only the structure's box, never a full-volume mask; _mesh lets it go once padded
+        meshes.append(_mesh(label, [label.mask(label_map[box])], box, affine, max_triangles,
+                            smoothing_iterations))
     return meshes
 
 
@@ -83,15 +84,20 @@ def label_box(label_map: np.ndarray, label: Label) -> tuple[slice, ...] | None:
 
 
 def _mesh(
-    label: Label, crop: np.ndarray, box: tuple[slice, ...], affine: np.ndarray, max_triangles: int,
+    label: Label, held: list[np.ndarray], box: tuple[slice, ...], affine: np.ndarray, max_triangles: int,
     iterations: int
 ) -> Mesh:
+    """``held``: the structure's mask on its box, the one reference to it (taken from the list, so
+    it is freed once padded: the body's is 50 MB at 300 slices)."""
+    crop = held.pop()
+    shape = crop.shape
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     factors = _contour_factors(crop, spacing, max_triangles)
     while True:
         # pad with at least one empty block all round: the surface closes at the volume border
-        pad = [(f, f + (-n) % f) for n, f in zip(crop.shape, factors, strict=True)]
+        pad = [(f, f + (-n) % f) for n, f in zip(shape, factors, strict=True)]
         padded = np.pad(crop.view(np.uint8), pad)
+        crop = padded[tuple(slice(before, before + n) for (before, _), n in zip(pad, shape, strict=True))]
         start = np.array([s.start for s in box], float) - np.array(factors, float)
         polydata = _surface(pool(padded, factors, "mean"), factors, iterations)
         points = vtk_to_numpy(polydata.GetPoints().GetData()).astype(np.float64)
