@@ -20,6 +20,8 @@ from vesalius.inference.memory import release_free_memory
 from vesalius.node.paths import inside, safe_name
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from vesalius.inference.volume import Volume
     from vesalius.inference.volume_files import VolumeFile
 
@@ -108,7 +110,7 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     from vesalius.dicom_out.gltf import write_glb
     from vesalius.dicom_out.identity import ARTIFICIAL_INTELLIGENCE, MORPHOLOGICAL_OPERATIONS, Algorithm
     from vesalius.dicom_out.preview import build_preview
-    from vesalius.dicom_out.seg import LABELMAP, build_seg
+    from vesalius.dicom_out.seg import BINARY, LABELMAP, build_seg
     from vesalius.dicom_out.sr import Prior, build_sr
     from vesalius.dicom_out.stl import write_stl
     from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
@@ -132,8 +134,14 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
 
     def write(folder: Path, key: str, ds: Any) -> Any:
         ds.save_as(folder / OUTPUT_FILES[key], enforce_file_format=True)
+        if "PixelData" in ds and key != "preview":  # a SEG, once written: later objects reference
+            del ds.PixelData  # its header only (38 MB at 300 slices)
         objects[key] = ds
         return ds
+
+    def write_seg(label_map: np.ndarray, key: str) -> Any:
+        return write(tmp, key, build_seg(volume, label_map, model.structures, algorithm,
+                                         segmentation_type=LABELMAP if key == "seg_labelmap" else BINARY))
 
     def summary(pending: bool) -> dict[str, Any]:
         return _summary(volume, volume_file, model, measurements, objects, files, timer, pending)
@@ -144,8 +152,7 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
         # The BINARY SEG needs only the label map: it is built and written (pydicom, mostly
         # holding the GIL) while the surfaces and measures run (VTK and numpy, mostly not), so
         # the two cores share them. Unused (its error unraised) when nothing is measured.
-        seg_written = pool.submit(lambda: write(tmp, "seg", build_seg(
-            volume, label_map, model.structures, algorithm))) if dicom and label_map.any() else None
+        seg_written = pool.submit(write_seg, label_map, "seg") if dicom and label_map.any() else None
         with timer.stage("surfaces"):
             meshes = build_meshes(label_map, volume.affine, model.structures, max_triangles=max_triangles)
         with timer.stage("measures"):
@@ -155,9 +162,7 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
                 seg = seg_written.result()
                 # after the BINARY SEG, not beside it (side by side their temporaries only added
                 # up in memory: its RLE encoder holds the GIL), while the SR and surfaces are written
-                labelmap_seg = pool.submit(lambda: write(tmp, "seg_labelmap", build_seg(
-                    volume, label_map, model.structures, algorithm,
-                    segmentation_type=LABELMAP))) if labelmap else None
+                labelmap_seg = pool.submit(write_seg, label_map, "seg_labelmap") if labelmap else None
                 # the SR references the BINARY SEG: the one every destination receives
                 write(tmp, "sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map, priors={
                     concept: Prior(float(p["volume_ml"]), str(p["study_date"]))
@@ -179,6 +184,11 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
         # the 3D preview renders (VTK, off-screen) while the meshes and STLs are written
         preview = pool.submit(lambda: write(rest, "preview", build_preview(
             volume, meshes, measurements, algorithm))) if meshes and dicom else None
+        files["thumbnails"] = [f"{THUMBNAIL_DIR}/{path.name}" for path in write_thumbnails(
+            volume, label_map, model.structures, rest / THUMBNAIL_DIR)]
+        if volume_file is not None:  # research input: the label map in its own format, on its own grid
+            volume_file.write_label_map(label_map, rest / label_map_name(volume_file.path))
+        del label_map  # what is left needs the meshes and headers only (79 MB at 300 slices)
         if meshes and dicom:
             (rest / STL_DIR).mkdir()
             for mesh, ds in zip(meshes, build_encapsulated_stls(volume, meshes, algorithm, seg=seg),
@@ -194,12 +204,8 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
         if meshes:
             write_glb(meshes, rest / GLB_FILE)
             files["meshes"].append(GLB_FILE)
-        files["thumbnails"] = [f"{THUMBNAIL_DIR}/{path.name}" for path in write_thumbnails(
-            volume, label_map, model.structures, rest / THUMBNAIL_DIR)]
         if preview is not None:
             preview.result()
-        if volume_file is not None:  # research input: the label map in its own format, on its own grid
-            volume_file.write_label_map(label_map, rest / label_map_name(volume_file.path))
     final = summary(pending=False)
     _write_summary(rest, final)
     if rest is tmp:
