@@ -64,3 +64,16 @@ def test_stl_of_a_pipeline_mesh_encloses_its_volume_outward(tmp_path: Path) -> N
     signed_mm3 = np.einsum("ij,ij->i", v[:, 0], np.cross(v[:, 1], v[:, 2])).sum() / 6
     voxels_mm3 = body.label.mask(label_map).sum() * abs(np.linalg.det(volume.affine[:3, :3]))
     assert signed_mm3 == pytest.approx(voxels_mm3, rel=0.1)
+
+
+def test_the_writers_load_only_the_vtk_modules_they_use() -> None:
+    """``import vtk`` loads every VTK module: about 190 MB more in each worker process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import vesalius.dicom_out.stl, vesalius.dicom_out.render, "
+            "vesalius.dicom_out.preview, vesalius.inference.surfaces, vesalius.node.pipeline; "
+            "print('vtk' in sys.modules, 'vtkmodules.vtkIOGeometry' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
