@@ -178,14 +178,15 @@ def run_once(args: argparse.Namespace, slices: int, tmp: Path) -> dict[str, floa
             _, err = sender.communicate(timeout=600)
             assert sender.returncode == 0, err.decode()[-2000:]
         t_last_image = time.time()
-        first_at: dict[int, float] = {}  # job -> its SEG, SR, Surface Segmentation acknowledged
+        # job -> its SEG, SR, Surface Segmentation acknowledged (no "part": code before the early delivery)
+        first_at: dict[int, float] = {}
 
         def all_done() -> list[dict] | None:
             rows = [d for d in node.deliveries() if d["job_id"] not in warm]
             for d in rows:
-                if d["state"] == "done" or d["part"] == "rest":  # "rest" queued: "first" went out
+                if d["state"] == "done" or d.get("part") == "rest":  # "rest" queued: "first" went out
                     first_at.setdefault(d["job_id"], seconds(d["updated_at"]))
-            done = [d for d in rows if d["state"] == "done" and d["part"] != "first"]
+            done = [d for d in rows if d["state"] == "done" and d.get("part") != "first"]
             return done if len(done) >= args.series else None
 
         delivered = wait_for(all_done, 1800, "the results at the PACS", interval=0.05)
