@@ -31,6 +31,7 @@ MARROW_HU = 60.0  # marrow enclosed in 3D and in its plane denser than this is b
 MARROW_CLOSING_MM = 15.0  # seals leaky vertebral cortex (vessel foramina) in 3D ...
 MARROW_PLANAR_CLOSING_MM = 18.0  # ... and within each slice (discs lie between, not inside)
 POOL_MM = 3.0  # segmentation runs on a grid pooled to about this voxel size
+REFINE_BLOCKS = 65536  # coarse edge blocks redrawn at full resolution at a time
 LUNG_MEDIAN_HU = (-945.0, -600.0)  # lung parenchyma; gas (bowel, stomach) below, fat rims above
 MIN_LUNG_ML = 5.0
 MAX_AIRWAYS_ML = 250.0  # trachea + main bronchi; more means the growth leaked into the lungs
@@ -108,23 +109,27 @@ def _refine_edges(
     edge are decided by their own HU, so the blocky edges of the pooled grid become smooth
     without redoing the morphology (and without touching the other ~95% of the voxels).
     """
-    full = _unpool(label_map, factors, None)
-    pad = [(0, n - m) for n, m in zip(full.shape, hu.shape, strict=True)]
-    values = np.pad(hu, pad, mode="edge") if any(p[1] for p in pad) else hu
-    block_shape = []
-    for n, f in zip(label_map.shape, factors, strict=True):
-        block_shape += [n, f]
-    full6 = full.reshape(block_shape)
-    values6 = values.reshape(block_shape)
+    full = _unpool(label_map, factors, hu.shape)
+    last = np.array(hu.shape) - 1
+    # a block's voxel offsets along each axis, shaped to broadcast to (blocks, f0, f1, f2)
+    offsets = [np.arange(f).reshape([1 if a != axis else f for a in range(4)][1:])
+               for axis, f in enumerate(factors, start=1)]
 
     def edge(mask: np.ndarray) -> np.ndarray:
         return ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask, border_value=1)
 
     def refine(where: np.ndarray, rule) -> None:
-        s, r, c = np.nonzero(where)
-        blocks = full6[s, :, r, :, c, :]
-        rule(blocks, values6[s, :, r, :, c, :], (s, r, c))
-        full6[s, :, r, :, c, :] = blocks
+        # a chunk of edge blocks at a time (each block is decided on its own); a block's voxels
+        # past the volume's far edges are its edge voxels again (as edge padding would give: same
+        # label, same HU, so the same decision), so neither the HU nor the labels are copied padded
+        found = np.nonzero(where)
+        for start in range(0, len(found[0]), REFINE_BLOCKS):
+            blocks_at = [index[start:start + REFINE_BLOCKS] for index in found]
+            at = tuple(np.minimum(b.reshape(-1, 1, 1, 1) * f + offset, n)
+                       for b, f, offset, n in zip(blocks_at, factors, offsets, last, strict=True))
+            blocks = full[at]
+            rule(blocks, hu[at], tuple(blocks_at))
+            full[at] = blocks
 
     def skin(blocks: np.ndarray, h: np.ndarray, _) -> None:
         blocks[(blocks == BODY) & (h <= BODY_HU)] = 0
@@ -148,7 +153,7 @@ def _refine_edges(
 
     # only blocks on bone's outer edge: marrow that cortex encloses stays bone
     refine(bone & ~ndimage.binary_erosion(bone, border_value=1), cortex)
-    return np.ascontiguousarray(full[: hu.shape[0], : hu.shape[1], : hu.shape[2]])
+    return full
 
 
 def _pool_factors(spacing: np.ndarray) -> tuple[int, int, int]:
@@ -158,10 +163,14 @@ def _pool_factors(spacing: np.ndarray) -> tuple[int, int, int]:
 def _unpool(
     label_map: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...] | None
 ) -> np.ndarray:
-    """Each coarse voxel repeated over its block; cropped to ``shape`` unless None."""
+    """Each coarse voxel repeated over its block; cut to ``shape`` unless None (the last block
+    of each axis repeated only as far as the shape reaches: no padded copy to crop)."""
     for axis, f in enumerate(factors):
         if f > 1:
-            label_map = np.repeat(label_map, f, axis=axis)
+            counts = np.full(label_map.shape[axis], f)
+            if shape is not None:
+                counts[-1] = shape[axis] - f * (label_map.shape[axis] - 1)
+            label_map = np.repeat(label_map, counts, axis=axis)
     if shape is None:
         return label_map
     return np.ascontiguousarray(label_map[: shape[0], : shape[1], : shape[2]])
