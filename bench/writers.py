@@ -164,7 +164,7 @@ def main() -> None:
         def plain_stack() -> Any:
             original = seg_module.Segmentation, seg_module._binary_stack
             seg_module.Segmentation = hd.seg.Segmentation
-            seg_module._binary_stack = lambda lm, labels, _: np.stack([lb.mask(lm) for lb in labels], axis=-1)
+            seg_module._binary_stack = lambda lm, labels: np.stack([lb.mask(lm) for lb in labels], axis=-1)
             try:
                 return build_seg(volume, label_map, model.structures, algorithm)
             finally:
