@@ -35,7 +35,7 @@ PDU = ["-pdu", "131072"]
 PATCHED_NODE = textwrap.dedent("""
     import os, runpy, sys
     from vesalius.node import store
-    store._fsync_dir = lambda path: None
+    store.fsync_dir = lambda path: None
     if sys.argv[1] == "all":
         os.fsync = lambda fd: None
     sys.argv = ["vesalius", *sys.argv[5:]]

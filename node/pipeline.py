@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from vesalius.inference.memory import release_free_memory
 from vesalius.node.paths import inside, safe_name
+from vesalius.node.store import fsync_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -274,7 +275,7 @@ def _move_into(new: Path, target: Path) -> None:
         if old.is_dir():
             shutil.rmtree(old)
         os.replace(entry, old)
-    _fsync_dir(target)
+    fsync_dir(target)
     new.rmdir()
 
 
@@ -283,14 +284,6 @@ def _fsync_tree(folder: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

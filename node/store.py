@@ -155,7 +155,9 @@ class SeriesInfo:
     manufacturer: str
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's new or renamed entries durable (POSIX: a rename survives a crash once
+    its folder is fsynced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -176,7 +178,7 @@ def write_durably(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk must not leave half-written files behind
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _make_dirs_durably(folder: Path) -> None:
@@ -187,7 +189,7 @@ def _make_dirs_durably(folder: Path) -> None:
     missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
     folder.mkdir(parents=True, exist_ok=True)
     for created in missing:
-        _fsync_dir(created.parent)
+        fsync_dir(created.parent)
 
 
 def move_durably(src: Path, path: Path) -> None:
@@ -197,7 +199,7 @@ def move_durably(src: Path, path: Path) -> None:
     with open(src, "rb") as f:
         os.fsync(f.fileno())
     os.replace(src, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class Store:
