@@ -194,7 +194,7 @@ def run_once(args: argparse.Namespace, slices: int, tmp: Path) -> dict[str, floa
         jobs = [job for job in node.jobs() if job["id"] not in warm]
         events = [line for line in node.log().splitlines()
                   if any(k in line for k in ("released", "series complete", "job start", "job done",
-                                             "delivered", "sent "))]
+                                             "delivery done", "delivered", "sent "))]
         rss = peak_rss_mb(node.proc.pid)
         listener = rss.pop(next(k for k in rss if k.endswith(f"[{node.proc.pid}]")))
     load = os.getloadavg()[0]
