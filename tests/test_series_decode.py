@@ -15,8 +15,6 @@ from tests.phantoms import Cylinder, Sphere, write_phantom_series
 from vesalius.inference.series import j2k, load_series
 from vesalius.inference.series import read as read_module
 
-pytest.importorskip("imagecodecs")
-
 OBJECTS = [Sphere(center=(4.0, -3.0, 2.0), radius=9.0, hu=900.0),
            Cylinder(center=(-6.0, 5.0, 0.0), axis=(0.1, 0.2, 1.0), radius=5.0, length=30.0, hu=-800.0)]
 
