@@ -28,22 +28,23 @@ def pool(array: np.ndarray, factors: tuple[int, int, int], how: str) -> np.ndarr
         f = factors[axis]
         if f == 1:
             continue
-
-        def along(part: slice, axis: int = axis) -> tuple[slice, ...]:
-            return tuple(part if a == axis else slice(None) for a in range(3))
-
         n = out.shape[axis]
-        result = out[along(slice(0, None, f))].astype(out.dtype if how == "max" else sums, copy=True)
+        result = out[_along(axis, slice(0, None, f))].astype(out.dtype if how == "max" else sums, copy=True)
         blocks = result.shape[axis]
         for offset in range(1, f):
-            part = out[along(slice(offset, None, f))]
+            part = out[_along(axis, slice(offset, None, f))]
             whole = part.shape[axis]  # one short where the last block is cut by the edge:
-            combine(result[along(slice(0, whole))], part, out=result[along(slice(0, whole))])
+            combine(result[_along(axis, slice(0, whole))], part, out=result[_along(axis, slice(0, whole))])
             if whole < blocks:  # that block takes the edge value again, as edge padding would
-                combine(result[along(slice(whole, None))], out[along(slice(n - 1, n))],
-                        out=result[along(slice(whole, None))])
+                cut = result[_along(axis, slice(whole, None))]
+                combine(cut, out[_along(axis, slice(n - 1, n))], out=cut)
         out = result
     out = out.astype(np.float32, copy=False)
     if how == "mean":
         out /= float(np.prod(factors))
     return out
+
+
+def _along(axis: int, part: slice) -> tuple[slice, ...]:
+    """An index of a 3-D array that takes ``part`` along ``axis`` and everything along the others."""
+    return tuple(part if a == axis else slice(None) for a in range(3))

@@ -63,9 +63,7 @@ def build_meshes(
         box = label_box(label_map, label)
         if box is None:
             continue
-        # only the structure's box, never a full-volume mask; _mesh lets it go once padded
-        meshes.append(_mesh(label, [label.mask(label_map[box])], box, affine, max_triangles,
-                            smoothing_iterations))
+        meshes.append(_mesh(label, label_map[box], box, affine, max_triangles, smoothing_iterations))
     return meshes
 
 
@@ -84,12 +82,12 @@ def label_box(label_map: np.ndarray, label: Label) -> tuple[slice, ...] | None:
 
 
 def _mesh(
-    label: Label, held: list[np.ndarray], box: tuple[slice, ...], affine: np.ndarray, max_triangles: int,
+    label: Label, labels: np.ndarray, box: tuple[slice, ...], affine: np.ndarray, max_triangles: int,
     iterations: int
 ) -> Mesh:
-    """``held``: the structure's mask on its box, the one reference to it (taken from the list, so
-    it is freed once padded: the body's is 50 MB at 300 slices)."""
-    crop = held.pop()
+    """``labels``: the label map on the structure's box. Its mask is made here, only on the box
+    (never a full-volume mask), and freed once padded (the body's is 50 MB at 300 slices)."""
+    crop = label.mask(labels)
     shape = crop.shape
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     factors = _contour_factors(crop, spacing, max_triangles)

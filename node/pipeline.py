@@ -135,8 +135,8 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
 
     def write(folder: Path, key: str, ds: Any) -> Any:
         ds.save_as(folder / OUTPUT_FILES[key], enforce_file_format=True)
-        if "PixelData" in ds and key != "preview":  # a SEG, once written: later objects reference
-            del ds.PixelData  # its header only (38 MB at 300 slices)
+        if key in ("seg", "seg_labelmap"):  # written: later objects reference its header only
+            del ds.PixelData  # (38 MB at 300 slices)
         objects[key] = ds
         return ds
 
@@ -175,9 +175,10 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
                     labelmap_seg.result()
     rest = tmp
     if on_results is not None and objects:  # the first objects go out while the rest is written
-        _write_summary(tmp, summary(pending=True))
+        first = summary(pending=True)
+        _write_summary(tmp, first)
         _replace_dir(tmp, out)
-        on_results(summary(pending=True))
+        on_results(first)
         rest = out.with_name(f".{out.name}.rest")
         shutil.rmtree(rest, ignore_errors=True)
         rest.mkdir()

@@ -472,8 +472,8 @@ class Store:
                 return False
             # a re-run job delivers its (replacing) results again; a send in flight loses its claim;
             # a destination that has the first objects (results_ready) gets the rest, else all
-            _queue_deliveries(db, job_id, destinations, now, "CASE WHEN deliveries.part='first' AND "
-                              "deliveries.state='done' THEN 'rest' ELSE 'all' END")
+            _queue_deliveries(db, job_id, destinations, now, part_on_conflict=(
+                "CASE WHEN deliveries.part='first' AND deliveries.state='done' THEN 'rest' ELSE 'all' END"))
         return True
 
     def fail_job(self, job_id: int, error: str, *, retry: bool, claim: Claim | None = None) -> bool:
@@ -772,16 +772,17 @@ def results_ready(locator: str | Path, job_id: int, claim: Claim | None, result_
             if db.execute("UPDATE jobs SET result_dir=?, updated_at=? WHERE id=? AND state='running'" + fence,
                           (str(result_dir), now, job_id, *held)).rowcount != 1:
                 return False
-            _queue_deliveries(db, job_id, destinations, now, "'first'", part="first")
+            _queue_deliveries(db, job_id, destinations, now, part="first")
         return True
     finally:
         db.close()
 
 
 def _queue_deliveries(db: Connection, job_id: int, destinations: Sequence[str], now: float,
-                      part_on_conflict: str, part: str = "all") -> None:
+                      part: str = "all", part_on_conflict: str = "excluded.part") -> None:
     """One pending delivery of ``part`` per destination; an existing one is reset (its attempts,
-    its lease: a send in flight loses its claim) to ``part_on_conflict`` (an SQL expression)."""
+    its lease: a send in flight loses its claim) to ``part_on_conflict`` (an SQL expression; by
+    default ``part`` too)."""
     db.executemany(
         "INSERT INTO deliveries (job_id, destination, next_try_at, updated_at, part) VALUES (?,?,?,?,?) "
         f"ON CONFLICT(job_id, destination) DO UPDATE SET part={part_on_conflict}, state='pending', "

@@ -111,9 +111,10 @@ def _refine_edges(
     """
     full = _unpool(label_map, factors, hu.shape)
     last = np.array(hu.shape) - 1
-    # a block's voxel offsets along each axis, shaped to broadcast to (blocks, f0, f1, f2)
-    offsets = [np.arange(f).reshape([1 if a != axis else f for a in range(4)][1:])
-               for axis, f in enumerate(factors, start=1)]
+    # a block's voxel offsets along each axis, (f0, 1, 1), (1, f1, 1), (1, 1, f2): with the blocks'
+    # indices as (blocks, 1, 1, 1) they broadcast to (blocks, f0, f1, f2)
+    offsets = [np.arange(f).reshape([-1 if a == axis else 1 for a in range(3)])
+               for axis, f in enumerate(factors)]
 
     def edge(mask: np.ndarray) -> np.ndarray:
         return ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask, border_value=1)
@@ -160,20 +161,15 @@ def _pool_factors(spacing: np.ndarray) -> tuple[int, int, int]:
     return tuple(max(1, int(POOL_MM / s + 1e-6)) for s in spacing)  # type: ignore[return-value]
 
 
-def _unpool(
-    label_map: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...] | None
-) -> np.ndarray:
-    """Each coarse voxel repeated over its block; cut to ``shape`` unless None (the last block
-    of each axis repeated only as far as the shape reaches: no padded copy to crop)."""
+def _unpool(label_map: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...]) -> np.ndarray:
+    """Each coarse voxel repeated over its block, the last block of each axis only as far as
+    ``shape`` reaches (no padded copy to crop)."""
     for axis, f in enumerate(factors):
         if f > 1:
             counts = np.full(label_map.shape[axis], f)
-            if shape is not None:
-                counts[-1] = shape[axis] - f * (label_map.shape[axis] - 1)
+            counts[-1] = shape[axis] - f * (label_map.shape[axis] - 1)
             label_map = np.repeat(label_map, counts, axis=axis)
-    if shape is None:
-        return label_map
-    return np.ascontiguousarray(label_map[: shape[0], : shape[1], : shape[2]])
+    return label_map
 
 
 def _planar_structure(axis: int) -> np.ndarray:

@@ -73,12 +73,10 @@ def register() -> bool:
     it by name (``decoding_plugin=PLUGIN``)."""
     from pydicom.pixels.decoders.base import get_decoder
 
-    usable = False
-    for syntax in SYNTAXES:
-        decoder = get_decoder(syntax)
+    decoders = [get_decoder(syntax) for syntax in SYNTAXES]
+    for decoder in decoders:
         try:
             decoder.add_plugin(PLUGIN, (__name__, "decode_frame"))
         except ValueError:  # added already (by another caller of this module in the process)
             pass
-        usable = PLUGIN in decoder.available_plugins
-    return usable
+    return all(PLUGIN in decoder.available_plugins for decoder in decoders)
