@@ -471,9 +471,13 @@ class Store:
                           (str(result_dir), json.dumps(stages), now, job_id, *held)).rowcount != 1:
                 return False
             # a re-run job delivers its (replacing) results again; a send in flight loses its claim;
-            # a destination that has the first objects (results_ready) gets the rest, else all
+            # a destination that has the first objects (results_ready) gets the rest, else all; one
+            # whose first objects are being sent right now is left to that send (record_delivery
+            # queues the rest when it is done): reset to 'all', they would go out twice
             _queue_deliveries(db, job_id, destinations, now, part_on_conflict=(
-                "CASE WHEN deliveries.part='first' AND deliveries.state='done' THEN 'rest' ELSE 'all' END"))
+                "CASE WHEN deliveries.part='first' AND deliveries.state='done' THEN 'rest' ELSE 'all' END"),
+                unless="deliveries.part='first' AND deliveries.state='pending' "
+                       "AND COALESCE(deliveries.lease_expires, 0) >= excluded.updated_at")  # a live send
         return True
 
     def fail_job(self, job_id: int, error: str, *, retry: bool, claim: Claim | None = None) -> bool:
@@ -606,10 +610,18 @@ class Store:
         """One try's outcome; with ``claim`` only if the delivery is still under that claim (not
         taken over after its lease expired, nor reset by a re-run of its job); False when refused."""
         fence, held = _fence(claim)
+        now = time.time()
         with self.transaction() as db:
-            return db.execute("UPDATE deliveries SET state=?, error=?, attempts=attempts+1, next_try_at=?, "
-                              "lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE id=?" + fence,
-                              (state, error, next_try_at, time.time(), delivery_id, *held)).rowcount == 1
+            if db.execute("UPDATE deliveries SET state=?, error=?, attempts=attempts+1, next_try_at=?, "
+                          "lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE id=?" + fence,
+                          (state, error, next_try_at, now, delivery_id, *held)).rowcount != 1:
+                return False
+            # the first objects went out after their job ended (finish_job left them to this send)
+            db.execute("UPDATE deliveries SET state='pending', part='rest', attempts=0, next_try_at=?, "
+                       "updated_at=? WHERE id=? AND state='done' AND part='first' AND "
+                       "(SELECT j.state FROM jobs j WHERE j.id=deliveries.job_id)='done'",
+                       (now, now, delivery_id))
+            return True
 
     # --- operator actions ------------------------------------------------------------------------
 
@@ -779,15 +791,16 @@ def results_ready(locator: str | Path, job_id: int, claim: Claim | None, result_
 
 
 def _queue_deliveries(db: Connection, job_id: int, destinations: Sequence[str], now: float,
-                      part: str = "all", part_on_conflict: str = "excluded.part") -> None:
+                      part: str = "all", part_on_conflict: str = "excluded.part", unless: str = "") -> None:
     """One pending delivery of ``part`` per destination; an existing one is reset (its attempts,
     its lease: a send in flight loses its claim) to ``part_on_conflict`` (an SQL expression; by
-    default ``part`` too)."""
+    default ``part`` too), except where ``unless`` (an SQL condition on the existing row) holds:
+    in the upsert itself, so it is judged on the row as it is when the update takes its lock."""
     db.executemany(
         "INSERT INTO deliveries (job_id, destination, next_try_at, updated_at, part) VALUES (?,?,?,?,?) "
         f"ON CONFLICT(job_id, destination) DO UPDATE SET part={part_on_conflict}, state='pending', "
         "attempts=0, error=NULL, next_try_at=excluded.next_try_at, lease_owner=NULL, lease_expires=NULL, "
-        "updated_at=excluded.updated_at",
+        "updated_at=excluded.updated_at" + (f" WHERE NOT ({unless})" if unless else ""),
         [(job_id, d, now, now, part) for d in destinations])
 
 

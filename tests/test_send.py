@@ -231,6 +231,24 @@ def test_a_job_done_before_its_first_objects_went_out_sends_everything(database_
     assert store.query("SELECT part FROM deliveries")[0]["part"] == "all"
 
 
+def test_a_job_done_while_its_first_objects_are_being_sent_sends_each_object_once(
+        database_url: str, tmp_path: Path, result_dir: Path) -> None:
+    """The job ends while a sender holds its first part: that send is left alone, and once it is
+    recorded done the rest follows (reset to 'all', the first objects would go out twice)."""
+    store = Store(tmp_path / "data", database_url)
+    job, claim = _running_job(store, "pacs")
+    assert results_ready(store.url, job, claim, result_dir, ["pacs"])
+    sending = store.claim_delivery("node-a", 30.0)
+    assert sending is not None and sending["part"] == "first"
+    assert store.finish_job(job, result_dir, {"model": 0.1}, ["pacs"], claim)
+    [row] = store.query("SELECT part, state, lease_owner FROM deliveries")
+    assert (row["part"], row["state"], row["lease_owner"]) == ("first", "pending", "node-a")
+    assert store.record_delivery(sending["id"], "done", None, 0.0, Claim.of(sending))
+    [row] = store.query("SELECT part, state, attempts FROM deliveries")
+    assert (row["part"], row["state"], row["attempts"]) == ("rest", "pending", 0)
+    assert store.claim_delivery("node-a", 30.0)["part"] == "rest"
+
+
 def test_each_part_names_its_own_files(result_dir: Path) -> None:
     destination = Destination("pacs", "PACS", "127.0.0.1", 104, labelmap=True, encapsulated_stl=True)
     names = {part: [p.relative_to(result_dir).as_posix() for p in files_for(destination, result_dir, part)]
