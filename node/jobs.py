@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from vesalius.inference.series import decoded
 from vesalius.inference.volume import VolumeError
 from vesalius.node import audit, database, longitudinal
 from vesalius.node.audit import Audit
@@ -138,8 +139,14 @@ def _run_reporting_stages(paths: list[str], out: str, model: str, result_key: st
                           claim: tuple[str, int] | None = None) -> dict[str, Any]:
     """In the worker: the pipeline, each stage's start written to the job's row as it happens,
     so /jobs and the dashboard show "running: stage n of m" live, and the deliveries of the SEG,
-    SR and surfaces queued as soon as they are written (the 3D preview and STLs follow)."""
+    SR and surfaces queued as soon as they are written (the 3D preview and STLs follow). Once
+    the volume is read, the pixels decoded while the series arrived (node.decode_ahead) go."""
+    decoded_ahead = {Path(p).parent for p in paths}
+
     def on_stage(stage: str, n: int, of: int) -> None:
+        if stage != "volume":
+            while decoded_ahead:
+                decoded.remove_folder(decoded_ahead.pop())
         try:
             record_progress(db_path, job_id, stage, n, of)
         except database.Error as err:  # progress is for display only: never the reason a job fails

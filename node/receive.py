@@ -74,11 +74,13 @@ class Receiver:
 
     def __init__(self, store: Store, min_free_bytes: int = 0,
                  on_stored: Callable[[], None] = lambda: None, node_name: str = "",
-                 lease_seconds: float = 30.0, on_released: Callable[[], None] = lambda: None) -> None:
+                 lease_seconds: float = 30.0, on_released: Callable[[], None] = lambda: None,
+                 decode_ahead: Callable[[SeriesInfo, str, Any], object] | None = None) -> None:
         self.store = store
         self.min_free_bytes = min_free_bytes
         self.on_stored = on_stored
         self.on_released = on_released  # told when an association's series may be complete at once
+        self.decode_ahead = decode_ahead  # given each compressed instance stored (node.decode_ahead)
         self.node_name = node_name
         self.lease_seconds = lease_seconds
         self._touched: dict[int, set[str]] = {}
@@ -119,15 +121,18 @@ class Receiver:
         if info is None:
             log.warning("refused instance from %s: %s", calling_ae, problem)
             return status
+        sop_uid = str(ds.SOPInstanceUID)
         try:
             self._opened(event.assoc, info.series_instance_uid)
-            self.store.store_instance(info, str(ds.SOPInstanceUID), received, calling_ae)
+            self.store.store_instance(info, sop_uid, received, calling_ae)
         except UnsafePath as err:  # cannot happen for a checked UID; refused rather than written
             log.error("refused instance from %s: %s", calling_ae, err)
             return CANNOT_UNDERSTAND
         except (OSError, database.OperationalError) as err:  # disk full, I/O error, database locked or down
             log.error("could not store instance from %s: %s", calling_ae, err)
             return OUT_OF_RESOURCES
+        if self.decode_ahead is not None and event.context.transfer_syntax.is_encapsulated:
+            self.decode_ahead(info, sop_uid, event.assoc)
         self.on_stored()
         return SUCCESS
 

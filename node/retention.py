@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from vesalius.inference.series import decoded
 from vesalius.node.config import Retention
 from vesalius.node.database import Connection
 from vesalius.node.store import Store
@@ -181,6 +182,9 @@ def _remove_spool(store: Store, item: Removal, now: float) -> bool:
         file = Path(path)
         if _inside(file, store.spool_dir):
             file.unlink(missing_ok=True)
+    for folder_of_files in {Path(path).parent for path in paths}:
+        if _inside(folder_of_files, store.spool_dir):
+            decoded.remove_folder(folder_of_files)  # the pixels decoded while they arrived, if any
     folder = Path(item.path)
     for empty in (folder, folder.parent):  # the series folder, then the study folder, if empty
         if _inside(empty, store.spool_dir):
@@ -240,7 +244,11 @@ def cleanup(store: Store, rules: Retention, *, dry_run: bool = False, now: float
 
 def _sweep_stale_copies(store: Store) -> None:
     """De-identified copies a crashed delivery left behind (node.deidentify.deidentified_files);
-    a delivery lasts minutes, so an hour-old one is no delivery's any more."""
+    a delivery lasts minutes, so an hour-old one is no delivery's any more. The same for pixels
+    decoded while a series arrived (inference.series.decoded) that no job read within the hour."""
+    hour_ago = time.time() - 3600
     for folder in store.data_dir.glob(".deid-*"):
-        if folder.is_dir() and not folder.is_symlink() and folder.stat().st_mtime < time.time() - 3600:
+        if folder.is_dir() and not folder.is_symlink() and folder.stat().st_mtime < hour_ago:
             shutil.rmtree(folder, ignore_errors=True)
+    for series in store.series_folders():
+        decoded.sweep(series, hour_ago)

@@ -134,6 +134,15 @@ def why_not(rule: Rule, series: SeriesFacts) -> str:
     return _own_or_not_an_image(series) or next((why for ok, why in checks if not ok), "")
 
 
+def may_take(config: Config, modality: str, sop_class_uid: str, manufacturer: str = "") -> bool:
+    """Whether some rule could take a series of this modality and SOP class, from what its first
+    instance says (the rest of every rule is judged once the series is complete)."""
+    if sop_class_uid not in PROCESSABLE_SOP_CLASSES or manufacturer == MANUFACTURER:
+        return False
+    wanted = modality.strip().upper()
+    return any(not rule.modality or wanted in {m.upper() for m in rule.modality} for rule in config.rules)
+
+
 def rule_matches(rule: Rule, series: SeriesFacts | Mapping[str, Any]) -> bool:
     """Every criterion the rule names holds for the series (case-insensitive)."""
     facts = series if isinstance(series, SeriesFacts) else SeriesFacts.from_mapping(series)

@@ -14,10 +14,12 @@ from vesalius.node import audit, database
 from vesalius.node.api import HttpServer, create_app, load_tokens
 from vesalius.node.checks import ConfigError
 from vesalius.node.config import Config, config_digest
+from vesalius.node.decode_ahead import DecodeAhead
 from vesalius.node.jobs import Executor, JobRunner
 from vesalius.node.leases import Leases
 from vesalius.node.pull.runner import PullRunner
 from vesalius.node.receive import Receiver, build_ae
+from vesalius.node.routing import may_take
 from vesalius.node.send import Sender
 from vesalius.node.series import complete_due_series, select_due_studies
 from vesalius.node.spool_recovery import recover_rows
@@ -78,6 +80,7 @@ class Node:
         self._learning = threading.Thread(target=self._recognise_corrections, name="corrections", daemon=True)
         self.dicom_server: ThreadedAssociationServer | None = None
         self.tls_server: ThreadedAssociationServer | None = None
+        self.decoder: DecodeAhead | None = None
         self.http_server: HttpServer | None = None
 
     def start(self) -> None:
@@ -94,9 +97,12 @@ class Node:
             log.info("resuming %d interrupted job(s)", requeued)
         self.leases.start()
         recover_rows(self.store)  # rows a power loss took from fsynced spool files, before any new one
+        floor_mb = max(self.config.min_free_disk_mb, self.config.retention.free_space_high_water_mb)
+        self.decoder = DecodeAhead(self.store, lambda info: may_take(
+            self.config, info.modality, info.sop_class_uid, info.manufacturer), floor_mb * 2**20)
         receiver = Receiver(self.store, min_free_bytes=self.config.min_free_disk_mb * 2**20,
                             node_name=self.leases.owner, lease_seconds=self.config.lease_seconds,
-                            on_released=self.completion_wake.set)
+                            on_released=self.completion_wake.set, decode_ahead=self.decoder.submit)
         ae, handlers = build_ae(self.config, receiver, audit.AssociationTally(self.audit))
         models = tuple(dict.fromkeys([*(r.model for r in self.config.rules), *self.config.models]))
         self.http_server = HttpServer(create_app(self.store, self.tokens, self.audit,
@@ -196,6 +202,8 @@ class Node:
         self.pull.shutdown()
         for thread in listeners:
             thread.join(timeout=2)
+        if self.decoder is not None:
+            self.decoder.shutdown()
         self.sender.thread.join(timeout=1)
         requeued = self.store.requeue_interrupted_jobs(self.leases.owner)
         self.leases.stop()

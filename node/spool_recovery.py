@@ -20,6 +20,7 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID
 
+from vesalius.inference.series import decoded
 from vesalius.node.ingest import HEADER_DEFER_SIZE, instance_problem, series_info
 from vesalius.node.store import SeriesInfo, Store
 
@@ -35,30 +36,23 @@ class Recovery:
     refused: dict[Path, str] = field(default_factory=dict)
 
 
-def _folders(path: Path) -> list[Path]:
-    """The sub-folders of ``path`` the store names (never ``.incoming`` or other dot names)."""
-    return sorted(Path(e.path) for e in os.scandir(path)
-                  if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
-
-
 def unrecorded_files(store: Store) -> tuple[list[Path], dict[Path, str]]:
     """Spool files no instance row names (from the folder listings alone), and names that
     cannot be instance files."""
     known = {row["path"] for row in store.query("SELECT path FROM instances")}
     missing: list[Path] = []
     refused: dict[Path, str] = {}
-    for study in _folders(store.spool_dir):
-        for series in _folders(study):
-            for entry in os.scandir(series):
-                path = Path(entry.path)
-                if entry.path in known:
-                    continue
-                if not entry.is_file(follow_symlinks=False):
-                    refused[path] = "not a regular file"
-                elif entry.name.startswith(".") or not entry.name.endswith(".dcm"):
-                    refused[path] = "not an instance file (a temporary file of an interrupted write)"
-                else:
-                    missing.append(path)
+    for series in store.series_folders():
+        for entry in os.scandir(series):
+            path = Path(entry.path)
+            if entry.path in known or entry.name == decoded.FOLDER:
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                refused[path] = "not a regular file"
+            elif entry.name.startswith(".") or not entry.name.endswith(".dcm"):
+                refused[path] = "not an instance file (a temporary file of an interrupted write)"
+            else:
+                missing.append(path)
     return missing, refused
 
 

@@ -155,6 +155,11 @@ class SeriesInfo:
     manufacturer: str
 
 
+def _subfolders(path: Path) -> list[Path]:
+    return sorted(Path(e.path) for e in os.scandir(path)
+                  if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
+
+
 def fsync_dir(path: Path) -> None:
     """Make a folder's new or renamed entries durable (POSIX: a rename survives a crash once
     its folder is fsynced)."""
@@ -410,6 +415,11 @@ class Store:
             if series_uids:
                 _mark_released(db, series_uids, normally)
         return normally
+
+    def series_folders(self) -> list[Path]:
+        """Every series folder in the spool (spool/<study>/<series>), in name order; never a dot
+        name (``.incoming``) or a link."""
+        return [series for study in _subfolders(self.spool_dir) for series in _subfolders(study)]
 
     def series_paths(self, series_uid: str) -> list[Path]:
         rows = self.query("SELECT path FROM instances WHERE series_instance_uid=? ORDER BY path",

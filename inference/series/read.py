@@ -4,7 +4,9 @@
 - the same SOP Instance UID twice is read once; non-image instances and localizers are left out;
 - pixels are decoded (in threads, on every core the process may use) only for the slices kept, in
   stack order. JPEG 2000 goes through imagecodecs (``j2k``) when it is installed: pydicom's
-  default plugin holds the GIL, so its threads would decode one slice at a time.
+  default plugin holds the GIL, so its threads would decode one slice at a time;
+- a compressed instance the listener decoded while the series arrived (``decode_ahead``) is not
+  decoded again: its stored values come from ``decoded``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.processing import apply_modality_lut
 
 from vesalius.inference.memory import release_free_memory
+from vesalius.inference.series import decoded
 from vesalius.inference.series.frames import Slice, frame_slices, instance_name, is_localizer
 from vesalius.inference.series.geometry import stack_geometry
 from vesalius.inference.series.j2k import PLUGIN as J2K_PLUGIN
@@ -170,7 +173,9 @@ def _decode_all(slices: list[Slice], integer: bool) -> np.ndarray:
     def decode(indices: list[int]) -> None:
         ds = slices[indices[0]].pixels
         try:
-            pixels = _pixel_array(ds, gil_free_j2k)
+            pixels = _decoded_ahead(ds)
+            if pixels is None:
+                pixels = _pixel_array(ds, gil_free_j2k)
         except Exception as exc:  # any decoder failure is a refusal with the reason
             raise VolumeError(
                 f"cannot decode pixel data of instance {instance_name(ds)} (transfer syntax {_syntax(ds)}): "
@@ -192,6 +197,35 @@ def _decode_all(slices: list[Slice], integer: bool) -> np.ndarray:
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         list(pool.map(decode, by_instance.values()))
     return out
+
+
+def decode_ahead(path: str | Path) -> bool:
+    """Decode one stored instance now, while the rest of its series arrives, and keep its stored
+    values (``decoded``) for the volume stage; False when there is nothing to gain (not a
+    compressed single-sample image). Raises what reading or decoding raises."""
+    with open(path, "rb") as f:
+        source = os.fstat(f.fileno())  # the file as read: replaced later, the cache names another
+        ds = pydicom.dcmread(f)
+    if not (_is_image(ds) and _compressed(ds) and int(ds.get("SamplesPerPixel", 1)) == 1):
+        return False
+    decoded.save(path, _pixel_array(ds, register_j2k()), source)
+    return True
+
+
+def _compressed(ds: pydicom.Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    syntax = pydicom.uid.UID(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
+    return syntax.is_transfer_syntax and syntax.is_encapsulated
+
+
+def _decoded_ahead(ds: pydicom.Dataset) -> np.ndarray | None:
+    """What ``decode_ahead`` kept for this instance's file, if it fits its header."""
+    if not ds.filename or not _compressed(ds):
+        return None
+    pixels = decoded.load(ds.filename)
+    if pixels is None or pixels.shape[-2:] != (int(ds.Rows), int(ds.Columns)):
+        return None
+    return pixels
 
 
 def _pixel_array(ds: pydicom.Dataset, gil_free_j2k: bool) -> np.ndarray:

@@ -1,0 +1,63 @@
+"""Decoding while receiving: each compressed instance of a series a rule may process is decoded
+in the background as soon as it is stored, so the job's volume stage finds most of its slices
+decoded already (inference.series.decoded) instead of decoding them all once the series is
+complete (JPEG 2000 costs 20-30 ms of CPU a slice).
+
+Only while the association that brought an instance is still open: what is left when it ends is
+dropped (the job decodes it, and would otherwise race this for the same slices). A thread per
+core: on 2 cores one thread decoded half of a 300-slice JPEG 2000 series during its transfer, two
+decoded all of it (docs/performance.md). Nothing is decoded ahead while free space is below the
+retention high-water mark (or the listener's floor). A failure here changes nothing: the volume
+stage decodes the instance and reports what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from vesalius.inference.series.read import decode_ahead
+from vesalius.node.store import SeriesInfo, Store
+
+log = logging.getLogger("vesalius.decode_ahead")
+
+
+def _threads() -> int:
+    """One per core this process may use, at most 4: the decoders release the GIL while they
+    decode, not while they read a file and write what they decoded."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, usable or 1))
+
+
+class DecodeAhead:
+    """A background decoder for the listener; ``wanted`` says which series are worth it."""
+
+    def __init__(self, store: Store, wanted: Callable[[SeriesInfo], bool], min_free_bytes: int = 0,
+                 threads: int = 0) -> None:
+        self.store = store
+        self.wanted = wanted
+        self.min_free_bytes = min_free_bytes  # below this free space, nothing is decoded ahead
+        self._pool = ThreadPoolExecutor(max_workers=threads or _threads(), thread_name_prefix="decode-ahead")
+
+    def submit(self, info: SeriesInfo, sop_instance_uid: str, assoc: Any) -> Future[None] | None:
+        """Queue a stored compressed instance (None: not wanted); ``assoc`` is the association it
+        came on."""
+        return self._pool.submit(self._decode, info, sop_instance_uid, assoc) if self.wanted(info) else None
+
+    def _decode(self, info: SeriesInfo, sop_instance_uid: str, assoc: Any) -> None:
+        if not getattr(assoc, "is_established", False):  # released or aborted: the job decodes it
+            return
+        if shutil.disk_usage(self.store.spool_dir).free < self.min_free_bytes:
+            return  # a cache must never be why retention removes data or the listener refuses it
+        path = self.store.spool_path(info.study_instance_uid, info.series_instance_uid, sop_instance_uid)
+        try:
+            decode_ahead(path)
+        except Exception as err:  # noqa: BLE001 - the volume stage decodes it again and says why
+            log.debug("not decoded ahead (%s)", type(err).__name__)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
