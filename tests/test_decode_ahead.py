@@ -130,6 +130,10 @@ def test_nothing_is_decoded_for_an_ended_association_an_unwanted_series_or_on_a_
     assert DecodeAhead(store, wanted=lambda _: False).submit(info, uids[0], Association(True)) is None
     low_on_disk = DecodeAhead(store, wanted=lambda _: True, min_free_bytes=2**62, threads=1)
     low_on_disk.submit(info, uids[0], Association(established=True)).result(timeout=30)
+    # the decoding thread runs below the listener's priority (its own nice value, on Linux)
+    nice = {int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+            for task in Path("/proc/self/task").iterdir()}
+    assert os.getpriority(os.PRIO_PROCESS, 0) + 10 in nice
     for pool in (ahead, low_on_disk):
         pool.shutdown()
     assert not decoded.cache_path(spooled[0]).exists()
