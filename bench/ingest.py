@@ -9,7 +9,9 @@ fsynced before each acknowledgement; the row committed without an fsync of its o
 (c) DCMTK storescp. Prints the median wall time of each and the ratios; goal: (a) <= 1.3 x (b).
 
 ``--experiments`` also runs the node with its folder fsync, and with every fsync, patched out
-(bench only, never a setting of the node): what each costs, beside the node's other work.
+(bench only, never a setting of the node): what each costs, beside the node's other work; and
+with its C-STORE handler replaced by one that only closes the received file (fsyncing it, or
+not) and answers success: the node's receive path without the checks and the record, its floor.
 """
 
 from __future__ import annotations
@@ -34,10 +36,21 @@ PDU = ["-pdu", "131072"]
 # the node's own command line (`python -m vesalius.node.cli serve ...`)
 PATCHED_NODE = textwrap.dedent("""
     import os, runpy, sys
-    from vesalius.node import store
-    store.fsync_dir = lambda path: None
-    if sys.argv[1] == "all":
+    from vesalius.node import receive, store
+    drop = sys.argv[1]
+    if drop in ("folder", "all"):
+        store.fsync_dir = lambda path: None
+    if drop == "all":
         os.fsync = lambda fd: None
+    if drop.startswith("handler"):
+        def answer_at_once(self, event):
+            event.request._dataset_file.close()
+            if drop == "handler-fsync":
+                fd = os.open(event.dataset_path, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            return 0
+        receive.Receiver.handle_store = answer_at_once
     sys.argv = ["vesalius", *sys.argv[5:]]
     runpy.run_module("vesalius.node.cli", run_name="__main__")
 """)
@@ -93,8 +106,9 @@ def main() -> None:
         patched.write_text(PATCHED_NODE)
         variants = [("node", "", ()), *((f"node max_pdu={n}", f"max_pdu = {n}\n", ()) for n in args.max_pdu)]
         if args.experiments:
-            variants += [(f"node, no {what} fsync", "", (sys.executable, str(patched), drop))
-                         for what, drop in (("folder", "folder"), ("", "all"))]
+            variants += [(label, "", (sys.executable, str(patched), drop)) for label, drop in (
+                ("node, no folder fsync", "folder"), ("node, no fsync", "all"),
+                ("receive path + 1 fsync", "handler-fsync"), ("receive path only", "handler"))]
             times.update({label: [] for label, _, _ in variants})
         no_jobs = '[[rules]]\nname = "none"\nmodality = ["NONE"]\n'
         for run in range(args.runs):
