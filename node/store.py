@@ -156,7 +156,11 @@ class SeriesInfo:
 
 
 def _subfolders(path: Path) -> list[Path]:
-    return sorted(Path(e.path) for e in os.scandir(path)
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:  # removed meanwhile (retention, another listener's)
+        return []
+    return sorted(Path(e.path) for e in entries
                   if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
 
 

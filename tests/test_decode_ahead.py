@@ -68,7 +68,7 @@ def test_a_series_decoded_ahead_reads_the_same_voxels_without_decoding_again(
     assert fresh.array.std() > 100  # the phantom's objects are in it
 
 
-def test_pixels_kept_for_an_earlier_file_of_the_name_or_a_broken_one_are_not_used(tmp_path: Path) -> None:
+def test_pixels_kept_for_an_earlier_file_of_the_name_or_broken_ones_are_not_used(tmp_path: Path) -> None:
     paths = j2k_series(tmp_path / "ct")
     other = j2k_series(tmp_path / "other", study_uid=pydicom.dcmread(paths[0]).StudyInstanceUID)
     for path in paths:
@@ -80,6 +80,7 @@ def test_pixels_kept_for_an_earlier_file_of_the_name_or_a_broken_one_are_not_use
     os.replace(tmp_path / "new.dcm", paths[0])
     decoded.cache_path(paths[1]).write_bytes(b"")  # what a crash can leave: renamed, never written
     assert decoded.load(paths[0]) is None and decoded.load(paths[1]) is None
+    decoded.save(paths[2], np.zeros((3, 3), np.int16), os.stat(paths[2]))  # not the header's shape
     volume = load_series(paths)
     decoded.remove_folder(paths[0].parent)
     np.testing.assert_array_equal(volume.array, load_series(paths).array)

@@ -7,7 +7,7 @@ was decoded from (inode, size, modification time: an instance sent again is a ne
 anything it cannot vouch for is ignored and decoded again. It is 5-20 times the size of the
 JPEG 2000 it comes from and holds patient data as the spool does, so it is short-lived: the job
 removes its series' folder once the volume is read, retention sweeps folders left longer than
-an hour (a series no job read) and removes it with its series (node.pipeline, node.retention).
+an hour (a series no job read) and removes it with its series (node.jobs, node.retention).
 """
 
 from __future__ import annotations

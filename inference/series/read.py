@@ -222,10 +222,10 @@ def _decoded_ahead(ds: pydicom.Dataset) -> np.ndarray | None:
     """What ``decode_ahead`` kept for this instance's file, if it fits its header."""
     if not ds.filename or not _compressed(ds):
         return None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    shape = (int(ds.Rows), int(ds.Columns)) if frames == 1 else (frames, int(ds.Rows), int(ds.Columns))
     pixels = decoded.load(ds.filename)
-    if pixels is None or pixels.shape[-2:] != (int(ds.Rows), int(ds.Columns)):
-        return None
-    return pixels
+    return pixels if pixels is not None and pixels.shape == shape else None
 
 
 def _pixel_array(ds: pydicom.Dataset, gil_free_j2k: bool) -> np.ndarray:
