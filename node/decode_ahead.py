@@ -8,7 +8,8 @@ dropped (the job decodes it, and would otherwise race this for the same slices).
 core, at a lower priority than the listener's (``NICER``): on 2 cores one thread decoded half of
 a 300-slice JPEG 2000 series during its transfer, two decoded all of it (docs/performance.md).
 Nothing is decoded ahead while free space is below the retention high-water mark (or the
-listener's floor). A failure here changes nothing: the volume stage decodes the instance and
+listener's floor), nor an instance that decodes to more than 16 MiB (a long multi-frame one: the
+listener must not hold it; ``read.DECODE_AHEAD_MAX_BYTES``). A failure here changes nothing: the volume stage decodes the instance and
 reports what is wrong with it.
 """
 

@@ -86,11 +86,15 @@ def test_pixels_kept_for_an_earlier_file_of_the_name_or_broken_ones_are_not_used
     np.testing.assert_array_equal(volume.array, load_series(paths).array)
 
 
-def test_uncompressed_instances_are_not_decoded_ahead(tmp_path: Path) -> None:
+def test_uncompressed_instances_and_large_ones_are_not_decoded_ahead(tmp_path: Path) -> None:
     phantom = write_phantom_series(tmp_path / "ct", shape=(2, 20, 20), objects=OBJECTS)
     assert pydicom.dcmread(phantom.paths[0]).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert decode_ahead(phantom.paths[0]) is False
     assert not decoded.cache_path(phantom.paths[0]).exists()
+    compressed = j2k_series(tmp_path / "j2k", slices=1)[0]  # 40 x 36 x 2 bytes decoded
+    assert decode_ahead(compressed, max_bytes=40 * 36 * 2 - 1) is False
+    assert not decoded.cache_path(compressed).exists()
+    assert decode_ahead(compressed, max_bytes=40 * 36 * 2) is True
 
 
 def test_only_series_a_rule_could_take_are_decoded_ahead() -> None:

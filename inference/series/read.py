@@ -20,6 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.processing import apply_modality_lut
+from pydicom.pixels.utils import get_expected_length
 
 from vesalius.inference.memory import release_free_memory
 from vesalius.inference.series import decoded
@@ -29,6 +30,10 @@ from vesalius.inference.series.j2k import PLUGIN as J2K_PLUGIN
 from vesalius.inference.series.j2k import SYNTAXES as J2K_SYNTAXES
 from vesalius.inference.series.j2k import register as register_j2k
 from vesalius.inference.volume import Volume, VolumeError
+
+# The largest instance the listener decodes ahead (a 2048 x 2048 slice is 8 MiB): a long compressed
+# multi-frame instance can decode to gigabytes, which the listener must not hold.
+DECODE_AHEAD_MAX_BYTES = 16 * 2**20
 
 # Storage SOP classes that carry pixel data but are not slices of an image volume.
 _NON_IMAGE_SOP_CLASSES = frozenset(
@@ -199,14 +204,17 @@ def _decode_all(slices: list[Slice], integer: bool) -> np.ndarray:
     return out
 
 
-def decode_ahead(path: str | Path) -> bool:
+def decode_ahead(path: str | Path, max_bytes: int = DECODE_AHEAD_MAX_BYTES) -> bool:
     """Decode one stored instance now, while the rest of its series arrives, and keep its stored
     values (``decoded``) for the volume stage; False when there is nothing to gain (not a
-    compressed single-sample image). Raises what reading or decoding raises."""
+    compressed single-sample image) or it would decode to more than ``max_bytes``. Raises what
+    reading or decoding raises."""
     with open(path, "rb") as f:
         source = os.fstat(f.fileno())  # the file as read: replaced later, the cache names another
         ds = pydicom.dcmread(f)
     if not (_is_image(ds) and _compressed(ds) and int(ds.get("SamplesPerPixel", 1)) == 1):
+        return False
+    if get_expected_length(ds, unit="bytes") > max_bytes:
         return False
     decoded.save(path, _pixel_array(ds, register_j2k()), source)
     return True
