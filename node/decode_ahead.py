@@ -8,9 +8,11 @@ dropped (the job decodes it, and would otherwise race this for the same slices).
 core, at a lower priority than the listener's (``NICER``): on 2 cores one thread decoded half of
 a 300-slice JPEG 2000 series during its transfer, two decoded all of it (docs/performance.md).
 Nothing is decoded ahead while free space is below the retention high-water mark (or the
-listener's floor), nor an instance that decodes to more than 16 MiB (a long multi-frame one: the
-listener must not hold it; ``read.DECODE_AHEAD_MAX_BYTES``). A failure here changes nothing: the volume stage decodes the instance and
-reports what is wrong with it.
+listener's floor), nor beyond ``MAX_QUEUED`` instances waiting (an association that stays open
+for hours must not grow the queue without end), nor an instance that decodes to more than
+16 MiB (a long multi-frame one, which the listener must not hold; ``read.DECODE_AHEAD_MAX_BYTES``).
+A failure here changes nothing: the volume stage decodes the instance and reports what is wrong
+with it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from vesalius.inference.series.read import decode_ahead
 from vesalius.node.store import SeriesInfo, Store
 
 log = logging.getLogger("vesalius.decode_ahead")
+MAX_QUEUED = 1024  # instances waiting to be decoded ahead (3 series of 300 slices); more are left to the job
 NICER = 10  # nice steps below the listener (2 cores, 300 J2K slices: transfer +0.6-1.4 s at 0, ~+0.1 s at 10)
 
 
@@ -54,19 +57,36 @@ class DecodeAhead:
     """A background decoder for the listener; ``wanted`` says which series are worth it."""
 
     def __init__(self, store: Store, wanted: Callable[[SeriesInfo], bool], min_free_bytes: int = 0,
-                 threads: int = 0) -> None:
+                 threads: int = 0, max_queued: int = MAX_QUEUED) -> None:
         self.store = store
         self.wanted = wanted
         self.min_free_bytes = min_free_bytes  # below this free space, nothing is decoded ahead
+        self.max_queued = max_queued
+        self._queued = 0  # submitted and not yet finished
+        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads or _threads(), thread_name_prefix="decode-ahead",
                                         initializer=_lower_priority)
 
     def submit(self, info: SeriesInfo, sop_instance_uid: str, assoc: Any) -> Future[None] | None:
-        """Queue a stored compressed instance (None: not wanted); ``assoc`` is the association it
-        came on."""
-        return self._pool.submit(self._decode, info, sop_instance_uid, assoc) if self.wanted(info) else None
+        """Queue a stored compressed instance; ``assoc`` is the association it came on. None when
+        the series is not wanted or ``max_queued`` instances wait already (the decoders cannot keep
+        up: the job decodes the rest)."""
+        if not self.wanted(info):
+            return None
+        with self._lock:
+            if self._queued >= self.max_queued:
+                return None
+            self._queued += 1
+        return self._pool.submit(self._decode, info, sop_instance_uid, assoc)
 
     def _decode(self, info: SeriesInfo, sop_instance_uid: str, assoc: Any) -> None:
+        try:
+            self._decode_if_still_receiving(info, sop_instance_uid, assoc)
+        finally:
+            with self._lock:
+                self._queued -= 1
+
+    def _decode_if_still_receiving(self, info: SeriesInfo, sop_instance_uid: str, assoc: Any) -> None:
         if not getattr(assoc, "is_established", False):  # released or aborted: the job decodes it
             return
         if shutil.disk_usage(self.store.spool_dir).free < self.min_free_bytes:

@@ -135,6 +135,22 @@ def test_nothing_is_decoded_for_an_ended_association_an_unwanted_series_or_on_a_
     assert DecodeAhead(store, wanted=lambda _: False).submit(info, uids[0], Association(True)) is None
     low_on_disk = DecodeAhead(store, wanted=lambda _: True, min_free_bytes=2**62, threads=1)
     low_on_disk.submit(info, uids[0], Association(established=True)).result(timeout=30)
+    # at most max_queued instances wait: the rest is left to the job
+    gate = threading.Event()
+
+    class Held:  # an association the decoder waits on
+        @property
+        def is_established(self) -> bool:
+            gate.wait(30)
+            return True
+
+    full = DecodeAhead(store, wanted=lambda _: True, threads=1, max_queued=1)
+    waiting = full.submit(info, uids[1], Held())
+    assert full.submit(info, uids[1], Association(established=True)) is None
+    gate.set()
+    waiting.result(timeout=30)
+    assert full.submit(info, uids[1], Association(established=True)).result(timeout=30) is None
+    full.shutdown()
     # the decoding thread runs below the listener's priority (its own nice value, on Linux)
     nice = {int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
             for task in Path("/proc/self/task").iterdir()}
