@@ -221,8 +221,7 @@ def decode_ahead(path: str | Path, max_bytes: int = DECODE_AHEAD_MAX_BYTES) -> b
 
 
 def _compressed(ds: pydicom.Dataset) -> bool:
-    meta = getattr(ds, "file_meta", None)
-    syntax = pydicom.uid.UID(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
+    syntax = pydicom.uid.UID(_syntax(ds))
     return syntax.is_transfer_syntax and syntax.is_encapsulated
 
 
