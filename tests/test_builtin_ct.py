@@ -253,3 +253,14 @@ def test_pool_equals_block_reduction(how: str, dtype: type) -> None:
     pooled = pool(array, factors, how)
     assert pooled.dtype == np.float32 and pooled.shape == (5, 4, 4)
     np.testing.assert_allclose(pooled, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("includes", [(), (2, 3, 4), (4, 2, 3), (3, 7), (0, 255), (1, 1, 2)])
+def test_label_mask_is_the_set_of_its_values(includes: tuple[int, ...]) -> None:
+    """Contiguous values take a range test, others a lookup: both must be exactly np.isin."""
+    label_map = np.random.default_rng(0).integers(0, 256, (7, 9, 11), dtype=np.uint8)
+    label_map[0, 0, :] = [0, 1, 2, 3, 4, 5, 6, 7, 254, 255, 128]
+    label = Label(1, "body", includes)
+    expected = np.isin(label_map, label.values)
+    assert np.array_equal(label.mask(label_map), expected)
+    assert np.array_equal(label.mask(label_map.astype(np.int16)), expected)
