@@ -107,6 +107,8 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     series (``volume_file`` None), else the label map beside the input's format."""
     # Imported here, not at module level, so the listener process never loads VTK, highdicom and
     # the models: only the worker processes (and `vesalius process`) pay for them.
+    import pydicom
+
     from vesalius.dicom_out.encapsulated_stl import build_encapsulated_stls
     from vesalius.dicom_out.gltf import write_glb
     from vesalius.dicom_out.identity import ARTIFICIAL_INTELLIGENCE, MORPHOLOGICAL_OPERATIONS, Algorithm
@@ -120,6 +122,7 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     from vesalius.inference.models.registry import resolve
     from vesalius.inference.surfaces import build_meshes
     from vesalius.inference.volume_files import label_map_name
+    from vesalius.node.forked import ForkedCall
 
     out = Path(out_dir)
     dicom = volume_file is None
@@ -135,35 +138,41 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
 
     def write(folder: Path, key: str, ds: Any) -> Any:
         ds.save_as(folder / OUTPUT_FILES[key], enforce_file_format=True)
-        if key in ("seg", "seg_labelmap"):  # written: later objects reference its header only
-            del ds.PixelData  # (38 MB at 300 slices)
         objects[key] = ds
         return ds
 
-    def write_seg(label_map: np.ndarray, key: str) -> Any:
-        return write(tmp, key, build_seg(volume, label_map, model.structures, algorithm,
-                                         segmentation_type=LABELMAP if key == "seg_labelmap" else BINARY))
+    def fork_seg(label_map: np.ndarray, key: str) -> ForkedCall:
+        """Build and write a SEG in a child process (node.forked): it holds the GIL for seconds."""
+        kind = LABELMAP if key == "seg_labelmap" else BINARY
+        return ForkedCall(lambda: build_seg(volume, label_map, model.structures, algorithm,
+                                            segmentation_type=kind).save_as(
+            tmp / OUTPUT_FILES[key], enforce_file_format=True), name=f"the {kind} SEG writer")
+
+    def written_seg(writer: ForkedCall, key: str) -> Any:
+        """The header of a SEG its child wrote: what later objects reference (no pixel data)."""
+        writer.result()
+        objects[key] = pydicom.dcmread(tmp / OUTPUT_FILES[key], stop_before_pixels=True)
+        return objects[key]
 
     def summary(pending: bool) -> dict[str, Any]:
         return _summary(volume, volume_file, model, measurements, objects, files, timer, pending)
 
     with timer.stage("model"):
         label_map = model.predict(volume)
-    with ThreadPoolExecutor(2) as pool:
-        # The BINARY SEG needs only the label map: it is built and written (pydicom, mostly
-        # holding the GIL) while the surfaces and measures run (VTK and numpy, mostly not), so
-        # the two cores share them. Unused (its error unraised) when nothing is measured.
-        seg_written = pool.submit(write_seg, label_map, "seg") if dicom and label_map.any() else None
+    # The BINARY SEG needs only the label map: its child writes it while the surfaces and
+    # measures run here, so the two cores share them. Unused (its error unraised) when nothing
+    # is measured. The Label Map SEG follows it, not beside it (their memory would add up).
+    seg_writer = fork_seg(label_map, "seg") if dicom and label_map.any() else None
+    labelmap_writer: ForkedCall | None = None
+    try:
         with timer.stage("surfaces"):
             meshes = build_meshes(label_map, volume.affine, model.structures, max_triangles=max_triangles)
         with timer.stage("measures"):
             measurements = measure(volume, label_map, model.structures, meshes)
         with timer.stage("writers"):  # nothing found: no objects
-            if measurements and seg_written is not None:
-                seg = seg_written.result()
-                # after the BINARY SEG, not beside it (side by side their temporaries only added
-                # up in memory: its RLE encoder holds the GIL), while the SR and surfaces are written
-                labelmap_seg = pool.submit(write_seg, label_map, "seg_labelmap") if labelmap else None
+            if measurements and seg_writer is not None:
+                seg = written_seg(seg_writer, "seg")
+                labelmap_writer = fork_seg(label_map, "seg_labelmap") if labelmap else None
                 # the SR references the BINARY SEG: the one every destination receives
                 write(tmp, "sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map, priors={
                     concept: Prior(float(p["volume_ml"]), str(p["study_date"]))
@@ -171,8 +180,12 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
                 if meshes:
                     write(tmp, "surface_segmentation",
                           build_surface_segmentation(volume, meshes, algorithm, seg=seg))
-                if labelmap_seg is not None:
-                    labelmap_seg.result()
+                if labelmap_writer is not None:
+                    written_seg(labelmap_writer, "seg_labelmap")
+    finally:  # a failed job leaves no child writing
+        for writer in (seg_writer, labelmap_writer):
+            if writer is not None:
+                writer.close()
     rest = tmp
     if on_results is not None and objects:  # the first objects go out while the rest is written
         first = summary(pending=True)
