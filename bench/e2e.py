@@ -8,7 +8,8 @@ one storescu each), DCMTK storescp plays the PACS. Prints the time from the last
 acknowledged to the last result acknowledged by the PACS (after a small warm-up series, so the
 worker has its libraries and model loaded), the stage breakdown the node recorded,
 the peak resident memory of the node (the listener, also per phase: ingest, jobs, delivery) and
-of its worker process, and the load average (2 cores). Several ``--slices``: one run each, one
+of its worker process, the peak PSS of the workers together with the children that write their
+SEGs (node.forked: copy-on-write pages counted once), and the load average (2 cores). Several ``--slices``: one run each, one
 after another, and a summary table.
 
 ``--source phantom``: the synthetic chest of CHEST; ``--source real``: the TotalSegmentator example
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -61,31 +63,61 @@ def peak_rss_mb(pid: int) -> dict[str, float]:
     return found
 
 
-class RssSampler:
-    """VmRSS of one process every 50 ms, to tell in which phase (ingest, job, delivery) it peaked."""
+class Sampler:
+    """A memory figure (MB) every ``interval`` seconds, to tell in which phase it peaked."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, measure: Callable[[], float | None], interval: float) -> None:
+        self.measure = measure
+        self.interval = interval
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            try:
-                text = Path(f"/proc/{self.pid}/status").read_text()
-            except OSError:
+        while not self._stop.wait(self.interval):
+            mb = self.measure()
+            if mb is None:
                 return
-            kb = next(int(line.split()[1]) for line in text.splitlines() if line.startswith("VmRSS:"))
-            self.samples.append((time.time(), kb / 1024))
+            self.samples.append((time.time(), mb))
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
-    def peak(self, start: float, end: float) -> float:
+    def peak(self, start: float = 0.0, end: float = float("inf")) -> float:
         return max((mb for t, mb in self.samples if start <= t <= end), default=0.0)
+
+
+def vm_rss_mb(pid: int) -> float | None:
+    """VmRSS of one process; None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next(int(line.split()[1]) for line in text.splitlines() if line.startswith("VmRSS:")) / 1024
+
+
+def workers_pss_mb(node_pid: int) -> float:
+    """The proportional set size of the node's workers and their children (the forked SEG
+    writers) together: pages a child shares copy-on-write with its worker count once, split
+    between them, where adding their VmRSS would count them twice."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    workers = {pid for pid, ppid in parents.items() if ppid == node_pid}
+    total_kb = 0
+    for pid in workers | {pid for pid, ppid in parents.items() if ppid in workers}:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total_kb += next((int(line.split()[1]) for line in rollup.splitlines()
+                          if line.startswith("Pss:")), 0)
+    return total_kb / 1024
 
 
 def phantom_series(folder: Path, slices: int, index: int) -> list[Path]:
@@ -168,7 +200,8 @@ def run_once(args: argparse.Namespace, slices: int, tmp: Path) -> dict[str, floa
         storescu(warm_up, node.port, calling="WARMUP")
         wait_for(lambda: any(d["state"] == "done" for d in node.deliveries()), 600, "the warm-up")
         warm = {d["job_id"] for d in node.deliveries()}
-        sampler = RssSampler(node.proc.pid)
+        sampler = Sampler(lambda: vm_rss_mb(node.proc.pid), 0.05)
+        workers = Sampler(lambda: workers_pss_mb(node.proc.pid), 0.1)
         t_send = time.time()
         senders = [subprocess.Popen(["storescu", "-aet", f"SCANNER{i}", "-aec", "VESALIUS", *extra,
                                      "127.0.0.1", str(node.port), *map(str, paths)],
@@ -191,6 +224,7 @@ def run_once(args: argparse.Namespace, slices: int, tmp: Path) -> dict[str, floa
 
         delivered = wait_for(all_done, 1800, "the results at the PACS", interval=0.05)
         sampler.stop()
+        workers.stop()
         jobs = [job for job in node.jobs() if job["id"] not in warm]
         events = [line for line in node.log().splitlines()
                   if any(k in line for k in ("released", "series complete", "job start", "job done",
@@ -222,10 +256,11 @@ def run_once(args: argparse.Namespace, slices: int, tmp: Path) -> dict[str, floa
     print(f"peak RSS listener (the node's own process): {listener:.0f} MB; VmRSS peak while "
           + ", ".join(f"{k} {sampler.peak(*v):.0f} MB" for k, v in phases.items()))
     worker = max(rss.values(), default=0.0)
-    print(f"peak RSS worst worker: {worker:.0f} MB (goal <= 1000 MB)")
+    print(f"peak RSS worst worker: {worker:.0f} MB (goal <= 1000 MB); peak PSS of the workers with "
+          f"their SEG writer children, sampled every 0.1 s: {workers.peak():.0f} MB")
     print(f"load average after: {load:.2f}")
     return {"first": first - t_last_image, "latency": last - t_last_image, "ingest": t_last_image - t_send,
-            "worker": worker,
+            "worker": worker, "workers pss": workers.peak(),
             "listener": listener, **{f"listener {k}": sampler.peak(*v) for k, v in phases.items()},
             "load before": load_before, "load after": load}
 
@@ -250,12 +285,13 @@ def main() -> None:
             table[slices] = run_once(args, slices, Path(tmp_name))
     if len(table) > 1:
         print(f"\n| {args.series} series of | last image -> SEG, SR, SurfSeg | -> all results | ingest | "
-              "worker peak RSS | listener peak RSS (ingest / jobs / delivery) | load |\n"
+              "worker peak RSS (PSS with SEG writers) | "
+              "listener peak RSS (ingest / jobs / delivery) | load |\n"
               "|---|---|---|---|---|---|---|")
         for slices, row in table.items():
             print(f"| {slices} slices | {row['first']:.1f} s | {row['latency']:.1f} s | "
                   f"{row['ingest']:.1f} s | "
-                  f"{row['worker']:.0f} MB | "
+                  f"{row['worker']:.0f} MB ({row['workers pss']:.0f} MB) | "
                   f"{row['listener']:.0f} MB ({row['listener ingest']:.0f} / {row['listener jobs']:.0f} / "
                   f"{row['listener delivery']:.0f}) | {row['load before']:.1f}-{row['load after']:.1f} |")
 
