@@ -94,9 +94,13 @@ def test_decimation_respects_the_budget_and_stays_closed() -> None:
     assert small.volume_mm3 == pytest.approx(SPHERE.volume_mm3, rel=0.02)
 
 
-def test_large_surfaces_are_contoured_on_a_pooled_grid_accurately() -> None:
-    """A fine grid with a small budget: contour on 2x2x2 blocks, still the analytic sphere."""
-    affine, shape = _grid(shape=(64, 64, 64), spacing=(0.7, 0.7, 0.7))
+@pytest.mark.parametrize("shape, spacing", [((64, 64, 64), (0.7, 0.7, 0.7)),
+                                            ((44, 80, 68), (1.1, 0.6, 0.7))],  # a typical CT's voxels
+                         ids=["isotropic", "anisotropic"])
+def test_large_surfaces_are_contoured_on_a_pooled_grid_accurately(shape, spacing) -> None:
+    """A fine grid with a small budget: contour on blocks of a few voxels (near-cubes in mm on
+    anisotropic voxels), still the analytic sphere."""
+    affine, shape = _grid(shape=shape, spacing=spacing)
     label_map = _render(affine, shape, SPHERE).astype(np.uint8)
     (full,) = build_meshes(label_map, affine, [LABEL], max_triangles=1_000_000)
     (mesh,) = build_meshes(label_map, affine, [LABEL], max_triangles=4000)
