@@ -9,8 +9,8 @@ acknowledged to the last result acknowledged by the PACS (after a small warm-up 
 worker has its libraries and model loaded), the stage breakdown the node recorded,
 the peak resident memory of the node (the listener, also per phase: ingest, jobs, delivery) and
 of its worker process, the peak PSS of the workers together with the children that write their
-SEGs (node.forked: copy-on-write pages counted once), and the load average (2 cores). Several ``--slices``: one run each, one
-after another, and a summary table.
+SEGs (node.forked: copy-on-write pages counted once), and the load average (2 cores).
+Several ``--slices``: one run each, one after another, and a summary table.
 
 ``--source phantom``: the synthetic chest of CHEST; ``--source real``: the TotalSegmentator example
 CT from the shared test data, resampled to 512x512 and ``--slices`` slices (real anatomy and noise).

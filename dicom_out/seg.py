@@ -116,9 +116,7 @@ def build_seg(volume: Volume, label_map: np.ndarray, structures: Sequence[Label]
     if label_map.shape != volume.array.shape:
         raise ValueError(f"label map shape {label_map.shape} differs from the volume's "
                          f"{volume.array.shape}")
-    slices_with = values_per_slice(label_map)
-    found = np.any(slices_with, axis=0)
-    present = [label for label in structures if found[label.values].any()]
+    present = present_labels(label_map, structures)
     if not present:
         raise ValueError("no label has any voxel: there is nothing to write as a segmentation")
     descriptions = [segment_description(number, label, volume, algorithm)
@@ -164,6 +162,55 @@ def build_seg(volume: Volume, label_map: np.ndarray, structures: Sequence[Label]
     if segmentation_type == LABELMAP:
         drop_background_segment(seg)
     return seg
+
+
+def present_labels(label_map: np.ndarray, structures: Sequence[Label]) -> list[Label]:
+    """The structures with a voxel, in model order: the SEG's segments 1..N."""
+    found = np.any(values_per_slice(label_map), axis=0)
+    return [label for label in structures if found[label.values].any()]
+
+
+# What the SR, the surfaces and the STLs take from the BINARY SEG they reference: its identity,
+# and the patient and study that the SR copies from its first evidence (highdicom's SEG has them
+# from the first source image)
+REFERENCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+PATIENT_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                          "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                          "ReferringPhysicianName", "SpecificCharacterSet")
+
+
+def seg_reference(volume: Volume, label_map: np.ndarray, structures: Sequence[Label],
+                  algorithm: Algorithm) -> pydicom.Dataset:
+    """What the objects referencing the BINARY SEG that :func:`build_seg` makes from the same
+    arguments read of it (its UIDs, patient and study, segment numbers and Tracking UIDs), known before it is
+    written: they are built while a child still writes it (node.pipeline). ``check_reference``
+    holds the written SEG to it."""
+    reference = pydicom.Dataset()
+    reference.SOPClassUID = SEGMENTATION_STORAGE
+    reference.SOPInstanceUID = derived_uid(volume.series_uid, algorithm, "seg/instance")
+    reference.SeriesInstanceUID = derived_uid(volume.series_uid, algorithm, "seg/series")
+    reference.StudyInstanceUID = volume.study_uid
+    source = tidy(volume.sources[0])
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in source:
+            reference[keyword] = source[keyword]
+    reference.SegmentSequence = []
+    for number, label in enumerate(present_labels(label_map, structures), start=1):
+        item = pydicom.Dataset()
+        item.SegmentNumber = number
+        item.TrackingUID = segment_tracking_uid(volume, algorithm, label)
+        reference.SegmentSequence.append(item)
+    return reference
+
+
+def check_reference(reference: pydicom.Dataset, seg: pydicom.Dataset) -> None:
+    """ValueError unless the written SEG is the one :func:`seg_reference` promised."""
+    differ = [keyword for keyword in (*REFERENCE_KEYWORDS, *PATIENT_STUDY_KEYWORDS)
+              if reference.get(keyword) != seg.get(keyword)]
+    if segment_numbers(reference) != segment_numbers(seg):
+        differ.append("SegmentSequence")
+    if differ:
+        raise ValueError(f"the SEG written differs from the one referenced in {', '.join(differ)}")
 
 
 def drop_background_segment(seg: pydicom.Dataset) -> None:

@@ -113,7 +113,7 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
     from vesalius.dicom_out.gltf import write_glb
     from vesalius.dicom_out.identity import ARTIFICIAL_INTELLIGENCE, MORPHOLOGICAL_OPERATIONS, Algorithm
     from vesalius.dicom_out.preview import build_preview
-    from vesalius.dicom_out.seg import BINARY, LABELMAP, build_seg
+    from vesalius.dicom_out.seg import BINARY, LABELMAP, build_seg, check_reference, seg_reference
     from vesalius.dicom_out.sr import Prior, build_sr
     from vesalius.dicom_out.stl import write_stl
     from vesalius.dicom_out.surface_segmentation import build_surface_segmentation
@@ -171,15 +171,17 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
             measurements = measure(volume, label_map, model.structures, meshes)
         with timer.stage("writers"):  # nothing found: no objects
             if measurements and seg_writer is not None:
-                seg = written_seg(seg_writer, "seg")
-                labelmap_writer = fork_seg(label_map, "seg_labelmap") if labelmap else None
-                # the SR references the BINARY SEG: the one every destination receives
+                # the SR and surfaces reference the BINARY SEG (the one every destination
+                # receives) by what is known of it before its child has written it
+                seg = seg_reference(volume, label_map, model.structures, algorithm)
                 write(tmp, "sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map, priors={
                     concept: Prior(float(p["volume_ml"]), str(p["study_date"]))
                     for concept, p in (priors or {}).items()}))
                 if meshes:
                     write(tmp, "surface_segmentation",
                           build_surface_segmentation(volume, meshes, algorithm, seg=seg))
+                check_reference(seg, written_seg(seg_writer, "seg"))
+                labelmap_writer = fork_seg(label_map, "seg_labelmap") if labelmap else None
                 if labelmap_writer is not None:
                     written_seg(labelmap_writer, "seg_labelmap")
     finally:  # a failed job leaves no child writing
