@@ -104,12 +104,16 @@ def _value_stats(values: np.ndarray, label_map: np.ndarray) -> dict[int, tuple[i
     parts: dict[int, list[tuple[int, float, float]]] = {}
     for slab in _slabs(len(values)):
         labels, voxels = label_map[slab], values[slab]
-        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=1)).tolist()
+        # the label values in this slab, background (0) left out: no structure is background
+        present = (np.flatnonzero(np.bincount(labels.ravel(), minlength=1)[1:]) + 1).tolist()
         for value in present:
             inside = voxels[labels == value].astype(np.float64)
             mean = float(inside.mean())
             inside -= mean
-            parts.setdefault(value, []).append((inside.size, mean, float(np.dot(inside, inside))))
+            # squared and summed in place, not np.dot: BLAS would spin a thread on the core the
+            # SEG writer child is using (node.forked)
+            deviations = float(np.square(inside, out=inside).sum())
+            parts.setdefault(value, []).append((inside.size, mean, deviations))
     return {value: _combined(groups) for value, groups in parts.items()}
 
 
