@@ -11,11 +11,28 @@ that other threads of the parent may hold are never needed there.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import multiprocessing
+import os
+import signal
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies, even by ``kill -9`` (Linux; a
+    no-op elsewhere), and exit now if the parent is already gone."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 class ForkedCall:
@@ -26,7 +43,10 @@ class ForkedCall:
         self.name = name
         self._outcome, sender = context.Pipe(duplex=False)
         # daemon: ended with the parent, never left writing into a job folder nobody waits for
-        self._process = context.Process(target=_run, args=(call, sender), name=name, daemon=True)
+        # and killed with it (a worker killed mid-job leaves no child writing into a folder that
+        # the job's next attempt recreates)
+        self._process = context.Process(target=_run, args=(call, sender, os.getpid()), name=name,
+                                        daemon=True)
         # The parent's collections would write into every object's header, copying each page
         # the child shares: the objects of now are left out of them (gc.freeze: ~40 MB less).
         gc.freeze()
@@ -57,7 +77,8 @@ class ForkedCall:
         gc.unfreeze()  # once per child (a second call finds nothing frozen)
 
 
-def _run(call: Callable[[], Any], sender: Connection) -> None:
+def _run(call: Callable[[], Any], sender: Connection, parent: int) -> None:
+    die_with_parent(parent)
     try:
         call()
     except BaseException as exc:  # every failure goes back to the parent, which raises it

@@ -4,7 +4,6 @@ takes the DICOM listener down."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import multiprocessing
@@ -27,6 +26,7 @@ from vesalius.node import audit, database, longitudinal
 from vesalius.node.audit import Audit
 from vesalius.node.config import Config
 from vesalius.node.database import Row
+from vesalius.node.forked import die_with_parent
 from vesalius.node.leases import Leases
 from vesalius.node.paths import inside, uid_file_name
 from vesalius.node.pipeline import run_pipeline
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from vesalius.inference.models.spec import ModelSpec
 
 log = logging.getLogger("vesalius.jobs")
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _init_worker(model_specs: dict[str, ModelSpec], gpu_slots: int, node_pid: int) -> None:
@@ -55,13 +54,7 @@ def _die_with_parent(parent: int) -> None:
     """End this worker when the node ends, even by ``kill -9``: the kernel's parent-death signal
     (Linux), and a watcher thread for the case the kernel cannot see (the node thread that started
     the worker ended first, or another OS)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the node died before the signal was armed
-        os._exit(1)
+    die_with_parent(parent)
 
     def watch() -> None:
         while os.getppid() == parent:

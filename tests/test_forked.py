@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,3 +59,40 @@ def test_close_ends_a_child_still_running(tmp_path: Path) -> None:
     assert time.monotonic() - begun < 5
     assert not writer._process.is_alive()
     assert writer._process.exitcode == -signal.SIGTERM
+
+
+def test_the_child_dies_with_a_parent_killed_mid_job(tmp_path: Path) -> None:
+    """A worker killed by the node (kill -9) leaves no SEG child writing into the job folder."""
+    child_pid = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "from vesalius.node.forked import ForkedCall\n"
+        f"target = Path({str(child_pid)!r})\n"
+        "writer = ForkedCall(lambda: (target.write_text(str(os.getpid())), time.sleep(120)),"
+        " name='slow writer')\n"
+        "time.sleep(120)\n")])
+    try:
+        deadline = time.monotonic() + 30
+        while not (child_pid.exists() and child_pid.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = int(child_pid.read_text())
+        os.kill(pid, 0)  # alive while its parent is
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid)
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by init, counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
