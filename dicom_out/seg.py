@@ -179,12 +179,12 @@ PATIENT_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "Patie
                           "ReferringPhysicianName", "SpecificCharacterSet")
 
 
-def seg_reference(volume: Volume, label_map: np.ndarray, structures: Sequence[Label],
-                  algorithm: Algorithm) -> pydicom.Dataset:
-    """What the objects referencing the BINARY SEG that :func:`build_seg` makes from the same
-    arguments read of it (its UIDs, patient and study, segment numbers and Tracking UIDs), known before it is
-    written: they are built while a child still writes it (node.pipeline). ``check_reference``
-    holds the written SEG to it."""
+def seg_reference(volume: Volume, present: Sequence[Label], algorithm: Algorithm) -> pydicom.Dataset:
+    """What the objects referencing the BINARY SEG that :func:`build_seg` makes for the same
+    structures read of it (its UIDs, patient and study, segment numbers and Tracking UIDs), known
+    before it is written: they are built while a child still writes it (node.pipeline).
+    ``present``: the structures with a voxel, in model order (``present_labels``, or the labels of
+    the measurements, which are exactly those). ``check_reference`` holds the written SEG to it."""
     reference = pydicom.Dataset()
     reference.SOPClassUID = SEGMENTATION_STORAGE
     reference.SOPInstanceUID = derived_uid(volume.series_uid, algorithm, "seg/instance")
@@ -195,7 +195,7 @@ def seg_reference(volume: Volume, label_map: np.ndarray, structures: Sequence[La
         if keyword in source:
             reference[keyword] = source[keyword]
     reference.SegmentSequence = []
-    for number, label in enumerate(present_labels(label_map, structures), start=1):
+    for number, label in enumerate(present, start=1):
         item = pydicom.Dataset()
         item.SegmentNumber = number
         item.TrackingUID = segment_tracking_uid(volume, algorithm, label)

@@ -58,10 +58,9 @@ class ForkedCall:
         try:
             error = self._outcome.recv()
         except EOFError:  # killed (out of memory, a signal) before it could answer
-            self._process.join()
-            raise RuntimeError(f"{self.name} died with exit code {self._process.exitcode}") from None
-        finally:
             self._ended()
+            raise RuntimeError(f"{self.name} died with exit code {self._process.exitcode}") from None
+        self._ended()
         if error is not None:
             raise error
 

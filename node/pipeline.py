@@ -172,8 +172,9 @@ def _process(volume: Volume, volume_file: VolumeFile | None, timer: StageTimer, 
         with timer.stage("writers"):  # nothing found: no objects
             if measurements and seg_writer is not None:
                 # the SR and surfaces reference the BINARY SEG (the one every destination
-                # receives) by what is known of it before its child has written it
-                seg = seg_reference(volume, label_map, model.structures, algorithm)
+                # receives) by what is known of it before its child has written it: its segments
+                # are the measured structures
+                seg = seg_reference(volume, [m.label for m in measurements], algorithm)
                 write(tmp, "sr", build_sr(volume, seg, measurements, algorithm, label_map=label_map, priors={
                     concept: Prior(float(p["volume_ml"]), str(p["study_date"]))
                     for concept, p in (priors or {}).items()}))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -48,51 +48,45 @@ def test_a_child_killed_without_answering_is_an_error_naming_it(tmp_path: Path) 
         writer.result()
 
 
-def test_close_ends_a_child_still_running(tmp_path: Path) -> None:
-    started = tmp_path / "started"
-    writer = ForkedCall(lambda: (started.touch(), time.sleep(60)), name="slow writer")
-    deadline = time.monotonic() + 10
-    while not started.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    begun = time.monotonic()
+def _ready(fd: int, seconds: float) -> bool:
+    """Whether ``fd`` has something to read (or its end) within ``seconds``."""
+    return bool(select.select([fd], [], [], seconds)[0])
+
+
+def test_close_ends_a_child_still_running() -> None:
+    started, ready = os.pipe()
+    writer = ForkedCall(lambda: (os.write(ready, b"1"), signal.pause()), name="slow writer")
+    os.close(ready)
+    try:
+        assert _ready(started, 10) and os.read(started, 1) == b"1"  # it runs, waiting for a signal
+    finally:
+        os.close(started)
     writer.close()
-    assert time.monotonic() - begun < 5
     assert not writer._process.is_alive()
     assert writer._process.exitcode == -signal.SIGTERM
 
 
-def test_the_child_dies_with_a_parent_killed_mid_job(tmp_path: Path) -> None:
+def test_the_child_dies_with_a_parent_killed_mid_job() -> None:
     """A worker killed by the node (kill -9) leaves no SEG child writing into the job folder."""
-    child_pid = tmp_path / "child.pid"
+    # The child holds the write end of a pipe; the test reads its pid from it, then the pipe's
+    # end once every holder (the parent and its child) is gone.
+    alive, holder = os.pipe()
     parent = subprocess.Popen([sys.executable, "-c", (
-        "import os, sys, time\n"
-        "from pathlib import Path\n"
+        "import os, signal\n"
         "from vesalius.node.forked import ForkedCall\n"
-        f"target = Path({str(child_pid)!r})\n"
-        "writer = ForkedCall(lambda: (target.write_text(str(os.getpid())), time.sleep(120)),"
+        f"holder = {holder}\n"
+        "writer = ForkedCall(lambda: (os.write(holder, str(os.getpid()).encode()), signal.pause()),"
         " name='slow writer')\n"
-        "time.sleep(120)\n")])
+        "signal.pause()\n")], pass_fds=(holder,))
+    os.close(holder)
     try:
-        deadline = time.monotonic() + 30
-        while not (child_pid.exists() and child_pid.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        pid = int(child_pid.read_text())
+        assert _ready(alive, 30), "the child did not start"
+        pid = int(os.read(alive, 32))
         os.kill(pid, 0)  # alive while its parent is
         parent.kill()
         parent.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(pid)
+        assert _ready(alive, 10) and os.read(alive, 32) == b"", "the child outlived its parent"
     finally:
+        os.close(alive)
         parent.kill()
         parent.wait(timeout=10)
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not yet reaped by init, counts as ended)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")

@@ -14,7 +14,13 @@ import SimpleITK as sitk
 from tests.dicom_checks import assert_dciodvfy_clean, tool
 from tests.dicom_out_inputs import LABELS, phantom_volume
 from vesalius.dicom_out.identity import MANUFACTURER, SOFTWARE_VERSION, Algorithm, derived_uid
-from vesalius.dicom_out.seg import build_seg, check_reference, seg_reference, segment_numbers
+from vesalius.dicom_out.seg import (
+    build_seg,
+    check_reference,
+    present_labels,
+    seg_reference,
+    segment_numbers,
+)
 from vesalius.inference.models import Label
 from vesalius.inference.series import load_series
 from vesalius.inference.terminology import term_for
@@ -134,7 +140,7 @@ def test_the_reference_known_before_writing_is_the_written_seg(
         oblique: tuple[Volume, np.ndarray], oblique_seg: Path) -> None:
     """The SR and surfaces are built from seg_reference while the SEG is still being written."""
     volume, label_map = oblique
-    reference = seg_reference(volume, label_map, LABELS, ALGORITHM)
+    reference = seg_reference(volume, present_labels(label_map, LABELS), ALGORITHM)
     written = pydicom.dcmread(oblique_seg, stop_before_pixels=True)
     check_reference(reference, written)  # raises on any difference
     for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID",
@@ -146,10 +152,10 @@ def test_the_reference_known_before_writing_is_the_written_seg(
     fewer[fewer == LABELS[-1].value] = 0  # one structure less: segment numbers shift
     fewer[fewer == next(label for label in LABELS if label.mask(label_map).any()).value] = 0
     with pytest.raises(ValueError, match="SegmentSequence"):
-        check_reference(seg_reference(volume, fewer, LABELS, ALGORITHM), written)
+        check_reference(seg_reference(volume, present_labels(fewer, LABELS), ALGORITHM), written)
     other = Algorithm(name=ALGORITHM.name, version="other", family=ALGORITHM.family)
     with pytest.raises(ValueError, match="SOPInstanceUID"):
-        check_reference(seg_reference(volume, label_map, LABELS, other), written)
+        check_reference(seg_reference(volume, present_labels(label_map, LABELS), other), written)
 
 
 def test_seg_is_ours_in_the_source_study_with_derived_uids(
