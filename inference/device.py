@@ -45,10 +45,15 @@ class Device:
         return {"fp32": None, "fp16": "float16", "bf16": "bfloat16"}[precision]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's cpuset, ``taskset``)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return usable or 1
+
+
 def cpu_threads() -> int:
     """Threads for CPU inference: every core but one, which stays with the DICOM listener."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (usable or 1) - 1)
+    return max(1, usable_cores() - 1)
 
 
 def cuda_available() -> bool:

@@ -124,6 +124,25 @@ def test_dice_against_totalsegmentator(real_ct, name: str, value: int, minimum: 
     assert dice(label_map == value, _truth(reference, class_names, name)) >= minimum
 
 
+def test_same_labels_on_one_core_and_on_two(real_ct, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's independent steps and edge chunks run on threads where two cores may be used:
+    the label map must not depend on that (small chunks, so the edges span many of them)."""
+    from vesalius.inference.models import builtin_ct
+
+    coarse = real_ct[0]
+    # in-plane voxels a third as large: segmented on a pooled grid, edges redrawn in chunks
+    volume = Volume(np.repeat(np.repeat(coarse.array, 3, axis=1), 3, axis=2),
+                    coarse.affine @ np.diag([1.0, 1 / 3, 1 / 3, 1.0]), coarse.sources)
+    assert builtin_ct._pool_factors(volume.spacing) != (1, 1, 1)
+    monkeypatch.setattr(builtin_ct, "REFINE_BLOCKS", 500)
+    monkeypatch.setattr(builtin_ct, "usable_cores", lambda: 2)
+    on_two = BuiltinCT().predict(volume)
+    monkeypatch.setattr(builtin_ct, "usable_cores", lambda: 1)
+    on_one = BuiltinCT().predict(volume)
+    assert {BODY, LUNG_LEFT, LUNG_RIGHT, BONE} <= set(np.unique(on_one).tolist())
+    assert np.array_equal(on_two, on_one)
+
+
 def test_body_holds_every_reference_structure(real_ct) -> None:
     volume, reference, _ = real_ct
     body = resolve("builtin_ct").structures[0].mask(resolve("builtin_ct").predict(volume))

@@ -7,9 +7,14 @@ come from the affine, never from array indices.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import numpy as np
 from scipy import ndimage
 
+from vesalius.inference.device import usable_cores
 from vesalius.inference.grid import pool
 from vesalius.inference.models import Label, Model
 from vesalius.inference.models.backend import Backend
@@ -31,7 +36,7 @@ MARROW_HU = 60.0  # marrow enclosed in 3D and in its plane denser than this is b
 MARROW_CLOSING_MM = 15.0  # seals leaky vertebral cortex (vessel foramina) in 3D ...
 MARROW_PLANAR_CLOSING_MM = 18.0  # ... and within each slice (discs lie between, not inside)
 POOL_MM = 3.0  # segmentation runs on a grid pooled to about this voxel size
-REFINE_BLOCKS = 65536  # coarse edge blocks redrawn at full resolution at a time
+REFINE_BLOCKS = 32768  # coarse edge blocks redrawn at full resolution at a time, per thread
 LUNG_MEDIAN_HU = (-945.0, -600.0)  # lung parenchyma; gas (bowel, stomach) below, fat rims above
 MIN_LUNG_ML = 5.0
 MAX_AIRWAYS_ML = 250.0  # trachea + main bronchi; more means the growth leaked into the lungs
@@ -66,8 +71,8 @@ class BuiltinCT:
         hu = volume.array
         affine = volume.affine
         factors = _pool_factors(volume.spacing)
-        coarse = pool(hu, factors, "mean")
-        peak = pool(hu, factors, "max")  # thin dense bone survives max pooling
+        coarse, peak = _together(lambda: pool(hu, factors, "mean"),
+                                 lambda: pool(hu, factors, "max"))  # thin dense bone survives max
         scale = np.asarray(factors, float)
         coarse_affine = affine.copy()
         coarse_affine[:3, :3] = affine[:3, :3] * scale
@@ -79,9 +84,13 @@ class BuiltinCT:
         body = _body(coarse, planar)
         air = body & (coarse < AIR_HU)
         voxel_ml = abs(np.linalg.det(coarse_affine[:3, :3])) / 1000.0
-        airways = _airways(coarse, air, body, coarse_affine, sup_axis, voxel_ml)
-        left, right = _lungs(coarse, air & ~airways, body, coarse_affine, planar, voxel_ml)
-        bone = _bone(coarse, peak, body, coarse_spacing, planar)
+
+        def airways_and_lungs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            airways = _airways(coarse, air, body, coarse_affine, sup_axis, voxel_ml)
+            return (airways, *_lungs(coarse, air & ~airways, body, coarse_affine, planar, voxel_ml))
+
+        bone, (airways, left, right) = _together(
+            lambda: _bone(coarse, peak, body, coarse_spacing, planar), airways_and_lungs)
 
         label_map = np.zeros(coarse.shape, np.uint8)
         label_map[body] = BODY
@@ -119,12 +128,19 @@ def _refine_edges(
     def edge(mask: np.ndarray) -> np.ndarray:
         return ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask, border_value=1)
 
+    # which blocks each rule redraws (morphology on the coarse masks, independent of each other)
+    skin_at, pleura_at, near_left, cortex_at = _together(
+        lambda: edge(body), lambda: edge(left | right), lambda: ndimage.binary_dilation(left),
+        # only blocks on bone's outer edge: marrow that cortex encloses stays bone
+        lambda: bone & ~ndimage.binary_erosion(bone, border_value=1))
+
     def refine(where: np.ndarray, rule) -> None:
         # a chunk of edge blocks at a time (each block is decided on its own); a block's voxels
         # past the volume's far edges are its edge voxels again (as edge padding would give: same
         # label, same HU, so the same decision), so neither the HU nor the labels are copied padded
         found = np.nonzero(where)
-        for start in range(0, len(found[0]), REFINE_BLOCKS):
+
+        def redraw(start: int) -> None:  # chunks hold distinct blocks: two threads redraw at once
             blocks_at = [index[start:start + REFINE_BLOCKS] for index in found]
             at = tuple(np.minimum(b.reshape(-1, 1, 1, 1) * f + offset, n)
                        for b, f, offset, n in zip(blocks_at, factors, offsets, last, strict=True))
@@ -132,12 +148,13 @@ def _refine_edges(
             rule(blocks, hu[at], tuple(blocks_at))
             full[at] = blocks
 
+        _each(redraw, range(0, len(found[0]), REFINE_BLOCKS))
+
     def skin(blocks: np.ndarray, h: np.ndarray, _) -> None:
         blocks[(blocks == BODY) & (h <= BODY_HU)] = 0
         blocks[(blocks == 0) & (h > BODY_HU)] = BODY
 
-    refine(edge(body), skin)
-    near_left = ndimage.binary_dilation(left)
+    refine(skin_at, skin)
 
     def pleura(blocks: np.ndarray, h: np.ndarray, index) -> None:
         lung = (blocks == LUNG_LEFT) | (blocks == LUNG_RIGHT)
@@ -147,14 +164,35 @@ def _refine_edges(
         blocks[grow] = np.broadcast_to(side[:, None, None, None], blocks.shape)[grow]
 
     if left.any() or right.any():
-        refine(edge(left | right), pleura)
+        refine(pleura_at, pleura)
 
     def cortex(blocks: np.ndarray, h: np.ndarray, _) -> None:
         blocks[(blocks == BONE) & (h <= BONE_GROW_HU)] = BODY
 
-    # only blocks on bone's outer edge: marrow that cortex encloses stays bone
-    refine(bone & ~ndimage.binary_erosion(bone, border_value=1), cortex)
+    refine(cortex_at, cortex)
     return full
+
+
+def _together(*steps: Callable[[], Any]) -> list[Any]:
+    """The results of independent steps, run at once (the first in this thread) when this
+    process may use more than one core: scipy.ndimage and numpy release the GIL in their loops,
+    so the steps overlap on the core the model stage would otherwise leave idle."""
+    if len(steps) == 1 or usable_cores() < 2:
+        return [step() for step in steps]
+    with ThreadPoolExecutor(len(steps) - 1, thread_name_prefix="builtin-ct") as threads:
+        rest = [threads.submit(step) for step in steps[1:]]
+        return [steps[0](), *(future.result() for future in rest)]
+
+
+def _each(step: Callable[[int], None], items: range) -> None:
+    """``step`` of every item, on two threads where two cores may be used (not more: each
+    step's memory is bounded, two at once hold twice that)."""
+    if len(items) < 2 or usable_cores() < 2:
+        for item in items:
+            step(item)
+        return
+    with ThreadPoolExecutor(2, thread_name_prefix="builtin-ct") as threads:
+        list(threads.map(step, items))
 
 
 def _pool_factors(spacing: np.ndarray) -> tuple[int, int, int]:
@@ -390,10 +428,12 @@ def _marrow(bone: np.ndarray, coarse: np.ndarray, spacing: np.ndarray, planar: n
         inner = (slice(steps, -steps),) * 3
         return ndimage.binary_closing(padded, structure, iterations=steps)[inner]
 
-    ringed = _fill_holes(closed(BONE_CLOSING_MM, None), planar)
+    ringed, sealed, sealed_planar = _together(
+        lambda: _fill_holes(closed(BONE_CLOSING_MM, None), planar),
+        lambda: _fill_holes(closed(MARROW_CLOSING_MM, None), None),
+        lambda: _fill_holes(closed(MARROW_PLANAR_CLOSING_MM, planar), planar))
     dense = ringed & (coarse > TRABECULAR_HU)
-    sealed = _fill_holes(closed(MARROW_CLOSING_MM, None), None)
-    sealed &= _fill_holes(closed(MARROW_PLANAR_CLOSING_MM, planar), planar)
+    sealed &= sealed_planar
     return np.asarray((dense | (sealed & (coarse > MARROW_HU))) & ~bone, bool)
 
 

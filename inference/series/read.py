@@ -22,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.processing import apply_modality_lut
 from pydicom.pixels.utils import get_expected_length
 
+from vesalius.inference.device import usable_cores
 from vesalius.inference.memory import release_free_memory
 from vesalius.inference.series import decoded
 from vesalius.inference.series.frames import Slice, frame_slices, instance_name, is_localizer
@@ -97,8 +98,7 @@ def _read_all(paths: Sequence[str | Path]) -> list[pydicom.Dataset]:
 def _workers() -> int:
     """Threads for reading and decoding: the cores this process may run on (its CPU affinity,
     which a container's cpuset or ``taskset`` sets), at most 8."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, usable or 1))
+    return min(8, usable_cores())
 
 
 def _unique(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
