@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
-from vesalius.node import database
+from vesalius.node import database, kept_headers
 from vesalius.node.paths import UnsafePath
 from vesalius.node.store import SeriesInfo, Store
 
@@ -145,6 +145,7 @@ def store_checked(store: Store, ds: Dataset, path: Path, sop_class_uid: str, enc
     sop_uid = str(ds.SOPInstanceUID)
     try:
         new = store.store_instance(info, sop_uid, path, source)
+        kept_headers.keep(store.instance_path(info.study_instance_uid, info.series_instance_uid, sop_uid), ds)
     except UnsafePath as err:  # cannot happen for a checked UID; refused rather than written
         path.unlink(missing_ok=True)
         return Ingested(CANNOT_UNDERSTAND, str(err), sop_uid, sop_class_uid)

@@ -30,7 +30,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
-from vesalius.node import database, ingest, pdu_limits
+from vesalius.node import database, ingest, kept_headers, pdu_limits
 from vesalius.node.admission import Admission, printable
 from vesalius.node.audit import AssociationTally
 from vesalius.node.config import Config
@@ -125,6 +125,8 @@ class Receiver:
         try:
             self._opened(event.assoc, info.series_instance_uid)
             self.store.store_instance(info, sop_uid, received, calling_ae)
+            kept_headers.keep(self.store.instance_path(info.study_instance_uid, info.series_instance_uid,
+                                                       sop_uid), ds)
         except UnsafePath as err:  # cannot happen for a checked UID; refused rather than written
             log.error("refused instance from %s: %s", calling_ae, err)
             return CANNOT_UNDERSTAND

@@ -24,7 +24,9 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from vesalius.node import kept_headers
 from vesalius.node.config import Config
+from vesalius.node.kept_headers import HEADER_TAGS
 from vesalius.node.routing import SeriesFacts, routes_for, select_series
 from vesalius.node.store import Store
 
@@ -57,9 +59,6 @@ CHANGED_STUDIES = """WHERE s.study_instance_uid IN (SELECT c.study_instance_uid 
                      WHERE c.state='complete' AND c.completed_at > COALESCE(cs.selected_at, -1))
                      AND s.study_instance_uid NOT IN (SELECT study_instance_uid FROM pull_studies
                                                       WHERE state='retrieving')"""
-HEADER_TAGS = ["Modality", "ImageType", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness",
-               "PixelSpacing", "ConvolutionKernel", "ContrastBolusAgent", "NumberOfFrames",
-               "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"]
 
 
 def complete_due_series(store: Store, config: Config, now: float | None = None) -> list[str]:
@@ -243,10 +242,12 @@ def read_facts(paths: Sequence[Path], row: Mapping[str, Any]) -> SeriesFacts:
     contrast = False
     frames = []
     for path in paths:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-        except (OSError, pydicom.errors.InvalidDicomError, ValueError):
-            continue
+        ds = kept_headers.take(path)  # kept from ingest's parse, else read again
+        if ds is None:
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+            except (OSError, pydicom.errors.InvalidDicomError, ValueError):
+                continue
         image_types[tuple(_text(v, 16).upper() for v in ds.get("ImageType") or ())] += 1
         kernel = ds.get("ConvolutionKernel")
         if kernel is None and "SharedFunctionalGroupsSequence" in ds:

@@ -323,7 +323,7 @@ class Store:
             self._series_dirs[key] = folder
         return folder
 
-    def _instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """``spool_path`` for writing, without resolving the whole path again per instance: the
         series folder is resolved and checked (``spool_series_dir``), a UID's file name is one
         plain name (``uid_file_name``), and ``os.replace`` replaces a link there, never follows it."""
@@ -344,7 +344,7 @@ class Store:
         WAL (synchronous=NORMAL; consistent, and made durable by the next FULL commit of anything)
         and node.spool_recovery rebuilds rows a power loss took at the next start. Only a new
         series' first row is committed FULL, so its calling AE is never lost."""
-        path = self._instance_path(info.study_instance_uid, info.series_instance_uid, sop_instance_uid)
+        path = self.instance_path(info.study_instance_uid, info.series_instance_uid, sop_instance_uid)
         if isinstance(data, Path):
             move_durably(data, path)
         else:
