@@ -41,9 +41,11 @@ log = logging.getLogger("vesalius.jobs")
 def _init_worker(model_specs: dict[str, ModelSpec], gpu_slots: int, node_pid: int) -> None:
     """Give a new worker process the configured models (loaded lazily, then kept); it dies with
     the node and leaves Ctrl-C to the node, which decides what happens to a running job."""
+    from vesalius.inference.memory import map_large_blocks
     from vesalius.inference.models.registry import configure
     from vesalius.node.logs import install as redact_library_logs
 
+    map_large_blocks()  # its threads' freed arrays do not stay resident (inference.memory)
     redact_library_logs()  # no patient name from a library warning on the node's stderr
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(node_pid)

@@ -46,9 +46,11 @@ class PipelineActor:
     """A model worker on a Ray node: the configured models, loaded once and kept across jobs."""
 
     def __init__(self, specs: dict[str, ModelSpec], gpu_slots: int, models: tuple[str, ...]) -> None:
+        from vesalius.inference.memory import map_large_blocks
         from vesalius.inference.models.registry import configure
         from vesalius.node.logs import install as redact_library_logs
 
+        map_large_blocks()  # its threads' freed arrays do not stay resident (inference.memory)
         redact_library_logs()  # no patient name from a library warning in the cluster's logs
         configure(specs, gpu_slots)
         _warm_up(models)
