@@ -192,6 +192,7 @@ function listPage() {
     const [studies, series, jobs, deliveries, pulls] = await Promise.all([
       json(`/studies?${query()}`), json(`/series?${query()}`),
       json(`/jobs?${query({ state: filters.state, before })}`), json(`/deliveries?${query()}`), json('/pulls')]);
+    if (view !== page) return; // the user went to another page while this one's data was on its way
     const text = JSON.stringify([studies, series, jobs, deliveries, pulls, filters]);
     if (text === shown) return; // nothing changed: keep the page (and what the user is typing) as it is
     shown = text;
@@ -243,7 +244,8 @@ function listPage() {
       ...(pulls.length ? [h('section', {}, h('h2', {}, 'Pulls'), table(['Pull', 'Source', 'State', 'Studies', 'Created', 'Actions'], pullRows, { id: 'pulls' }))] : []));
     if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
   }
-  return { kind: 'list', refresh };
+  const page = { kind: 'list', refresh };
+  return page;
 }
 
 // --- the job page ----------------------------------------------------------------------------------
@@ -330,6 +332,7 @@ function jobPage(jobId) {
   let shownStatus = '';
   async function refresh() {
     const job = await json(`/jobs/${jobId}`);
+    if (view !== page) return; // another page now: drawing this one would replace it
     const status = JSON.stringify([job.state, job.progress, job.error, job.deliveries]);
     if (job.state === shownState && document.getElementById('job-header')) {
       if (status !== shownStatus) { document.getElementById('job-header').replaceWith(header(job)); shownStatus = status; }
@@ -345,6 +348,7 @@ function jobPage(jobId) {
       parts.push(viewer, measurements(summary), volumeHistory(job), await thumbnails(job),
         h('section', {}, h('h2', {}, 'Stage timings'), table(['Stage', 'Seconds'], Object.entries(summary.stages_s).map(([k, v]) => h('tr', {}, h('td', {}, k), h('td', {}, v.toFixed(2)))), { id: 'stages' })),
         downloads(job));
+      if (view !== page) return;
       main.replaceChildren(...parts);
       if (glb) showModel(document.getElementById('viewer'), `/jobs/${jobId}/files/${glb.name}`, token(), summary.structures);
     } else {
@@ -368,7 +372,8 @@ function jobPage(jobId) {
         h('button', { type: 'button', onclick: () => action(`/jobs/${job.id}/resend`), disabled: job.state !== 'done' }, 'Resend')),
       table(['Destination', 'State', 'Tries'], job.deliveries.map((d) => h('tr', {}, h('td', {}, d.destination), h('td', {}, badge(d.state, deliveryWords(d))), h('td', {}, d.attempts))), { id: 'job-deliveries' }));
   }
-  return { kind: 'job', refresh };
+  const page = { kind: 'job', refresh };
+  return page;
 }
 
 // --- routing and live updates ----------------------------------------------------------------------
