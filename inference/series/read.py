@@ -196,7 +196,8 @@ def _decode_all(slices: list[Slice], integer: bool) -> np.ndarray:
             low, high = int(frame.min()) + intercept, int(frame.max()) + intercept
             if low < limits.min or high > limits.max:
                 raise _OutOfInt16
-            out[index] = frame.astype(np.int32) + intercept  # checked above: it fits
+            # summed in int32 chunk by chunk into the slice (checked above: it fits), no temporary
+            np.add(frame, intercept, out=out[index], dtype=np.int32, casting="unsafe")
         del ds.PixelData  # and pydicom's cached pixel array with it (a fallback reads the files again)
 
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
