@@ -38,7 +38,6 @@ from vesalius.dicom_out.identity import (
 from vesalius.dicom_out.seg import SEGMENTATION_STORAGE, segment_numbers, segment_tracking_uid
 from vesalius.dicom_out.sources import source_headers
 from vesalius.inference.measures import Measurement
-from vesalius.inference.models import Label
 from vesalius.inference.series.frames import frame_number
 from vesalius.inference.terminology import term_for
 from vesalius.inference.volume import Volume
@@ -149,22 +148,21 @@ def completeness_evaluations(measurement: Measurement) -> list[hd.sr.Qualitative
     return [hd.sr.QualitativeEvaluation(name=IMAGING_SERIES_QUALITY, value=ANATOMY_COVERAGE_INCOMPLETE)]
 
 
-def _voxels_per_slice(label_map: np.ndarray) -> np.ndarray:
-    """(slices, 256) voxel counts of each label value on each slice, one pass over the map."""
-    return np.stack([np.bincount(plane.ravel(), minlength=256) for plane in label_map])
-
-
-def _location_group(volume: Volume, label_map: np.ndarray, counts: np.ndarray, label: Label,
+def _location_group(volume: Volume, label_map: np.ndarray, measurement: Measurement,
                     tracking_identifier: hd.sr.TrackingIdentifier,
                     ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 group: the rectangle enclosing ``label`` on its largest cross-section's slice.
+    """TID 1410 group: the rectangle enclosing the structure on its key slice (the one with the
+    most of its voxels, ``Measurement.key_slice``).
 
     It measures nothing itself; it gives viewers that place measurements on an image (OHIF)
     the slice and region where the structure's numbers belong. Coordinates are image column/row
     of pixel edges (SCOORD: the top left corner of the top left pixel is 0,0).
     """
-    z = int(np.argmax(counts[:, label.values].sum(axis=1)))
+    label, z = measurement.label, measurement.key_slice
     inside = label.mask(label_map[z])
+    if not inside.any():
+        raise ValueError(f"{label.name!r} has no voxel on its key slice {z}: the measurement is not "
+                         "of this label map")
     rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
     left, right, top, bottom = cols[0], cols[-1] + 1, rows[0], rows[-1] + 1
     corners = [(left, top), (right, top), (right, bottom), (left, bottom), (left, top)]
@@ -191,8 +189,8 @@ def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measur
              priors: Mapping[str, Prior] | None = None) -> pydicom.Dataset:
     """A Comprehensive 3D SR measurement report on the SEG's segments, with derived UIDs.
 
-    ``label_map`` is the model's label array the SEG was made from; it places each structure's
-    "where to look" region (see the module docstring).
+    ``label_map`` is the model's label array the SEG was made from; on each measurement's key
+    slice it places the structure's "where to look" region (see the module docstring).
 
     ``seg`` must be the BINARY SEG of the same run: Referenced Segment Number (TID 1411) is
     defined for Segmentation Storage, and dciodvfy rejects it on a Label Map Segmentation; so the
@@ -213,7 +211,6 @@ def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measur
         raise ValueError(f"label map shape {label_map.shape} differs from the volume's "
                          f"{volume.array.shape}")
     numbers = segment_numbers(seg)
-    counts = _voxels_per_slice(label_map)
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
                  | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
@@ -241,7 +238,7 @@ def build_sr(volume: Volume, seg: pydicom.Dataset, measurements: Sequence[Measur
                                        priors.get(concept_key(measurement.label.name))),
             qualitative_evaluations=completeness_evaluations(measurement) or None,
         ))
-        groups.append(_location_group(volume, label_map, counts, measurement.label,
+        groups.append(_location_group(volume, label_map, measurement,
                                       tracking_identifier))
 
     observer = hd.sr.ObserverContext(

@@ -9,10 +9,12 @@ values are rounded to what the voxels can tell (``Measurement.rounded``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from vesalius.inference.device import usable_cores
 from vesalius.inference.models import Label
 from vesalius.inference.surfaces import Mesh
 from vesalius.inference.volume import Volume
@@ -35,6 +37,8 @@ class Measurement:
     surface_area_cm2: float | None  # without the faces the scan cut (see ``incomplete``)
     mean: float
     std: float
+    # index (volume order) of the slice with the most of its voxels: where the SR points a viewer
+    key_slice: int
     # touches the first or last slice or the edge of the field of view: the scan shows part of it
     incomplete: bool = False
 
@@ -74,7 +78,7 @@ def measure(
     areas = {mesh.label.value: _uncut_area_mm2(mesh, volume.affine, label_map.shape,
                                                cut.get(mesh.label.value, [])) / 100.0
              for mesh in meshes}
-    stats = _value_stats(volume.array, label_map)
+    stats, per_slice = _value_stats(volume.array, label_map)
     results = []
     for label in structures:
         count, mean, deviations = _combined([stats.get(v, (0, 0.0, 0.0))
@@ -89,32 +93,56 @@ def measure(
                 surface_area_cm2=areas.get(label.value),
                 mean=mean,
                 std=float(np.sqrt(deviations / count)),
+                key_slice=int(np.argmax(per_slice[:, label.values].sum(axis=1))),
                 incomplete=bool(cut[label.value]),
             )
         )
     return results
 
 
-def _value_stats(values: np.ndarray, label_map: np.ndarray) -> dict[int, tuple[int, float, float]]:
-    """Label value -> (count, mean, sum of squared deviations) of the voxel values it labels.
+def _value_stats(values: np.ndarray, label_map: np.ndarray
+                 ) -> tuple[dict[int, tuple[int, float, float]], np.ndarray]:
+    """Label value -> (count, mean, sum of squared deviations) of the voxel values it labels, and
+    the (slices, 256) voxel count of each label value on each slice.
 
     A slab of slices at a time (gathering one value's voxels is the fastest way numpy has), the
-    slabs pooled with ``_combined``: no float copy of the whole volume is ever made.
+    slabs pooled with ``_combined`` in slice order: no float copy of the whole volume is ever
+    made. Two slabs at once where two cores may be used: numpy releases the GIL in the compares,
+    gathers and sums, and the measures run after the SEG writer child has left its core.
     """
+    slabs = _slabs(len(values))
+
+    def stats(slab: slice) -> tuple[list[tuple[int, tuple[int, float, float]]], np.ndarray]:
+        return _slab_stats(values[slab], label_map[slab])
+
+    if usable_cores() < 2:
+        per_slab = [stats(slab) for slab in slabs]
+    else:
+        with ThreadPoolExecutor(2, thread_name_prefix="measures") as threads:
+            per_slab = list(threads.map(stats, slabs))
     parts: dict[int, list[tuple[int, float, float]]] = {}
-    for slab in _slabs(len(values)):
-        labels, voxels = label_map[slab], values[slab]
-        # the label values in this slab, background (0) left out: no structure is background
-        present = (np.flatnonzero(np.bincount(labels.ravel(), minlength=1)[1:]) + 1).tolist()
-        for value in present:
-            inside = voxels[labels == value].astype(np.float64)
-            mean = float(inside.mean())
-            inside -= mean
-            # squared and summed in place, not np.dot: BLAS would spin a thread on the core the
-            # SEG writer child is using (node.forked)
-            deviations = float(np.square(inside, out=inside).sum())
-            parts.setdefault(value, []).append((inside.size, mean, deviations))
-    return {value: _combined(groups) for value, groups in parts.items()}
+    for found, _ in per_slab:
+        for value, part in found:
+            parts.setdefault(value, []).append(part)
+    per_slice = np.concatenate([counts for _, counts in per_slab]) if per_slab else np.zeros((0, 256))
+    return {value: _combined(groups) for value, groups in parts.items()}, per_slice
+
+
+def _slab_stats(voxels: np.ndarray, labels: np.ndarray
+                ) -> tuple[list[tuple[int, tuple[int, float, float]]], np.ndarray]:
+    """(label value, (count, mean, sum of squared deviations)) of each value in one slab, and
+    the slab's (slices, 256) voxel counts per label value."""
+    per_slice = np.stack([np.bincount(plane.ravel(), minlength=256)[:256] for plane in labels])
+    found = []
+    # the label values in this slab, background (0) left out: no structure is background
+    for value in (np.flatnonzero(per_slice[:, 1:].any(axis=0)) + 1).tolist():
+        inside = voxels[labels == value].astype(np.float64)
+        mean = float(inside.mean())
+        inside -= mean
+        # squared and summed in place, not np.dot: BLAS would spin threads of its own
+        deviations = float(np.square(inside, out=inside).sum())
+        found.append((value, (inside.size, mean, deviations)))
+    return found, per_slice
 
 
 def _slabs(slices: int) -> list[slice]:

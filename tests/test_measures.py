@@ -55,7 +55,36 @@ def test_measurements_match_analytic(phantom) -> None:
     assert 80.0 < both.std < 100.0  # two values 200 HU apart, roughly 1:3 by volume
     voxel_mm3 = abs(np.linalg.det(volume.affine[:3, :3]))
     assert dense.voxel_count == np.count_nonzero(label_map == 2)
+    # the key slice: the one with the most of the structure's voxels (its own and included values)
+    assert dense.key_slice == int(np.argmax((label_map == 2).sum(axis=(1, 2))))
+    assert both.key_slice == int(np.argmax((label_map > 0).sum(axis=(1, 2))))
+    assert both.key_slice != dense.key_slice  # the small sphere's slices count for the body
     assert dense.volume_ml == pytest.approx(dense.voxel_count * voxel_mm3 / 1000)
+
+
+def test_statistics_over_many_slabs_on_one_core_and_on_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Value statistics are gathered slab by slab, two slabs at once where two cores may be used:
+    pooled in slice order they equal the whole-volume answer, whichever way they ran."""
+    from vesalius.inference import measures
+
+    rng = np.random.default_rng(7)
+    values = rng.integers(-1024, 3000, size=(3 * measures.SLAB_SLICES + 5, 20, 24)).astype(np.int16)
+    label_map = rng.integers(0, 4, size=values.shape).astype(np.uint8)
+    label_map[: measures.SLAB_SLICES][label_map[: measures.SLAB_SLICES] == 3] = 1  # 3 not in slab 1
+    results, per_slice = {}, {}
+    for cores in (2, 1):
+        monkeypatch.setattr(measures, "usable_cores", lambda cores=cores: cores)
+        results[cores], per_slice[cores] = measures._value_stats(values, label_map)
+    assert results[2] == results[1]
+    assert np.array_equal(per_slice[2], per_slice[1])
+    for value in (0, 1, 2, 3):  # voxels per slice, in slice order across the slabs
+        np.testing.assert_array_equal(per_slice[2][:, value], (label_map == value).sum(axis=(1, 2)))
+    for value in (1, 2, 3):
+        inside = values[label_map == value].astype(np.float64)
+        count, mean, deviations = results[2][value]
+        assert count == inside.size
+        assert mean == pytest.approx(inside.mean(), rel=1e-12)
+        assert deviations == pytest.approx(((inside - inside.mean()) ** 2).sum(), rel=1e-12)
 
 
 def test_area_is_none_without_a_mesh(phantom) -> None:
@@ -124,11 +153,11 @@ def test_declared_but_absent_structures_are_listed(slab) -> None:
 
 
 def test_rounded_to_reported_precision() -> None:
-    raw = Measurement(LIVER, 10, 23.9497836549247, 12.04999, -102.5001, 0.4999, incomplete=True)
+    raw = Measurement(LIVER, 10, 23.9497836549247, 12.04999, -102.5001, 0.4999, 3, incomplete=True)
     shown = raw.rounded()
     assert (shown.volume_ml, shown.surface_area_cm2, shown.mean, shown.std) == (23.9, 12.0, -103.0, 0.0)
     assert shown.incomplete and shown.voxel_count == 10
-    assert str(Measurement(LIVER, 1, 0.0, None, -0.4, 0.0).rounded().mean) == "0.0"  # never "-0.0"
+    assert str(Measurement(LIVER, 1, 0.0, None, -0.4, 0.0, 0).rounded().mean) == "0.0"  # never "-0.0"
 
 
 def test_sr_flags_the_cut_structure_and_reports_rounded_values(slab, tmp_path) -> None:

@@ -28,9 +28,9 @@ MESHES = (
     sphere_mesh(BONE, (0.0, 14.0, -6.0), 4.0, resolution=48),
 )
 MEASUREMENTS = (
-    Measurement(LIVER, 2144, 2.14451, 8.0, 60.0, 10.0),
-    Measurement(AIRWAYS, 905, 0.9048, 4.5, -950.0, 20.0, incomplete=True),
-    Measurement(BONE, 268, 0.268, 2.0, 700.0, 30.0),
+    Measurement(LIVER, 2144, 2.14451, 8.0, 60.0, 10.0, key_slice=7),
+    Measurement(AIRWAYS, 905, 0.9048, 4.5, -950.0, 20.0, key_slice=7, incomplete=True),
+    Measurement(BONE, 268, 0.268, 2.0, 700.0, 30.0, key_slice=7),
 )
 ANTERIOR, LEFT_LATERAL, POSTERIOR = 0, VIEW_COUNT // 4, VIEW_COUNT // 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import highdicom as hd
@@ -20,16 +21,18 @@ from vesalius.inference.models import Label
 from vesalius.inference.terminology import term_for
 
 ALGORITHM = Algorithm("builtin_ct", "1")
-# deliberately not in segment order, and bone without a surface area
+# deliberately not in segment order, and bone without a surface area; key slices where each
+# structure has voxels in phantom_volume (the left lung's is not its largest: the SR places the
+# region on the slice the measurement names)
 MEASUREMENTS = (
     Measurement(LUNG_RIGHT, voxel_count=644, volume_ml=1.41680, surface_area_cm2=6.0832,
-                mean=-790.0, std=0.0),
+                mean=-790.0, std=0.0, key_slice=6),
     Measurement(BONE, voxel_count=280, volume_ml=0.616, surface_area_cm2=None, mean=700.0,
-                std=1.25),
+                std=1.25, key_slice=2),
     Measurement(BODY, voxel_count=20160, volume_ml=44.352, surface_area_cm2=72.5,
-                mean=-102.34567, std=301.5),
+                mean=-102.34567, std=301.5, key_slice=0),
     Measurement(LUNG_LEFT, voxel_count=644, volume_ml=1.4168, surface_area_cm2=6.0833,
-                mean=-810.0, std=0.0),
+                mean=-810.0, std=0.0, key_slice=8),
 )
 
 
@@ -137,10 +140,19 @@ def test_uids_are_deterministic_and_change_with_the_version(inputs) -> None:
         build_sr(volume, seg, MEASUREMENTS, newer_algorithm, label_map=label_map)
 
 
+def test_refuses_a_key_slice_without_the_structure(inputs) -> None:
+    """A measurement of another label map (its key slice shows none of the structure) is refused,
+    not reported with a region around nothing."""
+    volume, seg, label_map = inputs
+    bone = dataclasses.replace(MEASUREMENTS[1], key_slice=0)  # bone spans slices 2-11 only
+    with pytest.raises(ValueError, match="no voxel on its key slice 0"):
+        build_sr(volume, seg, [bone], ALGORITHM, label_map=label_map)
+
+
 def test_refuses_measurements_without_a_segment(inputs) -> None:
     volume, seg, label_map = inputs
     airways = Measurement(Label(5, "airways"), voxel_count=1, volume_ml=0.001,
-                          surface_area_cm2=None, mean=-1000.0, std=0.0)
+                          surface_area_cm2=None, mean=-1000.0, std=0.0, key_slice=0)
     with pytest.raises(ValueError, match="airways"):
         build_sr(volume, seg, [airways], ALGORITHM, label_map=label_map)
     with pytest.raises(ValueError, match="no measurement"):
@@ -173,20 +185,20 @@ def test_measurements_from_inference_are_reported(tmp_path: Path) -> None:
         assert values[("112031", "373098007")][0] == pytest.approx(measurement.mean, rel=1e-9)
 
 
-def test_each_structure_is_located_on_its_largest_slice_for_viewers(inputs, written: Path) -> None:
+def test_each_structure_is_located_on_its_key_slice_for_viewers(inputs, written: Path) -> None:
     """A TID 1410 group per structure, same Tracking UID: the rectangle enclosing the structure
-    on the source slice with the most of its voxels (what OHIF needs to show the numbers)."""
+    on the source slice of its measurement's key slice (what OHIF needs to show the numbers)."""
     volume, seg, label_map = inputs
     report = hd.sr.srread(written).content
     planar = {str(g.tracking_uid): g for g in report.get_planar_roi_measurement_groups()}
     volumetric = groups_by_tracking_uid(written)
     assert set(planar) == set(volumetric)
-    by_name = {m.label.name: m.label for m in MEASUREMENTS}
+    by_name = {m.label.name: m for m in MEASUREMENTS}
     for uid, group in planar.items():
-        label = by_name[next(n for n, lab in by_name.items()
-                             if str(volumetric[uid].tracking_identifier) == term_for(n).label)]
-        mask = label.mask(label_map)
-        z = int(np.argmax(mask.sum(axis=(1, 2))))
+        measurement = by_name[next(n for n in by_name
+                                   if str(volumetric[uid].tracking_identifier) == term_for(n).label)]
+        mask = measurement.label.mask(label_map)
+        z = measurement.key_slice
         region = group.roi
         assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
         source = region.ContentSequence[0].ReferencedSOPSequence[0]
