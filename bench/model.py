@@ -6,7 +6,7 @@ side by side in one run (on demand, not in CI).
 Each allocator setting runs in a fresh process (it applies to blocks allocated after it): glibc's
 default, and blocks of 4 MB and more mapped on their own (``inference.memory.map_large_blocks``,
 what every worker sets). Within a process the model runs alternately on two threads and on one
-(builtin_ct's ``_together`` and ``_each`` made sequential); the label maps are compared bit for
+(the cores it may use, ``usable_cores``, set to 2 and to 1); the label maps are compared bit for
 bit. Prints the median seconds, the process's peak resident memory during each prediction
 (VmHWM, reset before each), what stays resident after it and ``malloc_trim`` (the process, not a
 difference: freed blocks a thread's arena keeps count), the resident memory with the volume
@@ -37,26 +37,22 @@ def measure(paths: list[Path], runs: int) -> dict[str, Any]:
     """In this process: ``runs`` predictions on two threads and ``runs`` on one, alternated."""
     import numpy as np
 
+    import vesalius.inference.device as device
     import vesalius.inference.models.builtin_ct as builtin_ct
     from vesalius.inference.memory import release_free_memory
     from vesalius.inference.series import load_series
 
     volume = load_series(paths)
     model = builtin_ct.BuiltinCT()
-    threaded = builtin_ct._together, builtin_ct._each
-
-    def one_thread_each(step: Any, items: range) -> None:
-        for item in items:
-            step(item)
-
-    ways = {"two threads": threaded, "one thread": (lambda *steps: [s() for s in steps], one_thread_each)}
+    ways = {"two threads": 2, "one thread": 1}
     first = None
     results: dict[str, Any] = {way: {"s": [], "peak": [], "after": []} for way in ways}
     release_free_memory()
     results["loaded"] = status_mb("VmRSS")
     for run in range(runs):
         for way in (list(ways) if run % 2 else list(ways)[::-1]):
-            builtin_ct._together, builtin_ct._each = ways[way]  # type: ignore[assignment]
+            # builtin_ct's own steps and its on_two_threads chunks
+            builtin_ct.usable_cores = device.usable_cores = lambda cores=ways[way]: cores
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
             start = time.perf_counter()
             label_map = model.predict(volume)

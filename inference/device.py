@@ -13,11 +13,15 @@ import fcntl
 import functools
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class DeviceError(ValueError):
@@ -49,6 +53,16 @@ def usable_cores() -> int:
     """The cores this process may run on: its CPU affinity (a container's cpuset, ``taskset``)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return usable or 1
+
+
+def on_two_threads(step: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``step`` of every item, results in item order: on two threads where this process may use
+    two cores (for steps whose numpy or scipy.ndimage loops release the GIL), in this thread
+    otherwise. Not more than two: each step's memory is bounded, two at once hold twice that."""
+    if len(items) < 2 or usable_cores() < 2:
+        return [step(item) for item in items]
+    with ThreadPoolExecutor(2, thread_name_prefix="two-threads") as threads:
+        return list(threads.map(step, items))
 
 
 def cpu_threads() -> int:

@@ -9,12 +9,11 @@ values are rounded to what the voxels can tell (``Measurement.rounded``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from vesalius.inference.device import usable_cores
+from vesalius.inference.device import on_two_threads
 from vesalius.inference.models import Label
 from vesalius.inference.surfaces import Mesh
 from vesalius.inference.volume import Volume
@@ -110,21 +109,13 @@ def _value_stats(values: np.ndarray, label_map: np.ndarray
     made. Two slabs at once where two cores may be used: numpy releases the GIL in the compares,
     gathers and sums, and the measures run after the SEG writer child has left its core.
     """
-    slabs = _slabs(len(values))
-
-    def stats(slab: slice) -> tuple[list[tuple[int, tuple[int, float, float]]], np.ndarray]:
-        return _slab_stats(values[slab], label_map[slab])
-
-    if usable_cores() < 2:
-        per_slab = [stats(slab) for slab in slabs]
-    else:
-        with ThreadPoolExecutor(2, thread_name_prefix="measures") as threads:
-            per_slab = list(threads.map(stats, slabs))
+    per_slab = on_two_threads(lambda slab: _slab_stats(values[slab], label_map[slab]),
+                              _slabs(len(values)))
     parts: dict[int, list[tuple[int, float, float]]] = {}
     for found, _ in per_slab:
         for value, part in found:
             parts.setdefault(value, []).append(part)
-    per_slice = np.concatenate([counts for _, counts in per_slab]) if per_slab else np.zeros((0, 256))
+    per_slice = np.concatenate([counts for _, counts in per_slab])
     return {value: _combined(groups) for value, groups in parts.items()}, per_slice
 
 

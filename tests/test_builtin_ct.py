@@ -127,6 +127,7 @@ def test_dice_against_totalsegmentator(real_ct, name: str, value: int, minimum: 
 def test_same_labels_on_one_core_and_on_two(real_ct, monkeypatch: pytest.MonkeyPatch) -> None:
     """The model's independent steps and edge chunks run on threads where two cores may be used:
     the label map must not depend on that (small chunks, so the edges span many of them)."""
+    from vesalius.inference import device
     from vesalius.inference.models import builtin_ct
 
     coarse = real_ct[0]
@@ -136,8 +137,10 @@ def test_same_labels_on_one_core_and_on_two(real_ct, monkeypatch: pytest.MonkeyP
     assert builtin_ct._pool_factors(volume.spacing) != (1, 1, 1)
     monkeypatch.setattr(builtin_ct, "REFINE_BLOCKS", 500)
     monkeypatch.setattr(builtin_ct, "usable_cores", lambda: 2)
+    monkeypatch.setattr(device, "usable_cores", lambda: 2)  # builtin_ct's on_two_threads
     on_two = BuiltinCT().predict(volume)
     monkeypatch.setattr(builtin_ct, "usable_cores", lambda: 1)
+    monkeypatch.setattr(device, "usable_cores", lambda: 1)
     on_one = BuiltinCT().predict(volume)
     assert {BODY, LUNG_LEFT, LUNG_RIGHT, BONE} <= set(np.unique(on_one).tolist())
     assert np.array_equal(on_two, on_one)

@@ -65,7 +65,7 @@ def test_measurements_match_analytic(phantom) -> None:
 def test_statistics_over_many_slabs_on_one_core_and_on_two(monkeypatch: pytest.MonkeyPatch) -> None:
     """Value statistics are gathered slab by slab, two slabs at once where two cores may be used:
     pooled in slice order they equal the whole-volume answer, whichever way they ran."""
-    from vesalius.inference import measures
+    from vesalius.inference import device, measures
 
     rng = np.random.default_rng(7)
     values = rng.integers(-1024, 3000, size=(3 * measures.SLAB_SLICES + 5, 20, 24)).astype(np.int16)
@@ -73,7 +73,7 @@ def test_statistics_over_many_slabs_on_one_core_and_on_two(monkeypatch: pytest.M
     label_map[: measures.SLAB_SLICES][label_map[: measures.SLAB_SLICES] == 3] = 1  # 3 not in slab 1
     results, per_slice = {}, {}
     for cores in (2, 1):
-        monkeypatch.setattr(measures, "usable_cores", lambda cores=cores: cores)
+        monkeypatch.setattr(device, "usable_cores", lambda cores=cores: cores)
         results[cores], per_slice[cores] = measures._value_stats(values, label_map)
     assert results[2] == results[1]
     assert np.array_equal(per_slice[2], per_slice[1])

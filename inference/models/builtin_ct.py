@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from vesalius.inference.device import usable_cores
+from vesalius.inference.device import on_two_threads, usable_cores
 from vesalius.inference.grid import pool
 from vesalius.inference.models import Label, Model
 from vesalius.inference.models.backend import Backend
@@ -148,7 +148,7 @@ def _refine_edges(
             rule(blocks, hu[at], tuple(blocks_at))
             full[at] = blocks
 
-        _each(redraw, range(0, len(found[0]), REFINE_BLOCKS))
+        on_two_threads(redraw, range(0, len(found[0]), REFINE_BLOCKS))
 
     def skin(blocks: np.ndarray, h: np.ndarray, _) -> None:
         blocks[(blocks == BODY) & (h <= BODY_HU)] = 0
@@ -182,17 +182,6 @@ def _together(*steps: Callable[[], Any]) -> list[Any]:
     with ThreadPoolExecutor(len(steps) - 1, thread_name_prefix="builtin-ct") as threads:
         rest = [threads.submit(step) for step in steps[1:]]
         return [steps[0](), *(future.result() for future in rest)]
-
-
-def _each(step: Callable[[int], None], items: range) -> None:
-    """``step`` of every item, on two threads where two cores may be used (not more: each
-    step's memory is bounded, two at once hold twice that)."""
-    if len(items) < 2 or usable_cores() < 2:
-        for item in items:
-            step(item)
-        return
-    with ThreadPoolExecutor(2, thread_name_prefix="builtin-ct") as threads:
-        list(threads.map(step, items))
 
 
 def _pool_factors(spacing: np.ndarray) -> tuple[int, int, int]:
